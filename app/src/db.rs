@@ -1,0 +1,115 @@
+//! The pool: connecting with retries at start-up, migrations, and the pool's numbers for the
+//! health check and metrics.
+
+use std::time::{Duration, Instant};
+
+use config::DatabaseSettings;
+use migration::{Migrator, MigratorTrait};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
+
+/// Start-up failures of the database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DbSetupError {
+    #[error("could not connect to the database {url} after {attempts} attempt(s): {reason}")]
+    Connect {
+        url: String,
+        attempts: u32,
+        reason: String,
+    },
+    #[error("migration failed: {0}")]
+    Migrate(DbErr),
+}
+
+/// Connects, trying `DB_CONNECT_RETRIES` times `DB_CONNECT_RETRY_DELAY_MS` apart, each attempt
+/// bounded by `DB_CONNECT_TIMEOUT`. Logs one line per failed attempt. The URL in messages never
+/// carries the password.
+pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, DbSetupError> {
+    let attempts = settings.connect_retries.max(1);
+    let mut reason = String::new();
+    for attempt in 1..=attempts {
+        let options = settings.connect_options();
+        match tokio::time::timeout(settings.connect_timeout, Database::connect(options)).await {
+            Ok(Ok(db)) => {
+                tracing::info!(url = %settings.url, attempt, "connected to the database");
+                return Ok(db);
+            }
+            Ok(Err(e)) => reason = e.to_string(),
+            Err(_) => {
+                reason = format!("no connection within {}s", settings.connect_timeout.as_secs())
+            }
+        }
+        tracing::warn!(url = %settings.url, attempt, of = attempts, reason = %reason, "database connection failed");
+        if attempt < attempts {
+            tokio::time::sleep(settings.connect_retry_delay).await;
+        }
+    }
+    Err(DbSetupError::Connect {
+        url: settings.url.to_string(),
+        attempts,
+        reason,
+    })
+}
+
+/// Applies every pending migration.
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbSetupError> {
+    Migrator::up(db, None).await.map_err(DbSetupError::Migrate)
+}
+
+/// What `/health/ready` and `/metrics` report about the pool.
+#[derive(Clone, Copy, Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct PoolStats {
+    /// Connections open now.
+    pub size: u32,
+    pub idle: u32,
+    pub in_use: u32,
+    /// Connections kept open (`DB_POOL_SIZE`; 0 in serverless mode).
+    pub min: u32,
+    /// `DB_POOL_SIZE + DB_MAX_OVERFLOW`.
+    pub max: u32,
+}
+
+pub fn pool_stats(db: &DatabaseConnection, min: u32, max: u32) -> PoolStats {
+    let (size, idle) = match db.get_database_backend() {
+        DbBackend::Postgres => {
+            let pool = db.get_postgres_connection_pool();
+            (pool.size(), pool.num_idle() as u32)
+        }
+        DbBackend::Sqlite => {
+            let pool = db.get_sqlite_connection_pool();
+            (pool.size(), pool.num_idle() as u32)
+        }
+        _ => (0, 0),
+    };
+    let idle = idle.min(size);
+    PoolStats {
+        size,
+        idle,
+        in_use: size - idle,
+        min,
+        max,
+    }
+}
+
+pub fn backend_name(db: &DatabaseConnection) -> &'static str {
+    match db.get_database_backend() {
+        DbBackend::Postgres => "postgres",
+        DbBackend::Sqlite => "sqlite",
+        _ => "other",
+    }
+}
+
+/// `SELECT 1` through the pool, bounded by `within`; returns the round trip's latency.
+pub async fn ping(db: &DatabaseConnection, within: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    match tokio::time::timeout(within, db.execute_unprepared("SELECT 1")).await {
+        Ok(Ok(_)) => Ok(started.elapsed()),
+        Ok(Err(e)) => Err(crate::transaction::DbFailure::classify(&e)
+            .kind
+            .describe()
+            .to_owned()),
+        Err(_) => Err(format!(
+            "no answer within {} ms (database down or pool exhausted)",
+            within.as_millis()
+        )),
+    }
+}

@@ -1,0 +1,296 @@
+//! Stock and its ledger: receipts, shipments and transfers, each one movement row and its stock
+//! changes in the caller's transaction, and the stock and movement queries.
+//!
+//! Concurrency rules (all enforced by the database, none by this process):
+//! * stock never goes negative: a debit is one conditional `UPDATE … WHERE quantity >= n`, which
+//!   PostgreSQL re-evaluates on the newest row version after waiting for its lock, so it is safe
+//!   under READ COMMITTED; the CHECK constraint backs it up;
+//! * a transfer locks the two stock rows in warehouse-id order before touching them, so two
+//!   transfers in opposite directions queue instead of deadlocking;
+//! * a transfer debits the source before it credits (and so checks) the destination: a transfer
+//!   to a missing warehouse fails after the debit, and the rollback undoes it.
+
+use chrono::{DateTime, Utc};
+use entity::movement::MovementKind;
+use entity::{movement, product, stock_level, warehouse};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait,
+    FromQueryResult, JoinType, NotSet, QueryFilter, QueryOrder, QuerySelect, RelationTrait, Set,
+};
+
+use super::DomainError;
+use super::catalog::{Paged, get_product, get_warehouse, now};
+use super::values::{Id, Page, Quantity};
+use crate::transaction::{DbFailure, FailureKind};
+
+/// The name of a movement kind, as stored and as the API shows it.
+pub fn kind_name(kind: MovementKind) -> &'static str {
+    match kind {
+        MovementKind::Receipt => "receipt",
+        MovementKind::Shipment => "shipment",
+        MovementKind::Transfer => "transfer",
+    }
+}
+
+/// Adds `quantity` to the stock of `product` in `warehouse`, creating the row if needed. The
+/// foreign keys check that both exist.
+async fn credit(
+    db: &impl ConnectionTrait,
+    warehouse: Id,
+    product: Id,
+    quantity: Quantity,
+    at: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    let row = stock_level::ActiveModel {
+        warehouse_id: Set(warehouse.get()),
+        product_id: Set(product.get()),
+        quantity: Set(quantity.get()),
+        updated_at: Set(at),
+    };
+    stock_level::Entity::insert(row)
+        .on_conflict(
+            OnConflict::columns([
+                stock_level::Column::WarehouseId,
+                stock_level::Column::ProductId,
+            ])
+            .value(
+                stock_level::Column::Quantity,
+                Expr::col((stock_level::Entity, stock_level::Column::Quantity)).add(quantity.get()),
+            )
+            .value(stock_level::Column::UpdatedAt, Expr::value(at))
+            .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await?;
+    Ok(())
+}
+
+/// Takes `quantity` from the stock of `product` in `warehouse` if there is that much. Returns
+/// whether it did.
+async fn debit(
+    db: &impl ConnectionTrait,
+    warehouse: Id,
+    product: Id,
+    quantity: Quantity,
+    at: DateTime<Utc>,
+) -> Result<bool, DbErr> {
+    let result = stock_level::Entity::update_many()
+        .col_expr(
+            stock_level::Column::Quantity,
+            Expr::col(stock_level::Column::Quantity).sub(quantity.get()),
+        )
+        .col_expr(stock_level::Column::UpdatedAt, Expr::value(at))
+        .filter(stock_level::Column::WarehouseId.eq(warehouse.get()))
+        .filter(stock_level::Column::ProductId.eq(product.get()))
+        .filter(stock_level::Column::Quantity.gte(quantity.get()))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected == 1)
+}
+
+/// Why a debit found nothing to take: a missing warehouse or product (404), else too little
+/// stock (409). Only called when no statement failed, so the transaction can still be read.
+async fn explain_failed_debit(
+    db: &impl ConnectionTrait,
+    warehouse: Id,
+    product: Id,
+    quantity: Quantity,
+) -> DomainError {
+    if let Err(e) = get_warehouse(db, warehouse).await {
+        return e;
+    }
+    if let Err(e) = get_product(db, product).await {
+        return e;
+    }
+    DomainError::InsufficientStock(format!(
+        "warehouse {warehouse} holds less than {} of product {product}",
+        quantity.get()
+    ))
+}
+
+/// Maps a foreign-key failure of a stock or movement write to the record that is missing.
+fn missing_reference(err: DbErr, warehouse: Id, product: Id) -> DomainError {
+    match DbFailure::classify(&err).kind {
+        FailureKind::ForeignKeyViolation(Some(c)) if c.contains("product") => {
+            DomainError::NotFound(format!("product {product} not found"))
+        }
+        FailureKind::ForeignKeyViolation(Some(_)) => {
+            DomainError::NotFound(format!("warehouse {warehouse} not found"))
+        }
+        // SQLite does not name the constraint.
+        FailureKind::ForeignKeyViolation(None) => DomainError::NotFound(format!(
+            "warehouse {warehouse} or product {product} not found"
+        )),
+        _ => DomainError::Database(err),
+    }
+}
+
+async fn record(
+    db: &impl ConnectionTrait,
+    kind: MovementKind,
+    product: Id,
+    from: Option<Id>,
+    to: Option<Id>,
+    quantity: Quantity,
+    at: DateTime<Utc>,
+) -> Result<movement::Model, DbErr> {
+    movement::ActiveModel {
+        id: NotSet,
+        kind: Set(kind),
+        product_id: Set(product.get()),
+        from_warehouse_id: Set(from.map(Id::get)),
+        to_warehouse_id: Set(to.map(Id::get)),
+        quantity: Set(quantity.get()),
+        created_at: Set(at),
+    }
+    .insert(db)
+    .await
+}
+
+/// Goods arrive in `warehouse`.
+pub async fn receive(
+    db: &impl ConnectionTrait,
+    warehouse: Id,
+    product: Id,
+    quantity: Quantity,
+) -> Result<movement::Model, DomainError> {
+    let at = now();
+    credit(db, warehouse, product, quantity, at)
+        .await
+        .map_err(|e| missing_reference(e, warehouse, product))?;
+    Ok(record(db, MovementKind::Receipt, product, None, Some(warehouse), quantity, at).await?)
+}
+
+/// Goods leave `warehouse`; 409 when it holds less than `quantity`.
+pub async fn ship(
+    db: &impl ConnectionTrait,
+    warehouse: Id,
+    product: Id,
+    quantity: Quantity,
+) -> Result<movement::Model, DomainError> {
+    let at = now();
+    if !debit(db, warehouse, product, quantity, at).await? {
+        return Err(explain_failed_debit(db, warehouse, product, quantity).await);
+    }
+    Ok(record(db, MovementKind::Shipment, product, Some(warehouse), None, quantity, at).await?)
+}
+
+/// Moves goods between two different warehouses (see the module documentation for the order).
+pub async fn transfer(
+    db: &impl ConnectionTrait,
+    from: Id,
+    to: Id,
+    product: Id,
+    quantity: Quantity,
+) -> Result<movement::Model, DomainError> {
+    let at = now();
+    if db.get_database_backend() == DbBackend::Postgres {
+        // Lock both rows in one consistent order. SQLite has one writer and no FOR UPDATE.
+        stock_level::Entity::find()
+            .select_only()
+            .column(stock_level::Column::WarehouseId)
+            .filter(stock_level::Column::ProductId.eq(product.get()))
+            .filter(stock_level::Column::WarehouseId.is_in([from.get(), to.get()]))
+            .order_by_asc(stock_level::Column::WarehouseId)
+            .lock_exclusive()
+            .into_tuple::<i64>()
+            .all(db)
+            .await?;
+    }
+    if !debit(db, from, product, quantity, at).await? {
+        return Err(explain_failed_debit(db, from, product, quantity).await);
+    }
+    // The source held this product, so a foreign-key failure here is the destination.
+    credit(db, to, product, quantity, at)
+        .await
+        .map_err(|e| missing_reference(e, to, product))?;
+    Ok(record(db, MovementKind::Transfer, product, Some(from), Some(to), quantity, at).await?)
+}
+
+/// A product's positive stock in one warehouse.
+#[derive(Debug, Clone, FromQueryResult)]
+pub struct WarehouseStockRow {
+    pub product_id: i64,
+    pub sku: String,
+    pub quantity: i64,
+}
+
+/// The positive stock of every product in a warehouse, by product id; 404 for no warehouse.
+pub async fn warehouse_stock(
+    db: &impl ConnectionTrait,
+    warehouse: Id,
+) -> Result<Vec<WarehouseStockRow>, DomainError> {
+    get_warehouse(db, warehouse).await?;
+    Ok(stock_level::Entity::find()
+        .select_only()
+        .column(stock_level::Column::ProductId)
+        .column(product::Column::Sku)
+        .column(stock_level::Column::Quantity)
+        .join(JoinType::InnerJoin, stock_level::Relation::Product.def())
+        .filter(stock_level::Column::WarehouseId.eq(warehouse.get()))
+        .filter(stock_level::Column::Quantity.gt(0))
+        .order_by_asc(stock_level::Column::ProductId)
+        .into_model::<WarehouseStockRow>()
+        .all(db)
+        .await?)
+}
+
+/// A product's positive stock in one warehouse, seen from the product.
+#[derive(Debug, Clone, FromQueryResult)]
+pub struct ProductStockRow {
+    pub warehouse_id: i64,
+    pub code: String,
+    pub quantity: i64,
+}
+
+/// The positive stock of a product in every warehouse, by warehouse id; 404 for no product.
+pub async fn product_stock(
+    db: &impl ConnectionTrait,
+    product: Id,
+) -> Result<Vec<ProductStockRow>, DomainError> {
+    get_product(db, product).await?;
+    Ok(stock_level::Entity::find()
+        .select_only()
+        .column(stock_level::Column::WarehouseId)
+        .column(warehouse::Column::Code)
+        .column(stock_level::Column::Quantity)
+        .join(JoinType::InnerJoin, stock_level::Relation::Warehouse.def())
+        .filter(stock_level::Column::ProductId.eq(product.get()))
+        .filter(stock_level::Column::Quantity.gt(0))
+        .order_by_asc(stock_level::Column::WarehouseId)
+        .into_model::<ProductStockRow>()
+        .all(db)
+        .await?)
+}
+
+/// Filters of the movement list; a warehouse matches either side of a movement.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MovementFilter {
+    pub product: Option<Id>,
+    pub warehouse: Option<Id>,
+}
+
+pub async fn list_movements(
+    db: &impl ConnectionTrait,
+    filter: MovementFilter,
+    page: Page,
+) -> Result<Paged<movement::Model>, DomainError> {
+    let mut query = movement::Entity::find().filter(movement::Column::Id.gt(page.after));
+    if let Some(p) = filter.product {
+        query = query.filter(movement::Column::ProductId.eq(p.get()));
+    }
+    if let Some(w) = filter.warehouse {
+        query = query.filter(
+            Condition::any()
+                .add(movement::Column::FromWarehouseId.eq(w.get()))
+                .add(movement::Column::ToWarehouseId.eq(w.get())),
+        );
+    }
+    let rows = query
+        .order_by_asc(movement::Column::Id)
+        .limit(page.limit + 1)
+        .all(db)
+        .await?;
+    Ok(Paged::from_rows(rows, page.limit, |m| m.id))
+}

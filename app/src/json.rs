@@ -1,0 +1,128 @@
+//! The strict JSON body extractor. It differs from `actix_web::web::Json` in what a client is
+//! told: a body without a JSON content type is 415, one over `APP_BODY_LIMIT` is 413, text that
+//! is not JSON is 400 `malformed_json`, and JSON of the wrong shape is 422 `validation_failed`
+//! with the path of the offending field (`quantity: invalid type ...`), found with
+//! `serde_path_to_error` because serde_json's own messages do not name the field.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::web::BytesMut;
+use actix_web::{FromRequest, HttpRequest, web};
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+
+use crate::problem::ApiError;
+use crate::transaction::TxConfig;
+
+/// Default body limit when no `TxConfig` is registered (API.md §6 default).
+const DEFAULT_LIMIT: usize = 65_536;
+
+/// A request body parsed as `T`, which should `#[serde(deny_unknown_fields)]`.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<mime::Mime>().ok())
+            .is_some_and(|m| {
+                m.type_() == mime::APPLICATION
+                    && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON))
+            });
+        let limit = req
+            .app_data::<web::Data<TxConfig>>()
+            .map_or(DEFAULT_LIMIT, |c| c.body_limit);
+        let mut payload = payload.take();
+        Box::pin(async move {
+            if !is_json {
+                return Err(ApiError::UnsupportedMediaType);
+            }
+            let mut body = BytesMut::new();
+            while let Some(chunk) = payload.next().await {
+                let chunk = chunk.map_err(|_| {
+                    ApiError::MalformedJson("the request body could not be read".into())
+                })?;
+                if body.len() + chunk.len() > limit {
+                    return Err(ApiError::PayloadTooLarge(limit));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            parse(&body).map(JsonBody)
+        })
+    }
+}
+
+/// Parses `body` as `T`, telling syntax errors (400) from shape errors (422).
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_syntax() || inner.is_eof() || inner.is_io() {
+            ApiError::MalformedJson(format!("the request body is not valid JSON: {inner}"))
+        } else if path == "." {
+            ApiError::Validation(format!("body: {inner}"))
+        } else {
+            ApiError::Validation(format!("{path}: {inner}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::MalformedJson(format!("the request body is not valid JSON: {e}")))?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        quantity: i64,
+        name: String,
+    }
+
+    #[test]
+    fn a_wrong_type_is_a_validation_error_naming_the_field() {
+        let err = parse::<Body>(br#"{"quantity":"x","name":"a"}"#).unwrap_err();
+        assert_eq!(err.code(), "validation_failed");
+        assert!(err.to_string().starts_with("quantity:"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_a_validation_error_naming_it() {
+        let err = parse::<Body>(br#"{"quantity":1,"name":"a","evil":1}"#).unwrap_err();
+        assert_eq!(err.code(), "validation_failed");
+        assert!(err.to_string().contains("evil"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_field_is_a_validation_error_naming_it() {
+        let err = parse::<Body>(br#"{"quantity":1}"#).unwrap_err();
+        assert!(err.to_string().contains("name"), "{err}");
+    }
+
+    #[test]
+    fn text_that_is_not_json_is_malformed() {
+        for body in [&b"{"[..], b"nope", b"", b"{\"quantity\":1,\"name\":\"a\"} trailing"] {
+            let err = parse::<Body>(body).unwrap_err();
+            assert_eq!(err.code(), "malformed_json", "{body:?}");
+        }
+    }
+
+    #[test]
+    fn a_number_too_large_for_i64_is_a_validation_error() {
+        let err = parse::<Body>(br#"{"quantity":99999999999999999999,"name":"a"}"#).unwrap_err();
+        assert_eq!(err.code(), "validation_failed");
+    }
+}

@@ -1,0 +1,213 @@
+//! The service's Prometheus metrics (API.md §5), one registry per application instance (no
+//! global state, so several apps in one test process never mix their numbers). Every series is
+//! created at start-up, at zero, so dashboards and alerts never see a missing one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::transaction::TxOutcome;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    /// Status class (`2xx` … `5xx`): bounded cardinality.
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: &'static str,
+    /// The route pattern (`/products/{id}`), never the raw path.
+    route: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms … 8 s
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+/// Cheap to clone: every field shares its series.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pool_connections: Family<StateLabel, Gauge>,
+    pool_max: Gauge,
+    pool_min: Gauge,
+    acquire: Histogram,
+    transactions: Family<OutcomeLabel, Counter>,
+    retries: Counter,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
+}
+
+pub const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl Metrics {
+    pub fn new(pool_min: u32, pool_max: u32) -> Metrics {
+        let mut registry = Registry::default();
+        let pool_connections = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "db_pool_connections",
+            "Connections of the database pool by state",
+            pool_connections.clone(),
+        );
+        let max = Gauge::default();
+        max.set(i64::from(pool_max));
+        registry.register(
+            "db_pool_max_connections",
+            "Largest number of connections the pool may open",
+            max.clone(),
+        );
+        let min = Gauge::default();
+        min.set(i64::from(pool_min));
+        registry.register(
+            "db_pool_min_connections",
+            "Connections the pool keeps open",
+            min.clone(),
+        );
+        let acquire = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
+        registry.register(
+            "db_pool_acquire_seconds",
+            "Time to obtain a pooled connection and begin a transaction",
+            acquire.clone(),
+        );
+        let transactions = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "db_transactions",
+            "Database transactions by outcome",
+            transactions.clone(),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "db_transaction_retries",
+            "Re-runs after a serialization failure or deadlock",
+            retries.clone(),
+        );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by method and status class",
+            requests.clone(),
+        );
+        let durations: Family<RouteLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by method and route pattern",
+            durations.clone(),
+        );
+
+        for state in ["idle", "in_use"] {
+            pool_connections.get_or_create(&StateLabel { state }).set(0);
+        }
+        for outcome in ["commit", "rollback"] {
+            let _ = transactions.get_or_create(&OutcomeLabel { outcome });
+        }
+        for method in ["GET", "POST"] {
+            for status in ["2xx", "4xx", "5xx"] {
+                let _ = requests.get_or_create(&RequestLabels { method, status });
+            }
+        }
+        let _ = durations.get_or_create(&RouteLabels {
+            method: "GET",
+            route: "/health/ready".to_owned(),
+        });
+        Metrics {
+            registry: Arc::new(registry),
+            pool_connections,
+            pool_max: max,
+            pool_min: min,
+            acquire,
+            transactions,
+            retries,
+            requests,
+            durations,
+        }
+    }
+
+    pub fn set_pool(&self, idle: u32, in_use: u32) {
+        self.pool_connections
+            .get_or_create(&StateLabel { state: "idle" })
+            .set(i64::from(idle));
+        self.pool_connections
+            .get_or_create(&StateLabel { state: "in_use" })
+            .set(i64::from(in_use));
+    }
+
+    pub fn pool_limits(&self) -> (i64, i64) {
+        (self.pool_min.get(), self.pool_max.get())
+    }
+
+    pub fn observe_acquire(&self, elapsed: Duration) {
+        self.acquire.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn count_transaction(&self, outcome: TxOutcome) {
+        let outcome = match outcome {
+            TxOutcome::Commit => "commit",
+            TxOutcome::Rollback => "rollback",
+            TxOutcome::None => return,
+        };
+        self.transactions.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    pub fn count_retry(&self) {
+        self.retries.inc();
+    }
+
+    /// Records one finished request. `method` must be one of [`METHODS`] or `OTHER`.
+    pub fn observe_request(&self, method: &'static str, route: &str, status: u16, elapsed: Duration) {
+        let class = STATUS_CLASSES
+            .get(usize::from(status / 100).saturating_sub(1))
+            .copied()
+            .unwrap_or("5xx");
+        self.requests
+            .get_or_create(&RequestLabels {
+                method,
+                status: class,
+            })
+            .inc();
+        self.durations
+            .get_or_create(&RouteLabels {
+                method,
+                route: route.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The exposition in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A bounded label for a request method.
+pub fn method_label(method: &actix_web::http::Method) -> &'static str {
+    METHODS
+        .iter()
+        .find(|m| **m == method.as_str())
+        .copied()
+        .unwrap_or("OTHER")
+}

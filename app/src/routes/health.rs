@@ -1,0 +1,108 @@
+//! Health and metrics: routes that opt out of the transaction middleware. `/health/live` never
+//! touches the database; `/health/ready` runs `SELECT 1` through the pool and answers within
+//! [`READY_BUDGET`] even when the database is down or the pool is exhausted.
+
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, ContentType};
+use actix_web::{HttpResponse, web};
+use sea_orm::DatabaseConnection;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::db::{self, PoolStats};
+use crate::metrics::Metrics;
+
+/// How long `/health/ready` may wait for the database: well under the 2 s a probe allows.
+pub const READY_BUDGET: Duration = Duration::from_millis(1500);
+
+#[derive(Serialize, ToSchema)]
+pub struct Live {
+    /// Always `ok`.
+    pub status: &'static str,
+}
+
+#[utoipa::path(get, path = "/health/live", responses((status = 200, body = Live)))]
+pub async fn live() -> web::Json<Live> {
+    web::Json(Live { status: "ok" })
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DatabaseHealth {
+    /// `up` or `down`
+    pub status: &'static str,
+    /// `postgres` or `sqlite`
+    pub backend: &'static str,
+    /// Round trip of `SELECT 1`, when it answered.
+    pub latency_ms: Option<f64>,
+    pub pool: PoolStats,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Ready {
+    /// `ok` or `unavailable`
+    pub status: &'static str,
+    pub database: DatabaseHealth,
+    /// Why the service is not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[utoipa::path(get, path = "/health/ready", responses(
+    (status = 200, body = Ready), (status = 503, body = Ready)))]
+pub async fn ready(db: web::Data<DatabaseConnection>, metrics: web::Data<Metrics>) -> HttpResponse {
+    let (min, max) = metrics.pool_limits();
+    let (min, max) = (min as u32, max as u32);
+    let result = db::ping(&db, READY_BUDGET).await;
+    let pool = db::pool_stats(&db, min, max);
+    let backend = db::backend_name(&db);
+    let (status, body) = match result {
+        Ok(latency) => (
+            StatusCode::OK,
+            Ready {
+                status: "ok",
+                database: DatabaseHealth {
+                    status: "up",
+                    backend,
+                    latency_ms: Some((latency.as_secs_f64() * 1e5).round() / 100.0),
+                    pool,
+                },
+                detail: None,
+            },
+        ),
+        Err(detail) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Ready {
+                status: "unavailable",
+                database: DatabaseHealth {
+                    status: "down",
+                    backend,
+                    latency_ms: None,
+                    pool,
+                },
+                detail: Some(detail),
+            },
+        ),
+    };
+    let mut response = HttpResponse::build(status);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response.insert_header((header::RETRY_AFTER, "1"));
+    }
+    response.json(body)
+}
+
+#[utoipa::path(get, path = "/metrics", responses(
+    (status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(db: web::Data<DatabaseConnection>, metrics: web::Data<Metrics>) -> HttpResponse {
+    let (min, max) = metrics.pool_limits();
+    let pool = db::pool_stats(&db, min as u32, max as u32);
+    metrics.set_pool(pool.idle, pool.in_use);
+    HttpResponse::Ok()
+        .insert_header(ContentType(
+            "text/plain; version=0.0.4; charset=utf-8"
+                .parse()
+                .unwrap_or(mime::TEXT_PLAIN_UTF_8),
+        ))
+        .body(metrics.render())
+}

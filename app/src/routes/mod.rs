@@ -1,0 +1,85 @@
+//! The HTTP API of API.md §2: which handler serves which path, and which transaction each route
+//! runs in. Handlers are thin: extract, call a domain function with the request's `Tx`, map.
+//!
+//! Transaction declarations (the only places a route departs from the defaults):
+//! * health, metrics and the OpenAPI document opt out: they are not wrapped in `Transactional`.
+//! * receipts, shipments and transfers run at READ COMMITTED. Each of their writes is a single
+//!   conditional `UPDATE … WHERE quantity >= n` or an upsert, which PostgreSQL re-evaluates on
+//!   the newest row version after waiting for the row lock, so the invariant holds without a
+//!   snapshot; under REPEATABLE READ every waiter on a hot stock row would instead fail with
+//!   40001 and be retried, serialising the hot row through retries and 503s.
+//! * everything else runs at `DB_ISOLATION_LEVEL`, `GET`s READ ONLY.
+
+pub mod catalog;
+pub mod health;
+pub mod movements;
+pub mod openapi;
+
+use actix_web::{Resource, web};
+use sea_orm::IsolationLevel;
+
+use crate::problem::method_not_allowed;
+use crate::transaction::Transactional;
+
+fn resource(path: &str) -> Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    let tx = Transactional::new();
+    let stock_tx = Transactional::new().isolation(IsolationLevel::ReadCommitted);
+
+    cfg.service(resource("/health/live").route(web::get().to(health::live)))
+        .service(resource("/health/ready").route(web::get().to(health::ready)))
+        .service(resource("/metrics").route(web::get().to(health::metrics)))
+        .service(resource("/openapi.json").route(web::get().to(openapi::document)))
+        .service(
+            resource("/warehouses")
+                .route(web::get().to(catalog::list_warehouses).wrap(tx))
+                .route(web::post().to(catalog::create_warehouse).wrap(tx)),
+        )
+        .service(resource("/warehouses/{id}").route(web::get().to(catalog::get_warehouse).wrap(tx)))
+        .service(
+            resource("/warehouses/{id}/stock")
+                .route(web::get().to(movements::warehouse_stock).wrap(tx)),
+        )
+        .service(
+            resource("/products")
+                .route(web::get().to(catalog::list_products).wrap(tx))
+                .route(web::post().to(catalog::create_product).wrap(tx)),
+        )
+        .service(resource("/products/{id}").route(web::get().to(catalog::get_product).wrap(tx)))
+        .service(
+            resource("/products/{id}/stock").route(web::get().to(movements::product_stock).wrap(tx)),
+        )
+        .service(resource("/receipts").route(web::post().to(movements::receive).wrap(stock_tx)))
+        .service(resource("/shipments").route(web::post().to(movements::ship).wrap(stock_tx)))
+        .service(resource("/transfers").route(web::post().to(movements::transfer).wrap(stock_tx)))
+        .service(resource("/movements").route(web::get().to(movements::list).wrap(tx)));
+}
+
+/// `?limit=&after=` of every list, kept as text so that errors name the parameter.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// 1..=500, default 50.
+    #[param(value_type = Option<u32>)]
+    pub limit: Option<String>,
+    /// Return items with an id greater than this.
+    #[param(value_type = Option<i64>)]
+    pub after: Option<String>,
+}
+
+/// A keyset page: `next_after` is the `after` of the next page, null on the last.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct List<T> {
+    pub items: Vec<T>,
+    pub next_after: Option<i64>,
+}
+
+/// The id in a path: anything but a positive integer names no resource (404).
+pub fn path_id(raw: i64, what: &str) -> Result<crate::domain::values::Id, crate::problem::ApiError> {
+    crate::domain::values::Id::parse("id", raw)
+        .map_err(|_| crate::problem::ApiError::NotFound(format!("{what} {raw} not found")))
+}

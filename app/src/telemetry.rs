@@ -1,0 +1,150 @@
+//! Logging and the per-request telemetry middleware. The subscriber is set up once by the binary
+//! (`RUST_LOG`, `LOG_FORMAT=pretty|json`). [`RequestTelemetry`] wraps the whole app: it takes or
+//! makes the `X-Request-Id`, runs the request inside a span that carries it (so every log line of
+//! the request has it), returns it on the response, writes one log line per request (method,
+//! route, status, latency, transaction outcome, retries) and counts the request in the metrics.
+
+use std::future::{Future, Ready, ready};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Instant;
+
+use actix_web::HttpMessage;
+use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::web;
+use config::LogFormat;
+use tracing::Instrument;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+use crate::metrics::{Metrics, method_label};
+use crate::transaction::{TxOutcome, TxReport};
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Sets the global subscriber: `RUST_LOG` filters (default `info`), `format` picks the layout.
+/// Fails if a global subscriber is already set.
+pub fn init<W>(format: LogFormat, writer: W) -> Result<(), String>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    let result = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+    result.map_err(|e| e.to_string())
+}
+
+/// The request's id, in the request's extensions.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// A client's id is kept when it is 1..=128 visible ASCII characters; otherwise a new one is made.
+fn request_id(req: &ServiceRequest) -> String {
+    req.headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_REQUEST_ID_LEN
+                && v.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map_or_else(|| format!("{:032x}", fastrand::u128(..)), str::to_owned)
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestTelemetry;
+
+impl<S, B> Transform<S, ServiceRequest> for RequestTelemetry
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: 'static,
+{
+    type Response = ServiceResponse<B>;
+    type Error = actix_web::Error;
+    type Transform = RequestTelemetryService<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, ()>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(RequestTelemetryService {
+            service: Rc::new(service),
+        }))
+    }
+}
+
+pub struct RequestTelemetryService<S> {
+    service: Rc<S>,
+}
+
+impl<S, B> Service<ServiceRequest> for RequestTelemetryService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: 'static,
+{
+    type Response = ServiceResponse<B>;
+    type Error = actix_web::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>>>>;
+
+    forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        let started = Instant::now();
+        let id = request_id(&req);
+        let method = method_label(req.method());
+        let metrics = req.app_data::<web::Data<Metrics>>().cloned();
+        let span = tracing::info_span!("request", request_id = %id, method, path = %req.path());
+        req.extensions_mut().insert(RequestId(id.clone()));
+        let service = Rc::clone(&self.service);
+        Box::pin(
+            async move {
+                let result = service.call(req).await;
+                let elapsed = started.elapsed();
+                let mut res = match result {
+                    Ok(res) => res,
+                    Err(e) => {
+                        tracing::error!(request_id = %id, error = %e, "request failed in middleware");
+                        return Err(e);
+                    }
+                };
+                let status = res.status().as_u16();
+                let route = res
+                    .request()
+                    .match_pattern()
+                    .unwrap_or_else(|| "unmatched".to_owned());
+                let report = res.request().extensions().get::<TxReport>().copied();
+                let (outcome, retries) =
+                    report.map_or((TxOutcome::None, 0), |r| (r.outcome, r.retries));
+                if let Ok(value) = HeaderValue::from_str(&id) {
+                    res.headers_mut().insert(REQUEST_ID, value);
+                }
+                if let Some(m) = &metrics {
+                    m.observe_request(method, &route, status, elapsed);
+                }
+                tracing::info!(
+                    request_id = %id,
+                    method,
+                    route = %route,
+                    status,
+                    latency_ms = elapsed.as_secs_f64() * 1000.0,
+                    tx = outcome.as_str(),
+                    retries,
+                    "request"
+                );
+                Ok(res)
+            }
+            .instrument(span),
+        )
+    }
+}

@@ -1,0 +1,318 @@
+//! `DatabaseSettings::connect_options`: the one place where the settings become SeaORM's
+//! `ConnectOptions` (pool bounds and timeouts, pre-ping, statement logging) and sqlx's
+//! per-backend options (Postgres startup parameters, TLS and statement cache; SQLite journal
+//! mode, busy timeout and foreign keys). The URL handed to SeaORM never carries the password:
+//! it is set on sqlx's `PgConnectOptions` directly, so no `Debug` of the options and no SeaORM
+//! error message (which quote the URL) can reveal it.
+
+use std::time::Duration;
+
+use log::LevelFilter;
+use sea_orm::ConnectOptions;
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+use secrecy::ExposeSecret;
+
+use crate::database::{Backend, DatabaseSettings, PoolMode, SslMode};
+
+/// A connection used less than this long ago is handed out without a ping (see
+/// `connect_options`).
+const PRE_PING_IDLE: Duration = Duration::from_secs(1);
+
+/// How long an SQLite statement waits for another connection's write lock before failing.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl DatabaseSettings {
+    /// SeaORM's connect options for these settings.
+    ///
+    /// `DB_CONNECT_TIMEOUT` is not among them: SeaORM's `connect_timeout` is sqlx's acquire
+    /// timeout under another name (it would be overridden by `pool_timeout`), and sqlx 0.9's
+    /// `PgConnectOptions` has no connect timeout of its own. The caller bounds each start-up
+    /// attempt with [`DatabaseSettings::connect_timeout`].
+    pub fn connect_options(&self) -> ConnectOptions {
+        let mut options = ConnectOptions::new(self.url.without_password());
+        options
+            .max_connections(self.max_connections())
+            .min_connections(self.min_connections())
+            .acquire_timeout(self.pool_timeout)
+            .max_lifetime(self.pool_recycle)
+            .idle_timeout(self.idle_timeout)
+            .sqlx_logging(true)
+            .sqlx_logging_level(if self.echo {
+                LevelFilter::Info
+            } else {
+                LevelFilter::Off
+            })
+            .sqlx_slow_statements_logging_settings(
+                if self.slow_statement.is_zero() {
+                    LevelFilter::Off
+                } else {
+                    LevelFilter::Warn
+                },
+                self.slow_statement,
+            );
+        if self.pool_pre_ping {
+            // Ping only connections idle for a second or more. A connection released a moment
+            // ago is almost certainly alive, and pinging it would add one round trip to every
+            // checkout under load; the connections worth checking are those that sat idle long
+            // enough for a server restart, a proxy or a firewall to have dropped them.
+            options.test_before_acquire_if_idle_for(PRE_PING_IDLE);
+        } else {
+            options.test_before_acquire(false);
+        }
+        match self.backend() {
+            Backend::Postgres => self.apply_postgres(&mut options),
+            Backend::Sqlite => self.apply_sqlite(&mut options),
+        }
+        options
+    }
+
+    fn apply_postgres(&self, options: &mut ConnectOptions) {
+        options.set_application_name(self.application_name.clone());
+        if let Some(timeout) = self.statement_timeout {
+            // Sent as a startup parameter (`-c statement_timeout=…`), no extra round trip.
+            options.statement_timeout(timeout);
+        }
+        options.map_sqlx_postgres_opts(self.postgres_options());
+        if self.pool_mode == PoolMode::Serverless {
+            // Close every connection when it is released, so none sits idle between requests
+            // (min_connections is 0 as well).
+            options.map_sqlx_postgres_pool_opts(|pool| {
+                pool.after_release(|_connection, _metadata| Box::pin(async { Ok(false) }))
+            });
+        }
+    }
+
+    /// The last word on sqlx's `PgConnectOptions`, applied after SeaORM has parsed the URL and
+    /// set the application name and statement timeout.
+    fn postgres_options(
+        &self,
+    ) -> impl Fn(PgConnectOptions) -> PgConnectOptions + Send + Sync + use<> {
+        let password = self.url.password().cloned();
+        let jit = if self.jit { "on" } else { "off" };
+        let isolation = self.isolation_level.as_sql();
+        let statement_cache = self.statement_cache;
+        let ssl_mode = pg_ssl_mode(self.ssl_mode);
+        let ssl_root_cert = self.ssl_root_cert.clone();
+        move |pg| {
+            // Startup parameters: applied by the server at connect time, no extra round trip.
+            // `options` appends to what is there (SeaORM's `statement_timeout`, a URL's
+            // `options=`), it does not replace it. With the default isolation set here, a plain
+            // `BEGIN` already runs at the configured level.
+            let mut pg = pg
+                .options([("jit", jit), ("default_transaction_isolation", isolation)])
+                .statement_cache_capacity(statement_cache)
+                .ssl_mode(ssl_mode);
+            if let Some(password) = &password {
+                pg = pg.password(password.expose_secret());
+            }
+            if let Some(path) = &ssl_root_cert {
+                pg = pg.ssl_root_cert(path);
+            }
+            pg
+        }
+    }
+
+    fn apply_sqlite(&self, options: &mut ConnectOptions) {
+        options.map_sqlx_sqlite_opts(sqlite_options);
+        if self.url.is_in_memory() {
+            // An in-memory database vanishes with its last connection: never expire it.
+            options.idle_timeout(None).max_lifetime(None);
+        }
+    }
+}
+
+/// WAL lets readers run while one connection writes; the busy timeout makes a writer wait for
+/// the lock instead of failing at once; foreign keys are off in SQLite unless asked for.
+fn sqlite_options(sqlite: SqliteConnectOptions) -> SqliteConnectOptions {
+    sqlite
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(SQLITE_BUSY_TIMEOUT)
+        .foreign_keys(true)
+}
+
+fn pg_ssl_mode(mode: SslMode) -> PgSslMode {
+    match mode {
+        SslMode::Disable => PgSslMode::Disable,
+        SslMode::Prefer => PgSslMode::Prefer,
+        SslMode::Require => PgSslMode::Require,
+        SslMode::VerifyCa => PgSslMode::VerifyCa,
+        SslMode::VerifyFull => PgSslMode::VerifyFull,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::settings;
+
+    const POSTGRES: &str = "postgres://app:s3cret@db:5432/inv";
+
+    fn options(pairs: &[(&str, &str)]) -> ConnectOptions {
+        settings(pairs).database.connect_options()
+    }
+
+    #[test]
+    fn the_pool_bounds_and_timeouts_come_from_the_settings() {
+        let options = options(&[
+            ("DATABASE_URL", POSTGRES),
+            ("DB_POOL_SIZE", "3"),
+            ("DB_MAX_OVERFLOW", "4"),
+            ("DB_POOL_TIMEOUT", "5"),
+            ("DB_POOL_RECYCLE", "6"),
+            ("DB_IDLE_TIMEOUT", "7"),
+            ("DB_CONNECT_TIMEOUT", "8"),
+        ]);
+        assert_eq!(options.get_max_connections(), Some(7));
+        assert_eq!(options.get_min_connections(), Some(3));
+        assert_eq!(options.get_acquire_timeout(), Some(Duration::from_secs(5)));
+        assert_eq!(
+            options.get_max_lifetime(),
+            Some(Some(Duration::from_secs(6)))
+        );
+        assert_eq!(
+            options.get_idle_timeout(),
+            Some(Some(Duration::from_secs(7)))
+        );
+        assert_eq!(
+            options.get_connect_timeout(),
+            None,
+            "SeaORM's connect_timeout is the acquire timeout; the caller bounds each attempt"
+        );
+    }
+
+    #[test]
+    fn the_url_given_to_sea_orm_carries_no_password() {
+        let options = options(&[("DATABASE_URL", POSTGRES)]);
+        assert_eq!(options.get_url(), "postgres://app@db:5432/inv");
+        assert!(!format!("{options:?}").contains("s3cret"));
+
+        let options = settings(&[("DB_HOST", "db"), ("DB_PASSWORD", "p@ss:w/rd%")])
+            .database
+            .connect_options();
+        assert_eq!(options.get_url(), "postgres://postgres@db:5432/postgres");
+        assert!(!format!("{options:?}").contains("p@ss"));
+    }
+
+    #[test]
+    fn pre_ping_checks_only_connections_idle_for_a_second() {
+        let on = options(&[("DATABASE_URL", POSTGRES)]);
+        assert_eq!(
+            on.get_test_before_acquire_if_idle_for(),
+            Some(Duration::from_secs(1))
+        );
+        assert!(!on.get_test_before_acquire(), "no ping on every checkout");
+
+        let off = options(&[("DATABASE_URL", POSTGRES), ("DB_POOL_PRE_PING", "false")]);
+        assert_eq!(off.get_test_before_acquire_if_idle_for(), None);
+        assert!(!off.get_test_before_acquire());
+    }
+
+    #[test]
+    fn statements_are_logged_when_echoed_and_slow_ones_at_warn() {
+        let quiet = options(&[]);
+        assert!(quiet.get_sqlx_logging());
+        assert_eq!(quiet.get_sqlx_logging_level(), LevelFilter::Off);
+        assert_eq!(
+            quiet.get_sqlx_slow_statements_logging_settings(),
+            (LevelFilter::Warn, Duration::from_secs(1))
+        );
+
+        let echo = options(&[("DB_ECHO", "true"), ("DB_SLOW_STATEMENT_MS", "0")]);
+        assert_eq!(echo.get_sqlx_logging_level(), LevelFilter::Info);
+        assert_eq!(
+            echo.get_sqlx_slow_statements_logging_settings().0,
+            LevelFilter::Off,
+            "0 turns slow-statement logging off rather than warning on every statement"
+        );
+    }
+
+    #[test]
+    fn the_statement_timeout_is_set_only_when_not_zero() {
+        let none = options(&[("DATABASE_URL", POSTGRES)]);
+        assert_eq!(none.get_statement_timeout(), None);
+        let some = options(&[
+            ("DATABASE_URL", POSTGRES),
+            ("DB_STATEMENT_TIMEOUT_MS", "1500"),
+        ]);
+        assert_eq!(
+            some.get_statement_timeout(),
+            Some(Duration::from_millis(1500))
+        );
+    }
+
+    #[test]
+    fn serverless_mode_keeps_no_minimum() {
+        let options = options(&[("DATABASE_URL", POSTGRES), ("DB_POOL_MODE", "serverless")]);
+        assert_eq!(options.get_min_connections(), Some(0));
+        assert_eq!(options.get_max_connections(), Some(30));
+    }
+
+    #[test]
+    fn postgres_gets_startup_parameters_tls_cache_and_the_password() {
+        let db = settings(&[
+            ("DATABASE_URL", POSTGRES),
+            ("DB_JIT", "on"),
+            ("DB_ISOLATION_LEVEL", "read_committed"),
+            ("DB_STATEMENT_CACHE", "0"),
+            ("DB_SSL_MODE", "verify-ca"),
+            ("DB_SSL_ROOT_CERT", "/etc/ssl/ca.pem"),
+        ])
+        .database;
+        let map = db.postgres_options();
+        // What SeaORM has done before calling us when DB_STATEMENT_TIMEOUT_MS is set.
+        let before = PgConnectOptions::new_without_pgpass()
+            .password("from-pgpassword")
+            .options([("statement_timeout", "1500")]);
+        let pg = map(before);
+        assert_eq!(
+            pg.get_options(),
+            Some(
+                r"-c statement_timeout=1500 -c jit=on -c default_transaction_isolation=read\ committed"
+            ),
+            "our options are appended to SeaORM's statement_timeout"
+        );
+        assert!(matches!(pg.get_ssl_mode(), PgSslMode::VerifyCa));
+        let debug = format!("{pg:?}");
+        assert!(debug.contains("statement_cache_capacity: 0"), "{debug}");
+        assert!(debug.contains("ca.pem"), "{debug}");
+        assert!(
+            debug.contains("\"s3cret\""),
+            "the password reaches the driver: {debug}"
+        );
+    }
+
+    #[test]
+    fn postgres_defaults_turn_jit_off_and_start_transactions_at_repeatable_read() {
+        let db = settings(&[("DATABASE_URL", "postgres://app@db/inv")]).database;
+        let pg = db.postgres_options()(PgConnectOptions::new_without_pgpass());
+        assert_eq!(
+            pg.get_options(),
+            Some(r"-c jit=off -c default_transaction_isolation=repeatable\ read")
+        );
+        assert!(matches!(pg.get_ssl_mode(), PgSslMode::Prefer));
+    }
+
+    #[test]
+    fn sqlite_uses_wal_a_busy_timeout_and_foreign_keys() {
+        let sqlite = format!("{:?}", sqlite_options(SqliteConnectOptions::new()));
+        assert!(
+            sqlite.contains(r#""journal_mode": Some("WAL")"#),
+            "{sqlite}"
+        );
+        assert!(sqlite.contains(r#""foreign_keys": Some("ON")"#), "{sqlite}");
+        assert!(sqlite.contains("busy_timeout: 5s"), "{sqlite}");
+
+        let options = options(&[]);
+        assert_eq!(options.get_url(), crate::DEFAULT_DATABASE_URL);
+        assert_eq!(options.get_max_connections(), Some(4));
+    }
+
+    #[test]
+    fn an_in_memory_sqlite_connection_never_expires() {
+        let options = options(&[("DATABASE_URL", "sqlite::memory:")]);
+        assert_eq!(options.get_max_connections(), Some(1));
+        assert_eq!(options.get_idle_timeout(), Some(None));
+        assert_eq!(options.get_max_lifetime(), Some(None));
+    }
+}

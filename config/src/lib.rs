@@ -1,0 +1,323 @@
+//! Typed, validated settings for the inventory service, read from the environment (and a `.env`
+//! file) as described in API.md §6. This crate is the only place that reads the environment:
+//! [`Settings::load`] at start-up, [`Settings::from_vars`] in tests. Every value is checked
+//! here, so a bad one stops start-up with one line naming the variable, its value (never a
+//! password) and what is allowed; the rest of the service only ever sees valid settings, and
+//! gets SeaORM's connect options from [`DatabaseSettings::connect_options`].
+
+mod connect;
+mod database;
+mod database_url;
+mod env;
+mod error;
+mod server;
+#[cfg(test)]
+mod test_support;
+
+use std::fmt::Write as _;
+
+pub use database::{
+    Backend, DatabaseSettings, IsolationLevel, MAX_CONNECTIONS, PoolMode, SQLITE_MAX_CONNECTIONS,
+    SslMode,
+};
+pub use database_url::{DEFAULT_DATABASE_URL, DatabaseUrl};
+pub use error::ConfigError;
+pub use server::{LogFormat, LogSettings, ServerSettings};
+
+use env::RawEnv;
+
+/// Every setting of the service. `Debug` shows the password as `***`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub server: ServerSettings,
+    pub log: LogSettings,
+}
+
+impl Settings {
+    /// Reads `./.env` if present into the process environment (as `dotenvy` does: variables
+    /// already set win), then the settings from the process environment. Call it at start-up,
+    /// before other threads read the environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when `.env` exists but cannot be read, or a variable is invalid.
+    pub fn load() -> Result<Settings, ConfigError> {
+        env::load_dotenv()?;
+        Settings::from_env()
+    }
+
+    /// Reads the settings from the process environment only (no `.env`).
+    ///
+    /// # Errors
+    /// [`ConfigError`] when a variable is invalid or, being one of ours, not UTF-8.
+    pub fn from_env() -> Result<Settings, ConfigError> {
+        Settings::from_vars(env::process_vars()?)
+    }
+
+    /// Reads the settings from explicit `(name, value)` pairs; what tests use. Unrelated
+    /// variables are ignored, an empty value counts as unset, and of a repeated name the last
+    /// wins.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for the first invalid variable, in the order of API.md §6.
+    pub fn from_vars<I>(vars: I) -> Result<Settings, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let raw = RawEnv::from_vars(vars)?;
+        Ok(Settings {
+            database: DatabaseSettings::from_raw(&raw)?,
+            server: ServerSettings::from_raw(&raw)?,
+            log: LogSettings::from_raw(&raw)?,
+        })
+    }
+
+    /// The effective settings as `NAME=value` lines, one per variable of API.md §6 in the
+    /// table's order, the password shown as `***` (in `DATABASE_URL` and `DB_PASSWORD`). The
+    /// `DB_HOST`…`DB_NAME` lines show the parts of the effective Postgres URL (empty for
+    /// SQLite); unset optional values are empty. For `app check-config`.
+    pub fn report(&self) -> String {
+        let db = &self.database;
+        let server = &self.server;
+        let parts = db.url.postgres_parts();
+        let part = |get: fn(&database_url::PostgresParts) -> &String| {
+            parts.as_ref().map(get).cloned().unwrap_or_default()
+        };
+        let secs = |d: std::time::Duration| d.as_secs().to_string();
+        let millis = |d: std::time::Duration| d.as_millis().to_string();
+        let lines: [(&str, String); 33] = [
+            ("DATABASE_URL", db.url.to_string()),
+            ("DB_HOST", part(|p| &p.host)),
+            ("DB_PORT", part(|p| &p.port)),
+            ("DB_USER", part(|p| &p.user)),
+            (
+                "DB_PASSWORD",
+                db.url
+                    .password()
+                    .map(|_| "***".to_owned())
+                    .unwrap_or_default(),
+            ),
+            ("DB_NAME", part(|p| &p.database)),
+            ("DB_POOL_SIZE", db.pool_size.to_string()),
+            ("DB_MAX_OVERFLOW", db.max_overflow.to_string()),
+            ("DB_POOL_TIMEOUT", secs(db.pool_timeout)),
+            ("DB_POOL_RECYCLE", secs(db.pool_recycle)),
+            ("DB_POOL_PRE_PING", db.pool_pre_ping.to_string()),
+            ("DB_IDLE_TIMEOUT", secs(db.idle_timeout)),
+            ("DB_CONNECT_TIMEOUT", secs(db.connect_timeout)),
+            ("DB_POOL_MODE", db.pool_mode.to_string()),
+            ("DB_ISOLATION_LEVEL", db.isolation_level.to_string()),
+            ("DB_APPLICATION_NAME", db.application_name.clone()),
+            (
+                "DB_STATEMENT_TIMEOUT_MS",
+                db.statement_timeout.map_or_else(|| "0".to_owned(), millis),
+            ),
+            ("DB_JIT", db.jit.to_string()),
+            ("DB_STATEMENT_CACHE", db.statement_cache.to_string()),
+            ("DB_SSL_MODE", db.ssl_mode.to_string()),
+            (
+                "DB_SSL_ROOT_CERT",
+                db.ssl_root_cert
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
+            ("DB_ECHO", db.echo.to_string()),
+            ("DB_SLOW_STATEMENT_MS", millis(db.slow_statement)),
+            ("DB_CONNECT_RETRIES", db.connect_retries.to_string()),
+            ("DB_CONNECT_RETRY_DELAY_MS", millis(db.connect_retry_delay)),
+            ("DB_AUTO_MIGRATE", db.auto_migrate.to_string()),
+            ("DB_TX_MAX_RETRIES", db.tx_max_retries.to_string()),
+            ("APP_HOST", server.host.clone()),
+            ("APP_PORT", server.port.to_string()),
+            ("APP_WORKERS", server.workers.to_string()),
+            ("APP_BODY_LIMIT", server.body_limit.to_string()),
+            ("APP_SHUTDOWN_TIMEOUT", secs(server.shutdown_timeout)),
+            ("LOG_FORMAT", self.log.format.to_string()),
+        ];
+        let mut report = String::new();
+        for (name, value) in lines {
+            // Writing to a String cannot fail.
+            let _ = writeln!(report, "{name}={value}");
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{error, settings, vars};
+
+    const SECRET: &str = "s3cret-p@ss";
+
+    #[test]
+    fn the_report_lists_every_variable_in_table_order() {
+        let report = settings(&[("APP_WORKERS", "2")]).report();
+        let expected = "\
+DATABASE_URL=sqlite://inventory.db?mode=rwc
+DB_HOST=
+DB_PORT=
+DB_USER=
+DB_PASSWORD=
+DB_NAME=
+DB_POOL_SIZE=10
+DB_MAX_OVERFLOW=20
+DB_POOL_TIMEOUT=30
+DB_POOL_RECYCLE=3600
+DB_POOL_PRE_PING=true
+DB_IDLE_TIMEOUT=600
+DB_CONNECT_TIMEOUT=10
+DB_POOL_MODE=queue
+DB_ISOLATION_LEVEL=repeatable_read
+DB_APPLICATION_NAME=inventory-api
+DB_STATEMENT_TIMEOUT_MS=0
+DB_JIT=false
+DB_STATEMENT_CACHE=100
+DB_SSL_MODE=prefer
+DB_SSL_ROOT_CERT=
+DB_ECHO=false
+DB_SLOW_STATEMENT_MS=1000
+DB_CONNECT_RETRIES=5
+DB_CONNECT_RETRY_DELAY_MS=2000
+DB_AUTO_MIGRATE=true
+DB_TX_MAX_RETRIES=3
+APP_HOST=127.0.0.1
+APP_PORT=8080
+APP_WORKERS=2
+APP_BODY_LIMIT=65536
+APP_SHUTDOWN_TIMEOUT=30
+LOG_FORMAT=pretty
+";
+        assert_eq!(report, expected);
+        let names: Vec<&str> = report
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            names,
+            env::VARIABLES,
+            "one line per variable, in table order"
+        );
+    }
+
+    #[test]
+    fn the_report_shows_the_parts_of_a_postgres_url_and_hides_the_password() {
+        let all = settings(&[
+            ("DB_HOST", "db.internal"),
+            ("DB_USER", "inventory"),
+            ("DB_PASSWORD", SECRET),
+            ("DB_NAME", "stock"),
+        ]);
+        let report = all.report();
+        assert!(!report.contains("s3cret"), "{report}");
+        for line in [
+            "DATABASE_URL=postgres://inventory:***@db.internal:5432/stock",
+            "DB_HOST=db.internal",
+            "DB_PORT=5432",
+            "DB_USER=inventory",
+            "DB_PASSWORD=***",
+            "DB_NAME=stock",
+            "DB_AUTO_MIGRATE=false",
+        ] {
+            assert!(
+                report.lines().any(|l| l == line),
+                "{line} missing from:\n{report}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_password_never_appears_in_debug_or_the_report() {
+        let encoded = "s3cret-p%40ss";
+        let cases: &[&[(&str, &str)]] = &[
+            &[("DATABASE_URL", "postgres://app:s3cret-p%40ss@db/inv")],
+            &[(
+                "DATABASE_URL",
+                "postgresql://app@db/inv?password=s3cret-p%40ss",
+            )],
+            &[("DB_HOST", "db"), ("DB_PASSWORD", SECRET)],
+        ];
+        for pairs in cases {
+            let all = settings(pairs);
+            assert_eq!(
+                all.database
+                    .url
+                    .password()
+                    .map(secrecy::ExposeSecret::expose_secret),
+                Some(SECRET)
+            );
+            for shown in [
+                format!("{all:?}"),
+                format!("{all:#?}"),
+                all.report(),
+                all.database.url.to_string(),
+                all.database.url.without_password(),
+                format!("{:?}", all.database.connect_options()),
+            ] {
+                assert!(!shown.contains("s3cret"), "{pairs:?}: {shown}");
+                assert!(!shown.contains(encoded), "{pairs:?}: {shown}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_error_message_repeats_the_password() {
+        let cases: &[&[(&str, &str)]] = &[
+            &[
+                ("DB_HOST", "db"),
+                ("DB_PASSWORD", SECRET),
+                ("DB_POOL_SIZE", "0"),
+            ],
+            &[("DB_HOST", "bad host"), ("DB_PASSWORD", SECRET)],
+            &[("DATABASE_URL", "postgres://app:s3cret-p%40ss@db:70000/inv")],
+            &[(
+                "DATABASE_URL",
+                "postgres://app:s3cret-p%40ss@db/inv?sslmode=nope",
+            )],
+            &[("DATABASE_URL", "redis://app:s3cret-p%40ss@cache/0")],
+        ];
+        for pairs in cases {
+            let err = error(pairs);
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("s3cret"), "{pairs:?}: {shown}");
+        }
+    }
+
+    #[test]
+    fn the_report_read_back_gives_the_same_settings() {
+        let original = settings(&[
+            ("DATABASE_URL", "postgres://app@db:6543/inv?sslmode=require"),
+            ("DB_POOL_SIZE", "4"),
+            ("DB_STATEMENT_TIMEOUT_MS", "2000"),
+            ("DB_SSL_ROOT_CERT", "/ca.pem"),
+            ("APP_PORT", "0"),
+            ("LOG_FORMAT", "json"),
+        ]);
+        let pairs: Vec<(String, String)> = original
+            .report()
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect();
+        let again = Settings::from_vars(pairs).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again.report(), original.report());
+    }
+
+    #[test]
+    fn unrelated_variables_are_ignored() {
+        let all = Settings::from_vars(vars(&[
+            ("HOME", "/root"),
+            ("PGPASSWORD", "whatever"),
+            ("DB_POOL", "not ours"),
+        ]));
+        assert!(all.is_ok());
+    }
+
+    #[test]
+    fn every_error_message_is_one_line() {
+        let err = error(&[("DB_POOL_SIZE", "1\n2")]);
+        assert!(!err.to_string().contains('\n'));
+    }
+}

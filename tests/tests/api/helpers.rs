@@ -1,0 +1,304 @@
+//! The harness: every test gets its own PostgreSQL database (created from `TEST_DATABASE_URL`,
+//! migrated by the app at start-up, dropped when the test ends) and the real application on a
+//! random port, so tests run in parallel and never see each other's rows.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use actix_web::web;
+use app::Application;
+use config::{DatabaseUrl, Settings};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use serde_json::{Value, json};
+
+pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// The server every test database is created on.
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
+}
+
+fn unreachable_message(url: &str, err: &dyn std::fmt::Display) -> String {
+    format!(
+        "PostgreSQL is not reachable at {url} ({err}).\n\
+         Start it (e.g. `pg_ctlcluster --skip-systemctl-redirect 15 main start`) or point \
+         TEST_DATABASE_URL at a server where this user may CREATE DATABASE; `.ci/run` does both."
+    )
+}
+
+async fn admin() -> DatabaseConnection {
+    let url = admin_url();
+    let mut options = sea_orm::ConnectOptions::new(url.clone());
+    options
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    match Database::connect(options).await {
+        Ok(db) => db,
+        Err(e) => panic!("{}", unreachable_message(&url, &e)),
+    }
+}
+
+/// A fresh, empty database, dropped (with its connections) when this value is dropped.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> TestDatabase {
+        let name = format!("inventory_test_{:016x}", fastrand::u64(..));
+        let db = admin().await;
+        db.execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .unwrap_or_else(|e| panic!("{}", unreachable_message(&admin_url(), &e)));
+        let _ = db.close().await;
+        let url = DatabaseUrl::parse(&admin_url())
+            .expect("TEST_DATABASE_URL is a valid URL")
+            .with_database(&name)
+            .expose_secret();
+        TestDatabase { name, url }
+    }
+
+    /// A small separate pool on the test database, for assertions behind the app's back.
+    pub async fn connect(&self) -> DatabaseConnection {
+        let mut options = sea_orm::ConnectOptions::new(self.url.clone());
+        options.max_connections(2).min_connections(0).sqlx_logging(false);
+        Database::connect(options).await.expect("test database reachable")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside a test's runtime, which cannot block on itself: use a thread.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async move {
+                let db = admin().await;
+                let _ = db
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await;
+                let _ = db.close().await;
+            });
+        })
+        .join();
+    }
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    /// The application's own pool (to observe its statistics).
+    pub pool: DatabaseConnection,
+    /// A separate connection for assertions.
+    pub db: DatabaseConnection,
+    /// Kept so the database lives (and is dropped) with the app.
+    pub _database: TestDatabase,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn init_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        // Logs only when asked: TEST_LOG=1 cargo test
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = app::telemetry::init(config::LogFormat::Pretty, std::io::stderr);
+        }
+    });
+}
+
+/// Settings for a test app on `url`: small pool, two workers, random port, auto-migrate.
+pub fn test_settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
+    let mut vars: Vec<(String, String)> = [
+        ("DATABASE_URL", url),
+        ("DB_POOL_SIZE", "2"),
+        ("DB_MAX_OVERFLOW", "8"),
+        ("DB_POOL_TIMEOUT", "10"),
+        ("DB_AUTO_MIGRATE", "true"),
+        ("DB_CONNECT_RETRIES", "1"),
+        ("DB_TX_MAX_RETRIES", "3"),
+        ("APP_HOST", "127.0.0.1"),
+        ("APP_PORT", "0"),
+        ("APP_WORKERS", "2"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    vars.extend(overrides.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    Settings::from_vars(vars).expect("test settings are valid")
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[], |_| {}).await
+}
+
+/// The real application over a fresh database, with `overrides` of the test settings and
+/// `extra_routes` mounted beside the API.
+pub async fn spawn_app_with(
+    overrides: &[(&str, &str)],
+    extra_routes: fn(&mut web::ServiceConfig),
+) -> TestApp {
+    init_logs();
+    let database = TestDatabase::create().await;
+    let settings = test_settings(&database.url, overrides);
+    let pool = app::db::connect(&settings.database)
+        .await
+        .expect("the app connects to its test database");
+    app::db::migrate(&pool).await.expect("migrations apply");
+    let application = Application::build_with(settings, pool.clone(), extra_routes)
+        .expect("the app binds");
+    let port = application.port();
+    let server = tokio::spawn(application.run_until_stopped());
+    let db = database.connect().await;
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        client: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("http client"),
+        pool,
+        db,
+        _database: database,
+        server,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("request sent")
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.send_json(path, body.clone()).await
+    }
+
+    /// Like `post`, taking the body by value (for requests built in closures).
+    pub async fn send_json(&self, path: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_raw(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Creates a warehouse and returns its id.
+    pub async fn warehouse(&self, code: &str) -> i64 {
+        let res = self.post("/warehouses", &json!({"code": code, "name": format!("Warehouse {code}")})).await;
+        assert_eq!(res.status(), 201, "creating warehouse {code}");
+        res.json::<Value>().await.expect("json")["id"].as_i64().expect("id")
+    }
+
+    /// Creates a product and returns its id.
+    pub async fn product(&self, sku: &str) -> i64 {
+        let res = self.post("/products", &json!({"sku": sku, "name": format!("Product {sku}")})).await;
+        assert_eq!(res.status(), 201, "creating product {sku}");
+        res.json::<Value>().await.expect("json")["id"].as_i64().expect("id")
+    }
+
+    pub async fn receive(&self, warehouse: i64, product: i64, quantity: i64) {
+        let res = self
+            .post("/receipts", &json!({"warehouse_id": warehouse, "product_id": product, "quantity": quantity}))
+            .await;
+        assert_eq!(res.status(), 201, "receipt");
+    }
+
+    /// One scalar from the test database.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(self.db.get_database_backend(), sql))
+            .await
+            .expect("query runs")
+            .expect("one row");
+        row.try_get_by_index::<i64>(0).expect("an integer")
+    }
+
+    pub async fn text(&self, sql: &str) -> String {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(self.db.get_database_backend(), sql))
+            .await
+            .expect("query runs")
+            .expect("one row");
+        row.try_get_by_index::<String>(0).expect("text")
+    }
+
+    /// The quantity of one stock row (0 when there is none).
+    pub async fn stock(&self, warehouse: i64, product: i64) -> i64 {
+        self.scalar(&format!(
+            "SELECT COALESCE((SELECT quantity FROM stock_level WHERE warehouse_id = {warehouse} AND product_id = {product}), 0)::bigint"
+        ))
+        .await
+    }
+
+    /// Asserts API.md §1's invariant over the whole database.
+    pub async fn assert_invariant(&self) {
+        let broken = self
+            .scalar(
+                "SELECT count(*) FROM product p WHERE \
+                 COALESCE((SELECT sum(quantity) FROM stock_level s WHERE s.product_id = p.id), 0) <> \
+                 COALESCE((SELECT sum(quantity) FROM movement m WHERE m.product_id = p.id AND m.kind = 'receipt'), 0) - \
+                 COALESCE((SELECT sum(quantity) FROM movement m WHERE m.product_id = p.id AND m.kind = 'shipment'), 0)",
+            )
+            .await;
+        assert_eq!(broken, 0, "products whose stock differs from receipts - shipments");
+        let negative = self.scalar("SELECT count(*) FROM stock_level WHERE quantity < 0").await;
+        assert_eq!(negative, 0, "negative stock rows");
+    }
+
+    /// Waits (polling, bounded) until `check` holds; panics with `what` otherwise.
+    pub async fn wait_until<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !check().await {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The `code` of a problem+json response, after checking its content type and shape.
+pub async fn problem(res: reqwest::Response) -> (u16, Value) {
+    let status = res.status().as_u16();
+    let content_type = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json", "status {status}");
+    let body: Value = res.json().await.expect("problem body is JSON");
+    assert_eq!(body["status"], status, "{body}");
+    assert_eq!(body["type"], "about:blank", "{body}");
+    assert!(body["title"].is_string() && body["detail"].is_string(), "{body}");
+    (status, body)
+}
