@@ -11,7 +11,11 @@ use migration::{Migrator, MigratorTrait};
 use crate::{Application, db, telemetry};
 
 #[derive(Parser)]
-#[command(name = "app", about = "Inventory service over actix-web and SeaORM", version)]
+#[command(
+    name = "app",
+    about = "Inventory service over actix-web and SeaORM",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -87,7 +91,9 @@ pub fn main() -> ExitCode {
 }
 
 async fn serve(settings: Settings) -> Result<(), String> {
-    let app = Application::build(settings).await.map_err(|e| e.to_string())?;
+    let app = Application::build(settings)
+        .await
+        .map_err(|e| e.to_string())?;
     app.run_until_stopped().await.map_err(|e| e.to_string())
 }
 

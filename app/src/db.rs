@@ -35,7 +35,10 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
             }
             Ok(Err(e)) => reason = e.to_string(),
             Err(_) => {
-                reason = format!("no connection within {}s", settings.connect_timeout.as_secs())
+                reason = format!(
+                    "no connection within {}s",
+                    settings.connect_timeout.as_secs()
+                )
             }
         }
         tracing::warn!(url = %settings.url, attempt, of = attempts, reason = %reason, "database connection failed");

@@ -56,7 +56,12 @@ impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
                 }
                 body.extend_from_slice(&chunk);
             }
-            parse(&body).map(JsonBody)
+            let value: T = parse(&body)?;
+            // serde also accepts a struct written as an array; the API takes objects only.
+            if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+                return Err(ApiError::Validation("body: expected a JSON object".into()));
+            }
+            Ok(JsonBody(value))
         })
     }
 }
@@ -114,10 +119,24 @@ mod tests {
 
     #[test]
     fn text_that_is_not_json_is_malformed() {
-        for body in [&b"{"[..], b"nope", b"", b"{\"quantity\":1,\"name\":\"a\"} trailing"] {
+        for body in [
+            &b"{"[..],
+            b"nope",
+            b"",
+            b"{\"quantity\":1,\"name\":\"a\"} trailing",
+        ] {
             let err = parse::<Body>(body).unwrap_err();
             assert_eq!(err.code(), "malformed_json", "{body:?}");
         }
+    }
+
+    #[test]
+    fn a_lone_surrogate_is_rejected() {
+        let err = parse::<Body>(br#"{"quantity":1,"name":"\ud800"}"#).unwrap_err();
+        assert!(
+            matches!(err.code(), "malformed_json" | "validation_failed"),
+            "{err}"
+        );
     }
 
     #[test]

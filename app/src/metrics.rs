@@ -167,7 +167,9 @@ impl Metrics {
             TxOutcome::Rollback => "rollback",
             TxOutcome::None => return,
         };
-        self.transactions.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.transactions
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     pub fn count_retry(&self) {
@@ -175,7 +177,13 @@ impl Metrics {
     }
 
     /// Records one finished request. `method` must be one of [`METHODS`] or `OTHER`.
-    pub fn observe_request(&self, method: &'static str, route: &str, status: u16, elapsed: Duration) {
+    pub fn observe_request(
+        &self,
+        method: &'static str,
+        route: &str,
+        status: u16,
+        elapsed: Duration,
+    ) {
         let class = STATUS_CLASSES
             .get(usize::from(status / 100).saturating_sub(1))
             .copied()

@@ -104,7 +104,10 @@ fn server(
         database.max_connections(),
     ));
     let db = web::Data::new(db);
-    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let server = HttpServer::new(move || {
         App::new()
             .wrap(RequestTelemetry)

@@ -38,9 +38,9 @@ use actix_web::{FromRequest, HttpMessage, HttpRequest, ResponseError, web};
 use futures_util::{FutureExt, StreamExt};
 use sea_orm::sqlx;
 use sea_orm::{
-    AccessMode, ConnAcquireErr, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, ExecResult, IsolationLevel, QueryResult, RuntimeErr, SqliteTransactionMode, Statement,
-    TransactionOptions, TransactionTrait,
+    AccessMode, ConnAcquireErr, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    DbBackend, DbErr, ExecResult, IsolationLevel, QueryResult, RuntimeErr, SqliteTransactionMode,
+    Statement, TransactionOptions, TransactionTrait,
 };
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
@@ -232,9 +232,7 @@ impl From<DbFailure> for ApiError {
             FailureKind::OutOfRange => {
                 ApiError::Validation("quantity: the result would exceed the supported range".into())
             }
-            FailureKind::StatementTimeout
-            | FailureKind::CheckViolation(_)
-            | FailureKind::Other => {
+            FailureKind::StatementTimeout | FailureKind::CheckViolation(_) | FailureKind::Other => {
                 tracing::error!(error = %f.message, "database error");
                 ApiError::Internal
             }
@@ -309,7 +307,7 @@ impl Slot {
         let mut state = self.state.lock().await;
         if matches!(*state, State::Idle) {
             let started = Instant::now();
-            let begun = self.db.begin_with_options(self.options.clone()).await;
+            let begun = self.db.begin_with_options(self.options).await;
             if let Some(m) = &self.metrics {
                 m.observe_acquire(started.elapsed());
             }
@@ -559,11 +557,15 @@ where
             ) {
                 (Some(db), Some(config)) => (db.clone(), config.clone()),
                 _ => {
-                    tracing::error!("Transactional needs Data<DatabaseConnection> and Data<TxConfig>");
+                    tracing::error!(
+                        "Transactional needs Data<DatabaseConnection> and Data<TxConfig>"
+                    );
                     return Ok(req.error_response(ApiError::Internal));
                 }
             };
-            let metrics = req.app_data::<web::Data<Metrics>>().map(|m| m.get_ref().clone());
+            let metrics = req
+                .app_data::<web::Data<Metrics>>()
+                .map(|m| m.get_ref().clone());
             let (http, mut payload) = req.into_parts();
             let body = match read_body(&mut payload, config.body_limit).await {
                 Ok(body) => body,
@@ -619,7 +621,10 @@ where
                         Err(res) => ServiceResponse::new(http.clone(), res),
                     },
                 };
-                reply.request().extensions_mut().insert(TxReport { outcome, retries });
+                reply
+                    .request()
+                    .extensions_mut()
+                    .insert(TxReport { outcome, retries });
                 return Ok(reply);
             }
         })
@@ -630,11 +635,18 @@ where
 async fn read_body(payload: &mut Payload, limit: usize) -> Result<Bytes, ApiError> {
     let mut body = BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|_| ApiError::MalformedJson("the request body could not be read".into()))?;
+        let chunk = chunk
+            .map_err(|_| ApiError::MalformedJson("the request body could not be read".into()))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge(limit));
         }
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
+}
+
+impl From<DbErr> for ApiError {
+    fn from(err: DbErr) -> ApiError {
+        ApiError::from(DbFailure::classify(&err))
+    }
 }

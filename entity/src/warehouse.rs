@@ -21,10 +21,16 @@ pub enum Relation {
     #[sea_orm(has_many = "super::stock_level::Entity")]
     StockLevel,
     /// Movements that took stock out of this warehouse (shipments, transfers).
-    #[sea_orm(has_many = "super::movement::Entity", via_rel = "Relation::FromWarehouse")]
+    #[sea_orm(
+        has_many = "super::movement::Entity",
+        via_rel = "Relation::FromWarehouse"
+    )]
     OutgoingMovement,
     /// Movements that brought stock into this warehouse (receipts, transfers).
-    #[sea_orm(has_many = "super::movement::Entity", via_rel = "Relation::ToWarehouse")]
+    #[sea_orm(
+        has_many = "super::movement::Entity",
+        via_rel = "Relation::ToWarehouse"
+    )]
     IncomingMovement,
 }
 

@@ -159,7 +159,16 @@ pub async fn receive(
     credit(db, warehouse, product, quantity, at)
         .await
         .map_err(|e| missing_reference(e, warehouse, product))?;
-    Ok(record(db, MovementKind::Receipt, product, None, Some(warehouse), quantity, at).await?)
+    Ok(record(
+        db,
+        MovementKind::Receipt,
+        product,
+        None,
+        Some(warehouse),
+        quantity,
+        at,
+    )
+    .await?)
 }
 
 /// Goods leave `warehouse`; 409 when it holds less than `quantity`.
@@ -173,7 +182,16 @@ pub async fn ship(
     if !debit(db, warehouse, product, quantity, at).await? {
         return Err(explain_failed_debit(db, warehouse, product, quantity).await);
     }
-    Ok(record(db, MovementKind::Shipment, product, Some(warehouse), None, quantity, at).await?)
+    Ok(record(
+        db,
+        MovementKind::Shipment,
+        product,
+        Some(warehouse),
+        None,
+        quantity,
+        at,
+    )
+    .await?)
 }
 
 /// Moves goods between two different warehouses (see the module documentation for the order).
@@ -205,7 +223,16 @@ pub async fn transfer(
     credit(db, to, product, quantity, at)
         .await
         .map_err(|e| missing_reference(e, to, product))?;
-    Ok(record(db, MovementKind::Transfer, product, Some(from), Some(to), quantity, at).await?)
+    Ok(record(
+        db,
+        MovementKind::Transfer,
+        product,
+        Some(from),
+        Some(to),
+        quantity,
+        at,
+    )
+    .await?)
 }
 
 /// A product's positive stock in one warehouse.

@@ -136,7 +136,10 @@ impl Id {
         if raw >= 1 {
             Ok(Id(raw))
         } else {
-            Err(invalid(field, format!("must be a positive integer, got {raw}")))
+            Err(invalid(
+                field,
+                format!("must be a positive integer, got {raw}"),
+            ))
         }
     }
     pub fn get(self) -> i64 {
@@ -171,14 +174,20 @@ impl Page {
                 .ok_or_else(|| {
                     invalid(
                         "limit",
-                        format!("must be an integer from 1 to {}, got {raw:?}", Self::MAX_LIMIT),
+                        format!(
+                            "must be an integer from 1 to {}, got {raw:?}",
+                            Self::MAX_LIMIT
+                        ),
                     )
                 })?,
         };
         let after = match after {
             None => 0,
             Some(raw) => raw.parse::<i64>().ok().filter(|a| *a >= 0).ok_or_else(|| {
-                invalid("after", format!("must be a non-negative integer id, got {raw:?}"))
+                invalid(
+                    "after",
+                    format!("must be a non-negative integer id, got {raw:?}"),
+                )
             })?,
         };
         Ok(Page { limit, after })
@@ -230,14 +239,29 @@ mod tests {
         assert_eq!(Quantity::parse(1).map(Quantity::get), Ok(1));
         assert!(Quantity::parse(1_000_000_000).is_ok());
         for raw in [0, -1, 1_000_000_001, i64::MAX, i64::MIN] {
-            assert_eq!(Quantity::parse(raw).expect_err("out of range").field, "quantity");
+            assert_eq!(
+                Quantity::parse(raw).expect_err("out of range").field,
+                "quantity"
+            );
         }
     }
 
     #[test]
     fn pages_default_and_reject_bad_limits() {
-        assert_eq!(Page::parse(None, None), Ok(Page { limit: 50, after: 0 }));
-        assert_eq!(Page::parse(Some("500"), Some("7")), Ok(Page { limit: 500, after: 7 }));
+        assert_eq!(
+            Page::parse(None, None),
+            Ok(Page {
+                limit: 50,
+                after: 0
+            })
+        );
+        assert_eq!(
+            Page::parse(Some("500"), Some("7")),
+            Ok(Page {
+                limit: 500,
+                after: 7
+            })
+        );
         for (limit, after, field) in [
             (Some("0"), None, "limit"),
             (Some("501"), None, "limit"),

@@ -105,10 +105,7 @@ pub async fn list_warehouses(
 
 #[utoipa::path(get, path = "/warehouses/{id}", responses(
     (status = 200, body = Warehouse), (status = 404, body = Problem)))]
-pub async fn get_warehouse(
-    tx: Tx,
-    id: web::Path<i64>,
-) -> Result<web::Json<Warehouse>, ApiError> {
+pub async fn get_warehouse(tx: Tx, id: web::Path<i64>) -> Result<web::Json<Warehouse>, ApiError> {
     let id = path_id(*id, "warehouse")?;
     Ok(web::Json(catalog::get_warehouse(&tx, id).await?.into()))
 }

@@ -94,7 +94,10 @@ pub async fn ready(db: web::Data<DatabaseConnection>, metrics: web::Data<Metrics
 
 #[utoipa::path(get, path = "/metrics", responses(
     (status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub async fn metrics(db: web::Data<DatabaseConnection>, metrics: web::Data<Metrics>) -> HttpResponse {
+pub async fn metrics(
+    db: web::Data<DatabaseConnection>,
+    metrics: web::Data<Metrics>,
+) -> HttpResponse {
     let (min, max) = metrics.pool_limits();
     let pool = db::pool_stats(&db, min as u32, max as u32);
     metrics.set_pool(pool.idle, pool.in_use);

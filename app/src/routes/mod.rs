@@ -50,7 +50,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         )
         .service(resource("/products/{id}").route(web::get().to(catalog::get_product).wrap(tx)))
         .service(
-            resource("/products/{id}/stock").route(web::get().to(movements::product_stock).wrap(tx)),
+            resource("/products/{id}/stock")
+                .route(web::get().to(movements::product_stock).wrap(tx)),
         )
         .service(resource("/receipts").route(web::post().to(movements::receive).wrap(stock_tx)))
         .service(resource("/shipments").route(web::post().to(movements::ship).wrap(stock_tx)))
@@ -79,7 +80,10 @@ pub struct List<T> {
 }
 
 /// The id in a path: anything but a positive integer names no resource (404).
-pub fn path_id(raw: i64, what: &str) -> Result<crate::domain::values::Id, crate::problem::ApiError> {
+pub fn path_id(
+    raw: i64,
+    what: &str,
+) -> Result<crate::domain::values::Id, crate::problem::ApiError> {
     crate::domain::values::Id::parse("id", raw)
         .map_err(|_| crate::problem::ApiError::NotFound(format!("{what} {raw} not found")))
 }

@@ -81,18 +81,19 @@ pub async fn receive(
     JsonBody(body): JsonBody<StockChange>,
 ) -> Result<HttpResponse, ApiError> {
     let (warehouse, product, quantity) = parse_change(&body)?;
-    Ok(created(stock::receive(&tx, warehouse, product, quantity).await?))
+    Ok(created(
+        stock::receive(&tx, warehouse, product, quantity).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/shipments", request_body = StockChange, responses(
     (status = 201, body = Movement), (status = 404, body = Problem),
     (status = 409, body = Problem, description = "insufficient_stock"), (status = 422, body = Problem)))]
-pub async fn ship(
-    tx: Tx,
-    JsonBody(body): JsonBody<StockChange>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn ship(tx: Tx, JsonBody(body): JsonBody<StockChange>) -> Result<HttpResponse, ApiError> {
     let (warehouse, product, quantity) = parse_change(&body)?;
-    Ok(created(stock::ship(&tx, warehouse, product, quantity).await?))
+    Ok(created(
+        stock::ship(&tx, warehouse, product, quantity).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/transfers", request_body = NewTransfer, responses(
@@ -112,7 +113,9 @@ pub async fn transfer(
             "to_warehouse_id: must differ from from_warehouse_id".into(),
         ));
     }
-    Ok(created(stock::transfer(&tx, from, to, product, quantity).await?))
+    Ok(created(
+        stock::transfer(&tx, from, to, product, quantity).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

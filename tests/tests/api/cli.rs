@@ -10,7 +10,10 @@ use serde_json::{Value, json};
 use crate::helpers::TestDatabase;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn sea_orm_cli(args: &[&str], database_url: &str) {
@@ -41,12 +44,15 @@ async fn sea_orm_cli_migrate_up_creates_the_tables_and_down_removes_them() {
         let db = db.clone();
         async move {
             use sea_orm::ConnectionTrait;
-            db.query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), app_tables))
-                .await
-                .expect("query")
-                .expect("row")
-                .try_get_by_index::<i64>(0)
-                .expect("count")
+            db.query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                app_tables,
+            ))
+            .await
+            .expect("query")
+            .expect("row")
+            .try_get_by_index::<i64>(0)
+            .expect("count")
         }
     };
     assert_eq!(count(&db).await, 0);
@@ -95,11 +101,23 @@ async fn with_no_configuration_the_binary_serves_from_an_embedded_sqlite_file() 
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
 
-    let ready: Value = client.get(format!("{base}/health/ready")).send().await.unwrap().json().await.unwrap();
+    let ready: Value = client
+        .get(format!("{base}/health/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ready["status"], "ok", "{ready}");
     assert_eq!(ready["database"]["backend"], "sqlite");
 
-    let res = client.post(format!("{base}/products")).json(&json!({"sku": "lite-1", "name": "Lite"})).send().await.unwrap();
+    let res = client
+        .post(format!("{base}/products"))
+        .json(&json!({"sku": "lite-1", "name": "Lite"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 201);
     let created: Value = res.json().await.unwrap();
     let fetched: Value = client
@@ -111,7 +129,15 @@ async fn with_no_configuration_the_binary_serves_from_an_embedded_sqlite_file() 
         .await
         .unwrap();
     assert_eq!(fetched, created);
-    let w: Value = client.post(format!("{base}/warehouses")).json(&json!({"code": "L", "name": "Lite"})).send().await.unwrap().json().await.unwrap();
+    let w: Value = client
+        .post(format!("{base}/warehouses"))
+        .json(&json!({"code": "L", "name": "Lite"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let receipt = client
         .post(format!("{base}/receipts"))
         .json(&json!({"warehouse_id": w["id"], "product_id": created["id"], "quantity": 5}))
@@ -127,7 +153,10 @@ async fn with_no_configuration_the_binary_serves_from_an_embedded_sqlite_file() 
         .unwrap();
     assert_eq!(over.status(), 409);
 
-    assert!(dir.join("inventory.db").exists(), "the database file is created in the working directory");
+    assert!(
+        dir.join("inventory.db").exists(),
+        "the database file is created in the working directory"
+    );
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -144,7 +173,10 @@ fn a_bad_setting_exits_2_with_one_line_naming_the_variable() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("DB_POOL_SIZE") && stderr.contains("zero"), "{stderr}");
+    assert!(
+        stderr.contains("DB_POOL_SIZE") && stderr.contains("zero"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -152,11 +184,17 @@ fn check_config_shows_the_effective_settings_with_the_password_hidden() {
     let output = Command::new(env!("CARGO_BIN_EXE_inventory-app"))
         .arg("check-config")
         .env_clear()
-        .env("DATABASE_URL", "postgresql+asyncpg://svc:hunter2-secret@db.internal:5432/inv")
+        .env(
+            "DATABASE_URL",
+            "postgresql+asyncpg://svc:hunter2-secret@db.internal:5432/inv",
+        )
         .output()
         .expect("runs");
     assert_eq!(output.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(!stdout.contains("hunter2-secret"), "{stdout}");
-    assert!(stdout.contains("***") && stdout.contains("DB_POOL_SIZE=10"), "{stdout}");
+    assert!(
+        stdout.contains("***") && stdout.contains("DB_POOL_SIZE=10"),
+        "{stdout}"
+    );
 }

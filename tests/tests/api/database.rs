@@ -9,27 +9,33 @@ fn hold_route(cfg: &mut actix_web::web::ServiceConfig) {
     use actix_web::{HttpResponse, web};
     use sea_orm::ConnectionTrait;
     async fn hold(tx: app::Tx) -> Result<HttpResponse, app::problem::ApiError> {
-        tx.execute_unprepared("SELECT pg_sleep(0.4)")
-            .await
-            .map_err(|_| app::problem::ApiError::Internal)?;
+        tx.execute_unprepared("SELECT pg_sleep(0.4)").await?;
         let row = tx
             .query_one_raw(sea_orm::Statement::from_string(
                 tx.get_database_backend(),
                 "SELECT current_setting('jit') || ',' || current_setting('statement_timeout')",
             ))
-            .await
-            .map_err(|_| app::problem::ApiError::Internal)?
+            .await?
             .ok_or(app::problem::ApiError::Internal)?;
-        let settings: String = row.try_get_by_index(0).map_err(|_| app::problem::ApiError::Internal)?;
+        let settings: String = row
+            .try_get_by_index(0)
+            .map_err(|_| app::problem::ApiError::Internal)?;
         Ok(HttpResponse::Ok().json(json!({"settings": settings})))
     }
-    cfg.route("/test/hold", web::post().to(hold).wrap(app::Transactional::new()));
+    cfg.route(
+        "/test/hold",
+        web::post().to(hold).wrap(app::Transactional::new()),
+    );
 }
 
 #[tokio::test]
 async fn the_pool_keeps_its_minimum_and_never_exceeds_its_maximum() {
     let app = spawn_app_with(
-        &[("DB_POOL_SIZE", "3"), ("DB_MAX_OVERFLOW", "2"), ("DB_APPLICATION_NAME", "pool-bounds-test")],
+        &[
+            ("DB_POOL_SIZE", "3"),
+            ("DB_MAX_OVERFLOW", "2"),
+            ("DB_APPLICATION_NAME", "pool-bounds-test"),
+        ],
         hold_route,
     )
     .await;
@@ -59,11 +65,19 @@ async fn the_pool_keeps_its_minimum_and_never_exceeds_its_maximum() {
 #[tokio::test]
 async fn connections_carry_application_name_jit_and_statement_timeout() {
     let app = spawn_app_with(
-        &[("DB_APPLICATION_NAME", "settings-test"), ("DB_STATEMENT_TIMEOUT_MS", "1500")],
+        &[
+            ("DB_APPLICATION_NAME", "settings-test"),
+            ("DB_STATEMENT_TIMEOUT_MS", "1500"),
+        ],
         hold_route,
     )
     .await;
-    let res: Value = app.send_json("/test/hold", json!({})).await.json().await.unwrap();
+    let res: Value = app
+        .send_json("/test/hold", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(res["settings"], "off,1500ms");
     let seen = app
         .scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'settings-test'")

@@ -8,16 +8,47 @@ use crate::helpers::{problem, spawn_app};
 async fn actix_rejections_are_problem_json_with_their_codes() {
     let app = spawn_app().await;
     let cases: Vec<(reqwest::Response, u16, &str)> = vec![
-        (app.post_raw("/warehouses", "application/json", "{not json").await, 400, "malformed_json"),
-        (app.post_raw("/warehouses", "text/plain", r#"{"code":"A","name":"B"}"#).await, 415, "unsupported_media_type"),
-        (app.post_raw("/warehouses", "application/json", vec![b' '; 70_000]).await, 413, "payload_too_large"),
+        (
+            app.post_raw("/warehouses", "application/json", "{not json")
+                .await,
+            400,
+            "malformed_json",
+        ),
+        (
+            app.post_raw("/warehouses", "text/plain", r#"{"code":"A","name":"B"}"#)
+                .await,
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            app.post_raw("/warehouses", "application/json", vec![b' '; 70_000])
+                .await,
+            413,
+            "payload_too_large",
+        ),
         (app.get("/no/such/route").await, 404, "not_found"),
-        (app.client.delete(app.url("/warehouses")).send().await.unwrap(), 405, "method_not_allowed"),
-        (app.client.put(app.url("/products/1")).send().await.unwrap(), 405, "method_not_allowed"),
+        (
+            app.client
+                .delete(app.url("/warehouses"))
+                .send()
+                .await
+                .unwrap(),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            app.client.put(app.url("/products/1")).send().await.unwrap(),
+            405,
+            "method_not_allowed",
+        ),
     ];
     for (res, expected, code) in cases {
         let (status, body) = problem(res).await;
-        assert_eq!((status, body["code"].as_str()), (expected, Some(code)), "{body}");
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (expected, Some(code)),
+            "{body}"
+        );
     }
     assert_eq!(app.scalar("SELECT count(*) FROM warehouse").await, 0);
 }
@@ -29,49 +60,182 @@ async fn malformed_inputs_are_rejected_with_4xx_naming_the_field_and_change_noth
     let long = "A".repeat(33);
     let cases: Vec<(&str, Value, &str, &str)> = vec![
         // path, body, field named in detail, why it must fail
-        ("/warehouses", json!({"code": "", "name": "x"}), "code", "empty code"),
-        ("/warehouses", json!({"code": long, "name": "x"}), "code", "code too long"),
-        ("/warehouses", json!({"code": "wh", "name": "x"}), "code", "lower-case code"),
-        ("/warehouses", json!({"code": "X'; DROP TABLE warehouse;--", "name": "x"}), "code", "SQL-looking code"),
-        ("/warehouses", json!({"code": "OK", "name": "   "}), "name", "blank name"),
-        ("/warehouses", json!({"code": "OK", "name": "x".repeat(201)}), "name", "name too long"),
-        ("/warehouses", json!({"code": "OK", "name": "nul\u{0}"}), "name", "control character"),
-        ("/warehouses", json!({"code": "OK"}), "name", "missing field"),
-        ("/warehouses", json!({"code": "OK", "name": "x", "extra": 1}), "extra", "unknown field"),
-        ("/warehouses", json!({"code": 5, "name": "x"}), "code", "wrong type"),
-        ("/warehouses", json!(["OK", "x"]), "", "an array, not an object"),
-        ("/products", json!({"sku": "has space", "name": "x"}), "sku", "space in sku"),
-        ("/products", json!({"sku": "ünï", "name": "x"}), "sku", "unicode sku"),
-        ("/receipts", json!({"warehouse_id": w, "product_id": p, "quantity": 0}), "quantity", "zero"),
-        ("/receipts", json!({"warehouse_id": w, "product_id": p, "quantity": -3}), "quantity", "negative"),
-        ("/receipts", json!({"warehouse_id": w, "product_id": p, "quantity": 1_000_000_001}), "quantity", "above the maximum"),
-        ("/receipts", json!({"warehouse_id": w, "product_id": p, "quantity": 1.5}), "quantity", "fraction"),
-        ("/receipts", json!({"warehouse_id": w, "product_id": p, "quantity": "7"}), "quantity", "string number"),
-        ("/receipts", json!({"warehouse_id": w, "product_id": p, "quantity": 1e300}), "quantity", "huge float"),
-        ("/receipts", json!({"warehouse_id": -1, "product_id": p, "quantity": 1}), "warehouse_id", "negative id"),
-        ("/receipts", json!({"warehouse_id": w, "product_id": null, "quantity": 1}), "product_id", "null id"),
-        ("/shipments", json!({"warehouse_id": w, "product_id": p}), "quantity", "missing quantity"),
-        ("/transfers", json!({"from_warehouse_id": w, "to_warehouse_id": w, "product_id": p, "quantity": 1}), "to_warehouse_id", "same warehouse twice"),
-        ("/transfers", json!({"from_warehouse_id": w, "to_warehouse_id": 2, "product_id": p, "quantity": 1, "note": "x"}), "note", "unknown field"),
+        (
+            "/warehouses",
+            json!({"code": "", "name": "x"}),
+            "code",
+            "empty code",
+        ),
+        (
+            "/warehouses",
+            json!({"code": long, "name": "x"}),
+            "code",
+            "code too long",
+        ),
+        (
+            "/warehouses",
+            json!({"code": "wh", "name": "x"}),
+            "code",
+            "lower-case code",
+        ),
+        (
+            "/warehouses",
+            json!({"code": "X'; DROP TABLE warehouse;--", "name": "x"}),
+            "code",
+            "SQL-looking code",
+        ),
+        (
+            "/warehouses",
+            json!({"code": "OK", "name": "   "}),
+            "name",
+            "blank name",
+        ),
+        (
+            "/warehouses",
+            json!({"code": "OK", "name": "x".repeat(201)}),
+            "name",
+            "name too long",
+        ),
+        (
+            "/warehouses",
+            json!({"code": "OK", "name": "nul\u{0}"}),
+            "name",
+            "control character",
+        ),
+        (
+            "/warehouses",
+            json!({"code": "OK"}),
+            "name",
+            "missing field",
+        ),
+        (
+            "/warehouses",
+            json!({"code": "OK", "name": "x", "extra": 1}),
+            "extra",
+            "unknown field",
+        ),
+        (
+            "/warehouses",
+            json!({"code": 5, "name": "x"}),
+            "code",
+            "wrong type",
+        ),
+        (
+            "/warehouses",
+            json!(["OK", "x"]),
+            "",
+            "an array, not an object",
+        ),
+        (
+            "/products",
+            json!({"sku": "has space", "name": "x"}),
+            "sku",
+            "space in sku",
+        ),
+        (
+            "/products",
+            json!({"sku": "ünï", "name": "x"}),
+            "sku",
+            "unicode sku",
+        ),
+        (
+            "/receipts",
+            json!({"warehouse_id": w, "product_id": p, "quantity": 0}),
+            "quantity",
+            "zero",
+        ),
+        (
+            "/receipts",
+            json!({"warehouse_id": w, "product_id": p, "quantity": -3}),
+            "quantity",
+            "negative",
+        ),
+        (
+            "/receipts",
+            json!({"warehouse_id": w, "product_id": p, "quantity": 1_000_000_001}),
+            "quantity",
+            "above the maximum",
+        ),
+        (
+            "/receipts",
+            json!({"warehouse_id": w, "product_id": p, "quantity": 1.5}),
+            "quantity",
+            "fraction",
+        ),
+        (
+            "/receipts",
+            json!({"warehouse_id": w, "product_id": p, "quantity": "7"}),
+            "quantity",
+            "string number",
+        ),
+        (
+            "/receipts",
+            json!({"warehouse_id": w, "product_id": p, "quantity": 1e300}),
+            "quantity",
+            "huge float",
+        ),
+        (
+            "/receipts",
+            json!({"warehouse_id": -1, "product_id": p, "quantity": 1}),
+            "warehouse_id",
+            "negative id",
+        ),
+        (
+            "/receipts",
+            json!({"warehouse_id": w, "product_id": null, "quantity": 1}),
+            "product_id",
+            "null id",
+        ),
+        (
+            "/shipments",
+            json!({"warehouse_id": w, "product_id": p}),
+            "quantity",
+            "missing quantity",
+        ),
+        (
+            "/transfers",
+            json!({"from_warehouse_id": w, "to_warehouse_id": w, "product_id": p, "quantity": 1}),
+            "to_warehouse_id",
+            "same warehouse twice",
+        ),
+        (
+            "/transfers",
+            json!({"from_warehouse_id": w, "to_warehouse_id": 2, "product_id": p, "quantity": 1, "note": "x"}),
+            "note",
+            "unknown field",
+        ),
     ];
     for (path, body, field, why) in cases {
         let (status, problem) = problem(app.post(path, &body).await).await;
         assert_eq!(status, 422, "{why}: {problem}");
         assert_eq!(problem["code"], "validation_failed", "{why}");
-        assert!(problem["detail"].as_str().unwrap().contains(field), "{why}: detail must name {field:?}: {problem}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains(field),
+            "{why}: detail must name {field:?}: {problem}"
+        );
     }
     let raw_cases: &[(&str, &[u8])] = &[
-        ("/receipts", br#"{"warehouse_id": 1, "product_id": 1, "quantity": 99999999999999999999999}"#),
+        (
+            "/receipts",
+            br#"{"warehouse_id": 1, "product_id": 1, "quantity": 99999999999999999999999}"#,
+        ),
         ("/receipts", b"\xff\xfe garbage"),
         ("/products", br#"{"sku": "a", "name": "b""#),
         ("/products", b"null"),
         ("/products", br#""just a string""#),
-        ("/products", br#"{"sku": "\ud800", "name": "lone surrogate"}"#),
+        (
+            "/products",
+            br#"{"sku": "\ud800", "name": "lone surrogate"}"#,
+        ),
     ];
     for (path, body) in raw_cases {
         let res = app.post_raw(path, "application/json", body.to_vec()).await;
         let status = res.status().as_u16();
-        assert!((400..500).contains(&status), "{path} {:?}: {status}", String::from_utf8_lossy(body));
+        assert!(
+            (400..500).contains(&status),
+            "{path} {:?}: {status}",
+            String::from_utf8_lossy(body)
+        );
         problem(res).await;
     }
     assert_eq!(app.scalar("SELECT count(*) FROM warehouse").await, 1);
@@ -83,9 +247,16 @@ async fn malformed_inputs_are_rejected_with_4xx_naming_the_field_and_change_noth
 async fn unicode_names_and_sql_looking_text_are_stored_verbatim() {
     let app = spawn_app().await;
     let name = "Entrepôt Zürich 倉庫 '); DROP TABLE product; --";
-    let res = app.post("/products", &json!({"sku": "uni.code_1-2", "name": name})).await;
+    let res = app
+        .post("/products", &json!({"sku": "uni.code_1-2", "name": name}))
+        .await;
     assert_eq!(res.status(), 201);
     let created: Value = res.json().await.unwrap();
-    let fetched: Value = app.get(&format!("/products/{}", created["id"])).await.json().await.unwrap();
+    let fetched: Value = app
+        .get(&format!("/products/{}", created["id"]))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(fetched["name"], name);
 }

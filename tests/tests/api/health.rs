@@ -9,7 +9,10 @@ async fn liveness_and_readiness_report_ok_with_pool_statistics() {
     let app = spawn_app().await;
     let live = app.get("/health/live").await;
     assert_eq!(live.status(), 200);
-    assert_eq!(live.json::<Value>().await.unwrap(), serde_json::json!({"status": "ok"}));
+    assert_eq!(
+        live.json::<Value>().await.unwrap(),
+        serde_json::json!({"status": "ok"})
+    );
 
     let ready = app.get("/health/ready").await;
     assert_eq!(ready.status(), 200);
@@ -19,20 +22,45 @@ async fn liveness_and_readiness_report_ok_with_pool_statistics() {
     assert_eq!(body["database"]["backend"], "postgres");
     assert!(body["database"]["latency_ms"].as_f64().unwrap() >= 0.0);
     let pool = &body["database"]["pool"];
-    assert_eq!((pool["min"].as_u64(), pool["max"].as_u64()), (Some(2), Some(10)));
-    assert_eq!(pool["size"].as_u64().unwrap(), pool["idle"].as_u64().unwrap() + pool["in_use"].as_u64().unwrap());
+    assert_eq!(
+        (pool["min"].as_u64(), pool["max"].as_u64()),
+        (Some(2), Some(10))
+    );
+    assert_eq!(
+        pool["size"].as_u64().unwrap(),
+        pool["idle"].as_u64().unwrap() + pool["in_use"].as_u64().unwrap()
+    );
 }
 
 #[tokio::test]
 async fn every_response_carries_a_request_id_echoed_when_valid() {
     let app = spawn_app().await;
-    let res = app.client.get(app.url("/health/live")).header("x-request-id", "abc-123").send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url("/health/live"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.headers()["x-request-id"], "abc-123");
     let generated = app.get("/no/such/route").await;
-    let id = generated.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let id = generated.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(id.len(), 32);
-    let res = app.client.get(app.url("/health/live")).header("x-request-id", "x".repeat(500)).send().await.unwrap();
-    assert_ne!(res.headers()["x-request-id"].to_str().unwrap(), "x".repeat(500), "too long: replaced");
+    let res = app
+        .client
+        .get(app.url("/health/live"))
+        .header("x-request-id", "x".repeat(500))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(
+        res.headers()["x-request-id"].to_str().unwrap(),
+        "x".repeat(500),
+        "too long: replaced"
+    );
 }
 
 #[tokio::test]
@@ -54,8 +82,14 @@ async fn metrics_expose_every_contract_series_from_start_up() {
     }
     app.warehouse("M").await;
     let text = app.get("/metrics").await.text().await.unwrap();
-    assert!(text.contains("db_transactions_total{outcome=\"commit\"} 1"), "{text}");
-    assert!(text.contains("route=\"/warehouses\""), "route patterns label latencies");
+    assert!(
+        text.contains("db_transactions_total{outcome=\"commit\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("route=\"/warehouses\""),
+        "route patterns label latencies"
+    );
 }
 
 #[tokio::test]
@@ -64,7 +98,22 @@ async fn the_openapi_document_lists_every_endpoint() {
     let doc: Value = app.get("/openapi.json").await.json().await.unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     let paths = doc["paths"].as_object().unwrap();
-    for path in ["/health/live", "/health/ready", "/metrics", "/openapi.json", "/warehouses", "/warehouses/{id}", "/warehouses/{id}/stock", "/products", "/products/{id}", "/products/{id}/stock", "/receipts", "/shipments", "/transfers", "/movements"] {
+    for path in [
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+        "/openapi.json",
+        "/warehouses",
+        "/warehouses/{id}",
+        "/warehouses/{id}/stock",
+        "/products",
+        "/products/{id}",
+        "/products/{id}/stock",
+        "/receipts",
+        "/shipments",
+        "/transfers",
+        "/movements",
+    ] {
         assert!(paths.contains_key(path), "{path} missing");
     }
 }

@@ -64,8 +64,13 @@ impl TestDatabase {
     /// A small separate pool on the test database, for assertions behind the app's back.
     pub async fn connect(&self) -> DatabaseConnection {
         let mut options = sea_orm::ConnectOptions::new(self.url.clone());
-        options.max_connections(2).min_connections(0).sqlx_logging(false);
-        Database::connect(options).await.expect("test database reachable")
+        options
+            .max_connections(2)
+            .min_connections(0)
+            .sqlx_logging(false);
+        Database::connect(options)
+            .await
+            .expect("test database reachable")
     }
 }
 
@@ -74,7 +79,10 @@ impl Drop for TestDatabase {
         let name = self.name.clone();
         // Drop runs inside a test's runtime, which cannot block on itself: use a thread.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async move {
@@ -134,7 +142,11 @@ pub fn test_settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
     .iter()
     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
     .collect();
-    vars.extend(overrides.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    vars.extend(
+        overrides
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
     Settings::from_vars(vars).expect("test settings are valid")
 }
 
@@ -155,8 +167,8 @@ pub async fn spawn_app_with(
         .await
         .expect("the app connects to its test database");
     app::db::migrate(&pool).await.expect("migrations apply");
-    let application = Application::build_with(settings, pool.clone(), extra_routes)
-        .expect("the app binds");
+    let application =
+        Application::build_with(settings, pool.clone(), extra_routes).expect("the app binds");
     let port = application.port();
     let server = tokio::spawn(application.run_until_stopped());
     let db = database.connect().await;
@@ -179,7 +191,11 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client.get(self.url(path)).send().await.expect("request sent")
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
@@ -196,7 +212,12 @@ impl TestApp {
             .expect("request sent")
     }
 
-    pub async fn post_raw(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
         self.client
             .post(self.url(path))
             .header("content-type", content_type)
@@ -208,21 +229,38 @@ impl TestApp {
 
     /// Creates a warehouse and returns its id.
     pub async fn warehouse(&self, code: &str) -> i64 {
-        let res = self.post("/warehouses", &json!({"code": code, "name": format!("Warehouse {code}")})).await;
+        let res = self
+            .post(
+                "/warehouses",
+                &json!({"code": code, "name": format!("Warehouse {code}")}),
+            )
+            .await;
         assert_eq!(res.status(), 201, "creating warehouse {code}");
-        res.json::<Value>().await.expect("json")["id"].as_i64().expect("id")
+        res.json::<Value>().await.expect("json")["id"]
+            .as_i64()
+            .expect("id")
     }
 
     /// Creates a product and returns its id.
     pub async fn product(&self, sku: &str) -> i64 {
-        let res = self.post("/products", &json!({"sku": sku, "name": format!("Product {sku}")})).await;
+        let res = self
+            .post(
+                "/products",
+                &json!({"sku": sku, "name": format!("Product {sku}")}),
+            )
+            .await;
         assert_eq!(res.status(), 201, "creating product {sku}");
-        res.json::<Value>().await.expect("json")["id"].as_i64().expect("id")
+        res.json::<Value>().await.expect("json")["id"]
+            .as_i64()
+            .expect("id")
     }
 
     pub async fn receive(&self, warehouse: i64, product: i64, quantity: i64) {
         let res = self
-            .post("/receipts", &json!({"warehouse_id": warehouse, "product_id": product, "quantity": quantity}))
+            .post(
+                "/receipts",
+                &json!({"warehouse_id": warehouse, "product_id": product, "quantity": quantity}),
+            )
             .await;
         assert_eq!(res.status(), 201, "receipt");
     }
@@ -266,8 +304,13 @@ impl TestApp {
                  COALESCE((SELECT sum(quantity) FROM movement m WHERE m.product_id = p.id AND m.kind = 'shipment'), 0)",
             )
             .await;
-        assert_eq!(broken, 0, "products whose stock differs from receipts - shipments");
-        let negative = self.scalar("SELECT count(*) FROM stock_level WHERE quantity < 0").await;
+        assert_eq!(
+            broken, 0,
+            "products whose stock differs from receipts - shipments"
+        );
+        let negative = self
+            .scalar("SELECT count(*) FROM stock_level WHERE quantity < 0")
+            .await;
         assert_eq!(negative, 0, "negative stock rows");
     }
 
@@ -279,7 +322,10 @@ impl TestApp {
     {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !check().await {
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for: {what}"
+            );
             tokio::task::yield_now().await;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -299,6 +345,9 @@ pub async fn problem(res: reqwest::Response) -> (u16, Value) {
     let body: Value = res.json().await.expect("problem body is JSON");
     assert_eq!(body["status"], status, "{body}");
     assert_eq!(body["type"], "about:blank", "{body}");
-    assert!(body["title"].is_string() && body["detail"].is_string(), "{body}");
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
     (status, body)
 }

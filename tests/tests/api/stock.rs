@@ -8,28 +8,72 @@ use crate::helpers::{problem, spawn_app};
 #[tokio::test]
 async fn receipts_shipments_and_transfers_move_stock_and_write_the_ledger() {
     let app = spawn_app().await;
-    let (a, b, p) = (app.warehouse("A").await, app.warehouse("B").await, app.product("p").await);
+    let (a, b, p) = (
+        app.warehouse("A").await,
+        app.warehouse("B").await,
+        app.product("p").await,
+    );
     app.receive(a, p, 10).await;
-    let res = app.send_json("/shipments", json!({"warehouse_id": a, "product_id": p, "quantity": 3})).await;
+    let res = app
+        .send_json(
+            "/shipments",
+            json!({"warehouse_id": a, "product_id": p, "quantity": 3}),
+        )
+        .await;
     assert_eq!(res.status(), 201);
     let shipped: Value = res.json().await.unwrap();
     assert_eq!(shipped["kind"], "shipment");
     assert_eq!(shipped["from_warehouse_id"], a);
     assert_eq!(shipped["to_warehouse_id"], Value::Null);
 
-    let res = app.send_json("/transfers", json!({"from_warehouse_id": a, "to_warehouse_id": b, "product_id": p, "quantity": 4})).await;
+    let res = app
+        .send_json(
+            "/transfers",
+            json!({"from_warehouse_id": a, "to_warehouse_id": b, "product_id": p, "quantity": 4}),
+        )
+        .await;
     assert_eq!(res.status(), 201);
     assert_eq!((app.stock(a, p).await, app.stock(b, p).await), (3, 4));
 
-    let stock: Value = app.get(&format!("/products/{p}/stock")).await.json().await.unwrap();
+    let stock: Value = app
+        .get(&format!("/products/{p}/stock"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(stock["total"], 7);
-    assert_eq!(stock["items"][0], json!({"warehouse_id": a, "code": "A", "quantity": 3}));
-    let wstock: Value = app.get(&format!("/warehouses/{b}/stock")).await.json().await.unwrap();
-    assert_eq!(wstock, json!({"warehouse_id": b, "items": [{"product_id": p, "sku": "p", "quantity": 4}]}));
+    assert_eq!(
+        stock["items"][0],
+        json!({"warehouse_id": a, "code": "A", "quantity": 3})
+    );
+    let wstock: Value = app
+        .get(&format!("/warehouses/{b}/stock"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        wstock,
+        json!({"warehouse_id": b, "items": [{"product_id": p, "sku": "p", "quantity": 4}]})
+    );
 
-    let moves: Value = app.get(&format!("/movements?warehouse_id={b}")).await.json().await.unwrap();
-    assert_eq!(moves["items"].as_array().unwrap().len(), 1, "only the transfer touches B");
-    let moves: Value = app.get(&format!("/movements?product_id={p}&limit=500")).await.json().await.unwrap();
+    let moves: Value = app
+        .get(&format!("/movements?warehouse_id={b}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        moves["items"].as_array().unwrap().len(),
+        1,
+        "only the transfer touches B"
+    );
+    let moves: Value = app
+        .get(&format!("/movements?product_id={p}&limit=500"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(moves["items"].as_array().unwrap().len(), 3);
     app.assert_invariant().await;
 }
@@ -39,8 +83,18 @@ async fn a_shipment_of_more_than_the_stock_is_409_insufficient_stock_and_changes
     let app = spawn_app().await;
     let (a, p) = (app.warehouse("A").await, app.product("p").await);
     app.receive(a, p, 5).await;
-    let (status, body) = problem(app.send_json("/shipments", json!({"warehouse_id": a, "product_id": p, "quantity": 6})).await).await;
-    assert_eq!((status, body["code"].as_str()), (409, Some("insufficient_stock")));
+    let (status, body) = problem(
+        app.send_json(
+            "/shipments",
+            json!({"warehouse_id": a, "product_id": p, "quantity": 6}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("insufficient_stock"))
+    );
     assert_eq!(app.stock(a, p).await, 5);
     assert_eq!(app.scalar("SELECT count(*) FROM movement").await, 1);
 }
@@ -50,13 +104,29 @@ async fn movements_naming_a_missing_warehouse_or_product_are_404() {
     let app = spawn_app().await;
     let (a, p) = (app.warehouse("A").await, app.product("p").await);
     for (path, body) in [
-        ("/receipts", json!({"warehouse_id": 999, "product_id": p, "quantity": 1})),
-        ("/receipts", json!({"warehouse_id": a, "product_id": 999, "quantity": 1})),
-        ("/shipments", json!({"warehouse_id": 999, "product_id": p, "quantity": 1})),
-        ("/transfers", json!({"from_warehouse_id": 999, "to_warehouse_id": a, "product_id": p, "quantity": 1})),
+        (
+            "/receipts",
+            json!({"warehouse_id": 999, "product_id": p, "quantity": 1}),
+        ),
+        (
+            "/receipts",
+            json!({"warehouse_id": a, "product_id": 999, "quantity": 1}),
+        ),
+        (
+            "/shipments",
+            json!({"warehouse_id": 999, "product_id": p, "quantity": 1}),
+        ),
+        (
+            "/transfers",
+            json!({"from_warehouse_id": 999, "to_warehouse_id": a, "product_id": p, "quantity": 1}),
+        ),
     ] {
         let (status, problem) = problem(app.post(path, &body).await).await;
-        assert_eq!((status, problem["code"].as_str()), (404, Some("not_found")), "{path} {body}");
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (404, Some("not_found")),
+            "{path} {body}"
+        );
     }
     assert_eq!(app.scalar("SELECT count(*) FROM movement").await, 0);
 }
@@ -71,26 +141,47 @@ async fn a_transfer_to_a_missing_warehouse_is_404_and_the_debit_is_rolled_back()
     )
     .await;
     assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
-    assert!(body["detail"].as_str().unwrap().contains("424242"), "{body}");
-    assert_eq!(app.stock(a, p).await, 10, "the source's debit was rolled back");
-    assert_eq!(app.scalar("SELECT count(*) FROM movement WHERE kind = 'transfer'").await, 0);
+    assert!(
+        body["detail"].as_str().unwrap().contains("424242"),
+        "{body}"
+    );
+    assert_eq!(
+        app.stock(a, p).await,
+        10,
+        "the source's debit was rolled back"
+    );
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM movement WHERE kind = 'transfer'")
+            .await,
+        0
+    );
 }
 
 #[tokio::test]
 async fn opposite_transfers_on_the_same_rows_never_deadlock_and_stay_exact() {
     let app = spawn_app_with_pool(&[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")]).await;
-    let (a, b, p) = (app.warehouse("A").await, app.warehouse("B").await, app.product("p").await);
+    let (a, b, p) = (
+        app.warehouse("A").await,
+        app.warehouse("B").await,
+        app.product("p").await,
+    );
     app.receive(a, p, 1000).await;
     app.receive(b, p, 1000).await;
     let requests = (0..200).map(|i| {
         let (from, to) = if i % 2 == 0 { (a, b) } else { (b, a) };
         app.send_json("/transfers", json!({"from_warehouse_id": from, "to_warehouse_id": to, "product_id": p, "quantity": 1}))
     });
-    let statuses: Vec<u16> = join_all(requests).await.iter().map(|r| r.status().as_u16()).collect();
+    let statuses: Vec<u16> = join_all(requests)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
     assert!(statuses.iter().all(|s| *s == 201), "{statuses:?}");
     assert_eq!(app.stock(a, p).await + app.stock(b, p).await, 2000);
     assert_eq!(app.stock(a, p).await, 1000, "100 each way");
-    let deadlocks = app.scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").await;
+    let deadlocks = app
+        .scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+        .await;
     assert_eq!(deadlocks, 0);
 }
 
@@ -101,17 +192,35 @@ async fn spawn_app_with_pool(overrides: &[(&str, &str)]) -> crate::helpers::Test
 #[tokio::test]
 async fn concurrent_transfers_on_one_hot_row_end_in_201_or_409_and_quantities_are_exact() {
     let app = spawn_app_with_pool(&[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")]).await;
-    let (a, b, p) = (app.warehouse("A").await, app.warehouse("B").await, app.product("p").await);
+    let (a, b, p) = (
+        app.warehouse("A").await,
+        app.warehouse("B").await,
+        app.product("p").await,
+    );
     app.receive(a, p, 50).await;
     let requests = (0..120).map(|_| {
-        app.send_json("/transfers", json!({"from_warehouse_id": a, "to_warehouse_id": b, "product_id": p, "quantity": 1}))
+        app.send_json(
+            "/transfers",
+            json!({"from_warehouse_id": a, "to_warehouse_id": b, "product_id": p, "quantity": 1}),
+        )
     });
-    let statuses: Vec<u16> = join_all(requests).await.iter().map(|r| r.status().as_u16()).collect();
+    let statuses: Vec<u16> = join_all(requests)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
     let created = statuses.iter().filter(|s| **s == 201).count() as i64;
-    assert!(statuses.iter().all(|s| *s == 201 || *s == 409), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 409),
+        "{statuses:?}"
+    );
     assert_eq!(created, 50, "exactly the stock could move");
     assert_eq!((app.stock(a, p).await, app.stock(b, p).await), (0, 50));
-    assert_eq!(app.scalar("SELECT count(*) FROM movement WHERE kind = 'transfer'").await, created);
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM movement WHERE kind = 'transfer'")
+            .await,
+        created
+    );
 }
 
 #[tokio::test]
@@ -136,8 +245,15 @@ async fn the_invariant_holds_under_a_few_hundred_concurrent_movements() {
             _ => app.send_json("/transfers", json!({"from_warehouse_id": w, "to_warehouse_id": other, "product_id": p, "quantity": q})),
         }
     });
-    let statuses: Vec<u16> = join_all(requests).await.iter().map(|r| r.status().as_u16()).collect();
-    assert!(statuses.iter().all(|s| *s == 201 || *s == 409), "{statuses:?}");
+    let statuses: Vec<u16> = join_all(requests)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 409),
+        "{statuses:?}"
+    );
     let created = statuses.iter().filter(|s| **s == 201).count() as i64;
     assert_eq!(app.scalar("SELECT count(*) FROM movement").await, created);
     app.assert_invariant().await;
