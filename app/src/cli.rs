@@ -115,7 +115,7 @@ async fn ping(settings: Settings) -> Result<(), String> {
     let mut database = settings.database;
     database.connect_retries = 1;
     let db = db::connect(&database).await.map_err(|e| e.to_string())?;
-    let latency = db::ping(&db, Duration::from_secs(5)).await?;
+    let latency = db::ping(&db, None, Duration::from_secs(5)).await?;
     println!(
         "ok: {} answered SELECT 1 in {:.2} ms",
         db::backend_name(&db),

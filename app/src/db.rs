@@ -4,6 +4,8 @@
 use std::time::{Duration, Instant};
 
 use config::DatabaseSettings;
+
+use crate::availability::Availability;
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
 
@@ -101,10 +103,21 @@ pub fn backend_name(db: &DatabaseConnection) -> &'static str {
     }
 }
 
-/// `SELECT 1` through the pool, bounded by `within`; returns the round trip's latency.
-pub async fn ping(db: &DatabaseConnection, within: Duration) -> Result<Duration, String> {
+/// `SELECT 1` through the pool, bounded by `within`; returns the round trip's latency. With
+/// `availability`, a database known to be down answers at once and a checkout gives up as soon
+/// as a probe finds it unreachable.
+pub async fn ping(
+    db: &DatabaseConnection,
+    availability: Option<&Availability>,
+    within: Duration,
+) -> Result<Duration, String> {
     let started = Instant::now();
-    match tokio::time::timeout(within, db.execute_unprepared("SELECT 1")).await {
+    let select = db.execute_unprepared("SELECT 1");
+    let answer = match availability {
+        Some(availability) => tokio::time::timeout(within, availability.guard(select)).await,
+        None => tokio::time::timeout(within, select).await,
+    };
+    match answer {
         Ok(Ok(_)) => Ok(started.elapsed()),
         Ok(Err(e)) => Err(crate::transaction::DbFailure::classify(&e)
             .kind

@@ -9,7 +9,7 @@ use std::pin::Pin;
 
 use actix_web::dev::Payload;
 use actix_web::http::header;
-use actix_web::web::BytesMut;
+use actix_web::web::{Bytes, BytesMut};
 use actix_web::{FromRequest, HttpRequest, web};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
@@ -46,16 +46,7 @@ impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
             if !is_json {
                 return Err(ApiError::UnsupportedMediaType);
             }
-            let mut body = BytesMut::new();
-            while let Some(chunk) = payload.next().await {
-                let chunk = chunk.map_err(|_| {
-                    ApiError::MalformedJson("the request body could not be read".into())
-                })?;
-                if body.len() + chunk.len() > limit {
-                    return Err(ApiError::PayloadTooLarge(limit));
-                }
-                body.extend_from_slice(&chunk);
-            }
+            let body = read_body(&mut payload, limit).await?;
             let value: T = parse(&body)?;
             // serde also accepts a struct written as an array; the API takes objects only.
             if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -83,6 +74,20 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     de.end()
         .map_err(|e| ApiError::MalformedJson(format!("the request body is not valid JSON: {e}")))?;
     Ok(value)
+}
+
+/// Reads the whole body into memory, refusing more than `limit` bytes (413).
+pub async fn read_body(payload: &mut Payload, limit: usize) -> Result<Bytes, ApiError> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|_| ApiError::MalformedJson("the request body could not be read".into()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 #[cfg(test)]

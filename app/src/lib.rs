@@ -2,6 +2,7 @@
 //! request (`transaction`), the inventory API (`routes`, `domain`), and operations
 //! (`telemetry`, `metrics`, health). `startup::Application` builds it for `main` and the tests.
 
+pub mod availability;
 pub mod cli;
 pub mod db;
 pub mod domain;

@@ -50,6 +50,11 @@ pub enum ApiError {
     /// 500 `internal`: logged where it happened; the body says nothing more.
     #[error("an internal error occurred")]
     Internal,
+    /// 499 `client_closed_request`: the client went away before the commit, so the work was
+    /// rolled back. Nobody receives it; it exists for the request log and metrics (the status
+    /// nginx uses for the same event).
+    #[error("the client closed the connection before the transaction committed")]
+    ClientClosedRequest,
 }
 
 impl ApiError {
@@ -67,6 +72,7 @@ impl ApiError {
             ApiError::DatabaseUnavailable => "database_unavailable",
             ApiError::SerializationFailure => "serialization_failure",
             ApiError::Internal => "internal",
+            ApiError::ClientClosedRequest => "client_closed_request",
         }
     }
 }
@@ -98,6 +104,9 @@ impl ResponseError for ApiError {
             | ApiError::DatabaseUnavailable
             | ApiError::SerializationFailure => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::ClientClosedRequest => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
         }
     }
 

@@ -9,12 +9,13 @@ use actix_web::{App, HttpServer, web};
 use config::{Backend, Settings};
 use sea_orm::DatabaseConnection;
 
+use crate::availability::Availability;
 use crate::db::{self, DbSetupError};
 use crate::metrics::Metrics;
 use crate::problem::{path_error, query_error, unknown_route};
 use crate::routes;
 use crate::telemetry::RequestTelemetry;
-use crate::transaction::TxConfig;
+use crate::transaction::{self, TxConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -93,12 +94,15 @@ fn server(
     extra_routes: fn(&mut web::ServiceConfig),
 ) -> Result<Server, StartupError> {
     let database = &settings.database;
+    let availability = Availability::new(&db, database.connect_timeout);
     let tx_config = web::Data::new(TxConfig {
         isolation: database.isolation_level.to_sea_orm(),
         isolation_is_connection_default: database.backend() == Backend::Postgres,
         max_retries: database.tx_max_retries,
         body_limit: settings.server.body_limit,
+        availability: Some(availability.clone()),
     });
+    let availability = web::Data::new(availability);
     let metrics = web::Data::new(Metrics::new(
         database.min_connections(),
         database.max_connections(),
@@ -114,12 +118,14 @@ fn server(
             .app_data(db.clone())
             .app_data(tx_config.clone())
             .app_data(metrics.clone())
+            .app_data(availability.clone())
             .app_data(web::PathConfig::default().error_handler(path_error))
             .app_data(web::QueryConfig::default().error_handler(query_error))
             .configure(extra_routes)
             .configure(routes::configure)
             .default_service(web::to(unknown_route))
     })
+    .on_connect(transaction::on_connect)
     .workers(settings.server.workers)
     .shutdown_timeout(settings.server.shutdown_timeout.as_secs())
     .listen(listener)

@@ -11,6 +11,7 @@ use sea_orm::DatabaseConnection;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::availability::Availability;
 use crate::db::{self, PoolStats};
 use crate::metrics::Metrics;
 
@@ -51,10 +52,19 @@ pub struct Ready {
 
 #[utoipa::path(get, path = "/health/ready", responses(
     (status = 200, body = Ready), (status = 503, body = Ready)))]
-pub async fn ready(db: web::Data<DatabaseConnection>, metrics: web::Data<Metrics>) -> HttpResponse {
+pub async fn ready(
+    db: web::Data<DatabaseConnection>,
+    metrics: web::Data<Metrics>,
+    availability: Option<web::Data<Availability>>,
+) -> HttpResponse {
     let (min, max) = metrics.pool_limits();
     let (min, max) = (min as u32, max as u32);
-    let result = db::ping(&db, READY_BUDGET).await;
+    let result = db::ping(
+        &db,
+        availability.as_ref().map(|a| a.get_ref()),
+        READY_BUDGET,
+    )
+    .await;
     let pool = db::pool_stats(&db, min, max);
     let backend = db::backend_name(&db);
     let (status, body) = match result {

@@ -15,11 +15,16 @@ pub mod health;
 pub mod movements;
 pub mod openapi;
 
-use actix_web::{Resource, web};
+use actix_web::{Resource, Route, guard, web};
 use sea_orm::IsolationLevel;
 
 use crate::problem::method_not_allowed;
 use crate::transaction::Transactional;
+
+/// `GET`, and `HEAD` on the same handler (actix sends the headers without the body).
+fn read() -> Route {
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
+}
 
 fn resource(path: &str) -> Resource {
     web::resource(path).default_service(web::to(method_not_allowed))
@@ -29,34 +34,33 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     let tx = Transactional::new();
     let stock_tx = Transactional::new().isolation(IsolationLevel::ReadCommitted);
 
-    cfg.service(resource("/health/live").route(web::get().to(health::live)))
-        .service(resource("/health/ready").route(web::get().to(health::ready)))
-        .service(resource("/metrics").route(web::get().to(health::metrics)))
-        .service(resource("/openapi.json").route(web::get().to(openapi::document)))
+    cfg.service(resource("/health/live").route(read().to(health::live)))
+        .service(resource("/health/ready").route(read().to(health::ready)))
+        .service(resource("/metrics").route(read().to(health::metrics)))
+        .service(resource("/openapi.json").route(read().to(openapi::document)))
         .service(
             resource("/warehouses")
-                .route(web::get().to(catalog::list_warehouses).wrap(tx))
+                .route(read().to(catalog::list_warehouses).wrap(tx))
                 .route(web::post().to(catalog::create_warehouse).wrap(tx)),
         )
-        .service(resource("/warehouses/{id}").route(web::get().to(catalog::get_warehouse).wrap(tx)))
+        .service(resource("/warehouses/{id}").route(read().to(catalog::get_warehouse).wrap(tx)))
         .service(
             resource("/warehouses/{id}/stock")
-                .route(web::get().to(movements::warehouse_stock).wrap(tx)),
+                .route(read().to(movements::warehouse_stock).wrap(tx)),
         )
         .service(
             resource("/products")
-                .route(web::get().to(catalog::list_products).wrap(tx))
+                .route(read().to(catalog::list_products).wrap(tx))
                 .route(web::post().to(catalog::create_product).wrap(tx)),
         )
-        .service(resource("/products/{id}").route(web::get().to(catalog::get_product).wrap(tx)))
+        .service(resource("/products/{id}").route(read().to(catalog::get_product).wrap(tx)))
         .service(
-            resource("/products/{id}/stock")
-                .route(web::get().to(movements::product_stock).wrap(tx)),
+            resource("/products/{id}/stock").route(read().to(movements::product_stock).wrap(tx)),
         )
         .service(resource("/receipts").route(web::post().to(movements::receive).wrap(stock_tx)))
         .service(resource("/shipments").route(web::post().to(movements::ship).wrap(stock_tx)))
         .service(resource("/transfers").route(web::post().to(movements::transfer).wrap(stock_tx)))
-        .service(resource("/movements").route(web::get().to(movements::list).wrap(tx)));
+        .service(resource("/movements").route(read().to(movements::list).wrap(tx)));
 }
 
 /// `?limit=&after=` of every list, kept as text so that errors name the parameter.

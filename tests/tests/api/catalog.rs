@@ -132,3 +132,32 @@ async fn bad_page_parameters_are_422_naming_the_parameter() {
         }
     }
 }
+
+#[tokio::test]
+async fn head_answers_like_get_without_a_body() {
+    let app = spawn_app().await;
+    let id = app.product("HEAD-1").await;
+    let res = app
+        .client
+        .head(app.url(&format!("/products/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    assert!(res.bytes().await.unwrap().is_empty());
+    let missing = app
+        .client
+        .head(app.url("/products/999999"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let live = app
+        .client
+        .head(app.url("/health/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+}

@@ -1,13 +1,13 @@
 //! The command line as a user runs it: `sea-orm-cli migrate` from the repository root, and the
 //! binary on the embedded SQLite default with no configuration at all.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use serde_json::{Value, json};
 
 use crate::helpers::TestDatabase;
+use crate::process::Binary;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -62,43 +62,12 @@ async fn sea_orm_cli_migrate_up_creates_the_tables_and_down_removes_them() {
     assert_eq!(count(&db).await, 0);
 }
 
-/// Runs the binary in `dir` with a bare environment plus `vars`; returns it and its port.
-fn start_binary(dir: &Path, vars: &[(&str, &str)]) -> (Child, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_inventory-app"))
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("APP_PORT", "0")
-        .env("LOG_FORMAT", "json")
-        .envs(vars.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the binary starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let port = loop {
-        let line = lines
-            .next()
-            .expect("the binary logs that it listens before it exits")
-            .expect("readable output");
-        if let Ok(v) = serde_json::from_str::<Value>(&line)
-            && v["message"] == "listening"
-        {
-            break v["port"].as_u64().expect("port field") as u16;
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, port)
-}
-
 #[tokio::test]
 async fn with_no_configuration_the_binary_serves_from_an_embedded_sqlite_file() {
     let dir = std::env::temp_dir().join(format!("inventory-sqlite-{:016x}", fastrand::u64(..)));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let (mut child, port) = start_binary(&dir, &[]);
-    let base = format!("http://127.0.0.1:{port}");
+    let binary = Binary::start(&dir, &[]);
+    let base = binary.base();
     let client = reqwest::Client::new();
 
     let ready: Value = client
@@ -157,8 +126,7 @@ async fn with_no_configuration_the_binary_serves_from_an_embedded_sqlite_file() 
         dir.join("inventory.db").exists(),
         "the database file is created in the working directory"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(binary);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -63,15 +63,20 @@ impl TestDatabase {
 
     /// A small separate pool on the test database, for assertions behind the app's back.
     pub async fn connect(&self) -> DatabaseConnection {
-        let mut options = sea_orm::ConnectOptions::new(self.url.clone());
-        options
-            .max_connections(2)
-            .min_connections(0)
-            .sqlx_logging(false);
-        Database::connect(options)
-            .await
-            .expect("test database reachable")
+        connect_to(&self.url).await
     }
+}
+
+/// A small pool of the test's own on `url`, for assertions behind the app's back.
+pub async fn connect_to(url: &str) -> DatabaseConnection {
+    let mut options = sea_orm::ConnectOptions::new(url.to_owned());
+    options
+        .max_connections(2)
+        .min_connections(0)
+        .sqlx_logging(false);
+    Database::connect(options)
+        .await
+        .expect("test database reachable")
 }
 
 impl Drop for TestDatabase {
@@ -104,8 +109,8 @@ pub struct TestApp {
     pub pool: DatabaseConnection,
     /// A separate connection for assertions.
     pub db: DatabaseConnection,
-    /// Kept so the database lives (and is dropped) with the app.
-    pub _database: TestDatabase,
+    /// Kept so the database lives (and is dropped) with the app; `None` on a test's own server.
+    pub _database: Option<TestDatabase>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -160,9 +165,20 @@ pub async fn spawn_app_with(
     overrides: &[(&str, &str)],
     extra_routes: fn(&mut web::ServiceConfig),
 ) -> TestApp {
-    init_logs();
     let database = TestDatabase::create().await;
-    let settings = test_settings(&database.url, overrides);
+    let url = database.url.clone();
+    spawn_app_on(&url, Some(database), overrides, extra_routes).await
+}
+
+/// The real application over the (empty) database at `url`.
+pub async fn spawn_app_on(
+    url: &str,
+    database: Option<TestDatabase>,
+    overrides: &[(&str, &str)],
+    extra_routes: fn(&mut web::ServiceConfig),
+) -> TestApp {
+    init_logs();
+    let settings = test_settings(url, overrides);
     let pool = app::db::connect(&settings.database)
         .await
         .expect("the app connects to its test database");
@@ -171,7 +187,7 @@ pub async fn spawn_app_with(
         Application::build_with(settings, pool.clone(), extra_routes).expect("the app binds");
     let port = application.port();
     let server = tokio::spawn(application.run_until_stopped());
-    let db = database.connect().await;
+    let db = connect_to(url).await;
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
         client: reqwest::Client::builder()

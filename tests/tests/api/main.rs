@@ -7,5 +7,7 @@ mod database;
 mod errors;
 mod health;
 mod helpers;
+mod operations;
+mod process;
 mod stock;
 mod transactions;

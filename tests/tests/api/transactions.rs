@@ -36,7 +36,11 @@ fn routes(cfg: &mut web::ServiceConfig) {
     .route("/test/noop", web::get().to(noop).wrap(tx))
     .route("/test/hold/{ms}", web::post().to(hold).wrap(tx))
     .route("/test/conflict", web::post().to(conflict).wrap(tx))
-    .route("/test/increment", web::post().to(increment).wrap(tx));
+    .route("/test/increment", web::post().to(increment).wrap(tx))
+    .route(
+        "/test/write-then-wait",
+        web::post().to(write_then_wait).wrap(tx),
+    );
 }
 
 async fn insert(tx: &Tx, code: &str) -> Result<(), ApiError> {
@@ -154,6 +158,14 @@ async fn increment(tx: Tx) -> Result<HttpResponse, ApiError> {
     tx.execute_unprepared("UPDATE counter SET n = n + 1 WHERE id = 1")
         .await?;
     Ok(HttpResponse::Created().finish())
+}
+
+/// Writes, then waits for the counter row's lock (which a test may hold), then answers 201.
+async fn write_then_wait(tx: Tx) -> Result<HttpResponse, ApiError> {
+    insert(&tx, &format!("WAITED{}", fastrand::u32(..))).await?;
+    tx.execute_unprepared("UPDATE counter SET n = n + 1 WHERE id = 1")
+        .await?;
+    Ok(HttpResponse::Created().json(json!({"written": true})))
 }
 
 async fn app_with(overrides: &[(&str, &str)]) -> TestApp {
@@ -384,4 +396,178 @@ async fn a_request_that_never_asks_for_the_transaction_takes_no_connection() {
         "a query does need one"
     );
     assert_eq!(holder.await.unwrap().unwrap(), 200);
+}
+
+/// Sends `POST /test/write-then-wait` over a raw connection and waits until the handler has
+/// written and is blocked on the counter row's lock, which `lock` holds.
+async fn start_waiting_request(app: &TestApp) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connects");
+    stream
+        .write_all(
+            b"POST /test/write-then-wait HTTP/1.1\r\nHost: test\r\n\
+              Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        .await
+        .expect("request written");
+    app.wait_until("the handler has written and waits for the lock", || async {
+        app.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    stream
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_before_the_commit_gets_a_rollback() {
+    use sea_orm::TransactionTrait;
+    use tokio::io::AsyncReadExt;
+    let app = app_with(&[]).await;
+    let rollbacks = r#"db_transactions_total{outcome="rollback"}"#;
+    let commits = r#"db_transactions_total{outcome="commit"}"#;
+
+    // The client stays: the request commits.
+    let lock = app.db.begin().await.unwrap();
+    lock.execute_unprepared("SELECT n FROM counter WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let mut stayed = start_waiting_request(&app).await;
+    lock.commit().await.unwrap();
+    let mut answer = vec![0u8; 1024];
+    let n = stayed.read(&mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 201"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    assert_eq!(app.scalar("SELECT n FROM counter").await, 1);
+    drop(stayed);
+
+    // The client leaves while the handler waits: nothing of its work remains.
+    let before = metric(&app, rollbacks).await;
+    let committed_before = metric(&app, commits).await;
+    let lock = app.db.begin().await.unwrap();
+    lock.execute_unprepared("SELECT n FROM counter WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let left = start_waiting_request(&app).await;
+    drop(left);
+    lock.commit().await.unwrap();
+    app.wait_until("the abandoned request has ended", || async {
+        metric(&app, rollbacks).await > before
+    })
+    .await;
+    assert_eq!(metric(&app, commits).await, committed_before);
+    assert_eq!(
+        app.scalar("SELECT n FROM counter").await,
+        1,
+        "the update was rolled back"
+    );
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM warehouse").await,
+        1,
+        "only the first request's insert remains"
+    );
+}
+
+#[tokio::test]
+async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
+    use app::transaction::TxError;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let app = app_with(&[]).await;
+    let config = app::TxConfig {
+        isolation: IsolationLevel::RepeatableRead,
+        isolation_is_connection_default: true,
+        max_retries: 3,
+        body_limit: 65_536,
+        availability: None,
+    };
+    let policy = app::TxPolicy::default();
+    let count = |code: &'static str| {
+        let app = &app;
+        async move {
+            app.scalar(&format!(
+                "SELECT count(*) FROM warehouse WHERE code = '{code}'"
+            ))
+            .await
+        }
+    };
+
+    let ok: Result<u8, TxError<ApiError>> =
+        app::with_transaction(&app.pool, &config, policy, |tx| {
+            Box::pin(async move {
+                insert(tx, "JOB-OK").await?;
+                Ok(7)
+            })
+        })
+        .await;
+    assert_eq!(ok.ok(), Some(7));
+    assert_eq!(count("JOB-OK").await, 1);
+
+    let failed: Result<u8, TxError<ApiError>> =
+        app::with_transaction(&app.pool, &config, policy, |tx| {
+            Box::pin(async move {
+                insert(tx, "JOB-ERR").await?;
+                Err(ApiError::Internal)
+            })
+        })
+        .await;
+    assert!(matches!(failed, Err(TxError::Job(ApiError::Internal))));
+    assert_eq!(count("JOB-ERR").await, 0);
+
+    let swallowed: Result<u8, TxError<ApiError>> =
+        app::with_transaction(&app.pool, &config, policy, |tx| {
+            Box::pin(async move {
+                insert(tx, "JOB-SWALLOW").await?;
+                let _ = insert(tx, "JOB-SWALLOW").await;
+                Ok(1)
+            })
+        })
+        .await;
+    assert!(matches!(swallowed, Err(TxError::Database(_))));
+    assert_eq!(count("JOB-SWALLOW").await, 0);
+
+    let attempts = AtomicU32::new(0);
+    let retried: Result<u32, TxError<ApiError>> =
+        app::with_transaction(&app.pool, &config, policy, |tx| {
+            let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move {
+                insert(tx, "JOB-RETRY").await?;
+                if attempt <= 2 {
+                    tx.execute_unprepared(
+                        "DO $$ BEGIN RAISE EXCEPTION 'provoked' USING ERRCODE = 'serialization_failure'; END $$",
+                    )
+                    .await?;
+                }
+                Ok(attempt)
+            })
+        })
+        .await;
+    assert_eq!(retried.ok(), Some(3));
+    assert_eq!(count("JOB-RETRY").await, 1, "only the last attempt's write");
+
+    let exhausted: Result<u32, TxError<ApiError>> =
+        app::with_transaction(&app.pool, &config, policy, |tx| {
+            Box::pin(async move {
+                insert(tx, "JOB-NEVER").await?;
+                tx.execute_unprepared(
+                    "DO $$ BEGIN RAISE EXCEPTION 'provoked' USING ERRCODE = 'serialization_failure'; END $$",
+                )
+                .await?;
+                Ok(0)
+            })
+        })
+        .await;
+    match exhausted {
+        Err(TxError::Database(f)) => assert!(f.is_retryable(), "{f:?}"),
+        other => panic!("expected a serialization failure, got {other:?}"),
+    }
+    assert_eq!(count("JOB-NEVER").await, 0);
 }

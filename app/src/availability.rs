@@ -1,0 +1,174 @@
+//! Whether the database can be reached, known fast enough to answer 503 in time.
+//!
+//! sqlx retries a refused connection inside the pool until the whole acquire timeout has passed
+//! (`DB_POOL_TIMEOUT`, 30 s by default) and then reports a pool timeout, so during an outage
+//! every request would hang for 30 s and then be told the pool was busy. [`Availability`] closes
+//! that gap:
+//!
+//! * [`Availability::guard`] runs a pool checkout. If the checkout is still waiting after
+//!   [`SUSPECT_AFTER`], a probe opens one connection of its own, outside the pool, bounded by
+//!   `DB_CONNECT_TIMEOUT`. A probe that cannot reach the server marks the database down, and
+//!   every waiting checkout gives up at once with a connection error (503
+//!   `database_unavailable`). A probe that succeeds means the pool is merely busy: the checkout
+//!   waits on, up to `DB_POOL_TIMEOUT` (503 `pool_timeout`).
+//! * While the database is down, checkouts fail immediately without touching the pool, and one
+//!   probe runs every [`RECHECK_EVERY`]; the first that succeeds marks it up again, so the
+//!   service recovers on its own when the server is back.
+//! * A statement that fails because the connection or the server went away calls
+//!   [`Availability::suspect`], which probes once.
+//!
+//! At most one probe runs at a time, and while the database is up probes are at least
+//! [`RECHECK_EVERY`] apart, so a busy pool costs one extra connection attempt per interval at
+//! most. SQLite is embedded: it is never probed and never down.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
+use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
+use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr};
+use tokio::sync::watch;
+
+/// A checkout still waiting after this long makes the database suspect.
+pub const SUSPECT_AFTER: Duration = Duration::from_millis(250);
+/// How often a down database is probed, and the least time between probes while it is up.
+pub const RECHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// Shared by every worker of the server (cheap to clone).
+#[derive(Clone)]
+pub struct Availability(Arc<Inner>);
+
+struct Inner {
+    /// The pool's own connect options; `None` for SQLite.
+    target: Option<Arc<PgConnectOptions>>,
+    connect_timeout: Duration,
+    /// `true` while the database is known to be unreachable.
+    down: watch::Sender<bool>,
+    probing: AtomicBool,
+    last_probe: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Availability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Availability")
+            .field("down", &self.is_down())
+            .finish()
+    }
+}
+
+impl Availability {
+    pub fn new(db: &DatabaseConnection, connect_timeout: Duration) -> Availability {
+        let target = match db.get_database_backend() {
+            DbBackend::Postgres => Some(db.get_postgres_connection_pool().connect_options()),
+            _ => None,
+        };
+        Availability(Arc::new(Inner {
+            target,
+            connect_timeout,
+            down: watch::Sender::new(false),
+            probing: AtomicBool::new(false),
+            last_probe: Mutex::new(None),
+        }))
+    }
+
+    /// Whether the last probe found the database unreachable.
+    pub fn is_down(&self) -> bool {
+        *self.0.down.borrow()
+    }
+
+    /// Runs `checkout` (a future that takes a connection from the pool) unless the database is
+    /// known to be down, and gives it up as soon as a probe finds the database unreachable.
+    pub async fn guard<T>(
+        &self,
+        checkout: impl Future<Output = Result<T, DbErr>>,
+    ) -> Result<T, DbErr> {
+        if self.0.target.is_none() {
+            return checkout.await;
+        }
+        let mut down = self.0.down.subscribe();
+        if *down.borrow_and_update() {
+            return Err(unavailable());
+        }
+        let checkout = std::pin::pin!(checkout);
+        let result = tokio::select! {
+            biased;
+            result = checkout => result,
+            _ = async {
+                tokio::time::sleep(SUSPECT_AFTER).await;
+                self.suspect();
+                // Resolves only when a probe marks the database down.
+                let _ = down.wait_for(|down| *down).await;
+            } => Err(unavailable()),
+        };
+        result
+    }
+
+    /// Something suggests the database went away: probe it (once, in the background).
+    pub fn suspect(&self) {
+        let Some(target) = self.0.target.clone() else {
+            return;
+        };
+        {
+            let mut last = self.0.last_probe.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.is_down() && last.is_some_and(|at| at.elapsed() < RECHECK_EVERY) {
+                return;
+            }
+            if self.0.probing.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.probe_until_up(&target).await;
+            this.0.probing.store(false, Ordering::Release);
+        });
+    }
+
+    async fn probe_until_up(&self, target: &PgConnectOptions) {
+        loop {
+            let reachable = probe(target, self.0.connect_timeout).await;
+            let was_down = self.0.down.send_replace(!reachable);
+            match (was_down, reachable) {
+                (false, false) => tracing::warn!(
+                    "the database cannot be reached; requests fail fast with 503 until it answers"
+                ),
+                (true, true) => tracing::info!("the database answers again"),
+                _ => {}
+            }
+            if reachable {
+                return;
+            }
+            tokio::time::sleep(RECHECK_EVERY).await;
+            *self.0.last_probe.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+    }
+}
+
+/// Opens one connection outside the pool. Only a server that cannot be reached or is not
+/// accepting sessions (shutting down, starting up, crashed) counts as down: any other refusal
+/// (too many connections, a bad password) comes from a server that is there, and the pool
+/// reports it itself.
+async fn probe(target: &PgConnectOptions, within: Duration) -> bool {
+    match tokio::time::timeout(within, target.connect()).await {
+        Ok(Ok(conn)) => {
+            let conn: PgConnection = conn;
+            let _ = conn.close().await;
+            true
+        }
+        Ok(Err(sqlx::Error::Database(e))) => {
+            let code = e.code().unwrap_or_default();
+            !(code.starts_with("57P") || code.starts_with("08"))
+        }
+        Ok(Err(_)) | Err(_) => false,
+    }
+}
+
+/// The error a checkout gets while the database is down; classified as unavailable.
+fn unavailable() -> DbErr {
+    DbErr::Conn(RuntimeErr::Internal(
+        "the database cannot be reached".into(),
+    ))
+}

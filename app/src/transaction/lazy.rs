@@ -1,0 +1,335 @@
+//! The transaction of one attempt, begun on first use, and the [`Tx`] extractor through which a
+//! handler uses it. The rules of when to commit are in the parent module; this one only knows how
+//! to begin, run statements, remember the first failure, and end.
+//!
+//! On PostgreSQL the transaction is sqlx's own, begun with one statement that carries the
+//! isolation level and access mode (`BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY`): SeaORM's
+//! `begin_with_options` would send `BEGIN` and then `SET TRANSACTION`, one more round trip per
+//! request. Statements are bound exactly as SeaORM binds them (`sea-query-sqlx`) and run on the
+//! same pool, statement cache and statement logging. If the transaction is dropped unfinished
+//! (a cancelled job), sqlx queues its `ROLLBACK` before the connection can be reused, so no
+//! connection ever returns to the pool inside an open transaction. SQLite uses SeaORM's
+//! transaction (`BEGIN IMMEDIATE` for writers).
+
+use std::future::{Ready, ready};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Instant;
+
+use actix_web::dev::Payload;
+use actix_web::{FromRequest, HttpMessage, HttpRequest};
+use sea_orm::sqlx::{self, Executor as _, Postgres};
+use sea_orm::{
+    AccessMode, ConnAcquireErr, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    DbBackend, DbErr, ExecResult, IsolationLevel, QueryResult, RuntimeErr, SqliteTransactionMode,
+    Statement, TransactionOptions, TransactionTrait, Values,
+};
+use sea_query_sqlx::SqlxValues;
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+
+use super::failure::{DbFailure, FailureKind};
+use super::{TxConfig, TxOutcome, TxPolicy};
+use crate::availability::Availability;
+use crate::metrics::Metrics;
+use crate::problem::ApiError;
+
+/// How this attempt's transaction is begun.
+enum Begin {
+    /// The whole `BEGIN …` statement, one round trip.
+    Postgres(&'static str),
+    /// SeaORM's options (SQLite).
+    Orm(TransactionOptions),
+}
+
+enum Open {
+    Postgres(sqlx::Transaction<'static, Postgres>),
+    Orm(DatabaseTransaction),
+}
+
+enum State {
+    /// Nothing sent yet.
+    Idle,
+    Open(Open),
+    /// Committed, rolled back, or abandoned after a failed `BEGIN`.
+    Finished,
+}
+
+pub(super) struct Slot {
+    db: DatabaseConnection,
+    begin: Begin,
+    metrics: Option<Metrics>,
+    availability: Option<Availability>,
+    state: Mutex<State>,
+    /// The first statement failure of this attempt (later ones are its consequences).
+    failure: StdMutex<Option<DbFailure>>,
+}
+
+impl Slot {
+    pub(super) fn new(
+        db: DatabaseConnection,
+        config: &TxConfig,
+        policy: TxPolicy,
+        read_only_default: bool,
+        metrics: Option<Metrics>,
+    ) -> Slot {
+        let access = policy.access.unwrap_or(if read_only_default {
+            AccessMode::ReadOnly
+        } else {
+            AccessMode::ReadWrite
+        });
+        let isolation = policy.isolation.unwrap_or(config.isolation);
+        let begin = match db.get_database_backend() {
+            // SQLite has one writer: take the write lock at BEGIN so that two writers queue on
+            // busy_timeout instead of failing when a reader upgrades. Isolation does not apply.
+            DbBackend::Sqlite => Begin::Orm(TransactionOptions {
+                isolation_level: None,
+                access_mode: None,
+                sqlite_transaction_mode: (access == AccessMode::ReadWrite)
+                    .then_some(SqliteTransactionMode::Immediate),
+            }),
+            _ => {
+                // The connection's default isolation needs no clause.
+                let isolation = (!(config.isolation_is_connection_default
+                    && isolation == config.isolation))
+                    .then_some(isolation);
+                Begin::Postgres(postgres_begin(isolation, access))
+            }
+        };
+        Slot {
+            db,
+            begin,
+            metrics,
+            availability: config.availability.clone(),
+            state: Mutex::new(State::Idle),
+            failure: StdMutex::new(None),
+        }
+    }
+
+    /// The open transaction, begun on first use.
+    async fn open(&self) -> Result<MappedMutexGuard<'_, Open>, DbErr> {
+        let mut state = self.state.lock().await;
+        if matches!(*state, State::Idle) {
+            let started = Instant::now();
+            let begin = self.begin_now();
+            let begun = match &self.availability {
+                Some(availability) => availability.guard(begin).await,
+                None => begin.await,
+            };
+            if let Some(m) = &self.metrics {
+                m.observe_acquire(started.elapsed());
+            }
+            match begun {
+                Ok(open) => *state = State::Open(open),
+                Err(e) => {
+                    *state = State::Finished;
+                    return Err(self.record(e));
+                }
+            }
+        }
+        MutexGuard::try_map(state, |s| match s {
+            State::Open(open) => Some(open),
+            _ => None,
+        })
+        .map_err(|_| DbErr::Custom("the request's transaction has already ended".into()))
+    }
+
+    /// Takes a connection from the pool and begins.
+    async fn begin_now(&self) -> Result<Open, DbErr> {
+        match self.begin {
+            Begin::Postgres(sql) => self
+                .db
+                .get_postgres_connection_pool()
+                .begin_with(sql)
+                .await
+                .map(Open::Postgres)
+                .map_err(acquire_err),
+            Begin::Orm(options) => self.db.begin_with_options(options).await.map(Open::Orm),
+        }
+    }
+
+    fn record(&self, err: DbErr) -> DbErr {
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if failure.is_none() {
+            let classified = DbFailure::classify(&err);
+            self.suspect_if_unavailable(&classified);
+            *failure = Some(classified);
+        }
+        err
+    }
+
+    fn observe<T>(&self, result: Result<T, DbErr>) -> Result<T, DbErr> {
+        result.map_err(|e| self.record(e))
+    }
+
+    fn suspect_if_unavailable(&self, failure: &DbFailure) {
+        if let (FailureKind::Unavailable, Some(availability)) = (&failure.kind, &self.availability)
+        {
+            availability.suspect();
+        }
+    }
+
+    fn failure(&self) -> Option<DbFailure> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Ends the attempt: commits when `commit` is asked and no statement failed, else rolls back.
+    /// Returns how it ended, and the failure that must replace the response, if any.
+    pub(super) async fn finish(&self, commit: bool) -> (TxOutcome, Option<DbFailure>) {
+        let state = std::mem::replace(&mut *self.state.lock().await, State::Finished);
+        let failure = self.failure();
+        let State::Open(open) = state else {
+            return (TxOutcome::None, failure);
+        };
+        if commit && failure.is_none() {
+            let committed = match open {
+                Open::Postgres(tx) => tx.commit().await.map_err(exec_err),
+                Open::Orm(tx) => tx.commit().await,
+            };
+            match committed {
+                Ok(()) => (TxOutcome::Commit, None),
+                Err(e) => {
+                    let failure = DbFailure::classify(&e);
+                    self.suspect_if_unavailable(&failure);
+                    (TxOutcome::Rollback, Some(failure))
+                }
+            }
+        } else {
+            let rolled_back = match open {
+                Open::Postgres(tx) => tx.rollback().await.map_err(exec_err),
+                Open::Orm(tx) => tx.rollback().await,
+            };
+            if let Err(e) = rolled_back {
+                // The driver discards the connection; nothing was committed.
+                tracing::warn!(error = %e, "rollback failed");
+            }
+            (TxOutcome::Rollback, failure)
+        }
+    }
+}
+
+/// `BEGIN` with the isolation level and access mode in the statement itself.
+fn postgres_begin(isolation: Option<IsolationLevel>, access: AccessMode) -> &'static str {
+    use IsolationLevel::*;
+    let read_only = access == AccessMode::ReadOnly;
+    match (isolation, read_only) {
+        (None, false) => "BEGIN",
+        (None, true) => "BEGIN READ ONLY",
+        (Some(ReadUncommitted), false) => "BEGIN ISOLATION LEVEL READ UNCOMMITTED",
+        (Some(ReadUncommitted), true) => "BEGIN ISOLATION LEVEL READ UNCOMMITTED, READ ONLY",
+        (Some(ReadCommitted), false) => "BEGIN ISOLATION LEVEL READ COMMITTED",
+        (Some(ReadCommitted), true) => "BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY",
+        (Some(RepeatableRead), false) => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+        (Some(RepeatableRead), true) => "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        (Some(Serializable), false) => "BEGIN ISOLATION LEVEL SERIALIZABLE",
+        (Some(Serializable), true) => "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+    }
+}
+
+/// A statement bound as SeaORM binds it, so it shares the connection's statement cache.
+fn pg_query(stmt: &Statement) -> sqlx::query::Query<'_, Postgres, SqlxValues> {
+    let values = stmt.values.clone().unwrap_or(Values(Vec::new()));
+    sqlx::query_with(sqlx::AssertSqlSafe(stmt.sql.as_str()), SqlxValues(values))
+}
+
+// The same `DbErr` shapes SeaORM gives for these failures, so that classification is one code.
+fn exec_err(e: sqlx::Error) -> DbErr {
+    DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))
+}
+
+fn query_err(e: sqlx::Error) -> DbErr {
+    DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)))
+}
+
+fn acquire_err(e: sqlx::Error) -> DbErr {
+    match e {
+        sqlx::Error::PoolTimedOut => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
+        sqlx::Error::PoolClosed => DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed),
+        e => DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The extractor
+// ---------------------------------------------------------------------------------------------
+
+/// The request's transaction, as a handler sees it. Pass `&tx` to any function taking
+/// `&impl ConnectionTrait`. Fails to extract (500) on a route without
+/// [`Transactional`](super::Transactional).
+#[derive(Clone)]
+pub struct Tx(pub(super) Arc<Slot>);
+
+impl FromRequest for Tx {
+    type Error = ApiError;
+    type Future = Ready<Result<Tx, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(match req.extensions().get::<Arc<Slot>>() {
+            Some(slot) => Ok(Tx(Arc::clone(slot))),
+            None => {
+                tracing::error!("a handler asked for Tx on a route without Transactional");
+                Err(ApiError::Internal)
+            }
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl ConnectionTrait for Tx {
+    fn get_database_backend(&self) -> DbBackend {
+        self.0.db.get_database_backend()
+    }
+
+    async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
+        let mut open = self.0.open().await?;
+        let result = match &mut *open {
+            Open::Postgres(tx) => pg_query(&stmt)
+                .execute(&mut **tx)
+                .await
+                .map(ExecResult::from)
+                .map_err(exec_err),
+            Open::Orm(tx) => tx.execute_raw(stmt).await,
+        };
+        self.0.observe(result)
+    }
+
+    async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
+        let mut open = self.0.open().await?;
+        let result = match &mut *open {
+            Open::Postgres(tx) => (&mut **tx)
+                .execute(sqlx::AssertSqlSafe(sql.to_owned()))
+                .await
+                .map(ExecResult::from)
+                .map_err(exec_err),
+            Open::Orm(tx) => tx.execute_unprepared(sql).await,
+        };
+        self.0.observe(result)
+    }
+
+    async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
+        let mut open = self.0.open().await?;
+        let result = match &mut *open {
+            Open::Postgres(tx) => pg_query(&stmt)
+                .fetch_optional(&mut **tx)
+                .await
+                .map(|row| row.map(QueryResult::from))
+                .map_err(query_err),
+            Open::Orm(tx) => tx.query_one_raw(stmt).await,
+        };
+        self.0.observe(result)
+    }
+
+    async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
+        let mut open = self.0.open().await?;
+        let result = match &mut *open {
+            Open::Postgres(tx) => pg_query(&stmt)
+                .fetch_all(&mut **tx)
+                .await
+                .map(|rows| rows.into_iter().map(QueryResult::from).collect())
+                .map_err(query_err),
+            Open::Orm(tx) => tx.query_all_raw(stmt).await,
+        };
+        self.0.observe(result)
+    }
+}

@@ -1,0 +1,325 @@
+//! The request's database transaction: every rule about when it begins, commits, rolls back and
+//! is retried lives in this file.
+//!
+//! * [`Transactional`] is an actix-web middleware wrapped around a route (`web::post().wrap(..)`).
+//!   It buffers the request body (bounded by `APP_BODY_LIMIT`), runs the handler, and then decides:
+//!   commit when the response is below 400, no statement failed and the client is still
+//!   connected; otherwise roll back. A serialization failure (40001) or deadlock (40P01), raised
+//!   by a statement or by the commit, rolls back and runs the whole request again with its body,
+//!   up to `DB_TX_MAX_RETRIES` times with jittered backoff, then answers 503
+//!   `serialization_failure`. A commit that fails replaces the handler's response: the client
+//!   never sees a success for work that was not committed.
+//! * [`Tx`] is the extractor through which a handler reaches the transaction. It implements
+//!   SeaORM's `ConnectionTrait`, so domain functions taking `&impl ConnectionTrait` run inside it.
+//!   It is lazy: `BEGIN` is sent with the first statement, so a request that never queries takes
+//!   no connection from the pool. Every statement error passes through it and is recorded,
+//!   because PostgreSQL turns the `COMMIT` of an aborted transaction into a rollback while the
+//!   driver reports success: a request whose statement failed is never answered 2xx.
+//! * A handler that panics is caught: 500 and a rollback. A client that disconnects before the
+//!   commit gets a rollback ([`peer`]; register [`on_connect`] on the server).
+//! * Pool errors: no connection within `DB_POOL_TIMEOUT` is 503 `pool_timeout`; a database that
+//!   cannot be reached is 503 `database_unavailable`, answered fast ([`crate::availability`]).
+//! * [`with_transaction`] applies the same rules to background jobs and CLI code.
+//! * [`DbFailure`] classifies a `DbErr` once (SQLSTATE, pool timeout, lost connection).
+//!
+//! Isolation and round trips: PostgreSQL connections carry `default_transaction_isolation` as a
+//! startup parameter, and the isolation level and access mode that differ from it go into the
+//! `BEGIN` statement itself (`BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY`), so a transaction
+//! costs `BEGIN`, its statements and `COMMIT`, nothing more. `GET` and `HEAD` run `READ ONLY`; a
+//! route may declare its own level and access mode with [`Transactional::isolation`] /
+//! [`Transactional::read_write`], documented where it is declared.
+
+mod failure;
+mod lazy;
+mod peer;
+
+use std::future::{Future, Ready, ready};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
+use actix_web::http::Method;
+use actix_web::{HttpMessage, ResponseError, web};
+use futures_util::FutureExt;
+use sea_orm::{AccessMode, DatabaseConnection, IsolationLevel};
+
+pub use failure::{DbFailure, FailureKind};
+use lazy::Slot;
+pub use lazy::Tx;
+pub use peer::on_connect;
+
+use crate::availability::Availability;
+use crate::json::read_body;
+use crate::metrics::Metrics;
+use crate::problem::ApiError;
+
+/// How the transaction of every request is run; shared as `web::Data<TxConfig>`.
+#[derive(Clone, Debug)]
+pub struct TxConfig {
+    /// Isolation level of a transaction that declares none (`DB_ISOLATION_LEVEL`).
+    pub isolation: IsolationLevel,
+    /// Whether connections already carry `isolation` as their default (PostgreSQL startup
+    /// parameter), so that `BEGIN` needs no `SET TRANSACTION` for it.
+    pub isolation_is_connection_default: bool,
+    /// Re-runs after a serialization failure or deadlock (`DB_TX_MAX_RETRIES`).
+    pub max_retries: u32,
+    /// Largest request body buffered for re-runs (`APP_BODY_LIMIT`).
+    pub body_limit: usize,
+    /// Fails checkouts fast while the database cannot be reached; `None` waits for the pool.
+    pub availability: Option<Availability>,
+}
+
+/// What a route or job declares about its transaction. Unset fields take the defaults: the
+/// configured isolation, `READ ONLY` for `GET`/`HEAD`, `READ WRITE` otherwise.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TxPolicy {
+    pub isolation: Option<IsolationLevel>,
+    pub access: Option<AccessMode>,
+}
+
+/// How a request's transaction ended, for the request log and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxOutcome {
+    /// No statement was run: no transaction was opened.
+    None,
+    Commit,
+    Rollback,
+}
+
+impl TxOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxOutcome::None => "none",
+            TxOutcome::Commit => "commit",
+            TxOutcome::Rollback => "rollback",
+        }
+    }
+}
+
+/// Left in the request's extensions by [`Transactional`] for the request logger.
+#[derive(Clone, Copy, Debug)]
+pub struct TxReport {
+    pub outcome: TxOutcome,
+    pub retries: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retry policy
+// ---------------------------------------------------------------------------------------------
+
+/// Full-jitter exponential backoff: a random wait up to 2 ms · 2^attempt, capped at 50 ms. Short,
+/// because the conflicting transaction has usually just committed when 40001 is raised.
+fn backoff(attempt: u32) -> Duration {
+    let cap_us = (2_000u64 << attempt.min(5)).min(50_000);
+    Duration::from_micros(fastrand::u64(cap_us / 4..=cap_us))
+}
+
+fn is_read_only_method(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
+// ---------------------------------------------------------------------------------------------
+// Background jobs and CLI code
+// ---------------------------------------------------------------------------------------------
+
+/// Why [`with_transaction`] gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum TxError<E> {
+    /// The closure failed; the transaction was rolled back.
+    #[error("{0}")]
+    Job(E),
+    /// The database failed (at a statement the closure ignored, or at commit), or conflicts
+    /// outlasted the retries.
+    #[error("database failure: {}", .0.message)]
+    Database(DbFailure),
+}
+
+/// Runs `job` in one transaction with the same rules as a request: commit when it returns `Ok`
+/// and no statement failed, roll back otherwise, re-run on serialization failure or deadlock up
+/// to `config.max_retries` times. The closure may run more than once.
+pub async fn with_transaction<T, E, F>(
+    db: &DatabaseConnection,
+    config: &TxConfig,
+    policy: TxPolicy,
+    mut job: F,
+) -> Result<T, TxError<E>>
+where
+    F: for<'a> FnMut(&'a Tx) -> Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'a>>,
+{
+    let mut attempt = 0;
+    loop {
+        let tx = Tx(Arc::new(Slot::new(db.clone(), config, policy, false, None)));
+        let result = job(&tx).await;
+        let (_, failure) = tx.0.finish(result.is_ok()).await;
+        match failure {
+            Some(f) if f.is_retryable() && attempt < config.max_retries => {
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+            }
+            Some(f) => return Err(TxError::Database(f)),
+            None => return result.map_err(TxError::Job),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The middleware
+// ---------------------------------------------------------------------------------------------
+
+/// Runs the wrapped route in a transaction (see the module documentation). Wrap routes, not the
+/// app: the retry loop re-dispatches the request to the route's handler, which is safe only once
+/// routing is done. Needs `web::Data<DatabaseConnection>` and `web::Data<TxConfig>`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Transactional {
+    policy: TxPolicy,
+}
+
+impl Transactional {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Run this route at `level` instead of `DB_ISOLATION_LEVEL`.
+    pub fn isolation(mut self, level: IsolationLevel) -> Self {
+        self.policy.isolation = Some(level);
+        self
+    }
+
+    /// Run this route `READ WRITE` even for `GET`.
+    pub fn read_write(mut self) -> Self {
+        self.policy.access = Some(AccessMode::ReadWrite);
+        self
+    }
+}
+
+impl<S, B> Transform<S, ServiceRequest> for Transactional
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<BoxBody>;
+    type Error = actix_web::Error;
+    type Transform = TransactionalService<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, ()>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(TransactionalService {
+            service: Rc::new(service),
+            policy: self.policy,
+        }))
+    }
+}
+
+pub struct TransactionalService<S> {
+    service: Rc<S>,
+    policy: TxPolicy,
+}
+
+impl<S, B> Service<ServiceRequest> for TransactionalService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<BoxBody>;
+    type Error = actix_web::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>>>>;
+
+    forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        let service = Rc::clone(&self.service);
+        let policy = self.policy;
+        Box::pin(async move {
+            let (db, config) = match (
+                req.app_data::<web::Data<DatabaseConnection>>(),
+                req.app_data::<web::Data<TxConfig>>(),
+            ) {
+                (Some(db), Some(config)) => (db.clone(), config.clone()),
+                _ => {
+                    tracing::error!(
+                        "Transactional needs Data<DatabaseConnection> and Data<TxConfig>"
+                    );
+                    return Ok(req.error_response(ApiError::Internal));
+                }
+            };
+            let metrics = req
+                .app_data::<web::Data<Metrics>>()
+                .map(|m| m.get_ref().clone());
+            let (http, mut payload) = req.into_parts();
+            let body = match read_body(&mut payload, config.body_limit).await {
+                Ok(body) => body,
+                Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
+            };
+            let read_only_default = is_read_only_method(http.method());
+            let mut retries = 0;
+            loop {
+                let slot = Arc::new(Slot::new(
+                    (**db).clone(),
+                    &config,
+                    policy,
+                    read_only_default,
+                    metrics.clone(),
+                ));
+                http.extensions_mut().insert(Arc::clone(&slot));
+                let attempt = ServiceRequest::from_parts(http.clone(), Payload::from(body.clone()));
+                let result = AssertUnwindSafe(service.call(attempt)).catch_unwind().await;
+                http.extensions_mut().remove::<Arc<Slot>>();
+
+                let response = match result {
+                    Ok(Ok(res)) => Ok(res.map_into_boxed_body()),
+                    Ok(Err(e)) => Err(e.error_response()),
+                    Err(_) => {
+                        tracing::error!("handler panicked; rolling back");
+                        Err(ApiError::Internal.error_response())
+                    }
+                };
+                let mut success = matches!(&response, Ok(res) if res.status().as_u16() < 400);
+                let client_gone = success && peer::client_gone(&http);
+                if client_gone {
+                    tracing::warn!("the client went away before the commit; rolling back");
+                    success = false;
+                }
+                let (outcome, failure) = slot.finish(success).await;
+                if let (Some(m), TxOutcome::Commit | TxOutcome::Rollback) = (&metrics, outcome) {
+                    m.count_transaction(outcome);
+                }
+
+                let reply = match failure {
+                    Some(f) if f.is_retryable() && retries < config.max_retries && !client_gone => {
+                        drop(response);
+                        tokio::time::sleep(backoff(retries)).await;
+                        retries += 1;
+                        if let Some(m) = &metrics {
+                            m.count_retry();
+                        }
+                        continue;
+                    }
+                    // Nothing was committed: whatever the handler answered, the client learns
+                    // the truth. A handler that already answered an error keeps its answer.
+                    Some(f) if success || f.is_retryable() => {
+                        let err = ApiError::from(f);
+                        ServiceResponse::new(http.clone(), err.error_response())
+                    }
+                    _ if client_gone => {
+                        let err = ApiError::ClientClosedRequest;
+                        ServiceResponse::new(http.clone(), err.error_response())
+                    }
+                    _ => match response {
+                        Ok(res) => res,
+                        Err(res) => ServiceResponse::new(http.clone(), res),
+                    },
+                };
+                reply
+                    .request()
+                    .extensions_mut()
+                    .insert(TxReport { outcome, retries });
+                return Ok(reply);
+            }
+        })
+    }
+}
