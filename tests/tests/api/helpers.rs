@@ -109,8 +109,9 @@ pub struct TestApp {
     pub pool: DatabaseConnection,
     /// A separate connection for assertions.
     pub db: DatabaseConnection,
-    /// Kept so the database lives (and is dropped) with the app; `None` on a test's own server.
-    pub _database: Option<TestDatabase>,
+    /// Whatever must live as long as the app (its test database, its SQLite file), dropped
+    /// with it.
+    pub _database: Option<Box<dyn std::any::Any + Send + Sync>>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -167,13 +168,33 @@ pub async fn spawn_app_with(
 ) -> TestApp {
     let database = TestDatabase::create().await;
     let url = database.url.clone();
-    spawn_app_on(&url, Some(database), overrides, extra_routes).await
+    spawn_app_on(&url, Some(Box::new(database)), overrides, extra_routes).await
+}
+
+/// An SQLite database file in the temporary directory, deleted (with its WAL) when dropped.
+pub struct SqliteFile(std::path::PathBuf);
+
+impl Drop for SqliteFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.0.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The real application over a fresh SQLite file: the embedded default's code path.
+pub async fn spawn_sqlite_app(overrides: &[(&str, &str)]) -> TestApp {
+    let path = std::env::temp_dir().join(format!("inventory-test-{:016x}.db", fastrand::u64(..)));
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    spawn_app_on(&url, Some(Box::new(SqliteFile(path))), overrides, |_| {}).await
 }
 
 /// The real application over the (empty) database at `url`.
 pub async fn spawn_app_on(
     url: &str,
-    database: Option<TestDatabase>,
+    database: Option<Box<dyn std::any::Any + Send + Sync>>,
     overrides: &[(&str, &str)],
     extra_routes: fn(&mut web::ServiceConfig),
 ) -> TestApp {
@@ -202,6 +223,10 @@ pub async fn spawn_app_on(
 }
 
 impl TestApp {
+    pub fn is_postgres(&self) -> bool {
+        self.db.get_database_backend() == sea_orm::DbBackend::Postgres
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)
     }
@@ -305,7 +330,7 @@ impl TestApp {
     /// The quantity of one stock row (0 when there is none).
     pub async fn stock(&self, warehouse: i64, product: i64) -> i64 {
         self.scalar(&format!(
-            "SELECT COALESCE((SELECT quantity FROM stock_level WHERE warehouse_id = {warehouse} AND product_id = {product}), 0)::bigint"
+            "SELECT CAST(COALESCE((SELECT quantity FROM stock_level WHERE warehouse_id = {warehouse} AND product_id = {product}), 0) AS BIGINT)"
         ))
         .await
     }

@@ -1,13 +1,43 @@
-//! Receipts, shipments, transfers: atomicity, the invariant, and concurrency.
+//! Receipts, shipments, transfers: atomicity, the invariant, and concurrency. Every test runs
+//! twice, on PostgreSQL and on the embedded SQLite file (`stock::postgres::…`,
+//! `stock::sqlite::…`).
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use crate::helpers::{problem, spawn_app};
+use crate::helpers::{TestApp, problem};
 
-#[tokio::test]
-async fn receipts_shipments_and_transfers_move_stock_and_write_the_ledger() {
-    let app = spawn_app().await;
+/// Enough connections for the concurrent tests (SQLite caps its pool at 4 writers' worth).
+const POOL: &[(&str, &str)] = &[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")];
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_app_with(super::POOL, |_| {}).await).await;
+            })*
+        }
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_sqlite_app(super::POOL).await).await;
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    receipts_shipments_and_transfers_move_stock_and_write_the_ledger,
+    a_shipment_of_more_than_the_stock_is_409_insufficient_stock_and_changes_nothing,
+    movements_naming_a_missing_warehouse_or_product_are_404,
+    a_transfer_to_a_missing_warehouse_is_404_and_the_debit_is_rolled_back,
+    opposite_transfers_on_the_same_rows_never_deadlock_and_stay_exact,
+    concurrent_transfers_on_one_hot_row_end_in_201_or_409_and_quantities_are_exact,
+    the_invariant_holds_under_a_few_hundred_concurrent_movements,
+);
+
+async fn receipts_shipments_and_transfers_move_stock_and_write_the_ledger(app: TestApp) {
     let (a, b, p) = (
         app.warehouse("A").await,
         app.warehouse("B").await,
@@ -78,9 +108,9 @@ async fn receipts_shipments_and_transfers_move_stock_and_write_the_ledger() {
     app.assert_invariant().await;
 }
 
-#[tokio::test]
-async fn a_shipment_of_more_than_the_stock_is_409_insufficient_stock_and_changes_nothing() {
-    let app = spawn_app().await;
+async fn a_shipment_of_more_than_the_stock_is_409_insufficient_stock_and_changes_nothing(
+    app: TestApp,
+) {
     let (a, p) = (app.warehouse("A").await, app.product("p").await);
     app.receive(a, p, 5).await;
     let (status, body) = problem(
@@ -99,9 +129,7 @@ async fn a_shipment_of_more_than_the_stock_is_409_insufficient_stock_and_changes
     assert_eq!(app.scalar("SELECT count(*) FROM movement").await, 1);
 }
 
-#[tokio::test]
-async fn movements_naming_a_missing_warehouse_or_product_are_404() {
-    let app = spawn_app().await;
+async fn movements_naming_a_missing_warehouse_or_product_are_404(app: TestApp) {
     let (a, p) = (app.warehouse("A").await, app.product("p").await);
     for (path, body) in [
         (
@@ -131,9 +159,7 @@ async fn movements_naming_a_missing_warehouse_or_product_are_404() {
     assert_eq!(app.scalar("SELECT count(*) FROM movement").await, 0);
 }
 
-#[tokio::test]
-async fn a_transfer_to_a_missing_warehouse_is_404_and_the_debit_is_rolled_back() {
-    let app = spawn_app().await;
+async fn a_transfer_to_a_missing_warehouse_is_404_and_the_debit_is_rolled_back(app: TestApp) {
     let (a, p) = (app.warehouse("A").await, app.product("p").await);
     app.receive(a, p, 10).await;
     let (status, body) = problem(
@@ -157,9 +183,7 @@ async fn a_transfer_to_a_missing_warehouse_is_404_and_the_debit_is_rolled_back()
     );
 }
 
-#[tokio::test]
-async fn opposite_transfers_on_the_same_rows_never_deadlock_and_stay_exact() {
-    let app = spawn_app_with_pool(&[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")]).await;
+async fn opposite_transfers_on_the_same_rows_never_deadlock_and_stay_exact(app: TestApp) {
     let (a, b, p) = (
         app.warehouse("A").await,
         app.warehouse("B").await,
@@ -179,19 +203,17 @@ async fn opposite_transfers_on_the_same_rows_never_deadlock_and_stay_exact() {
     assert!(statuses.iter().all(|s| *s == 201), "{statuses:?}");
     assert_eq!(app.stock(a, p).await + app.stock(b, p).await, 2000);
     assert_eq!(app.stock(a, p).await, 1000, "100 each way");
-    let deadlocks = app
-        .scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
-        .await;
-    assert_eq!(deadlocks, 0);
+    if app.is_postgres() {
+        let deadlocks = app
+            .scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            .await;
+        assert_eq!(deadlocks, 0);
+    }
 }
 
-async fn spawn_app_with_pool(overrides: &[(&str, &str)]) -> crate::helpers::TestApp {
-    crate::helpers::spawn_app_with(overrides, |_| {}).await
-}
-
-#[tokio::test]
-async fn concurrent_transfers_on_one_hot_row_end_in_201_or_409_and_quantities_are_exact() {
-    let app = spawn_app_with_pool(&[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")]).await;
+async fn concurrent_transfers_on_one_hot_row_end_in_201_or_409_and_quantities_are_exact(
+    app: TestApp,
+) {
     let (a, b, p) = (
         app.warehouse("A").await,
         app.warehouse("B").await,
@@ -223,9 +245,7 @@ async fn concurrent_transfers_on_one_hot_row_end_in_201_or_409_and_quantities_ar
     );
 }
 
-#[tokio::test]
-async fn the_invariant_holds_under_a_few_hundred_concurrent_movements() {
-    let app = spawn_app_with_pool(&[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")]).await;
+async fn the_invariant_holds_under_a_few_hundred_concurrent_movements(app: TestApp) {
     let mut warehouses = Vec::new();
     for c in ["W1", "W2", "W3"] {
         warehouses.push(app.warehouse(c).await);
