@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::problem::{path_error, query_error, unknown_route};
 use crate::routes;
 use crate::telemetry::RequestTelemetry;
-use crate::transaction::{self, TxConfig};
+use crate::transaction::{self, Admission, TxConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -101,6 +101,10 @@ fn server(
         max_retries: database.tx_max_retries,
         body_limit: settings.server.body_limit,
         availability: Some(availability.clone()),
+        admission: Some(Admission::new(
+            2 * database.max_connections() as usize,
+            database.pool_timeout,
+        )),
     });
     let availability = web::Data::new(availability);
     let metrics = web::Data::new(Metrics::new(

@@ -71,6 +71,38 @@ pub struct TxConfig {
     pub body_limit: usize,
     /// Fails checkouts fast while the database cannot be reached; `None` waits for the pool.
     pub availability: Option<Availability>,
+    /// Bounds the requests whose handlers run at once; `None` admits all.
+    pub admission: Option<Admission>,
+}
+
+/// Bounds how many handlers of transactional routes run at once (twice the pool's connections
+/// in the server); the others wait here, in arrival order, holding only their buffered body.
+/// Without it a thousand concurrent clients mean a thousand handler futures and a thousand
+/// checkouts queued in the pool, which costs memory and wake-ups for no extra throughput. The
+/// headroom above the pool size lets requests that do not query, or are between queries, go on
+/// while every connection is busy. A request that cannot get in within `DB_POOL_TIMEOUT` gets
+/// 503 `pool_timeout`, as it would have from the pool.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    permits: Arc<tokio::sync::Semaphore>,
+    wait: Duration,
+}
+
+impl Admission {
+    pub fn new(permits: usize, wait: Duration) -> Admission {
+        Admission {
+            permits: Arc::new(tokio::sync::Semaphore::new(permits.max(1))),
+            wait,
+        }
+    }
+
+    /// Waits for a turn, up to `DB_POOL_TIMEOUT`.
+    async fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        match tokio::time::timeout(self.wait, Arc::clone(&self.permits).acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) | Err(_) => Err(ApiError::PoolTimeout),
+        }
+    }
 }
 
 /// What a route or job declares about its transaction. Unset fields take the defaults: the
@@ -254,6 +286,13 @@ where
             let body = match read_body(&mut payload, config.body_limit).await {
                 Ok(body) => body,
                 Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
+            };
+            let _admitted = match &config.admission {
+                Some(admission) => match admission.enter().await {
+                    Ok(permit) => Some(permit),
+                    Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
+                },
+                None => None,
             };
             let read_only_default = is_read_only_method(http.method());
             let mut retries = 0;

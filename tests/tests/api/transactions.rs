@@ -488,6 +488,7 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
         max_retries: 3,
         body_limit: 65_536,
         availability: None,
+        admission: None,
     };
     let policy = app::TxPolicy::default();
     let count = |code: &'static str| {
