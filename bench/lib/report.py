@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Assembles a run's results: RESULTS/STAMP.json and latest.json (everything), latest.md (the
+table, also printed).
+
+    report.py META_JSON POINTS_JSONL CHECKS_JSONL RESULTS_DIR STAMP
+"""
+import json
+import os
+import shutil
+import sys
+
+ORDER = ["W1", "W2", "W3", "W3o", "W4"]
+TITLES = {
+    "W1": "GET /products/{id}",
+    "W2": "POST /transfers, random product and warehouses",
+    "W3": "POST /transfers, one product, two warehouses, both directions",
+    "W3o": "POST /transfers, one product, two warehouses, one direction",
+    "W4": "GET /health/ready",
+}
+
+
+def fmt(x, digits=1):
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return f"{x:,}"
+
+
+def main():
+    meta_path, points_path, checks_path, results, stamp = sys.argv[1:6]
+    meta = json.load(open(meta_path))
+    points = [json.loads(line) for line in open(points_path) if line.strip()]
+    checks = [json.loads(line) for line in open(checks_path) if line.strip()]
+
+    for p in points:
+        if p.get("tool") == "app":
+            b, a = p.pop("metrics_before", {}) or {}, p.pop("metrics_after", {}) or {}
+            p["app_retries"] = int(a.get("retries", 0) - b.get("retries", 0))
+            p["app_rollbacks"] = int(a.get("rollback", 0) - b.get("rollback", 0))
+            p["app_commits"] = int(a.get("commit", 0) - b.get("commit", 0))
+
+    pg = {(p["workload"], p["connections"]): p for p in points if p.get("tool") == "pgbench"}
+    rows = []
+    for p in points:
+        if p.get("tool") != "app":
+            continue
+        q = pg.get((p["workload"], p["connections"]))
+        st = p.get("status", {})
+        lat = p.get("latency_ms", {})
+        ratio = None
+        if q and q.get("tps") and p.get("rps") is not None:
+            ratio = p["rps"] / q["tps"]
+            p["ratio_to_pgbench"] = round(ratio, 3)
+        rows.append({
+            "workload": p["workload"], "connections": p["connections"],
+            "rps": p.get("rps"), "p50": lat.get("p50"), "p99": lat.get("p99"),
+            "non_2xx": p.get("non_2xx"), "c5xx": st.get("c5xx"), "c503": st.get("c503"),
+            "c409": st.get("c409"), "timeouts": p.get("socket_errors", {}).get("timeout"),
+            "rss": p.get("peak_rss_mb"), "pg_tps": q.get("tps") if q else None,
+            "pg_p50": (q or {}).get("latency_ms", {}).get("p50"),
+            "pg_p99": (q or {}).get("latency_ms", {}).get("p99"),
+            "ratio": ratio, "drained": p.get("drained"),
+        })
+    rows.sort(key=lambda r: (ORDER.index(r["workload"]) if r["workload"] in ORDER else 99,
+                             r["connections"]))
+
+    m = meta["machine"]
+    lines = [
+        f"Run {meta['started']} on {m['nproc']} cores, {m['mem_total_gib']} GiB ({m['cpu_model']}); "
+        f"app {meta['app']['commit'][:10]}{' (dirty tree)' if meta['app']['dirty'] else ''}; "
+        f"PostgreSQL {meta['settings']['postgres']['version']}; "
+        f"{meta['settings']['duration_s']} s per point.",
+        "",
+        "| workload | connections | app req/s | p50 ms | p99 ms | non-2xx | 5xx | peak RSS MB | pgbench TPS | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            r["workload"], r["connections"], fmt(r["rps"], 0), fmt(r["p50"], 2), fmt(r["p99"], 2),
+            fmt(r["non_2xx"]), fmt(r["c5xx"]), fmt(r["rss"], 1), fmt(r["pg_tps"], 0),
+            fmt(r["ratio"], 2) if r["ratio"] is not None else "–"))
+    lines.append("")
+    lines.append("Workloads: " + "; ".join(f"{k} {v}" for k, v in TITLES.items()) + ".")
+    notes = []
+    for c in checks:
+        notes.append(f"ledger after {c['workload']}: {'pass' if c['pass'] else 'FAIL'}")
+    undrained = [f"{p['workload']}/{p['connections']} ({p['tool']})" for p in points
+                 if p.get("drained") is False]
+    if undrained:
+        notes.append("did not drain within the deadline: " + ", ".join(undrained))
+    notes.append(f"deadlocks: {meta.get('deadlocks_total', 0)}")
+    errs = [f"{p['workload']}/{p['connections']} ({p['tool']}): {p['error']}" for p in points if p.get("error")]
+    if errs:
+        notes.append("errors: " + "; ".join(errs))
+    lines.append("Checks: " + "; ".join(notes) + ".")
+    md = "\n".join(lines) + "\n"
+
+    result = dict(meta)
+    result["workloads"] = TITLES
+    result["points"] = points
+    result["checks"] = checks
+    result["ledger_pass"] = all(c["pass"] for c in checks)
+    result["table"] = rows
+    os.makedirs(results, exist_ok=True)
+    out = os.path.join(results, f"{stamp}.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(out + ".tmp", out)
+    shutil.copyfile(out, os.path.join(results, "latest.json"))
+    with open(os.path.join(results, "latest.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
