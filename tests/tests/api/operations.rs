@@ -45,21 +45,17 @@ async fn lock_stock_row(
     lock
 }
 
-#[tokio::test]
-async fn an_exhausted_pool_answers_503_pool_timeout_after_about_the_pool_timeout_and_recovers() {
-    let app = spawn_app_with(
-        &[
-            ("DB_POOL_SIZE", "1"),
-            ("DB_MAX_OVERFLOW", "0"),
-            ("DB_POOL_TIMEOUT", "1"),
-        ],
-        |_| {},
-    )
-    .await;
+/// Makes a receipt hold the app's only pooled connection: it waits for a stock row that a
+/// transaction of the test's own has locked. Returns that lock and the receipt's status.
+async fn hold_the_only_connection(
+    app: &TestApp,
+) -> (
+    sea_orm::DatabaseTransaction,
+    tokio::task::JoinHandle<reqwest::Result<u16>>,
+    (i64, i64),
+) {
     let (w, p) = (app.warehouse("A").await, app.product("P").await);
     app.receive(w, p, 10).await;
-
-    // A receipt on a locked row holds the pool's only connection.
     let lock = lock_stock_row(&app.db, w, p).await;
     let held = {
         let (client, url) = (app.client.clone(), app.url("/receipts"));
@@ -76,6 +72,21 @@ async fn an_exhausted_pool_answers_503_pool_timeout_after_about_the_pool_timeout
         sessions_waiting_for_a_lock(&app.db).await == 1
     })
     .await;
+    (lock, held, (w, p))
+}
+
+#[tokio::test]
+async fn an_exhausted_pool_answers_503_pool_timeout_after_about_the_pool_timeout_and_recovers() {
+    let app = spawn_app_with(
+        &[
+            ("DB_POOL_SIZE", "1"),
+            ("DB_MAX_OVERFLOW", "0"),
+            ("DB_POOL_TIMEOUT", "1"),
+        ],
+        |_| {},
+    )
+    .await;
+    let (lock, held, (w, p)) = hold_the_only_connection(&app).await;
 
     let started = Instant::now();
     let res = app.get(&format!("/products/{p}")).await;
@@ -87,10 +98,6 @@ async fn an_exhausted_pool_answers_503_pool_timeout_after_about_the_pool_timeout
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "answered after {waited:?}; DB_POOL_TIMEOUT is 1 s"
     );
-    let started = Instant::now();
-    let ready = app.get("/health/ready").await;
-    assert_eq!(ready.status(), 503);
-    assert!(started.elapsed() < Duration::from_secs(2));
 
     lock.commit().await.expect("lock released");
     assert_eq!(held.await.expect("joined").expect("answered"), 201);
@@ -98,6 +105,32 @@ async fn an_exhausted_pool_answers_503_pool_timeout_after_about_the_pool_timeout
     assert_eq!(res.status(), 200, "the pool serves again once freed");
     assert_eq!(app.get("/health/ready").await.status(), 200);
     assert_eq!(app.stock(w, p).await, 15);
+}
+
+#[tokio::test]
+async fn readiness_answers_503_within_2_s_when_the_pool_is_exhausted_whatever_the_pool_timeout() {
+    let app = spawn_app_with(
+        &[
+            ("DB_POOL_SIZE", "1"),
+            ("DB_MAX_OVERFLOW", "0"),
+            ("DB_POOL_TIMEOUT", "30"),
+        ],
+        |_| {},
+    )
+    .await;
+    let (lock, held, _) = hold_the_only_connection(&app).await;
+    let started = Instant::now();
+    let ready = app.get("/health/ready").await;
+    let waited = started.elapsed();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.headers()["retry-after"], "1");
+    let body: Value = ready.json().await.expect("json");
+    assert_eq!(body["status"], "unavailable", "{body}");
+    assert_eq!(body["database"]["pool"]["in_use"], 1, "{body}");
+    assert!(waited < Duration::from_secs(2), "answered after {waited:?}");
+    lock.commit().await.expect("lock released");
+    assert_eq!(held.await.expect("joined").expect("answered"), 201);
+    assert_eq!(app.get("/health/ready").await.status(), 200);
 }
 
 /// What the load saw during the outage.
