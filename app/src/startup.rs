@@ -14,6 +14,7 @@ use crate::db::{self, DbSetupError};
 use crate::metrics::Metrics;
 use crate::problem::{path_error, query_error, unknown_route};
 use crate::routes;
+use crate::routes::health::{READY_BUDGET, ReadyQueue};
 use crate::telemetry::RequestTelemetry;
 use crate::transaction::{self, Admission, TxConfig};
 
@@ -107,6 +108,10 @@ fn server(
         )),
     });
     let availability = web::Data::new(availability);
+    let ready_queue = web::Data::new(ReadyQueue(Admission::new(
+        database.max_connections() as usize,
+        READY_BUDGET,
+    )));
     let metrics = web::Data::new(Metrics::new(
         database.min_connections(),
         database.max_connections(),
@@ -123,6 +128,7 @@ fn server(
             .app_data(tx_config.clone())
             .app_data(metrics.clone())
             .app_data(availability.clone())
+            .app_data(ready_queue.clone())
             .app_data(web::PathConfig::default().error_handler(path_error))
             .app_data(web::QueryConfig::default().error_handler(query_error))
             .configure(extra_routes)

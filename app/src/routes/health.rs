@@ -2,7 +2,7 @@
 //! touches the database; `/health/ready` runs `SELECT 1` through the pool and answers within
 //! [`READY_BUDGET`] even when the database is down or the pool is exhausted.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, ContentType};
@@ -14,9 +14,14 @@ use utoipa::ToSchema;
 use crate::availability::Availability;
 use crate::db::{self, PoolStats};
 use crate::metrics::Metrics;
+use crate::transaction::Admission;
 
 /// How long `/health/ready` may wait for the database: well under the 2 s a probe allows.
 pub const READY_BUDGET: Duration = Duration::from_millis(1500);
+
+/// At most as many readiness checks query at once as the pool has connections; the others wait
+/// their turn within [`READY_BUDGET`], so a flood of probes queues here instead of in the pool.
+pub struct ReadyQueue(pub Admission);
 
 #[derive(Serialize, ToSchema)]
 pub struct Live {
@@ -56,15 +61,22 @@ pub async fn ready(
     db: web::Data<DatabaseConnection>,
     metrics: web::Data<Metrics>,
     availability: Option<web::Data<Availability>>,
+    queue: Option<web::Data<ReadyQueue>>,
 ) -> HttpResponse {
     let (min, max) = metrics.pool_limits();
     let (min, max) = (min as u32, max as u32);
-    let result = db::ping(
-        &db,
-        availability.as_ref().map(|a| a.get_ref()),
-        READY_BUDGET,
-    )
-    .await;
+    let started = Instant::now();
+    let availability = availability.as_ref().map(|a| a.get_ref());
+    let result = match queue.as_ref().map(|q| &q.0) {
+        Some(queue) => match queue.enter().await {
+            Ok(_turn) => {
+                let left = READY_BUDGET.saturating_sub(started.elapsed());
+                db::ping(&db, availability, left).await
+            }
+            Err(_) => Err("no pooled connection became free in time".to_owned()),
+        },
+        None => db::ping(&db, availability, READY_BUDGET).await,
+    };
     let pool = db::pool_stats(&db, min, max);
     let backend = db::backend_name(&db);
     let (status, body) = match result {

@@ -96,8 +96,8 @@ impl Admission {
         }
     }
 
-    /// Waits for a turn, up to `DB_POOL_TIMEOUT`.
-    async fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    /// Waits for a turn, up to the wait given to [`Admission::new`].
+    pub async fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
         match tokio::time::timeout(self.wait, Arc::clone(&self.permits).acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) | Err(_) => Err(ApiError::PoolTimeout),

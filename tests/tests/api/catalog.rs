@@ -146,18 +146,8 @@ async fn head_answers_like_get_without_a_body() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "application/json");
     assert!(res.bytes().await.unwrap().is_empty());
-    let missing = app
-        .client
-        .head(app.url("/products/999999"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(missing.status(), 404);
-    let live = app
-        .client
-        .head(app.url("/health/live"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(live.status(), 200);
+    for (path, status) in [("/products/999999", 404), ("/health/live", 200)] {
+        let res = app.client.head(app.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), status, "HEAD {path}");
+    }
 }
