@@ -18,8 +18,9 @@
 //!   [`Availability::suspect`], which probes once.
 //!
 //! At most one probe runs at a time, and while the database is up probes are at least
-//! [`RECHECK_EVERY`] apart, so a busy pool costs one extra connection attempt per interval at
-//! most. SQLite is embedded: it is never probed and never down.
+//! [`RECHECK_EVERY`] apart, so a busy pool costs one extra, short-lived connection per interval
+//! at most (named `<DB_APPLICATION_NAME>-probe`; count it when sizing `max_connections`). SQLite
+//! is embedded: it is never probed and never down.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,7 +62,13 @@ impl std::fmt::Debug for Availability {
 impl Availability {
     pub fn new(db: &DatabaseConnection, connect_timeout: Duration) -> Availability {
         let target = match db.get_database_backend() {
-            DbBackend::Postgres => Some(db.get_postgres_connection_pool().connect_options()),
+            DbBackend::Postgres => {
+                // The pool's own options, under a name of its own so that `pg_stat_activity`
+                // tells the probe from the pool's connections.
+                let options = db.get_postgres_connection_pool().connect_options();
+                let name = format!("{}-probe", options.get_application_name().unwrap_or("app"));
+                Some(Arc::new((*options).clone().application_name(&name)))
+            }
             _ => None,
         };
         Availability(Arc::new(Inner {
