@@ -7,7 +7,7 @@ use std::process::Command;
 use serde_json::{Value, json};
 
 use crate::helpers::TestDatabase;
-use crate::process::Binary;
+use crate::process::{Binary, run_binary};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -132,12 +132,7 @@ async fn with_no_configuration_the_binary_serves_from_an_embedded_sqlite_file() 
 
 #[test]
 fn a_bad_setting_exits_2_with_one_line_naming_the_variable() {
-    let output = Command::new(env!("CARGO_BIN_EXE_inventory-app"))
-        .arg("check-config")
-        .env_clear()
-        .env("DB_POOL_SIZE", "zero")
-        .output()
-        .expect("runs");
+    let output = run_binary(&["check-config"], &[("DB_POOL_SIZE", "zero")]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
@@ -149,15 +144,13 @@ fn a_bad_setting_exits_2_with_one_line_naming_the_variable() {
 
 #[test]
 fn check_config_shows_the_effective_settings_with_the_password_hidden() {
-    let output = Command::new(env!("CARGO_BIN_EXE_inventory-app"))
-        .arg("check-config")
-        .env_clear()
-        .env(
+    let output = run_binary(
+        &["check-config"],
+        &[(
             "DATABASE_URL",
             "postgresql+asyncpg://svc:hunter2-secret@db.internal:5432/inv",
-        )
-        .output()
-        .expect("runs");
+        )],
+    );
     assert_eq!(output.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(!stdout.contains("hunter2-secret"), "{stdout}");

@@ -3,7 +3,6 @@
 //! or a PostgreSQL server of the test's own where the behaviour needs one.
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::helpers::{TestApp, TestDatabase, connect_to, problem, spawn_app_on, spawn_app_with};
-use crate::process::{Binary, OwnServer, free_port};
+use crate::process::{Binary, OwnServer, free_port, run_binary};
 
 /// Rows of the app's sessions waiting for a lock, seen from `db`.
 async fn sessions_waiting_for_a_lock(db: &DatabaseConnection) -> i64 {
@@ -330,7 +329,7 @@ async fn a_database_outage_fails_fast_and_the_app_recovers_without_restart_losin
 async fn sigterm_stops_accepting_lets_the_in_flight_request_commit_and_exits_0() {
     let database = TestDatabase::create().await;
     let dir = std::env::temp_dir();
-    let mut binary = Binary::start(
+    let binary = Binary::start(
         &dir,
         &[
             ("DATABASE_URL", database.url.as_str()),
@@ -377,8 +376,8 @@ async fn sigterm_stops_accepting_lets_the_in_flight_request_commit_and_exits_0()
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    binary.terminate();
     let port = binary.port;
+    let stopped = tokio::spawn(binary.stop(Duration::from_secs(30)));
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
         assert!(
@@ -392,13 +391,7 @@ async fn sigterm_stops_accepting_lets_the_in_flight_request_commit_and_exits_0()
         .await
         .expect("the in-flight receipt is answered 201");
 
-    let status = tokio::task::spawn_blocking(move || {
-        let status = binary.wait_exit(Duration::from_secs(30));
-        (status, binary)
-    })
-    .await
-    .expect("joined");
-    let (status, binary) = status;
+    let (status, binary) = stopped.await.expect("joined");
     assert_eq!(status.code(), Some(0), "{}", binary.output());
     assert!(
         binary
@@ -515,15 +508,7 @@ async fn logs_are_json_lines_with_the_request_id_statements_and_slow_statements_
     lock.commit().await.expect("released");
     assert_eq!(slow.await.expect("joined").expect("answered").status(), 201);
 
-    let mut binary = binary;
-    binary.terminate();
-    let status = tokio::task::spawn_blocking(move || {
-        let status = binary.wait_exit(Duration::from_secs(30));
-        (status, binary)
-    })
-    .await
-    .expect("joined");
-    let (_, binary) = status;
+    let (_, binary) = binary.stop(Duration::from_secs(30)).await;
     let lines = binary.stdout_lines();
     let all = binary.output();
     assert!(!all.contains(&secret), "the password appears in the output");
@@ -560,16 +545,16 @@ async fn logs_are_json_lines_with_the_request_id_statements_and_slow_statements_
 #[test]
 fn start_up_retries_then_exits_non_zero_with_one_line_and_ping_reports_both_ways() {
     let unreachable = format!("postgres://postgres@127.0.0.1:{}/nothing", free_port());
-    let output = Command::new(env!("CARGO_BIN_EXE_inventory-app"))
-        .arg("serve")
-        .env_clear()
-        .env("DATABASE_URL", &unreachable)
-        .env("LOG_FORMAT", "json")
-        .env("DB_CONNECT_RETRIES", "3")
-        .env("DB_CONNECT_RETRY_DELAY_MS", "50")
-        .env("DB_CONNECT_TIMEOUT", "1")
-        .output()
-        .expect("runs");
+    let output = run_binary(
+        &["serve"],
+        &[
+            ("DATABASE_URL", &unreachable),
+            ("LOG_FORMAT", "json"),
+            ("DB_CONNECT_RETRIES", "3"),
+            ("DB_CONNECT_RETRY_DELAY_MS", "50"),
+            ("DB_CONNECT_TIMEOUT", "1"),
+        ],
+    );
     assert_eq!(output.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let attempts = stdout
@@ -581,21 +566,14 @@ fn start_up_retries_then_exits_non_zero_with_one_line_and_ping_reports_both_ways
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("after 3 attempt(s)"), "{stderr}");
 
-    let output = Command::new(env!("CARGO_BIN_EXE_inventory-app"))
-        .arg("ping")
-        .env_clear()
-        .env("DATABASE_URL", &unreachable)
-        .env("DB_CONNECT_TIMEOUT", "1")
-        .output()
-        .expect("runs");
+    let output = run_binary(
+        &["ping"],
+        &[("DATABASE_URL", &unreachable), ("DB_CONNECT_TIMEOUT", "1")],
+    );
     assert_eq!(output.status.code(), Some(1));
 
-    let output = Command::new(env!("CARGO_BIN_EXE_inventory-app"))
-        .arg("ping")
-        .env_clear()
-        .env("DATABASE_URL", crate::helpers::admin_url())
-        .output()
-        .expect("runs");
+    let admin = crate::helpers::admin_url();
+    let output = run_binary(&["ping"], &[("DATABASE_URL", &admin)]);
     assert_eq!(output.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(

@@ -148,11 +148,32 @@ impl Binary {
     }
 }
 
+impl Binary {
+    /// SIGTERM, then waits (off the async runtime) for the exit; returns the status and the
+    /// binary, whose output is then complete.
+    pub async fn stop(mut self, within: Duration) -> (ExitStatus, Binary) {
+        self.terminate();
+        tokio::task::spawn_blocking(move || (self.wait_exit(within), self))
+            .await
+            .expect("the waiting thread finishes")
+    }
+}
+
 impl Drop for Binary {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs the binary once with `args` and a bare environment plus `vars`; returns its output.
+pub fn run_binary(args: &[&str], vars: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_inventory-app"))
+        .args(args)
+        .env_clear()
+        .envs(vars.iter().copied())
+        .output()
+        .expect("the binary runs")
 }
 
 /// A port nothing listens on right now.
