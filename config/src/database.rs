@@ -24,6 +24,9 @@ pub(crate) const MAX_SECONDS: u64 = 86_400;
 /// The longest duration, in milliseconds, accepted for the `*_MS` variables: one day.
 const MAX_MILLIS: u64 = 86_400_000;
 
+/// The longest `DB_IDEMPOTENCY_TTL`, in seconds: 30 days.
+const MAX_IDEMPOTENCY_TTL: u64 = 30 * 86_400;
+
 /// Which driver a URL is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -64,6 +67,28 @@ impl PoolMode {
     ];
 
     /// The variable's spelling: `queue` or `serverless`.
+    pub fn as_str(&self) -> &'static str {
+        name_of(*self, Self::CHOICES)
+    }
+}
+
+/// `DB_POOLER`: what stands between the service and PostgreSQL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooler {
+    /// A direct connection (or a session-mode pooler): session state may be relied on.
+    None,
+    /// A transaction-mode pooler (PgBouncer `pool_mode = transaction`, RDS Proxy, Supavisor,
+    /// Neon's pooler): consecutive transactions of one client connection may run on different
+    /// server connections, so nothing may rely on session state (see the app's
+    /// `transaction/session.rs`).
+    Transaction,
+}
+
+impl Pooler {
+    pub(crate) const CHOICES: &[(&str, Pooler)] =
+        &[("none", Pooler::None), ("transaction", Pooler::Transaction)];
+
+    /// The variable's spelling: `none` or `transaction`.
     pub fn as_str(&self) -> &'static str {
         name_of(*self, Self::CHOICES)
     }
@@ -152,7 +177,7 @@ macro_rules! display_as_str {
         }
     )*};
 }
-display_as_str!(PoolMode, IsolationLevel, SslMode);
+display_as_str!(PoolMode, Pooler, IsolationLevel, SslMode);
 
 fn name_of<T: Copy + PartialEq>(value: T, choices: &[(&'static str, T)]) -> &'static str {
     choices
@@ -227,6 +252,20 @@ pub struct DatabaseSettings {
     /// `DB_TX_MAX_RETRIES` (0..=100, default 3): re-runs of a request after a serialization
     /// failure or deadlock.
     pub tx_max_retries: u32,
+    /// `DB_POOLER` (default `none`).
+    pub pooler: Pooler,
+    /// `DATABASE_REPLICA_URL` (default none): a PostgreSQL streaming replica for `GET`/`HEAD`
+    /// transactions, with the same pool settings as the primary.
+    pub replica_url: Option<DatabaseUrl>,
+    /// `DB_REPLICA_MAX_WAIT_MS` (0..=60000, default 100): how long a read carrying a
+    /// consistency token waits for the replica to catch up before it runs on the primary.
+    pub replica_max_wait: Duration,
+    /// `DB_IDEMPOTENCY_TTL` (seconds, 1..=2592000, default 86400): how long an
+    /// `Idempotency-Key` is remembered.
+    pub idempotency_ttl: Duration,
+    /// `DB_LEAK_DETECTION_MS` (0..=86400000, default 10000): a transaction still open after
+    /// this long is logged at WARN; `None` when 0 (off).
+    pub leak_detection: Option<Duration>,
 }
 
 impl DatabaseSettings {
@@ -282,7 +321,25 @@ impl DatabaseSettings {
                 .query_param(&["application_name"])
                 .unwrap_or_else(|| "inventory-api".to_owned()),
         };
+        let pooler = choice("DB_POOLER", &raw.db_pooler, Pooler::None, Pooler::CHOICES)?;
         let statement_cache = match url.query_param(&["statement-cache-capacity"]) {
+            // Behind a transaction-mode pooler no statement is ever prepared by name (a named
+            // statement outlives its transaction on a server connection that other clients get
+            // next), so there is nothing to cache.
+            _ if pooler == Pooler::Transaction => {
+                let cache: usize =
+                    number("DB_STATEMENT_CACHE", &raw.db_statement_cache, 0, 0..=10_000)?;
+                if cache != 0 {
+                    return Err(ConfigError::invalid(
+                        "DB_STATEMENT_CACHE",
+                        cache.to_string(),
+                        "must be 0 (or unset) with DB_POOLER=transaction: a named prepared \
+                         statement outlives its transaction and collides on the pooler's shared \
+                         server connections",
+                    ));
+                }
+                0
+            }
             Some(in_url) if present(&raw.db_statement_cache).is_none() => {
                 in_url.parse().unwrap_or(100)
             }
@@ -320,6 +377,43 @@ impl DatabaseSettings {
             1000,
             0..=MAX_MILLIS,
         )?;
+        let auto_migrate = boolean(
+            "DB_AUTO_MIGRATE",
+            &raw.db_auto_migrate,
+            source == UrlSource::EmbeddedDefault,
+        )?;
+        if pooler == Pooler::Transaction {
+            if url.backend() != Backend::Postgres {
+                return Err(ConfigError::invalid(
+                    "DB_POOLER",
+                    pooler.as_str(),
+                    "a transaction-mode pooler needs a PostgreSQL DATABASE_URL (set DB_POOLER=none)",
+                ));
+            }
+            if auto_migrate {
+                return Err(ConfigError::invalid(
+                    "DB_AUTO_MIGRATE",
+                    "true",
+                    "migrations cannot run through a transaction-mode pooler (DB_POOLER=transaction); \
+                     set DB_AUTO_MIGRATE=false and migrate with the direct database URL",
+                ));
+            }
+        }
+        let replica_url = match present(&raw.database_replica_url) {
+            None => None,
+            Some(value) => {
+                let replica =
+                    DatabaseUrl::parse(value).map_err(|e| e.renamed("DATABASE_REPLICA_URL"))?;
+                if replica.backend() != Backend::Postgres || url.backend() != Backend::Postgres {
+                    return Err(ConfigError::invalid(
+                        "DATABASE_REPLICA_URL",
+                        replica.to_string(),
+                        "a read replica needs PostgreSQL URLs for both the primary and the replica",
+                    ));
+                }
+                Some(replica)
+            }
+        };
         Ok(DatabaseSettings {
             pool_size,
             max_overflow,
@@ -356,12 +450,31 @@ impl DatabaseSettings {
                 2000,
                 0..=600_000,
             )?),
-            auto_migrate: boolean(
-                "DB_AUTO_MIGRATE",
-                &raw.db_auto_migrate,
-                source == UrlSource::EmbeddedDefault,
-            )?,
+            auto_migrate,
             tx_max_retries: number("DB_TX_MAX_RETRIES", &raw.db_tx_max_retries, 3, 0..=100)?,
+            pooler,
+            replica_url,
+            replica_max_wait: Duration::from_millis(number(
+                "DB_REPLICA_MAX_WAIT_MS",
+                &raw.db_replica_max_wait_ms,
+                100,
+                0..=60_000,
+            )?),
+            idempotency_ttl: Duration::from_secs(number(
+                "DB_IDEMPOTENCY_TTL",
+                &raw.db_idempotency_ttl,
+                86_400,
+                1..=MAX_IDEMPOTENCY_TTL,
+            )?),
+            leak_detection: match number(
+                "DB_LEAK_DETECTION_MS",
+                &raw.db_leak_detection_ms,
+                10_000u64,
+                0..=MAX_MILLIS,
+            )? {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
             url,
         })
     }
@@ -820,5 +933,111 @@ mod tests {
         assert_eq!(SslMode::VerifyCa.to_string(), "verify-ca");
         assert_eq!(PoolMode::Serverless.to_string(), "serverless");
         assert_eq!(Backend::Postgres.to_string(), "postgres");
+    }
+
+    #[test]
+    fn the_scale_out_variables_have_their_documented_defaults() {
+        let db = settings(&[("DATABASE_URL", "postgres://app@db/inv")]).database;
+        assert_eq!(db.pooler, Pooler::None);
+        assert!(db.replica_url.is_none());
+        assert_eq!(db.replica_max_wait, Duration::from_millis(100));
+        assert_eq!(db.idempotency_ttl, Duration::from_secs(86_400));
+        assert_eq!(db.leak_detection, Some(Duration::from_millis(10_000)));
+        assert_eq!(db.statement_cache, 100);
+    }
+
+    #[test]
+    fn the_scale_out_variables_are_read() {
+        let db = settings(&[
+            ("DATABASE_URL", "postgres://app:pw@bouncer:6432/inv"),
+            ("DB_POOLER", "Transaction"),
+            (
+                "DATABASE_REPLICA_URL",
+                "postgresql://app:s3cret@replica/inv",
+            ),
+            ("DB_REPLICA_MAX_WAIT_MS", "0"),
+            ("DB_IDEMPOTENCY_TTL", "60"),
+            ("DB_LEAK_DETECTION_MS", "0"),
+        ])
+        .database;
+        assert_eq!(db.pooler, Pooler::Transaction);
+        assert_eq!(
+            db.statement_cache, 0,
+            "no statement cache behind the pooler"
+        );
+        let replica = db.replica_url.expect("replica");
+        assert_eq!(replica.to_string(), "postgres://app:***@replica/inv");
+        assert_eq!(db.replica_max_wait, Duration::ZERO);
+        assert_eq!(db.idempotency_ttl, Duration::from_secs(60));
+        assert_eq!(db.leak_detection, None);
+    }
+
+    #[test]
+    fn settings_that_cannot_work_together_are_refused_with_the_reason() {
+        let pg = ("DATABASE_URL", "postgres://app@db/inv");
+        let cases: &[(Vars, &str, &str)] = &[
+            (
+                &[
+                    pg,
+                    ("DB_POOLER", "transaction"),
+                    ("DB_STATEMENT_CACHE", "100"),
+                ],
+                "DB_STATEMENT_CACHE",
+                "collides",
+            ),
+            (&[("DB_POOLER", "transaction")], "DB_POOLER", "PostgreSQL"),
+            (
+                &[
+                    pg,
+                    ("DB_POOLER", "transaction"),
+                    ("DB_AUTO_MIGRATE", "true"),
+                ],
+                "DB_AUTO_MIGRATE",
+                "direct database URL",
+            ),
+            (
+                &[pg, ("DB_POOLER", "session")],
+                "DB_POOLER",
+                "none, transaction",
+            ),
+            (
+                &[("DATABASE_REPLICA_URL", "postgres://app@replica/inv")],
+                "DATABASE_REPLICA_URL",
+                "PostgreSQL URLs",
+            ),
+            (
+                &[pg, ("DATABASE_REPLICA_URL", "redis://app:s3cret@r/0")],
+                "DATABASE_REPLICA_URL",
+                "not supported",
+            ),
+            (
+                &[pg, ("DB_REPLICA_MAX_WAIT_MS", "60001")],
+                "DB_REPLICA_MAX_WAIT_MS",
+                "0 to 60000",
+            ),
+            (
+                &[pg, ("DB_IDEMPOTENCY_TTL", "0")],
+                "DB_IDEMPOTENCY_TTL",
+                "1 to 2592000",
+            ),
+            (
+                &[pg, ("DB_LEAK_DETECTION_MS", "-1")],
+                "DB_LEAK_DETECTION_MS",
+                "0 to 86400000",
+            ),
+        ];
+        for (vars, variable, expected) in cases {
+            let err = error(vars);
+            assert_eq!(err.variable(), Some(*variable), "{vars:?}: {err}");
+            let shown = err.to_string();
+            assert!(shown.contains(expected), "{vars:?}: {shown}");
+            assert!(!shown.contains("s3cret"), "{vars:?}: {shown}");
+        }
+        let ok = settings(&[
+            pg,
+            ("DB_POOLER", "transaction"),
+            ("DB_STATEMENT_CACHE", "0"),
+        ]);
+        assert_eq!(ok.database.statement_cache, 0);
     }
 }

@@ -17,8 +17,8 @@ mod test_support;
 use std::fmt::Write as _;
 
 pub use database::{
-    Backend, DatabaseSettings, IsolationLevel, MAX_CONNECTIONS, PoolMode, SQLITE_MAX_CONNECTIONS,
-    SslMode,
+    Backend, DatabaseSettings, IsolationLevel, MAX_CONNECTIONS, PoolMode, Pooler,
+    SQLITE_MAX_CONNECTIONS, SslMode,
 };
 pub use database_url::{DEFAULT_DATABASE_URL, DatabaseUrl};
 pub use error::ConfigError;
@@ -32,6 +32,18 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub server: ServerSettings,
     pub log: LogSettings,
+}
+
+/// `DB_POOLER` alone, after reading `./.env` like [`Settings::load`]: for tools that must refuse
+/// to run through a transaction-mode pooler whatever else the environment holds (the
+/// `migration` crate's CLI, run by `sea-orm-cli migrate`).
+///
+/// # Errors
+/// [`ConfigError`] when `.env` cannot be read or `DB_POOLER` is invalid.
+pub fn pooler_from_env() -> Result<Pooler, ConfigError> {
+    env::load_dotenv()?;
+    let raw = RawEnv::from_vars(env::process_vars()?)?;
+    env::choice("DB_POOLER", &raw.db_pooler, Pooler::None, Pooler::CHOICES)
 }
 
 impl Settings {
@@ -85,7 +97,7 @@ impl Settings {
         };
         let secs = |d: std::time::Duration| d.as_secs().to_string();
         let millis = |d: std::time::Duration| d.as_millis().to_string();
-        let lines: [(&str, String); 33] = [
+        let lines: [(&str, String); 38] = [
             ("DATABASE_URL", db.url.to_string()),
             ("DB_HOST", part(|p| &p.host)),
             ("DB_PORT", part(|p| &p.port)),
@@ -128,6 +140,20 @@ impl Settings {
             ("DB_CONNECT_RETRY_DELAY_MS", millis(db.connect_retry_delay)),
             ("DB_AUTO_MIGRATE", db.auto_migrate.to_string()),
             ("DB_TX_MAX_RETRIES", db.tx_max_retries.to_string()),
+            ("DB_POOLER", db.pooler.to_string()),
+            (
+                "DATABASE_REPLICA_URL",
+                db.replica_url
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            ),
+            ("DB_REPLICA_MAX_WAIT_MS", millis(db.replica_max_wait)),
+            ("DB_IDEMPOTENCY_TTL", secs(db.idempotency_ttl)),
+            (
+                "DB_LEAK_DETECTION_MS",
+                db.leak_detection.map_or_else(|| "0".to_owned(), millis),
+            ),
             ("APP_HOST", server.host.clone()),
             ("APP_PORT", server.port.to_string()),
             ("APP_WORKERS", server.workers.to_string()),
@@ -182,6 +208,11 @@ DB_CONNECT_RETRIES=5
 DB_CONNECT_RETRY_DELAY_MS=2000
 DB_AUTO_MIGRATE=true
 DB_TX_MAX_RETRIES=3
+DB_POOLER=none
+DATABASE_REPLICA_URL=
+DB_REPLICA_MAX_WAIT_MS=100
+DB_IDEMPOTENCY_TTL=86400
+DB_LEAK_DETECTION_MS=10000
 APP_HOST=127.0.0.1
 APP_PORT=8080
 APP_WORKERS=2
@@ -319,5 +350,44 @@ LOG_FORMAT=pretty
     fn every_error_message_is_one_line() {
         let err = error(&[("DB_POOL_SIZE", "1\n2")]);
         assert!(!err.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn env_example_documents_every_variable_and_sets_none() {
+        let example = include_str!("../../.env.example");
+        let set: Vec<&str> = example
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        assert!(
+            set.is_empty(),
+            "copied to .env, these lines would override the defaults and the URL: {set:?}"
+        );
+        for name in env::VARIABLES {
+            assert!(
+                example
+                    .lines()
+                    .any(|l| l.starts_with(&format!("# {name}="))),
+                "{name} is not documented in .env.example"
+            );
+        }
+        // Uncommented, every documented value is the default: the example cannot drift.
+        let uncommented: Vec<(String, String)> = example
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter_map(|l| l.split_once('='))
+            .filter(|(name, _)| env::VARIABLES.contains(name))
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect();
+        let from_example = Settings::from_vars(uncommented).unwrap_or_else(|e| panic!("{e}"));
+        let defaults = settings(&[]);
+        let workers = |r: String| {
+            r.lines()
+                .filter(|l| !l.starts_with("APP_WORKERS="))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(workers(from_example.report()), workers(defaults.report()));
     }
 }
