@@ -5,10 +5,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use config::Settings;
+use config::{Pooler, Settings};
 use migration::{Migrator, MigratorTrait};
 
-use crate::{Application, db, telemetry};
+use crate::{Application, TxConfig, db, telemetry};
+
+/// Why `app migrate` refuses to run through a transaction-mode pooler (one line).
+pub const POOLER_MIGRATE: &str = "migrations cannot run through a transaction-mode pooler \
+    (DB_POOLER=transaction): run `app migrate` with DATABASE_URL set to the database's direct URL \
+    and DB_POOLER unset";
 
 #[derive(Parser)]
 #[command(
@@ -98,6 +103,9 @@ async fn serve(settings: Settings) -> Result<(), String> {
 }
 
 async fn migrate(settings: Settings, action: MigrateAction) -> Result<(), String> {
+    if settings.database.pooler == Pooler::Transaction {
+        return Err(POOLER_MIGRATE.to_owned());
+    }
     let mut database = settings.database;
     database.connect_retries = 1;
     let db = db::connect(&database).await.map_err(|e| e.to_string())?;
@@ -114,8 +122,9 @@ async fn migrate(settings: Settings, action: MigrateAction) -> Result<(), String
 async fn ping(settings: Settings) -> Result<(), String> {
     let mut database = settings.database;
     database.connect_retries = 1;
+    let session = TxConfig::new(&database, settings.server.body_limit).session;
     let db = db::connect(&database).await.map_err(|e| e.to_string())?;
-    let latency = db::ping(&db, None, Duration::from_secs(5)).await?;
+    let latency = db::ping(&db, session.ping_sql(), None, Duration::from_secs(5)).await?;
     println!(
         "ok: {} answered SELECT 1 in {:.2} ms",
         db::backend_name(&db),

@@ -103,16 +103,18 @@ pub fn backend_name(db: &DatabaseConnection) -> &'static str {
     }
 }
 
-/// `SELECT 1` through the pool, bounded by `within`; returns the round trip's latency. With
-/// `availability`, a database known to be down answers at once and a checkout gives up as soon
-/// as a probe finds it unreachable.
+/// `SELECT 1` through the pool (`sql` is [`Session::ping_sql`](crate::transaction::Session),
+/// wrapped in a transaction behind a pooler), bounded by `within`; returns the round trip's
+/// latency. With `availability`, a database known to be down answers at once and a checkout
+/// gives up as soon as a probe finds it unreachable.
 pub async fn ping(
     db: &DatabaseConnection,
+    sql: &str,
     availability: Option<&Availability>,
     within: Duration,
 ) -> Result<Duration, String> {
     let started = Instant::now();
-    let select = db.execute_unprepared("SELECT 1");
+    let select = db.execute_unprepared(sql);
     let answer = match availability {
         Some(availability) => tokio::time::timeout(within, availability.guard(select)).await,
         None => tokio::time::timeout(within, select).await,

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
-use config::{Backend, Settings};
+use config::Settings;
 use sea_orm::DatabaseConnection;
 
 use crate::availability::Availability;
@@ -97,15 +97,12 @@ fn server(
     let database = &settings.database;
     let availability = Availability::new(&db, database.connect_timeout);
     let tx_config = web::Data::new(TxConfig {
-        isolation: database.isolation_level.to_sea_orm(),
-        isolation_is_connection_default: database.backend() == Backend::Postgres,
-        max_retries: database.tx_max_retries,
-        body_limit: settings.server.body_limit,
         availability: Some(availability.clone()),
         admission: Some(Admission::new(
             2 * database.max_connections() as usize,
             database.pool_timeout,
         )),
+        ..TxConfig::new(database, settings.server.body_limit)
     });
     let availability = web::Data::new(availability);
     let ready_queue = web::Data::new(ReadyQueue(Admission::new(

@@ -13,7 +13,7 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use secrecy::ExposeSecret;
 
-use crate::database::{Backend, DatabaseSettings, PoolMode, SslMode};
+use crate::database::{Backend, DatabaseSettings, PoolMode, Pooler, SslMode};
 
 /// A connection used less than this long ago is handed out without a ping (see
 /// `connect_options`).
@@ -69,7 +69,10 @@ impl DatabaseSettings {
 
     fn apply_postgres(&self, options: &mut ConnectOptions) {
         options.set_application_name(self.application_name.clone());
-        if let Some(timeout) = self.statement_timeout {
+        if self.pooler == Pooler::Transaction {
+            // No startup `options` behind the pooler (PgBouncer refuses them): the app applies
+            // the statement timeout inside each transaction.
+        } else if let Some(timeout) = self.statement_timeout {
             // Sent as a startup parameter (`-c statement_timeout=…`), no extra round trip.
             options.statement_timeout(timeout);
         }
@@ -94,15 +97,24 @@ impl DatabaseSettings {
         let statement_cache = self.statement_cache;
         let ssl_mode = pg_ssl_mode(self.ssl_mode);
         let ssl_root_cert = self.ssl_root_cert.clone();
+        let pooled = self.pooler == Pooler::Transaction;
         move |pg| {
-            // Startup parameters: applied by the server at connect time, no extra round trip.
-            // `options` appends to what is there (SeaORM's `statement_timeout`, a URL's
-            // `options=`), it does not replace it. With the default isolation set here, a plain
-            // `BEGIN` already runs at the configured level.
             let mut pg = pg
-                .options([("jit", jit), ("default_transaction_isolation", isolation)])
                 .statement_cache_capacity(statement_cache)
                 .ssl_mode(ssl_mode);
+            if pooled {
+                // A transaction-mode pooler forwards no startup parameter but a few it knows
+                // (PgBouncer 1.18 refuses `options` and sqlx's `extra_float_digits` unless told
+                // to ignore them, and then drops them): the settings go into every
+                // transaction instead (the app's `transaction/session.rs`).
+                pg = pg.extra_float_digits(None);
+            } else {
+                // Startup parameters: applied by the server at connect time, no extra round
+                // trip. `options` appends to what is there (SeaORM's `statement_timeout`, a
+                // URL's `options=`), it does not replace it. With the default isolation set
+                // here, a plain `BEGIN` already runs at the configured level.
+                pg = pg.options([("jit", jit), ("default_transaction_isolation", isolation)]);
+            }
             if let Some(password) = &password {
                 pg = pg.password(password.expose_secret());
             }
@@ -314,5 +326,29 @@ mod tests {
         assert_eq!(options.get_max_connections(), Some(1));
         assert_eq!(options.get_idle_timeout(), Some(None));
         assert_eq!(options.get_max_lifetime(), Some(None));
+    }
+
+    #[test]
+    fn behind_a_pooler_no_startup_parameter_but_the_application_name_is_sent() {
+        let options = options(&[
+            ("DATABASE_URL", POSTGRES),
+            ("DB_POOLER", "transaction"),
+            ("DB_STATEMENT_TIMEOUT_MS", "1500"),
+        ]);
+        assert_eq!(options.get_statement_timeout(), None);
+        let db = settings(&[
+            ("DATABASE_URL", POSTGRES),
+            ("DB_POOLER", "transaction"),
+            ("DB_STATEMENT_TIMEOUT_MS", "1500"),
+        ])
+        .database;
+        let pg = db.postgres_options()(
+            PgConnectOptions::new_without_pgpass().application_name("inventory-api"),
+        );
+        assert_eq!(pg.get_options(), None, "PgBouncer refuses `options`");
+        assert_eq!(pg.get_application_name(), Some("inventory-api"));
+        let debug = format!("{pg:?}");
+        assert!(debug.contains("extra_float_digits: None"), "{debug}");
+        assert!(debug.contains("statement_cache_capacity: 0"), "{debug}");
     }
 }

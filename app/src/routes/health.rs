@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use crate::availability::Availability;
 use crate::db::{self, PoolStats};
 use crate::metrics::Metrics;
-use crate::transaction::Admission;
+use crate::transaction::{Admission, TxConfig};
 
 /// How long `/health/ready` may wait for the database: well under the 2 s a probe allows.
 pub const READY_BUDGET: Duration = Duration::from_millis(1500);
@@ -59,6 +59,7 @@ pub struct Ready {
     (status = 200, body = Ready), (status = 503, body = Ready)))]
 pub async fn ready(
     db: web::Data<DatabaseConnection>,
+    config: web::Data<TxConfig>,
     metrics: web::Data<Metrics>,
     availability: Option<web::Data<Availability>>,
     queue: Option<web::Data<ReadyQueue>>,
@@ -71,11 +72,11 @@ pub async fn ready(
         Some(queue) => match queue.enter().await {
             Ok(_turn) => {
                 let left = READY_BUDGET.saturating_sub(started.elapsed());
-                db::ping(&db, availability, left).await
+                db::ping(&db, config.session.ping_sql(), availability, left).await
             }
             Err(_) => Err("no pooled connection became free in time".to_owned()),
         },
-        None => db::ping(&db, availability, READY_BUDGET).await,
+        None => db::ping(&db, config.session.ping_sql(), availability, READY_BUDGET).await,
     };
     let pool = db::pool_stats(&db, min, max);
     let backend = db::backend_name(&db);

@@ -2,11 +2,12 @@
 //! handler uses it. The rules of when to commit are in the parent module; this one only knows how
 //! to begin, run statements, remember the first failure, and end.
 //!
-//! On PostgreSQL the transaction is sqlx's own, begun with one statement that carries the
-//! isolation level and access mode (`BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY`): SeaORM's
-//! `begin_with_options` would send `BEGIN` and then `SET TRANSACTION`, one more round trip per
-//! request. Statements are bound exactly as SeaORM binds them (`sea-query-sqlx`) and run on the
-//! same pool, statement cache and statement logging. If the transaction is dropped unfinished
+//! On PostgreSQL the transaction is sqlx's own, begun with one message that carries the
+//! isolation level and access mode (`BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY`, plus the
+//! session's settings behind a pooler: [`Session`](super::Session)): SeaORM's `begin_with_options` would send
+//! `BEGIN` and then `SET TRANSACTION`, one more round trip per request. Statements are bound
+//! exactly as SeaORM binds them (`sea-query-sqlx`) and run on the same pool, statement cache
+//! and statement logging. If the transaction is dropped unfinished
 //! (a cancelled job), sqlx queues its `ROLLBACK` before the connection can be reused, so no
 //! connection ever returns to the pool inside an open transaction. SQLite uses SeaORM's
 //! transaction (`BEGIN IMMEDIATE` for writers).
@@ -20,13 +21,14 @@ use actix_web::{FromRequest, HttpMessage, HttpRequest};
 use sea_orm::sqlx::{self, Executor as _, Postgres};
 use sea_orm::{
     AccessMode, ConnAcquireErr, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    DbBackend, DbErr, ExecResult, IsolationLevel, QueryResult, RuntimeErr, SqliteTransactionMode,
-    Statement, TransactionOptions, TransactionTrait, Values,
+    DbBackend, DbErr, ExecResult, QueryResult, RuntimeErr, SqliteTransactionMode, Statement,
+    TransactionOptions, TransactionTrait, Values,
 };
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use super::failure::{DbFailure, FailureKind};
+use super::session::BeginSql;
 use super::{TxConfig, TxOutcome, TxPolicy};
 use crate::availability::Availability;
 use crate::metrics::Metrics;
@@ -34,8 +36,8 @@ use crate::problem::ApiError;
 
 /// How this attempt's transaction is begun.
 enum Begin {
-    /// The whole `BEGIN …` statement, one round trip.
-    Postgres(&'static str),
+    /// The whole `BEGIN …` message, one round trip ([`Session::begin`]).
+    Postgres(BeginSql),
     /// SeaORM's options (SQLite).
     Orm(TransactionOptions),
 }
@@ -56,6 +58,8 @@ enum State {
 pub(super) struct Slot {
     db: DatabaseConnection,
     begin: Begin,
+    /// Whether statements may be prepared by name (not behind a transaction-mode pooler).
+    named_statements: bool,
     metrics: Option<Metrics>,
     availability: Option<Availability>,
     state: Mutex<State>,
@@ -86,17 +90,12 @@ impl Slot {
                 sqlite_transaction_mode: (access == AccessMode::ReadWrite)
                     .then_some(SqliteTransactionMode::Immediate),
             }),
-            _ => {
-                // The connection's default isolation needs no clause.
-                let isolation = (!(config.isolation_is_connection_default
-                    && isolation == config.isolation))
-                    .then_some(isolation);
-                Begin::Postgres(postgres_begin(isolation, access))
-            }
+            _ => Begin::Postgres(config.session.begin(isolation, access)),
         };
         Slot {
             db,
             begin,
+            named_statements: config.session.named_statements(),
             metrics,
             availability: config.availability.clone(),
             state: Mutex::new(State::Idle),
@@ -134,16 +133,26 @@ impl Slot {
 
     /// Takes a connection from the pool and begins.
     async fn begin_now(&self) -> Result<Open, DbErr> {
-        match self.begin {
-            Begin::Postgres(sql) => self
-                .db
-                .get_postgres_connection_pool()
-                .begin_with(sql)
-                .await
-                .map(Open::Postgres)
-                .map_err(acquire_err),
-            Begin::Orm(options) => self.db.begin_with_options(options).await.map(Open::Orm),
+        let pool = || self.db.get_postgres_connection_pool();
+        match &self.begin {
+            Begin::Postgres(BeginSql::Static(sql)) => pool().begin_with(*sql).await,
+            Begin::Postgres(BeginSql::Owned(sql)) => {
+                pool().begin_with(sqlx::AssertSqlSafe(sql.clone())).await
+            }
+            Begin::Orm(options) => {
+                return self.db.begin_with_options(*options).await.map(Open::Orm);
+            }
         }
+        .map(Open::Postgres)
+        .map_err(acquire_err)
+    }
+
+    /// A statement bound as SeaORM binds it: by name and cached on the connection where
+    /// session state is kept, unnamed behind a transaction-mode pooler ([`Session`](super::Session)).
+    fn pg_query<'q>(&self, stmt: &'q Statement) -> sqlx::query::Query<'q, Postgres, SqlxValues> {
+        let values = stmt.values.clone().unwrap_or(Values(Vec::new()));
+        sqlx::query_with(sqlx::AssertSqlSafe(stmt.sql.as_str()), SqlxValues(values))
+            .persistent(self.named_statements)
     }
 
     fn record(&self, err: DbErr) -> DbErr {
@@ -209,30 +218,6 @@ impl Slot {
     }
 }
 
-/// `BEGIN` with the isolation level and access mode in the statement itself.
-fn postgres_begin(isolation: Option<IsolationLevel>, access: AccessMode) -> &'static str {
-    use IsolationLevel::*;
-    let read_only = access == AccessMode::ReadOnly;
-    match (isolation, read_only) {
-        (None, false) => "BEGIN",
-        (None, true) => "BEGIN READ ONLY",
-        (Some(ReadUncommitted), false) => "BEGIN ISOLATION LEVEL READ UNCOMMITTED",
-        (Some(ReadUncommitted), true) => "BEGIN ISOLATION LEVEL READ UNCOMMITTED, READ ONLY",
-        (Some(ReadCommitted), false) => "BEGIN ISOLATION LEVEL READ COMMITTED",
-        (Some(ReadCommitted), true) => "BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY",
-        (Some(RepeatableRead), false) => "BEGIN ISOLATION LEVEL REPEATABLE READ",
-        (Some(RepeatableRead), true) => "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
-        (Some(Serializable), false) => "BEGIN ISOLATION LEVEL SERIALIZABLE",
-        (Some(Serializable), true) => "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY",
-    }
-}
-
-/// A statement bound as SeaORM binds it, so it shares the connection's statement cache.
-fn pg_query(stmt: &Statement) -> sqlx::query::Query<'_, Postgres, SqlxValues> {
-    let values = stmt.values.clone().unwrap_or(Values(Vec::new()));
-    sqlx::query_with(sqlx::AssertSqlSafe(stmt.sql.as_str()), SqlxValues(values))
-}
-
 // The same `DbErr` shapes SeaORM gives for these failures, so that classification is one code.
 fn exec_err(e: sqlx::Error) -> DbErr {
     DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))
@@ -284,7 +269,9 @@ impl ConnectionTrait for Tx {
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
         let mut open = self.0.open().await?;
         let result = match &mut *open {
-            Open::Postgres(tx) => pg_query(&stmt)
+            Open::Postgres(tx) => self
+                .0
+                .pg_query(&stmt)
                 .execute(&mut **tx)
                 .await
                 .map(ExecResult::from)
@@ -310,7 +297,9 @@ impl ConnectionTrait for Tx {
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
         let mut open = self.0.open().await?;
         let result = match &mut *open {
-            Open::Postgres(tx) => pg_query(&stmt)
+            Open::Postgres(tx) => self
+                .0
+                .pg_query(&stmt)
                 .fetch_optional(&mut **tx)
                 .await
                 .map(|row| row.map(QueryResult::from))
@@ -323,7 +312,9 @@ impl ConnectionTrait for Tx {
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
         let mut open = self.0.open().await?;
         let result = match &mut *open {
-            Open::Postgres(tx) => pg_query(&stmt)
+            Open::Postgres(tx) => self
+                .0
+                .pg_query(&stmt)
                 .fetch_all(&mut **tx)
                 .await
                 .map(|rows| rows.into_iter().map(QueryResult::from).collect())

@@ -25,13 +25,17 @@
 //! Isolation and round trips: PostgreSQL connections carry `default_transaction_isolation` as a
 //! startup parameter, and the isolation level and access mode that differ from it go into the
 //! `BEGIN` statement itself (`BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY`), so a transaction
-//! costs `BEGIN`, its statements and `COMMIT`, nothing more. `GET` and `HEAD` run `READ ONLY`; a
+//! costs `BEGIN`, its statements and `COMMIT`, nothing more. Behind a transaction-mode pooler
+//! (`DB_POOLER=transaction`) nothing is kept between transactions: every `BEGIN` carries the
+//! isolation level and the settings (`SET LOCAL …`) in the same message, and statements are
+//! never prepared by name ([`Session`]). `GET` and `HEAD` run `READ ONLY`; a
 //! route may declare its own level and access mode with [`Transactional::isolation`] /
 //! [`Transactional::read_write`], documented where it is declared.
 
 mod failure;
 mod lazy;
 mod peer;
+mod session;
 
 use std::future::{Future, Ready, ready};
 use std::panic::AssertUnwindSafe;
@@ -51,6 +55,7 @@ pub use failure::{DbFailure, FailureKind};
 use lazy::Slot;
 pub use lazy::Tx;
 pub use peer::on_connect;
+pub use session::Session;
 
 use crate::availability::Availability;
 use crate::json::read_body;
@@ -62,9 +67,9 @@ use crate::problem::ApiError;
 pub struct TxConfig {
     /// Isolation level of a transaction that declares none (`DB_ISOLATION_LEVEL`).
     pub isolation: IsolationLevel,
-    /// Whether connections already carry `isolation` as their default (PostgreSQL startup
-    /// parameter), so that `BEGIN` needs no `SET TRANSACTION` for it.
-    pub isolation_is_connection_default: bool,
+    /// What the connections keep between transactions: how `BEGIN` is written and statements
+    /// are sent (direct, or behind a transaction-mode pooler).
+    pub session: Session,
     /// Re-runs after a serialization failure or deadlock (`DB_TX_MAX_RETRIES`).
     pub max_retries: u32,
     /// Largest request body buffered for re-runs (`APP_BODY_LIMIT`).
@@ -73,6 +78,34 @@ pub struct TxConfig {
     pub availability: Option<Availability>,
     /// Bounds the requests whose handlers run at once; `None` admits all.
     pub admission: Option<Admission>,
+}
+
+impl TxConfig {
+    /// The transaction rules of `settings`, without availability checks or admission bounds
+    /// (the server adds those).
+    pub fn new(settings: &config::DatabaseSettings, body_limit: usize) -> TxConfig {
+        let isolation = settings.isolation_level.to_sea_orm();
+        let session = match (settings.backend(), settings.pooler) {
+            (config::Backend::Postgres, config::Pooler::Transaction) => Session::Pooled {
+                jit: settings.jit,
+                statement_timeout: settings.statement_timeout,
+            },
+            (config::Backend::Postgres, config::Pooler::None) => Session::Direct {
+                connection_default: Some(isolation),
+            },
+            _ => Session::Direct {
+                connection_default: None,
+            },
+        };
+        TxConfig {
+            isolation,
+            session,
+            max_retries: settings.tx_max_retries,
+            body_limit,
+            availability: None,
+            admission: None,
+        }
+    }
 }
 
 /// Bounds how many handlers of transactional routes run at once (twice the pool's connections

@@ -484,7 +484,9 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
     let app = app_with(&[]).await;
     let config = app::TxConfig {
         isolation: IsolationLevel::RepeatableRead,
-        isolation_is_connection_default: true,
+        session: app::transaction::Session::Direct {
+            connection_default: Some(IsolationLevel::RepeatableRead),
+        },
         max_retries: 3,
         body_limit: 65_536,
         availability: None,
