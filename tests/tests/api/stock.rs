@@ -1,6 +1,6 @@
 //! Receipts, shipments, transfers: atomicity, the invariant, and concurrency. Every test runs
-//! twice, on PostgreSQL and on the embedded SQLite file (`stock::postgres::…`,
-//! `stock::sqlite::…`).
+//! on PostgreSQL, on the embedded SQLite file and on PostgreSQL behind PgBouncer in
+//! transaction mode (`stock::postgres::…`, `stock::sqlite::…`, `stock::pgbouncer::…`).
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
@@ -10,7 +10,7 @@ use crate::helpers::{TestApp, problem};
 /// Enough connections for the concurrent tests (SQLite caps its pool at 4 writers' worth).
 const POOL: &[(&str, &str)] = &[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")];
 
-macro_rules! on_both_backends {
+macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod postgres {
             $(#[tokio::test]
@@ -24,10 +24,16 @@ macro_rules! on_both_backends {
                 super::$name(crate::helpers::spawn_sqlite_app(super::POOL).await).await;
             })*
         }
+        mod pgbouncer {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_pooled_app_with(super::POOL, |_| {}).await).await;
+            })*
+        }
     };
 }
 
-on_both_backends!(
+on_every_backend!(
     receipts_shipments_and_transfers_move_stock_and_write_the_ledger,
     a_shipment_of_more_than_the_stock_is_409_insufficient_stock_and_changes_nothing,
     movements_naming_a_missing_warehouse_or_product_are_404,
