@@ -119,7 +119,7 @@ impl Metrics {
         for state in ["idle", "in_use"] {
             pool_connections.get_or_create(&StateLabel { state }).set(0);
         }
-        for outcome in ["commit", "rollback"] {
+        for outcome in ["commit", "rollback", "unknown"] {
             let _ = transactions.get_or_create(&OutcomeLabel { outcome });
         }
         for method in ["GET", "POST"] {
@@ -165,6 +165,7 @@ impl Metrics {
         let outcome = match outcome {
             TxOutcome::Commit => "commit",
             TxOutcome::Rollback => "rollback",
+            TxOutcome::Unknown => "unknown",
             TxOutcome::None => return,
         };
         self.transactions

@@ -47,6 +47,14 @@ pub enum ApiError {
     /// 503 `serialization_failure`: conflicts outlasted `DB_TX_MAX_RETRIES`.
     #[error("the request kept conflicting with concurrent requests; retry later")]
     SerializationFailure,
+    /// 500 `commit_outcome_unknown`: the connection broke during `COMMIT` and the outcome
+    /// could not be established. No `Retry-After`: only a retry with the same
+    /// `Idempotency-Key` is safe.
+    #[error(
+        "the connection to the database broke during the commit and its outcome is unknown; \
+         retry only with the same Idempotency-Key"
+    )]
+    CommitOutcomeUnknown,
     /// 500 `internal`: logged where it happened; the body says nothing more.
     #[error("an internal error occurred")]
     Internal,
@@ -71,6 +79,7 @@ impl ApiError {
             ApiError::PoolTimeout => "pool_timeout",
             ApiError::DatabaseUnavailable => "database_unavailable",
             ApiError::SerializationFailure => "serialization_failure",
+            ApiError::CommitOutcomeUnknown => "commit_outcome_unknown",
             ApiError::Internal => "internal",
             ApiError::ClientClosedRequest => "client_closed_request",
         }
@@ -103,7 +112,9 @@ impl ResponseError for ApiError {
             ApiError::PoolTimeout
             | ApiError::DatabaseUnavailable
             | ApiError::SerializationFailure => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::CommitOutcomeUnknown | ApiError::Internal => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ApiError::ClientClosedRequest => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
             }

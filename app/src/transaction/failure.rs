@@ -27,6 +27,9 @@ pub enum FailureKind {
     PoolTimeout,
     /// The connection or the server went away.
     Unavailable,
+    /// The connection broke while `COMMIT` was in flight and the transaction's status could
+    /// not be learned: it may or may not have committed.
+    CommitOutcomeUnknown,
     /// Anything else: a bug or an unexpected server condition.
     Other,
 }
@@ -44,6 +47,7 @@ impl FailureKind {
             FailureKind::StatementTimeout => "statement timeout",
             FailureKind::PoolTimeout => "no pooled connection became free in time",
             FailureKind::Unavailable => "the database cannot be reached",
+            FailureKind::CommitOutcomeUnknown => "the outcome of a COMMIT is unknown",
             FailureKind::Other => "database error",
         }
     }
@@ -136,6 +140,10 @@ impl From<DbFailure> for ApiError {
             }
             FailureKind::PoolTimeout => ApiError::PoolTimeout,
             FailureKind::Unavailable => ApiError::DatabaseUnavailable,
+            FailureKind::CommitOutcomeUnknown => {
+                tracing::error!(error = %f.message, "the outcome of a COMMIT is unknown");
+                ApiError::CommitOutcomeUnknown
+            }
             FailureKind::OutOfRange => {
                 ApiError::Validation("quantity: the result would exceed the supported range".into())
             }

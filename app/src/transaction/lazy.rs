@@ -28,6 +28,7 @@ use sea_query_sqlx::SqlxValues;
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use super::failure::{DbFailure, FailureKind};
+use super::outcome::{self, Resolved};
 use super::session::BeginSql;
 use super::{TxConfig, TxOutcome, TxPolicy};
 use crate::availability::Availability;
@@ -62,6 +63,10 @@ pub(super) struct Slot {
     named_statements: bool,
     metrics: Option<Metrics>,
     availability: Option<Availability>,
+    /// Whether the transaction may write: only then is its outcome worth establishing.
+    read_write: bool,
+    /// Bound on establishing the outcome of a `COMMIT` whose reply was lost.
+    commit_check: std::time::Duration,
     state: Mutex<State>,
     /// The first statement failure of this attempt (later ones are its consequences).
     failure: StdMutex<Option<DbFailure>>,
@@ -98,6 +103,8 @@ impl Slot {
             named_statements: config.session.named_statements(),
             metrics,
             availability: config.availability.clone(),
+            read_write: access == AccessMode::ReadWrite,
+            commit_check: config.commit_check,
             state: Mutex::new(State::Idle),
             failure: StdMutex::new(None),
         }
@@ -193,16 +200,12 @@ impl Slot {
         };
         if commit && failure.is_none() {
             let committed = match open {
-                Open::Postgres(tx) => tx.commit().await.map_err(exec_err),
+                Open::Postgres(tx) => return self.commit_postgres(tx).await,
                 Open::Orm(tx) => tx.commit().await,
             };
             match committed {
                 Ok(()) => (TxOutcome::Commit, None),
-                Err(e) => {
-                    let failure = DbFailure::classify(&e);
-                    self.suspect_if_unavailable(&failure);
-                    (TxOutcome::Rollback, Some(failure))
-                }
+                Err(e) => (TxOutcome::Rollback, Some(self.commit_failed(&e))),
             }
         } else {
             let rolled_back = match open {
@@ -215,6 +218,61 @@ impl Slot {
             }
             (TxOutcome::Rollback, failure)
         }
+    }
+}
+
+impl Slot {
+    /// `COMMIT` on PostgreSQL. A writing transaction's id is read first, so that a `COMMIT`
+    /// whose reply is lost can be resolved ([`outcome`]) instead of guessed.
+    async fn commit_postgres(
+        &self,
+        mut tx: sqlx::Transaction<'static, Postgres>,
+    ) -> (TxOutcome, Option<DbFailure>) {
+        let xid = if self.read_write {
+            match outcome::current_xid(&mut tx).await {
+                Ok(xid) => xid,
+                // Nothing was committed; dropping `tx` rolls back (or discards the connection).
+                Err(e) => return (TxOutcome::Rollback, Some(self.commit_failed(&exec_err(e)))),
+            }
+        } else {
+            None
+        };
+        let err = match tx.commit().await {
+            Ok(()) => return (TxOutcome::Commit, None),
+            Err(e) => e,
+        };
+        let Some(xid) = xid.filter(|_| outcome::reply_lost(&err)) else {
+            return (
+                TxOutcome::Rollback,
+                Some(self.commit_failed(&exec_err(err))),
+            );
+        };
+        let pool = self.db.get_postgres_connection_pool();
+        let resolved = outcome::resolve(pool, xid, self.commit_check).await;
+        tracing::warn!(error = %err, xid, outcome = ?resolved, "the COMMIT reply was lost");
+        match resolved {
+            Resolved::Committed => (TxOutcome::Commit, None),
+            Resolved::Aborted => (
+                TxOutcome::Rollback,
+                Some(self.commit_failed(&exec_err(err))),
+            ),
+            Resolved::Unknown => {
+                let failure = self.commit_failed(&exec_err(err));
+                (
+                    TxOutcome::Unknown,
+                    Some(DbFailure {
+                        kind: FailureKind::CommitOutcomeUnknown,
+                        message: failure.message,
+                    }),
+                )
+            }
+        }
+    }
+
+    fn commit_failed(&self, err: &DbErr) -> DbFailure {
+        let failure = DbFailure::classify(err);
+        self.suspect_if_unavailable(&failure);
+        failure
     }
 }
 

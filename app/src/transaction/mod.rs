@@ -34,6 +34,7 @@
 
 mod failure;
 mod lazy;
+mod outcome;
 mod peer;
 mod session;
 
@@ -78,6 +79,9 @@ pub struct TxConfig {
     pub availability: Option<Availability>,
     /// Bounds the requests whose handlers run at once; `None` admits all.
     pub admission: Option<Admission>,
+    /// Longest wait for the status of a transaction whose `COMMIT` reply was lost
+    /// (`DB_CONNECT_TIMEOUT`: the time one new connection may take).
+    pub commit_check: Duration,
 }
 
 impl TxConfig {
@@ -104,6 +108,7 @@ impl TxConfig {
             body_limit,
             availability: None,
             admission: None,
+            commit_check: settings.connect_timeout,
         }
     }
 }
@@ -153,6 +158,8 @@ pub enum TxOutcome {
     None,
     Commit,
     Rollback,
+    /// The `COMMIT` was sent, its reply lost, and its outcome could not be established.
+    Unknown,
 }
 
 impl TxOutcome {
@@ -161,6 +168,7 @@ impl TxOutcome {
             TxOutcome::None => "none",
             TxOutcome::Commit => "commit",
             TxOutcome::Rollback => "rollback",
+            TxOutcome::Unknown => "unknown",
         }
     }
 }
@@ -357,7 +365,9 @@ where
                     success = false;
                 }
                 let (outcome, failure) = slot.finish(success).await;
-                if let (Some(m), TxOutcome::Commit | TxOutcome::Rollback) = (&metrics, outcome) {
+                if let (Some(m), TxOutcome::Commit | TxOutcome::Rollback | TxOutcome::Unknown) =
+                    (&metrics, outcome)
+                {
                     m.count_transaction(outcome);
                 }
 

@@ -239,6 +239,35 @@ pub async fn spawn_pooled_app_with(
     .await
 }
 
+/// The real application connected to PostgreSQL through `proxy` (migrated on the direct URL
+/// first, so that nothing of the set-up passes the proxy's faults); `TestApp::db` stays a
+/// direct connection, so assertions work whatever the proxy does.
+pub async fn spawn_app_behind(
+    proxy: &crate::fault_proxy::FaultProxy,
+    overrides: &[(&str, &str)],
+) -> TestApp {
+    init_logs();
+    let database = TestDatabase::create().await;
+    let direct = database.connect().await;
+    app::db::migrate(&direct).await.expect("migrations apply");
+    let _ = direct.close().await;
+    let mut vars = vec![("DB_AUTO_MIGRATE", "false"), ("DB_SSL_MODE", "disable")];
+    vars.extend_from_slice(overrides);
+    let settings = test_settings(&proxy.url(&database.url), &vars);
+    let pool = app::db::connect(&settings.database)
+        .await
+        .expect("the app connects through the proxy");
+    let direct_url = database.url.clone();
+    launch(
+        settings,
+        pool,
+        &direct_url,
+        Some(Box::new(database)),
+        |_| {},
+    )
+    .await
+}
+
 async fn launch(
     settings: Settings,
     pool: DatabaseConnection,

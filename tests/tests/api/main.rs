@@ -3,8 +3,10 @@
 
 mod catalog;
 mod cli;
+mod commit_outcome;
 mod database;
 mod errors;
+mod fault_proxy;
 mod health;
 mod helpers;
 mod operations;

@@ -1,0 +1,251 @@
+//! A TCP proxy of the tests' own between the app and PostgreSQL that breaks connections at a
+//! chosen point of the protocol: at the next `COMMIT` a client sends (sqlx sends it as a
+//! simple-query message `Q`), before or after forwarding it. It reads the frontend's messages
+//! (startup, then typed messages) and copies the backend's bytes untouched, so it needs a
+//! connection without TLS (`DB_SSL_MODE=disable`). Everything stops when it is dropped.
+//!
+//! One entry: [`FaultProxy::start`], then [`FaultProxy::cut_next_commit`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Where the armed cut falls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// The server receives the `COMMIT`; its reply never reaches the client.
+    AfterForwarding,
+    /// The server never receives the `COMMIT`.
+    BeforeForwarding,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    cut: Cut,
+    /// After the cut, break every other connection and refuse new ones (the database becomes
+    /// unreachable for the app).
+    then_isolate: bool,
+}
+
+struct Shared {
+    upstream: SocketAddr,
+    plan: Mutex<Option<Plan>>,
+    /// Set once the app is cut off: new connections are closed at once.
+    isolated: AtomicBool,
+    /// Bumped to break every live connection.
+    sever: watch::Sender<u64>,
+    /// Set when the armed cut has happened.
+    fired: watch::Sender<bool>,
+}
+
+pub struct FaultProxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        // The accept task owns every connection task (a JoinSet): aborting it ends them all.
+        self.task.abort();
+    }
+}
+
+impl FaultProxy {
+    /// Listens on a random loopback port and forwards to `upstream` (`host:port`).
+    pub async fn start(upstream: &str) -> FaultProxy {
+        let upstream = tokio::net::lookup_host(upstream)
+            .await
+            .expect("upstream address resolves")
+            .next()
+            .expect("an upstream address");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy binds");
+        let addr = listener.local_addr().expect("proxy address");
+        let shared = Arc::new(Shared {
+            upstream,
+            plan: Mutex::new(None),
+            isolated: AtomicBool::new(false),
+            sever: watch::channel(0).0,
+            fired: watch::channel(false).0,
+        });
+        let task = tokio::spawn(accept(listener, Arc::clone(&shared)));
+        FaultProxy { addr, shared, task }
+    }
+
+    /// `url` (a PostgreSQL URL) with its host and port replaced by the proxy's, TLS off.
+    pub fn url(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let user = authority.rsplit_once('@').map(|(u, _)| format!("{u}@"));
+        let sep = if path.contains('?') { '&' } else { '?' };
+        format!(
+            "{scheme}://{}{}/{path}{sep}sslmode=disable",
+            user.unwrap_or_default(),
+            self.addr
+        )
+    }
+
+    /// Arms one cut at the next `COMMIT` any client sends.
+    pub fn cut_next_commit(&self, cut: Cut) {
+        self.arm(Plan {
+            cut,
+            then_isolate: false,
+        });
+    }
+
+    /// Arms one cut at the next `COMMIT`, after which the database is unreachable through the
+    /// proxy: every other connection is broken and new ones are closed at once.
+    pub fn cut_next_commit_and_isolate(&self, cut: Cut) {
+        self.arm(Plan {
+            cut,
+            then_isolate: true,
+        });
+    }
+
+    fn arm(&self, plan: Plan) {
+        *self.shared.plan.lock().expect("plan lock") = Some(plan);
+        self.shared.fired.send_replace(false);
+    }
+
+    /// Whether the armed cut has happened.
+    pub fn fired(&self) -> bool {
+        *self.shared.fired.borrow()
+    }
+}
+
+async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((client, _)) = accepted else { continue };
+                if shared.isolated.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                connections.spawn(relay(client, Arc::clone(&shared)));
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// One client connection: frontend messages are read one by one (to find the `COMMIT`),
+/// backend bytes are copied as they come.
+async fn relay(client: TcpStream, shared: Arc<Shared>) {
+    let Ok(server) = TcpStream::connect(shared.upstream).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    let mut severed = shared.sever.subscribe();
+    // Set just before a cut `COMMIT` is forwarded: its reply must not reach the client.
+    let muted = AtomicBool::new(false);
+
+    let frontend = async {
+        let mut startup = true;
+        loop {
+            let Some(message) = read_message(&mut client_rx, startup).await else {
+                return;
+            };
+            if startup {
+                // SSLRequest / GSSENCRequest are followed by another untyped message.
+                let code = message
+                    .get(4..8)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+                startup = matches!(code, Some(80_877_103) | Some(80_877_104));
+            } else if is_commit(&message) {
+                let plan = shared.plan.lock().expect("plan lock").take();
+                if let Some(plan) = plan {
+                    muted.store(true, Ordering::SeqCst);
+                    if plan.cut == Cut::AfterForwarding {
+                        let _ = server_tx.write_all(&message).await;
+                        let _ = server_tx.flush().await;
+                    }
+                    if plan.then_isolate {
+                        shared.isolated.store(true, Ordering::SeqCst);
+                        shared.sever.send_modify(|n| *n += 1);
+                    }
+                    shared.fired.send_replace(true);
+                    return;
+                }
+            }
+            if server_tx.write_all(&message).await.is_err() {
+                return;
+            }
+        }
+    };
+    let backend = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match server_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if muted.load(Ordering::SeqCst) || client_tx.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = frontend => {}
+        _ = backend => {}
+        _ = severed.changed() => {}
+    }
+    // Returning drops both sockets: the client and the server each see the connection close.
+}
+
+/// One whole frontend message: untyped during startup (`length`, body), typed after (`type`,
+/// `length`, body). `None` at end of stream.
+async fn read_message(
+    stream: &mut tokio::net::tcp::OwnedReadHalf,
+    startup: bool,
+) -> Option<Vec<u8>> {
+    let mut message = Vec::new();
+    if !startup {
+        let mut kind = [0u8; 1];
+        stream.read_exact(&mut kind).await.ok()?;
+        message.push(kind[0]);
+    }
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await.ok()?;
+    message.extend_from_slice(&len);
+    let body = (u32::from_be_bytes(len) as usize).checked_sub(4)?;
+    let start = message.len();
+    message.resize(start + body, 0);
+    stream.read_exact(&mut message[start..]).await.ok()?;
+    Some(message)
+}
+
+/// A simple-query message whose whole text is `COMMIT`.
+fn is_commit(message: &[u8]) -> bool {
+    message.first() == Some(&b'Q')
+        && message
+            .get(5..)
+            .map(|sql| {
+                String::from_utf8_lossy(sql)
+                    .trim_end_matches('\0')
+                    .trim()
+                    .eq_ignore_ascii_case("COMMIT")
+            })
+            .unwrap_or(false)
+}
+
+/// The `host:port` of a PostgreSQL URL.
+pub fn upstream_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    }
+}
