@@ -54,6 +54,7 @@ pub struct Metrics {
     acquire: Histogram,
     transactions: Family<OutcomeLabel, Counter>,
     retries: Counter,
+    replays: Counter,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
 }
@@ -102,6 +103,12 @@ impl Metrics {
             "Re-runs after a serialization failure or deadlock",
             retries.clone(),
         );
+        let replays = Counter::default();
+        registry.register(
+            "db_idempotent_replays",
+            "Requests answered with the stored response of their Idempotency-Key",
+            replays.clone(),
+        );
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -139,6 +146,7 @@ impl Metrics {
             acquire,
             transactions,
             retries,
+            replays,
             requests,
             durations,
         }
@@ -175,6 +183,10 @@ impl Metrics {
 
     pub fn count_retry(&self) {
         self.retries.inc();
+    }
+
+    pub fn count_replay(&self) {
+        self.replays.inc();
     }
 
     /// Records one finished request. `method` must be one of [`METHODS`] or `OTHER`.

@@ -35,6 +35,13 @@ pub enum ApiError {
     /// 409 `insufficient_stock`: the stock would become negative.
     #[error("{0}")]
     InsufficientStock(String),
+    /// 409 `idempotency_key_in_use`: another request with the same `Idempotency-Key` is
+    /// still running.
+    #[error("another request with this Idempotency-Key is still being processed; retry later")]
+    IdempotencyKeyInUse,
+    /// 422 `idempotency_key_reused`: the `Idempotency-Key` was used for a different request.
+    #[error("this Idempotency-Key was used for a different request (method, path or body)")]
+    IdempotencyKeyReused,
     /// 422 `validation_failed`: the text names the field.
     #[error("{0}")]
     Validation(String),
@@ -75,6 +82,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::AlreadyExists(_) => "already_exists",
             ApiError::InsufficientStock(_) => "insufficient_stock",
+            ApiError::IdempotencyKeyInUse => "idempotency_key_in_use",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::Validation(_) => "validation_failed",
             ApiError::PoolTimeout => "pool_timeout",
             ApiError::DatabaseUnavailable => "database_unavailable",
@@ -107,8 +116,12 @@ impl ResponseError for ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::AlreadyExists(_) | ApiError::InsufficientStock(_) => StatusCode::CONFLICT,
-            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::AlreadyExists(_)
+            | ApiError::InsufficientStock(_)
+            | ApiError::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            ApiError::Validation(_) | ApiError::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::PoolTimeout
             | ApiError::DatabaseUnavailable
             | ApiError::SerializationFailure => StatusCode::SERVICE_UNAVAILABLE,

@@ -172,6 +172,16 @@ impl Slot {
         err
     }
 
+    /// Fails the attempt as a serialization failure, so that it is re-run: the layer's own
+    /// statements found a concurrent commit they cannot be serialized after.
+    pub(super) fn fail_as_conflict(&self, message: &str) {
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        failure.get_or_insert_with(|| DbFailure {
+            kind: FailureKind::SerializationFailure,
+            message: message.to_owned(),
+        });
+    }
+
     fn observe<T>(&self, result: Result<T, DbErr>) -> Result<T, DbErr> {
         result.map_err(|e| self.record(e))
     }

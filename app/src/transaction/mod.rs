@@ -33,6 +33,7 @@
 //! [`Transactional::read_write`], documented where it is declared.
 
 mod failure;
+mod idempotency;
 mod lazy;
 mod outcome;
 mod peer;
@@ -48,11 +49,13 @@ use std::time::Duration;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
 use actix_web::http::Method;
-use actix_web::{HttpMessage, ResponseError, web};
+use actix_web::{HttpMessage, HttpResponse, ResponseError, web};
 use futures_util::FutureExt;
 use sea_orm::{AccessMode, DatabaseConnection, IsolationLevel};
 
 pub use failure::{DbFailure, FailureKind};
+pub use idempotency::clean_expired as clean_expired_idempotency_keys;
+use idempotency::{Claim, Idempotency, Stored};
 use lazy::Slot;
 pub use lazy::Tx;
 pub use peer::on_connect;
@@ -82,6 +85,8 @@ pub struct TxConfig {
     /// Longest wait for the status of a transaction whose `COMMIT` reply was lost
     /// (`DB_CONNECT_TIMEOUT`: the time one new connection may take).
     pub commit_check: Duration,
+    /// How long an `Idempotency-Key` and its response are kept (`DB_IDEMPOTENCY_TTL`).
+    pub idempotency_ttl: Duration,
 }
 
 impl TxConfig {
@@ -109,6 +114,7 @@ impl TxConfig {
             availability: None,
             admission: None,
             commit_check: settings.connect_timeout,
+            idempotency_ttl: settings.idempotency_ttl,
         }
     }
 }
@@ -193,6 +199,20 @@ fn backoff(attempt: u32) -> Duration {
 
 fn is_read_only_method(method: &Method) -> bool {
     method == Method::GET || method == Method::HEAD
+}
+
+/// Reads a response's body into memory (to store it for an `Idempotency-Key`), and the parts
+/// worth replaying.
+async fn buffer(res: HttpResponse) -> (HttpResponse, Option<Stored>) {
+    let (status, headers) = (res.status(), res.headers().clone());
+    let (res, body) = res.into_parts();
+    match actix_web::body::to_bytes(body).await {
+        Ok(bytes) => {
+            let stored = Stored::of(status, &headers, &bytes);
+            (res.set_body(BoxBody::new(bytes)), stored)
+        }
+        Err(_) => (ApiError::Internal.error_response(), None),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -335,6 +355,11 @@ where
                 },
                 None => None,
             };
+            let key = http.uri().path_and_query().map_or("", |p| p.as_str());
+            let idempotency = match Idempotency::read(http.method(), key, http.headers(), &body) {
+                Ok(idempotency) => idempotency,
+                Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
+            };
             let read_only_default = is_read_only_method(http.method());
             let mut retries = 0;
             loop {
@@ -345,18 +370,54 @@ where
                     read_only_default,
                     metrics.clone(),
                 ));
-                http.extensions_mut().insert(Arc::clone(&slot));
-                let attempt = ServiceRequest::from_parts(http.clone(), Payload::from(body.clone()));
-                let result = AssertUnwindSafe(service.call(attempt)).catch_unwind().await;
-                http.extensions_mut().remove::<Arc<Slot>>();
-
-                let response = match result {
-                    Ok(Ok(res)) => Ok(res.map_into_boxed_body()),
-                    Ok(Err(e)) => Err(e.error_response()),
-                    Err(_) => {
-                        tracing::error!("handler panicked; rolling back");
-                        Err(ApiError::Internal.error_response())
+                // An Idempotency-Key is claimed first: a replay, a duplicate still running or a
+                // reused key is answered without running the handler, and rolled back.
+                let claim = match &idempotency {
+                    Some(idempotency) => Some(idempotency.claim(&Tx(Arc::clone(&slot))).await),
+                    None => None,
+                };
+                let response = match claim {
+                    None | Some(Ok(Claim::Proceed)) => {
+                        http.extensions_mut().insert(Arc::clone(&slot));
+                        let attempt =
+                            ServiceRequest::from_parts(http.clone(), Payload::from(body.clone()));
+                        let result = AssertUnwindSafe(service.call(attempt)).catch_unwind().await;
+                        http.extensions_mut().remove::<Arc<Slot>>();
+                        match result {
+                            Ok(Ok(res)) => Ok(res.map_into_boxed_body()),
+                            Ok(Err(e)) => Err(e.error_response()),
+                            Err(_) => {
+                                tracing::error!("handler panicked; rolling back");
+                                Err(ApiError::Internal.error_response())
+                            }
+                        }
                     }
+                    Some(Ok(early)) => {
+                        let (outcome, _) = slot.finish(false).await;
+                        if let Some(m) = &metrics {
+                            m.count_transaction(outcome);
+                        }
+                        let answer = match early {
+                            Claim::Replay(stored) => {
+                                if let Some(m) = &metrics {
+                                    m.count_replay();
+                                }
+                                stored.replay()
+                            }
+                            Claim::InUse => ApiError::IdempotencyKeyInUse.error_response(),
+                            Claim::Reused | Claim::Proceed => {
+                                ApiError::IdempotencyKeyReused.error_response()
+                            }
+                        };
+                        let reply = ServiceResponse::new(http.clone(), answer);
+                        reply
+                            .request()
+                            .extensions_mut()
+                            .insert(TxReport { outcome, retries });
+                        return Ok(reply);
+                    }
+                    // The failure is recorded in the slot: retried or answered below.
+                    Some(Err(e)) => Err(ApiError::from(e).error_response()),
                 };
                 let mut success = matches!(&response, Ok(res) if res.status().as_u16() < 400);
                 let client_gone = success && peer::client_gone(&http);
@@ -364,6 +425,36 @@ where
                     tracing::warn!("the client went away before the commit; rolling back");
                     success = false;
                 }
+                // The response of a request with a key is kept: stored with the writes before
+                // COMMIT when below 400 (so the key is stored if and only if they commit), or
+                // after the rollback when 4xx. A live row found by the store is a duplicate
+                // that committed first: the attempt is re-run, and the re-run replays it.
+                let (response, stored) = match (&idempotency, response) {
+                    (Some(idempotency), response) if !client_gone => {
+                        let (res, stored) = match response {
+                            Ok(res) => {
+                                let (req, res) = res.into_parts();
+                                let (res, stored) = buffer(res).await;
+                                (Ok(ServiceResponse::new(req, res)), stored)
+                            }
+                            Err(res) => {
+                                let (res, stored) = buffer(res).await;
+                                (Err(res), stored)
+                            }
+                        };
+                        if let (true, Some(stored)) = (success, &stored) {
+                            let tx = Tx(Arc::clone(&slot));
+                            let ttl = config.idempotency_ttl;
+                            if let Ok(false) = idempotency.store(&tx, stored, ttl).await {
+                                slot.fail_as_conflict(
+                                    "the Idempotency-Key was stored concurrently",
+                                );
+                            }
+                        }
+                        (res, stored)
+                    }
+                    (_, response) => (response, None),
+                };
                 let (outcome, failure) = slot.finish(success).await;
                 if let (Some(m), TxOutcome::Commit | TxOutcome::Rollback | TxOutcome::Unknown) =
                     (&metrics, outcome)
@@ -391,10 +482,37 @@ where
                         let err = ApiError::ClientClosedRequest;
                         ServiceResponse::new(http.clone(), err.error_response())
                     }
-                    _ => match response {
-                        Ok(res) => res,
-                        Err(res) => ServiceResponse::new(http.clone(), res),
-                    },
+                    _ => {
+                        let reply = match response {
+                            Ok(res) => res,
+                            Err(res) => ServiceResponse::new(http.clone(), res),
+                        };
+                        match (&idempotency, stored) {
+                            (Some(_), Some(_)) if outcome == TxOutcome::Commit => {
+                                if idempotency::clean_now() {
+                                    idempotency::spawn_clean((**db).clone(), (**config).clone());
+                                }
+                            }
+                            // A 4xx wrote nothing: its key is stored in a transaction of its
+                            // own, unless a duplicate stored one first.
+                            (Some(idempotency), Some(stored)) if stored.status >= 400 => {
+                                let kept = with_transaction(&db, &config, policy, |tx| {
+                                    let (idempotency, stored) =
+                                        (idempotency.clone(), stored.clone());
+                                    let ttl = config.idempotency_ttl;
+                                    Box::pin(
+                                        async move { idempotency.store(tx, &stored, ttl).await },
+                                    )
+                                })
+                                .await;
+                                if let Err(e) = kept {
+                                    tracing::warn!(error = %e, "storing a 4xx for its Idempotency-Key failed");
+                                }
+                            }
+                            _ => {}
+                        }
+                        reply
+                    }
                 };
                 reply
                     .request()

@@ -9,6 +9,7 @@ mod errors;
 mod fault_proxy;
 mod health;
 mod helpers;
+mod idempotency;
 mod operations;
 mod pgbouncer;
 mod pooler;

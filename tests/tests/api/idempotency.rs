@@ -1,0 +1,318 @@
+//! `Idempotency-Key` on `POST` (API.md §4): a repeat gets the stored response and writes nothing,
+//! a concurrent duplicate is 409 `idempotency_key_in_use`, a different request with the key is
+//! 422 `idempotency_key_reused`, and the key survives an app restart and a lost `COMMIT` reply.
+
+use futures_util::future::join_all;
+use sea_orm::ConnectionTrait;
+use serde_json::{Value, json};
+
+use crate::fault_proxy::{Cut, FaultProxy, upstream_of};
+use crate::helpers::{TestApp, admin_url, problem, spawn_app, spawn_app_behind, spawn_app_on};
+use crate::transactions::{create_test_tables, metric, routes};
+
+async fn post_with_key(app: &TestApp, path: &str, key: &str, body: &Value) -> reqwest::Response {
+    app.client
+        .post(app.url(path))
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+fn replayed(res: &reqwest::Response) -> bool {
+    res.headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true")
+}
+
+/// A warehouse and a product, and the body of a receipt of 5 of them.
+async fn receipt(app: &TestApp) -> Value {
+    let warehouse = app.warehouse("W1").await;
+    let product = app.product("P1").await;
+    json!({"warehouse_id": warehouse, "product_id": product, "quantity": 5})
+}
+
+async fn movements(app: &TestApp) -> i64 {
+    app.scalar("SELECT count(*) FROM movement").await
+}
+
+#[tokio::test]
+async fn a_repeat_with_the_same_key_gets_the_stored_response_and_writes_nothing() {
+    let app = spawn_app().await;
+    let body = receipt(&app).await;
+
+    let first = post_with_key(&app, "/receipts", "receipt-1", &body).await;
+    assert_eq!(first.status(), 201);
+    assert!(!replayed(&first));
+    let location = first.headers().get("location").cloned();
+    let original: Value = first.json().await.expect("json");
+
+    for _ in 0..2 {
+        let again = post_with_key(&app, "/receipts", "receipt-1", &body).await;
+        assert_eq!(again.status(), 201);
+        assert!(replayed(&again), "marked Idempotent-Replayed: true");
+        assert_eq!(again.headers().get("location").cloned(), location);
+        assert_eq!(
+            again.headers().get("content-type").map(|v| v.as_bytes()),
+            Some(&b"application/json"[..])
+        );
+        assert_eq!(again.json::<Value>().await.expect("json"), original);
+    }
+    assert_eq!(movements(&app).await, 1, "one movement");
+    assert_eq!(app.stock(1, 1).await, 5);
+    assert_eq!(metric(&app, "db_idempotent_replays_total").await, 2.0);
+}
+
+#[tokio::test]
+async fn without_the_header_every_post_writes_again() {
+    let app = spawn_app().await;
+    assert_eq!(metric(&app, "db_idempotent_replays_total").await, 0.0);
+    let body = receipt(&app).await;
+    for _ in 0..2 {
+        let res = app.post("/receipts", &body).await;
+        assert_eq!(res.status(), 201);
+        assert!(!replayed(&res));
+    }
+    assert_eq!(movements(&app).await, 2);
+    assert_eq!(app.scalar("SELECT count(*) FROM idempotency_key").await, 0);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_identical_posts_with_one_key_make_one_movement() {
+    let app = spawn_app().await;
+    let body = receipt(&app).await;
+
+    let answers = join_all((0..50).map(|_| post_with_key(&app, "/receipts", "burst", &body))).await;
+
+    let mut originals = 0;
+    for res in answers {
+        match res.status().as_u16() {
+            201 => originals += usize::from(!replayed(&res)),
+            409 => {
+                let (_, problem) = problem(res).await;
+                assert_eq!(problem["code"], "idempotency_key_in_use", "{problem}");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(originals, 1, "exactly one request ran the handler");
+    assert_eq!(movements(&app).await, 1, "one movement");
+    assert_eq!(app.stock(1, 1).await, 5);
+    let later = post_with_key(&app, "/receipts", "burst", &body).await;
+    assert_eq!(later.status(), 201);
+    assert!(replayed(&later));
+    app.assert_invariant().await;
+}
+
+#[tokio::test]
+async fn the_same_key_for_a_different_request_is_422_idempotency_key_reused() {
+    let app = spawn_app().await;
+    let body = receipt(&app).await;
+    let first = post_with_key(&app, "/receipts", "k", &body).await;
+    assert_eq!(first.status(), 201);
+
+    let mut other_quantity = body.clone();
+    other_quantity["quantity"] = json!(6);
+    let cases = [
+        ("a different body", "/receipts", other_quantity),
+        ("a different path", "/shipments", body.clone()),
+    ];
+    for (what, path, request) in cases {
+        let res = post_with_key(&app, path, "k", &request).await;
+        let (status, problem) = problem(res).await;
+        assert_eq!(status, 422, "{what}");
+        assert_eq!(
+            problem["code"], "idempotency_key_reused",
+            "{what}: {problem}"
+        );
+    }
+    assert_eq!(movements(&app).await, 1, "nothing more was written");
+}
+
+#[tokio::test]
+async fn an_invalid_key_is_422_validation_failed_naming_the_header() {
+    let app = spawn_app().await;
+    let body = receipt(&app).await;
+    let too_long = "k".repeat(256);
+    let cases: [(&str, &[u8]); 4] = [
+        ("empty", b""),
+        ("256 characters", too_long.as_bytes()),
+        ("a space", b"two words"),
+        ("not ASCII", "cl\u{e9}".as_bytes()),
+    ];
+    for (what, key) in cases {
+        let res = app
+            .client
+            .post(app.url("/receipts"))
+            .header(
+                "Idempotency-Key",
+                reqwest::header::HeaderValue::from_bytes(key).expect("a sendable value"),
+            )
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent");
+        let (status, problem) = problem(res).await;
+        assert_eq!(status, 422, "{what}");
+        assert_eq!(problem["code"], "validation_failed", "{what}");
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(detail.starts_with("Idempotency-Key"), "{what}: {detail}");
+    }
+    assert_eq!(movements(&app).await, 0);
+}
+
+#[tokio::test]
+async fn a_4xx_is_stored_and_replayed_although_its_writes_were_rolled_back() {
+    let app = spawn_app().await;
+    let body = receipt(&app).await;
+    let first = post_with_key(&app, "/shipments", "ship-1", &body).await;
+    let (status, problem_body) = problem(first).await;
+    assert_eq!(
+        (status, problem_body["code"].as_str()),
+        (409, Some("insufficient_stock"))
+    );
+
+    app.receive(1, 1, 10).await;
+    let again = post_with_key(&app, "/shipments", "ship-1", &body).await;
+    assert!(replayed(&again));
+    let (status, replayed_body) = problem(again).await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        replayed_body, problem_body,
+        "the stored answer, not a new shipment"
+    );
+    assert_eq!(app.stock(1, 1).await, 10);
+}
+
+#[tokio::test]
+async fn a_rerun_after_a_serialization_failure_is_the_same_attempt_not_a_replay() {
+    let app = spawn_app_on_test_routes().await;
+    let send = || {
+        app.client
+            .post(app.url("/test/conflict"))
+            .header("Idempotency-Key", "rerun")
+            .header("x-key", "IDEM")
+            .header("x-fail-times", "1")
+            .json(&json!({}))
+            .send()
+    };
+    let first = send().await.expect("sent");
+    assert_eq!(first.status(), 201);
+    assert!(!replayed(&first), "a re-run is not a replay");
+    assert_eq!(first.json::<Value>().await.expect("json")["attempt"], 2);
+    assert_eq!(metric(&app, "db_idempotent_replays_total").await, 0.0);
+
+    let again = send().await.expect("sent");
+    assert!(replayed(&again));
+    assert_eq!(again.json::<Value>().await.expect("json")["attempt"], 2);
+    assert_eq!(app.scalar("SELECT count(*) FROM warehouse").await, 1);
+}
+
+async fn spawn_app_on_test_routes() -> TestApp {
+    let app = crate::helpers::spawn_app_with(&[], routes).await;
+    create_test_tables(&app).await;
+    app
+}
+
+#[tokio::test]
+async fn a_key_is_replayed_by_a_new_app_over_the_same_database() {
+    let mut first_app = spawn_app().await;
+    let body = receipt(&first_app).await;
+    let first = post_with_key(&first_app, "/receipts", "restart", &body).await;
+    assert_eq!(first.status(), 201);
+    let original: Value = first.json().await.expect("json");
+    let url = config::DatabaseUrl::parse(&admin_url())
+        .expect("a valid URL")
+        .with_database(&first_app.database_name())
+        .expose_secret();
+    let database = first_app._database.take();
+    drop(first_app);
+
+    let app = spawn_app_on(&url, database, &[], |_| {}).await;
+    let again = post_with_key(&app, "/receipts", "restart", &body).await;
+    assert_eq!(again.status(), 201);
+    assert!(replayed(&again));
+    assert_eq!(again.json::<Value>().await.expect("json"), original);
+    assert_eq!(movements(&app).await, 1);
+}
+
+#[tokio::test]
+async fn after_a_lost_commit_reply_a_retry_with_the_key_gets_the_original_201_and_one_movement() {
+    let proxy = FaultProxy::start(&upstream_of(&admin_url())).await;
+    let app = spawn_app_behind(&proxy, &[]).await;
+    let body = receipt(&app).await;
+    proxy.cut_next_commit(Cut::AfterForwarding);
+
+    let first = post_with_key(&app, "/receipts", "cut", &body).await;
+    assert!(proxy.fired());
+    assert_eq!(first.status(), 201);
+    let original: Value = first.json().await.expect("json");
+
+    let again = post_with_key(&app, "/receipts", "cut", &body).await;
+    assert_eq!(again.status(), 201);
+    assert!(replayed(&again));
+    assert_eq!(again.json::<Value>().await.expect("json"), original);
+    assert_eq!(movements(&app).await, 1);
+}
+
+#[tokio::test]
+async fn after_a_commit_that_never_arrived_a_retry_with_the_key_runs_once() {
+    let proxy = FaultProxy::start(&upstream_of(&admin_url())).await;
+    let app = spawn_app_behind(&proxy, &[]).await;
+    let body = receipt(&app).await;
+    proxy.cut_next_commit(Cut::BeforeForwarding);
+
+    let first = post_with_key(&app, "/receipts", "lost", &body).await;
+    assert!(proxy.fired());
+    assert_eq!(first.status(), 503, "nothing was committed, nothing stored");
+
+    let again = post_with_key(&app, "/receipts", "lost", &body).await;
+    assert_eq!(again.status(), 201);
+    assert!(!replayed(&again), "the first attempt left no key behind");
+    assert_eq!(movements(&app).await, 1);
+}
+
+#[tokio::test]
+async fn expired_keys_are_forgotten_and_cleaned_up() {
+    let app = spawn_app().await;
+    let body = receipt(&app).await;
+    assert_eq!(
+        post_with_key(&app, "/receipts", "old", &body)
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        post_with_key(&app, "/receipts", "fresh", &body)
+            .await
+            .status(),
+        201
+    );
+    app.db
+        .execute_unprepared(
+            "UPDATE idempotency_key SET expires_at = now() - interval '1 second' \
+             WHERE request_key = 'old'",
+        )
+        .await
+        .expect("expire one key");
+
+    let mut other = body.clone();
+    other["quantity"] = json!(7);
+    let reused = post_with_key(&app, "/receipts", "old", &other).await;
+    assert_eq!(reused.status(), 201, "an expired key is free again");
+    assert!(!replayed(&reused));
+    assert_eq!(movements(&app).await, 3);
+
+    app.db
+        .execute_unprepared("UPDATE idempotency_key SET expires_at = now() - interval '1 second'")
+        .await
+        .expect("expire every key");
+    assert_eq!(
+        app::transaction::clean_expired_idempotency_keys(&app.db)
+            .await
+            .expect("clean-up runs"),
+        2
+    );
+    assert_eq!(app.scalar("SELECT count(*) FROM idempotency_key").await, 0);
+}
