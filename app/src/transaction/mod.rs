@@ -488,10 +488,10 @@ where
                             Err(res) => ServiceResponse::new(http.clone(), res),
                         };
                         match (&idempotency, stored) {
-                            (Some(_), Some(_)) if outcome == TxOutcome::Commit => {
-                                if idempotency::clean_now() {
-                                    idempotency::spawn_clean((**db).clone(), (**config).clone());
-                                }
+                            (Some(_), Some(_))
+                                if outcome == TxOutcome::Commit && idempotency::clean_now() =>
+                            {
+                                idempotency::spawn_clean((**db).clone(), (**config).clone());
                             }
                             // A 4xx wrote nothing: its key is stored in a transaction of its
                             // own, unless a duplicate stored one first.

@@ -10,6 +10,42 @@ use crate::fault_proxy::{Cut, FaultProxy, upstream_of};
 use crate::helpers::{TestApp, admin_url, problem, spawn_app, spawn_app_behind, spawn_app_on};
 use crate::transactions::{create_test_tables, metric, routes};
 
+/// Enough connections for the concurrent test (SQLite caps its pool at 4 writers' worth).
+const POOL: &[(&str, &str)] = &[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")];
+
+// The layer's own statements differ per backend (advisory lock, placeholders, upsert): these
+// run on PostgreSQL, on SQLite and behind PgBouncer in transaction mode.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_app_with(super::POOL, |_| {}).await).await;
+            })*
+        }
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_sqlite_app(super::POOL).await).await;
+            })*
+        }
+        mod pgbouncer {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_pooled_app_with(super::POOL, |_| {}).await).await;
+            })*
+        }
+    };
+}
+
+on_every_backend!(
+    a_repeat_with_the_same_key_gets_the_stored_response_and_writes_nothing,
+    without_the_header_every_post_writes_again,
+    fifty_concurrent_identical_posts_with_one_key_make_one_movement,
+    the_same_key_for_a_different_request_is_422_idempotency_key_reused,
+    a_4xx_is_stored_and_replayed_although_its_writes_were_rolled_back,
+);
+
 async fn post_with_key(app: &TestApp, path: &str, key: &str, body: &Value) -> reqwest::Response {
     app.client
         .post(app.url(path))
@@ -37,9 +73,7 @@ async fn movements(app: &TestApp) -> i64 {
     app.scalar("SELECT count(*) FROM movement").await
 }
 
-#[tokio::test]
-async fn a_repeat_with_the_same_key_gets_the_stored_response_and_writes_nothing() {
-    let app = spawn_app().await;
+async fn a_repeat_with_the_same_key_gets_the_stored_response_and_writes_nothing(app: TestApp) {
     let body = receipt(&app).await;
 
     let first = post_with_key(&app, "/receipts", "receipt-1", &body).await;
@@ -64,9 +98,7 @@ async fn a_repeat_with_the_same_key_gets_the_stored_response_and_writes_nothing(
     assert_eq!(metric(&app, "db_idempotent_replays_total").await, 2.0);
 }
 
-#[tokio::test]
-async fn without_the_header_every_post_writes_again() {
-    let app = spawn_app().await;
+async fn without_the_header_every_post_writes_again(app: TestApp) {
     assert_eq!(metric(&app, "db_idempotent_replays_total").await, 0.0);
     let body = receipt(&app).await;
     for _ in 0..2 {
@@ -78,9 +110,7 @@ async fn without_the_header_every_post_writes_again() {
     assert_eq!(app.scalar("SELECT count(*) FROM idempotency_key").await, 0);
 }
 
-#[tokio::test]
-async fn fifty_concurrent_identical_posts_with_one_key_make_one_movement() {
-    let app = spawn_app().await;
+async fn fifty_concurrent_identical_posts_with_one_key_make_one_movement(app: TestApp) {
     let body = receipt(&app).await;
 
     let answers = join_all((0..50).map(|_| post_with_key(&app, "/receipts", "burst", &body))).await;
@@ -105,9 +135,7 @@ async fn fifty_concurrent_identical_posts_with_one_key_make_one_movement() {
     app.assert_invariant().await;
 }
 
-#[tokio::test]
-async fn the_same_key_for_a_different_request_is_422_idempotency_key_reused() {
-    let app = spawn_app().await;
+async fn the_same_key_for_a_different_request_is_422_idempotency_key_reused(app: TestApp) {
     let body = receipt(&app).await;
     let first = post_with_key(&app, "/receipts", "k", &body).await;
     assert_eq!(first.status(), 201);
@@ -162,9 +190,7 @@ async fn an_invalid_key_is_422_validation_failed_naming_the_header() {
     assert_eq!(movements(&app).await, 0);
 }
 
-#[tokio::test]
-async fn a_4xx_is_stored_and_replayed_although_its_writes_were_rolled_back() {
-    let app = spawn_app().await;
+async fn a_4xx_is_stored_and_replayed_although_its_writes_were_rolled_back(app: TestApp) {
     let body = receipt(&app).await;
     let first = post_with_key(&app, "/shipments", "ship-1", &body).await;
     let (status, problem_body) = problem(first).await;
