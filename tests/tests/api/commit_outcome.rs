@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 
 use crate::fault_proxy::{Cut, FaultProxy, upstream_of};
-use crate::helpers::{TestApp, admin_url, problem, spawn_app_behind};
+use crate::helpers::{TestApp, admin_url, pooled_upstream, problem, spawn_app_behind};
 
 /// An app behind a fresh proxy, with one warehouse and one product (created before any fault).
 async fn app_behind_proxy(overrides: &[(&str, &str)]) -> (FaultProxy, TestApp, Value) {
@@ -85,4 +85,24 @@ async fn a_commit_whose_outcome_cannot_be_learned_answers_500_commit_outcome_unk
     );
     // The server did commit: "unknown" is honest, the answer never claims a rollback.
     assert_eq!(movements(&app).await, 1);
+}
+
+#[tokio::test]
+async fn behind_pgbouncer_a_lost_commit_reply_is_resolved_through_another_checkout() {
+    let proxy = FaultProxy::start(&pooled_upstream()).await;
+    let app = spawn_app_behind(&proxy, &[("DB_POOLER", "transaction")]).await;
+    let warehouse = app.warehouse("W1").await;
+    let product = app.product("P1").await;
+    let receipt = json!({"warehouse_id": warehouse, "product_id": product, "quantity": 5});
+
+    for (cut, status, stored) in [
+        (Cut::AfterForwarding, 201, 1),
+        (Cut::BeforeForwarding, 503, 1),
+    ] {
+        proxy.cut_next_commit(cut);
+        let res = app.post("/receipts", &receipt).await;
+        assert!(proxy.fired(), "{cut:?}: the proxy cut the COMMIT");
+        assert_eq!(res.status(), status, "{cut:?}");
+        assert_eq!(movements(&app).await, stored, "{cut:?}");
+    }
 }

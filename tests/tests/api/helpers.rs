@@ -241,7 +241,8 @@ pub async fn spawn_pooled_app_with(
 
 /// The real application connected to PostgreSQL through `proxy` (migrated on the direct URL
 /// first, so that nothing of the set-up passes the proxy's faults); `TestApp::db` stays a
-/// direct connection, so assertions work whatever the proxy does.
+/// direct connection, so assertions work whatever the proxy does. With `DB_POOLER=transaction`
+/// in `overrides` the proxy must forward to the run's PgBouncer ([`pooled_upstream`]).
 pub async fn spawn_app_behind(
     proxy: &crate::fault_proxy::FaultProxy,
     overrides: &[(&str, &str)],
@@ -253,7 +254,13 @@ pub async fn spawn_app_behind(
     let _ = direct.close().await;
     let mut vars = vec![("DB_AUTO_MIGRATE", "false"), ("DB_SSL_MODE", "disable")];
     vars.extend_from_slice(overrides);
-    let settings = test_settings(&proxy.url(&database.url), &vars);
+    // Behind the run's PgBouncer when the proxy forwards to it (`DB_POOLER=transaction`).
+    let upstream = if vars.contains(&("DB_POOLER", "transaction")) {
+        crate::pgbouncer::shared().url(&database.name)
+    } else {
+        database.url.clone()
+    };
+    let settings = test_settings(&proxy.url(&upstream), &vars);
     let pool = app::db::connect(&settings.database)
         .await
         .expect("the app connects through the proxy");
@@ -266,6 +273,11 @@ pub async fn spawn_app_behind(
         |_| {},
     )
     .await
+}
+
+/// The `host:port` of the run's shared PgBouncer, for a proxy in front of it.
+pub fn pooled_upstream() -> String {
+    crate::fault_proxy::upstream_of(&crate::pgbouncer::shared().url("postgres"))
 }
 
 async fn launch(
