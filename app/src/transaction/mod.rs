@@ -15,6 +15,17 @@
 //!   no connection from the pool. Every statement error passes through it and is recorded,
 //!   because PostgreSQL turns the `COMMIT` of an aborted transaction into a rollback while the
 //!   driver reports success: a request whose statement failed is never answered 2xx.
+//! * A `COMMIT` whose reply is lost (the connection broke while it was in flight) is resolved,
+//!   not guessed: a writing transaction's id is read just before `COMMIT`, and after the break
+//!   its status is asked on another connection ([`outcome`]). Committed → the handler's own
+//!   response; aborted → 503 `database_unavailable`; unknown → 500 `commit_outcome_unknown`
+//!   without `Retry-After`.
+//! * `Idempotency-Key` on `POST` ([`idempotency`]): each attempt first claims the key in its
+//!   transaction (a replay, a duplicate still running (409) or a reused key (422) is answered
+//!   without running the handler); a response below 400 is stored in the same transaction as
+//!   the handler's writes, a 4xx after the rollback, a 5xx never. A store that finds the key
+//!   committed by a duplicate fails the attempt as a serialization failure, and the re-run
+//!   replays.
 //! * A handler that panics is caught: 500 and a rollback. A client that disconnects before the
 //!   commit gets a rollback ([`peer`]; register [`on_connect`] on the server).
 //! * Pool errors: no connection within `DB_POOL_TIMEOUT` is 503 `pool_timeout`; a database that
