@@ -60,6 +60,9 @@ pub(super) struct Slot {
     begin: Begin,
     /// Whether statements may be prepared by name (not behind a transaction-mode pooler).
     named_statements: bool,
+    /// When the pool checkout must give up (the request's one `DB_POOL_TIMEOUT`); `None`: the
+    /// pool's own acquire timeout.
+    checkout_deadline: Option<tokio::time::Instant>,
     metrics: Option<Metrics>,
     availability: Option<Availability>,
     state: Mutex<State>,
@@ -96,11 +99,18 @@ impl Slot {
             db,
             begin,
             named_statements: config.session.named_statements(),
+            checkout_deadline: None,
             metrics,
             availability: config.availability.clone(),
             state: Mutex::new(State::Idle),
             failure: StdMutex::new(None),
         }
+    }
+
+    /// Gives up the pool checkout at `deadline` (503 `pool_timeout`).
+    pub(super) fn checkout_until(mut self, deadline: Option<tokio::time::Instant>) -> Slot {
+        self.checkout_deadline = deadline;
+        self
     }
 
     /// The open transaction, begun on first use.
@@ -131,8 +141,36 @@ impl Slot {
         .map_err(|_| DbErr::Custom("the request's transaction has already ended".into()))
     }
 
-    /// Takes a connection from the pool and begins.
+    /// Takes a connection from the pool and begins, by the checkout deadline if there is one.
+    /// A `BEGIN` that fails because its pooled connection was closed under it (the server
+    /// terminated it: 57P01, a restart, a failover) ran nothing: it is tried again on another
+    /// connection instead of answering 503 while the database is up. Each failed attempt
+    /// discards its dead connection, so at most as many retries as the pool has connections.
     async fn begin_now(&self) -> Result<Open, DbErr> {
+        let attempt = async {
+            let mut spare = match self.begin {
+                Begin::Postgres(_) => self.db.get_postgres_connection_pool().size(),
+                Begin::Orm(_) => 0,
+            };
+            loop {
+                match self.begin_once().await {
+                    Err(e) if spare > 0 && is_dead_connection(&e) => {
+                        spare -= 1;
+                        tracing::info!(error = %e, "BEGIN hit a closed connection; taking another");
+                    }
+                    result => return result,
+                }
+            }
+        };
+        match self.checkout_deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, attempt)
+                .await
+                .unwrap_or(Err(DbErr::ConnectionAcquire(ConnAcquireErr::Timeout))),
+            None => attempt.await,
+        }
+    }
+
+    async fn begin_once(&self) -> Result<Open, DbErr> {
         let pool = || self.db.get_postgres_connection_pool();
         match &self.begin {
             Begin::Postgres(BeginSql::Static(sql)) => pool().begin_with(*sql).await,
@@ -215,6 +253,22 @@ impl Slot {
             }
             (TxOutcome::Rollback, failure)
         }
+    }
+}
+
+/// The error of a statement sent on a connection the server had already closed: the server's
+/// own "terminating connection" (SQLSTATE 57P01, 57P02, 57P03) or the socket found closed.
+fn is_dead_connection(err: &DbErr) -> bool {
+    let sqlx_err = match err {
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => e,
+        _ => return false,
+    };
+    match &**sqlx_err {
+        sqlx::Error::Database(e) => e.code().is_some_and(|c| c.starts_with("57P")),
+        sqlx::Error::Io(_) => true,
+        _ => false,
     }
 }
 

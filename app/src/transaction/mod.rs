@@ -131,10 +131,25 @@ impl Admission {
 
     /// Waits for a turn, up to the wait given to [`Admission::new`].
     pub async fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-        match tokio::time::timeout(self.wait, Arc::clone(&self.permits).acquire_owned()).await {
+        self.enter_until(tokio::time::Instant::now() + self.wait)
+            .await
+    }
+
+    /// Waits for a turn until `deadline`: the request's one `DB_POOL_TIMEOUT`, which the pool
+    /// checkout that follows spends the rest of.
+    pub async fn enter_until(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        match tokio::time::timeout_at(deadline, Arc::clone(&self.permits).acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) | Err(_) => Err(ApiError::PoolTimeout),
         }
+    }
+
+    /// How long a request may wait for its turn and its connection together.
+    pub fn wait(&self) -> Duration {
+        self.wait
     }
 }
 
@@ -320,23 +335,32 @@ where
                 Ok(body) => body,
                 Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
             };
-            let _admitted = match &config.admission {
-                Some(admission) => match admission.enter().await {
+            // One `DB_POOL_TIMEOUT` per request: the admission queue and the pool checkout
+            // share it, so a request is answered 503 `pool_timeout` after it at the latest.
+            let deadline = config
+                .admission
+                .as_ref()
+                .map(|a| tokio::time::Instant::now() + a.wait());
+            let _admitted = match (&config.admission, deadline) {
+                (Some(admission), Some(deadline)) => match admission.enter_until(deadline).await {
                     Ok(permit) => Some(permit),
                     Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
                 },
-                None => None,
+                _ => None,
             };
             let read_only_default = is_read_only_method(http.method());
             let mut retries = 0;
             loop {
-                let slot = Arc::new(Slot::new(
-                    (**db).clone(),
-                    &config,
-                    policy,
-                    read_only_default,
-                    metrics.clone(),
-                ));
+                let slot = Arc::new(
+                    Slot::new(
+                        (**db).clone(),
+                        &config,
+                        policy,
+                        read_only_default,
+                        metrics.clone(),
+                    )
+                    .checkout_until(deadline),
+                );
                 http.extensions_mut().insert(Arc::clone(&slot));
                 let attempt = ServiceRequest::from_parts(http.clone(), Payload::from(body.clone()));
                 let result = AssertUnwindSafe(service.call(attempt)).catch_unwind().await;

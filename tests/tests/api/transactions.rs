@@ -580,3 +580,79 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
     }
     assert_eq!(count("JOB-NEVER").await, 0);
 }
+
+#[tokio::test]
+async fn a_begin_on_a_connection_the_server_just_terminated_takes_another_instead_of_503() {
+    let app = app_with(&[
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "1"),
+        ("DB_APPLICATION_NAME", "terminated-test"),
+        // No ping before checkout: the dead connection reaches BEGIN, as it does when it was
+        // used less than a second before the server ended it.
+        ("DB_POOL_PRE_PING", "false"),
+    ])
+    .await;
+    app.warehouse("BEFORE").await;
+    let backends =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'terminated-test'";
+    assert!(app.scalar(backends).await >= 1);
+    // A failover or an administrator ends the pool's connections while they sit idle.
+    app.scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = 'terminated-test'",
+    )
+    .await;
+    app.wait_until("the server has ended the pool's connections", || async {
+        app.scalar(backends).await == 0
+    })
+    .await;
+    let res = app
+        .post("/warehouses", &json!({"code": "AFTER", "name": "after"}))
+        .await;
+    assert_eq!(res.status(), 201, "nothing ran on the dead connection");
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM warehouse WHERE code = 'AFTER'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn the_admission_queue_and_the_pool_checkout_share_one_pool_timeout() {
+    // One connection, so two transactional handlers at a time (twice the pool's size).
+    let app = app_with(&[
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "0"),
+        ("DB_POOL_TIMEOUT", "3"),
+    ])
+    .await;
+    let post = |path: &str| {
+        let sent = app.client.post(app.url(path)).json(&json!({})).send();
+        tokio::spawn(async move { sent.await.map(|r| r.status().as_u16()).unwrap_or(0) })
+    };
+    let holder = post("/test/hold/8000");
+    app.wait_until("the only connection is held", || async {
+        app.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(8%' \
+             AND state = 'active'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    // The second request is admitted and waits for the connection until 3 s; the third arrives
+    // half-way, waits for a turn, then for the connection: both within its own 3 s.
+    let second = post("/test/hold/10");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let started = std::time::Instant::now();
+    let third = app.send_json("/test/hold/10", json!({})).await;
+    let waited = started.elapsed();
+    let (status, body) = problem(third).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("pool_timeout")));
+    assert!(
+        waited < std::time::Duration::from_millis(4000),
+        "answered after {waited:?}: DB_POOL_TIMEOUT (3 s) was spent twice"
+    );
+    assert_eq!(second.await.expect("second"), 503);
+    assert_eq!(holder.await.expect("holder"), 200);
+}
