@@ -54,6 +54,7 @@ pub struct Metrics {
     acquire: Histogram,
     transactions: Family<OutcomeLabel, Counter>,
     retries: Counter,
+    leaks: Counter,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
 }
@@ -102,6 +103,12 @@ impl Metrics {
             "Re-runs after a serialization failure or deadlock",
             retries.clone(),
         );
+        let leaks = Counter::default();
+        registry.register(
+            "db_transaction_leaks",
+            "Requests whose transaction handle outlived them (rolled back, answered 500)",
+            leaks.clone(),
+        );
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -139,6 +146,7 @@ impl Metrics {
             acquire,
             transactions,
             retries,
+            leaks,
             requests,
             durations,
         }
@@ -174,6 +182,10 @@ impl Metrics {
 
     pub fn count_retry(&self) {
         self.retries.inc();
+    }
+
+    pub fn count_leak(&self) {
+        self.leaks.inc();
     }
 
     /// Records one finished request. `method` must be one of [`METHODS`] or `OTHER`.

@@ -17,6 +17,12 @@
 //!   driver reports success: a request whose statement failed is never answered 2xx.
 //! * A handler that panics is caught: 500 and a rollback. A client that disconnects before the
 //!   commit gets a rollback ([`peer`]; register [`on_connect`] on the server).
+//! * Leaks: a [`Tx`] handle still alive when the handler has returned (cloned into a spawned
+//!   task) means writes that would run after the answer: the request is rolled back, answered
+//!   500, logged and counted (`db_transaction_leaks_total`). A transaction open longer than
+//!   `DB_LEAK_DETECTION_MS` is logged at WARN with its route and request id while still open.
+//! * On-commit hooks ([`Tx::on_commit`]) run once, after the commit of the attempt that
+//!   committed; never after a rollback, and not for attempts that were re-run.
 //! * Pool errors: no connection within `DB_POOL_TIMEOUT` is 503 `pool_timeout`; a database that
 //!   cannot be reached is 503 `database_unavailable`, answered fast ([`crate::availability`]).
 //! * [`with_transaction`] applies the same rules to background jobs and CLI code.
@@ -78,6 +84,8 @@ pub struct TxConfig {
     pub availability: Option<Availability>,
     /// Bounds the requests whose handlers run at once; `None` admits all.
     pub admission: Option<Admission>,
+    /// A transaction still open after this long is logged at WARN (`DB_LEAK_DETECTION_MS`).
+    pub leak_warning: Option<Duration>,
 }
 
 impl TxConfig {
@@ -104,6 +112,7 @@ impl TxConfig {
             body_limit,
             availability: None,
             admission: None,
+            leak_warning: settings.leak_detection,
         }
     }
 }
@@ -235,6 +244,9 @@ where
         let tx = Tx(Arc::new(Slot::new(db.clone(), config, policy, false, None)));
         let result = job(&tx).await;
         let (_, failure) = tx.0.finish(result.is_ok()).await;
+        if failure.is_none() && result.is_ok() {
+            tx.0.run_on_commit_hooks();
+        }
         match failure {
             Some(f) if f.is_retryable() && attempt < config.max_retries => {
                 tokio::time::sleep(backoff(attempt)).await;
@@ -349,6 +361,9 @@ where
                 _ => None,
             };
             let read_only_default = is_read_only_method(http.method());
+            let route = http
+                .match_pattern()
+                .unwrap_or_else(|| http.path().to_owned());
             let mut retries = 0;
             loop {
                 let slot = Arc::new(
@@ -359,7 +374,8 @@ where
                         read_only_default,
                         metrics.clone(),
                     )
-                    .checkout_until(deadline),
+                    .checkout_until(deadline)
+                    .labelled(route.clone()),
                 );
                 http.extensions_mut().insert(Arc::clone(&slot));
                 let attempt = ServiceRequest::from_parts(http.clone(), Payload::from(body.clone()));
@@ -375,6 +391,20 @@ where
                     }
                 };
                 let mut success = matches!(&response, Ok(res) if res.status().as_u16() < 400);
+                // Every handle the handler was given is dropped by now, unless it kept one
+                // (cloned into a spawned task): whatever that task writes would run after the
+                // answer, or fail unseen. Roll back and answer 500.
+                let leaked = Arc::strong_count(&slot) > 1;
+                if leaked {
+                    tracing::error!(
+                        route = %route,
+                        "a transaction handle outlived its request (cloned into a task?); rolling back"
+                    );
+                    if let Some(m) = &metrics {
+                        m.count_leak();
+                    }
+                    success = false;
+                }
                 let client_gone = success && peer::client_gone(&http);
                 if client_gone {
                     tracing::warn!("the client went away before the commit; rolling back");
@@ -383,6 +413,10 @@ where
                 let (outcome, failure) = slot.finish(success).await;
                 if let (Some(m), TxOutcome::Commit | TxOutcome::Rollback) = (&metrics, outcome) {
                     m.count_transaction(outcome);
+                }
+                if failure.is_none() && success {
+                    // Only the attempt that committed (or never needed to) runs its hooks.
+                    slot.run_on_commit_hooks();
                 }
 
                 let reply = match failure {
@@ -400,6 +434,9 @@ where
                     Some(f) if success || f.is_retryable() => {
                         let err = ApiError::from(f);
                         ServiceResponse::new(http.clone(), err.error_response())
+                    }
+                    _ if leaked => {
+                        ServiceResponse::new(http.clone(), ApiError::Internal.error_response())
                     }
                     _ if client_gone => {
                         let err = ApiError::ClientClosedRequest;
