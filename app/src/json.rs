@@ -6,6 +6,7 @@
 //! the whole body is checked before its shape: a streaming parse into `T` stops at the first
 //! unknown or mistyped field and would call `{"sku": 1, "name": ` a shape problem.
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -14,7 +15,8 @@ use actix_web::http::header;
 use actix_web::web::{Bytes, BytesMut};
 use actix_web::{FromRequest, HttpRequest, web};
 use futures_util::StreamExt;
-use serde::de::DeserializeOwned;
+use serde::Deserializer;
+use serde::de::{self, DeserializeOwned, Unexpected, Visitor};
 
 use crate::problem::ApiError;
 use crate::transaction::TxConfig;
@@ -102,6 +104,44 @@ fn parse_shape<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 fn check_syntax(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::MalformedJson(format!("the request body is not valid JSON: {e}")))
+}
+
+/// `#[serde(deserialize_with = "crate::json::integer")]` for an integer field of a request body.
+/// JSON has a single number type, and JSON Schema's `integer` (which the OpenAPI document uses)
+/// is any number without a fractional part, so `62.0` is the integer 62; `62.5` is not an integer.
+/// Like every JSON parser that reads numbers as doubles (JavaScript's among them), a literal with
+/// a fraction or exponent is read as the nearest double first, so beyond 2^53 it may be rounded:
+/// clients send ids as plain integers, which are read exactly.
+pub fn integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    struct Integer;
+
+    impl Visitor<'_> for Integer {
+        type Value = i64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an integer")
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v).map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
+            // -2^63 and 2^63 are exact doubles; every whole double in between converts exactly.
+            const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+            if v.fract() == 0.0 && (-LIMIT..LIMIT).contains(&v) {
+                Ok(v as i64)
+            } else {
+                Err(E::invalid_type(Unexpected::Float(v), &self))
+            }
+        }
+    }
+
+    deserializer.deserialize_any(Integer)
 }
 
 /// Reads the whole body into memory, refusing more than `limit` bytes (413).
@@ -220,6 +260,48 @@ mod tests {
         for body in [&br#"[1, "a"]"#[..], b"null", b"1", br#""text""#] {
             let err = parse_object::<Body>(body).unwrap_err();
             assert_eq!(err.code(), "validation_failed", "{body:?}: {err}");
+        }
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Count {
+        #[serde(deserialize_with = "integer")]
+        n: i64,
+    }
+
+    #[test]
+    fn an_integer_may_be_written_with_a_zero_fraction_or_an_exponent() {
+        for (body, n) in [
+            (&br#"{"n": 62}"#[..], 62),
+            (br#"{"n": 62.0}"#, 62),
+            (br#"{"n": 6.2e1}"#, 62),
+            (br#"{"n": -3}"#, -3),
+            (br#"{"n": 9223372036854775807}"#, i64::MAX),
+            (br#"{"n": -9223372036854775808}"#, i64::MIN),
+        ] {
+            assert_eq!(
+                parse_object::<Count>(body).map(|c| c.n).ok(),
+                Some(n),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_number_that_is_not_a_64_bit_integer_is_a_validation_error_naming_the_field() {
+        for body in [
+            &br#"{"n": 62.5}"#[..],
+            br#"{"n": 9223372036854775808}"#,
+            br#"{"n": 9.3e18}"#,
+            br#"{"n": -1e300}"#,
+            br#"{"n": "62"}"#,
+            br#"{"n": null}"#,
+            br#"{"n": true}"#,
+        ] {
+            let err = parse_object::<Count>(body).unwrap_err();
+            assert_eq!(err.code(), "validation_failed", "{body:?}");
+            assert!(err.to_string().starts_with("n:"), "{err}");
         }
     }
 
