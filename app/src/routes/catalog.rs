@@ -107,8 +107,9 @@ pub async fn list_warehouses(
     }))
 }
 
-#[utoipa::path(get, path = "/warehouses/{id}", params(("id" = Id, Path, description = "A positive 64-bit id; anything else is 404")), responses(
-    (status = 200, body = Warehouse, description = "The warehouse")))]
+#[utoipa::path(get, path = "/warehouses/{id}",
+    params(("id" = Id, Path, description = "A positive 64-bit id; anything else is 404")),
+    responses((status = 200, body = Warehouse, description = "The warehouse")))]
 pub async fn get_warehouse(tx: Tx, id: web::Path<i64>) -> Result<web::Json<Warehouse>, ApiError> {
     let id = path_id(*id, "warehouse")?;
     Ok(web::Json(catalog::get_warehouse(&tx, id).await?.into()))
@@ -143,8 +144,9 @@ pub async fn list_products(
     }))
 }
 
-#[utoipa::path(get, path = "/products/{id}", params(("id" = Id, Path, description = "A positive 64-bit id; anything else is 404")), responses(
-    (status = 200, body = Product, description = "The product")))]
+#[utoipa::path(get, path = "/products/{id}",
+    params(("id" = Id, Path, description = "A positive 64-bit id; anything else is 404")),
+    responses((status = 200, body = Product, description = "The product")))]
 pub async fn get_product(tx: Tx, id: web::Path<i64>) -> Result<web::Json<Product>, ApiError> {
     let id = path_id(*id, "product")?;
     Ok(web::Json(catalog::get_product(&tx, id).await?.into()))

@@ -203,8 +203,9 @@ pub struct WarehouseStock {
     pub items: Vec<WarehouseStockItem>,
 }
 
-#[utoipa::path(get, path = "/warehouses/{id}/stock", params(("id" = Id, Path, description = "A positive 64-bit id; anything else is 404")), responses(
-    (status = 200, body = WarehouseStock, description = "The warehouse's stock")))]
+#[utoipa::path(get, path = "/warehouses/{id}/stock",
+    params(("id" = Id, Path, description = "A positive 64-bit id; anything else is 404")),
+    responses((status = 200, body = WarehouseStock, description = "The warehouse's stock")))]
 pub async fn warehouse_stock(
     tx: Tx,
     id: web::Path<i64>,
@@ -239,8 +240,9 @@ pub struct ProductStock {
     pub items: Vec<ProductStockItem>,
 }
 
-#[utoipa::path(get, path = "/products/{id}/stock", params(("id" = Id, Path, description = "A positive 64-bit id; anything else is 404")), responses(
-    (status = 200, body = ProductStock, description = "The product's stock")))]
+#[utoipa::path(get, path = "/products/{id}/stock",
+    params(("id" = Id, Path, description = "A positive 64-bit id; anything else is 404")),
+    responses((status = 200, body = ProductStock, description = "The product's stock")))]
 pub async fn product_stock(
     tx: Tx,
     id: web::Path<i64>,
