@@ -3,10 +3,12 @@
 
 mod catalog;
 mod cli;
+mod contract;
 mod database;
 mod errors;
 mod health;
 mod helpers;
+mod json_schema;
 mod operations;
 mod pgbouncer;
 mod pooler;
