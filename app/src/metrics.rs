@@ -55,6 +55,7 @@ pub struct Metrics {
     transactions: Family<OutcomeLabel, Counter>,
     retries: Counter,
     replays: Counter,
+    leaks: Counter,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
 }
@@ -109,6 +110,12 @@ impl Metrics {
             "Requests answered with the stored response of their Idempotency-Key",
             replays.clone(),
         );
+        let leaks = Counter::default();
+        registry.register(
+            "db_transaction_leaks",
+            "Requests whose transaction handle outlived them (rolled back, answered 500)",
+            leaks.clone(),
+        );
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -147,6 +154,7 @@ impl Metrics {
             transactions,
             retries,
             replays,
+            leaks,
             requests,
             durations,
         }
@@ -187,6 +195,10 @@ impl Metrics {
 
     pub fn count_replay(&self) {
         self.replays.inc();
+    }
+
+    pub fn count_leak(&self) {
+        self.leaks.inc();
     }
 
     /// Records one finished request. `method` must be one of [`METHODS`] or `OTHER`.

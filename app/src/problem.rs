@@ -95,16 +95,58 @@ impl ApiError {
     }
 }
 
+/// The media type of every error response.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Every `code` a client can receive (API.md §3): the values the OpenAPI document allows in
+/// [`Problem::code`]. `client_closed_request` is not among them: nobody receives it.
+pub const ERROR_CODES: &[&str] = &[
+    "malformed_json",
+    "payload_too_large",
+    "unsupported_media_type",
+    "not_found",
+    "method_not_allowed",
+    "already_exists",
+    "insufficient_stock",
+    "validation_failed",
+    "pool_timeout",
+    "database_unavailable",
+    "serialization_failure",
+    "idempotency_key_in_use",
+    "idempotency_key_reused",
+    "commit_outcome_unknown",
+    "internal",
+];
+
+/// The schema of [`Problem::code`]: a string, one of [`ERROR_CODES`].
+pub struct ErrorCode;
+
+impl utoipa::PartialSchema for ErrorCode {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .enum_values(Some(ERROR_CODES.iter().copied()))
+            .description(Some("Stable machine-readable error code (API.md §3)."))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ErrorCode {}
+
 /// The body of every error response (RFC 9457 plus our stable `code`).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     /// Always `about:blank`: the `code` says what happened.
     #[serde(rename = "type")]
+    #[schema(value_type = String, pattern = "^about:blank$")]
     pub kind: &'static str,
+    /// The reason phrase of `status`.
     pub title: String,
+    #[schema(minimum = 400, maximum = 599)]
     pub status: u16,
+    /// What went wrong, in words; for `validation_failed` it names the field.
     pub detail: String,
-    /// Stable machine-readable error code (API.md §3).
+    #[schema(value_type = ErrorCode)]
     pub code: &'static str,
 }
 
@@ -144,10 +186,7 @@ impl ResponseError for ApiError {
             code: self.code(),
         };
         let mut response = HttpResponse::build(status);
-        response.insert_header((
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        ));
+        response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
         }
@@ -161,8 +200,13 @@ pub async fn unknown_route() -> HttpResponse {
 }
 
 /// `default_service` of every resource: a path that exists, with a method it does not serve.
-pub async fn method_not_allowed() -> HttpResponse {
-    ApiError::MethodNotAllowed.error_response()
+/// `allow` lists the methods it does serve (RFC 9110 requires the header on a 405).
+pub fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    let mut response = ApiError::MethodNotAllowed.error_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
 }
 
 /// `PathConfig` error handler: an id that is not a positive integer names no resource.
@@ -173,4 +217,70 @@ pub fn path_error(_: actix_web::error::PathError, _: &HttpRequest) -> actix_web:
 /// `QueryConfig` error handler: a malformed query string.
 pub fn query_error(err: actix_web::error::QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
     ApiError::Validation(format!("query: {err}")).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_a_client_can_receive_is_in_the_documented_list() {
+        let errors = [
+            ApiError::MalformedJson(String::new()),
+            ApiError::PayloadTooLarge(1),
+            ApiError::UnsupportedMediaType,
+            ApiError::NotFound(String::new()),
+            ApiError::MethodNotAllowed,
+            ApiError::AlreadyExists(String::new()),
+            ApiError::InsufficientStock(String::new()),
+            ApiError::Validation(String::new()),
+            ApiError::PoolTimeout,
+            ApiError::DatabaseUnavailable,
+            ApiError::SerializationFailure,
+            ApiError::IdempotencyKeyInUse,
+            ApiError::IdempotencyKeyReused,
+            ApiError::CommitOutcomeUnknown,
+            ApiError::Internal,
+            ApiError::ClientClosedRequest,
+        ];
+        for err in &errors {
+            // No wildcard on purpose: a new variant does not compile here until it is listed
+            // above and its code in ERROR_CODES (or here, if no client can receive it).
+            let received = match err {
+                ApiError::ClientClosedRequest => false,
+                ApiError::MalformedJson(_)
+                | ApiError::PayloadTooLarge(_)
+                | ApiError::UnsupportedMediaType
+                | ApiError::NotFound(_)
+                | ApiError::MethodNotAllowed
+                | ApiError::AlreadyExists(_)
+                | ApiError::InsufficientStock(_)
+                | ApiError::Validation(_)
+                | ApiError::PoolTimeout
+                | ApiError::DatabaseUnavailable
+                | ApiError::SerializationFailure
+                | ApiError::IdempotencyKeyInUse
+                | ApiError::IdempotencyKeyReused
+                | ApiError::CommitOutcomeUnknown
+                | ApiError::Internal => true,
+            };
+            assert_eq!(
+                ERROR_CODES.contains(&err.code()),
+                received,
+                "{}",
+                err.code()
+            );
+        }
+        assert_eq!(ERROR_CODES.len(), errors.len() - 1, "a code listed twice");
+    }
+
+    #[test]
+    fn a_405_says_which_methods_are_allowed() {
+        let response = method_not_allowed("GET, HEAD");
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            response.headers().get(header::ALLOW),
+            Some(&HeaderValue::from_static("GET, HEAD"))
+        );
+    }
 }

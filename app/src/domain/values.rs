@@ -47,11 +47,15 @@ fn bounded_chars(
 pub struct WarehouseCode(String);
 
 impl WarehouseCode {
+    pub const MAX_CHARS: usize = 32;
+    /// The alphabet as a JSON Schema (ECMA-262) pattern, for the OpenAPI document.
+    pub const PATTERN: &str = "^[A-Z0-9_-]+$";
+
     pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
         bounded_chars(
             "code",
             raw,
-            32,
+            Self::MAX_CHARS,
             |c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_' || c == '-',
             "A-Z, 0-9, '_' and '-'",
         )
@@ -67,11 +71,15 @@ impl WarehouseCode {
 pub struct Sku(String);
 
 impl Sku {
+    pub const MAX_CHARS: usize = 64;
+    /// The alphabet as a JSON Schema (ECMA-262) pattern, for the OpenAPI document.
+    pub const PATTERN: &str = "^[A-Za-z0-9._-]+$";
+
     pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
         bounded_chars(
             "sku",
             raw,
-            64,
+            Self::MAX_CHARS,
             |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'),
             "A-Z, a-z, 0-9, '.', '_' and '-'",
         )
@@ -87,11 +95,22 @@ impl Sku {
 pub struct Name(String);
 
 impl Name {
+    pub const MAX_CHARS: usize = 200;
+    /// "No control character (`char::is_control`: U+0000-U+001F, U+007F-U+009F), and at least
+    /// one that is not white space (`char::is_whitespace`)" as a JSON Schema (ECMA-262) pattern,
+    /// for the OpenAPI document. The classes are spelled out because `\s` differs between
+    /// regex engines (ECMA-262 counts U+FEFF, Rust does not).
+    pub const PATTERN: &str = concat!(
+        r"^[^\x00-\x1F\x7F-\x9F]*",
+        r"[^\x00-\x20\x7F-\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]",
+        r"[^\x00-\x1F\x7F-\x9F]*$"
+    );
+
     pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
         let name = bounded_chars(
             "name",
             raw,
-            200,
+            Self::MAX_CHARS,
             |c| !c.is_control(),
             "printable characters",
         )?;

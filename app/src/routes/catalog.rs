@@ -9,17 +9,19 @@ use utoipa::ToSchema;
 
 use super::{List, PageQuery, path_id};
 use crate::domain::catalog;
-use crate::domain::values::{Name, Page, Sku, WarehouseCode};
+use crate::domain::values::{Id, Name, Page, Sku, WarehouseCode};
 use crate::json::JsonBody;
-use crate::problem::{ApiError, Problem};
+use crate::problem::{ApiError, PROBLEM_JSON, Problem};
 use crate::transaction::Tx;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewWarehouse {
     /// 1..=32 characters of A-Z 0-9 _ -
+    #[schema(value_type = WarehouseCode)]
     pub code: String,
-    /// 1..=200 characters, not blank
+    /// 1..=200 characters, not blank, no control characters
+    #[schema(value_type = Name)]
     pub name: String,
 }
 
@@ -46,8 +48,10 @@ impl From<warehouse::Model> for Warehouse {
 #[serde(deny_unknown_fields)]
 pub struct NewProduct {
     /// 1..=64 characters of A-Z a-z 0-9 . _ -
+    #[schema(value_type = Sku)]
     pub sku: String,
-    /// 1..=200 characters, not blank
+    /// 1..=200 characters, not blank, no control characters
+    #[schema(value_type = Name)]
     pub name: String,
 }
 
@@ -75,9 +79,9 @@ pub(super) fn page(q: &PageQuery) -> Result<Page, ApiError> {
 }
 
 #[utoipa::path(post, path = "/warehouses", request_body = NewWarehouse, responses(
-    (status = 201, body = Warehouse, headers(("Location" = String))),
-    (status = 409, body = Problem, description = "already_exists"),
-    (status = 422, body = Problem, description = "validation_failed")))]
+    (status = 201, body = Warehouse, headers(("Location" = String)), description = "Created"),
+    (status = 409, body = Problem, content_type = PROBLEM_JSON,
+        description = "`already_exists`: the code is taken")))]
 pub async fn create_warehouse(
     tx: Tx,
     JsonBody(body): JsonBody<NewWarehouse>,
@@ -91,7 +95,7 @@ pub async fn create_warehouse(
 }
 
 #[utoipa::path(get, path = "/warehouses", params(PageQuery), responses(
-    (status = 200, body = List<Warehouse>), (status = 422, body = Problem)))]
+    (status = 200, body = List<Warehouse>, description = "A page of warehouses by id")))]
 pub async fn list_warehouses(
     tx: Tx,
     query: web::Query<PageQuery>,
@@ -103,17 +107,18 @@ pub async fn list_warehouses(
     }))
 }
 
-#[utoipa::path(get, path = "/warehouses/{id}", responses(
-    (status = 200, body = Warehouse), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/warehouses/{id}",
+    params(("id" = Id, Path, description = "A positive 64-bit id; anything else is 404")),
+    responses((status = 200, body = Warehouse, description = "The warehouse")))]
 pub async fn get_warehouse(tx: Tx, id: web::Path<i64>) -> Result<web::Json<Warehouse>, ApiError> {
     let id = path_id(*id, "warehouse")?;
     Ok(web::Json(catalog::get_warehouse(&tx, id).await?.into()))
 }
 
 #[utoipa::path(post, path = "/products", request_body = NewProduct, responses(
-    (status = 201, body = Product, headers(("Location" = String))),
-    (status = 409, body = Problem, description = "already_exists"),
-    (status = 422, body = Problem, description = "validation_failed")))]
+    (status = 201, body = Product, headers(("Location" = String)), description = "Created"),
+    (status = 409, body = Problem, content_type = PROBLEM_JSON,
+        description = "`already_exists`: the SKU is taken")))]
 pub async fn create_product(
     tx: Tx,
     JsonBody(body): JsonBody<NewProduct>,
@@ -127,7 +132,7 @@ pub async fn create_product(
 }
 
 #[utoipa::path(get, path = "/products", params(PageQuery), responses(
-    (status = 200, body = List<Product>), (status = 422, body = Problem)))]
+    (status = 200, body = List<Product>, description = "A page of products by id")))]
 pub async fn list_products(
     tx: Tx,
     query: web::Query<PageQuery>,
@@ -139,8 +144,9 @@ pub async fn list_products(
     }))
 }
 
-#[utoipa::path(get, path = "/products/{id}", responses(
-    (status = 200, body = Product), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/products/{id}",
+    params(("id" = Id, Path, description = "A positive 64-bit id; anything else is 404")),
+    responses((status = 200, body = Product, description = "The product")))]
 pub async fn get_product(tx: Tx, id: web::Path<i64>) -> Result<web::Json<Product>, ApiError> {
     let id = path_id(*id, "product")?;
     Ok(web::Json(catalog::get_product(&tx, id).await?.into()))

@@ -14,6 +14,7 @@ pub mod catalog;
 pub mod health;
 pub mod movements;
 pub mod openapi;
+mod schemas;
 
 use actix_web::{Resource, Route, guard, web};
 use sea_orm::IsolationLevel;
@@ -26,41 +27,62 @@ fn read() -> Route {
     web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
 }
 
-fn resource(path: &str) -> Resource {
-    web::resource(path).default_service(web::to(method_not_allowed))
+/// The `Allow` header of a resource's 405, by the methods it serves (the OpenAPI document lists
+/// the same, `HEAD` implied by `GET`).
+const READ: &str = "GET, HEAD";
+const READ_WRITE: &str = "GET, HEAD, POST";
+const WRITE: &str = "POST";
+
+/// Paths whose routes run outside the transaction middleware (no `pool_timeout`, no
+/// `database_unavailable` from it); the OpenAPI document declares the middleware's errors on
+/// every other path.
+pub const OUTSIDE_TRANSACTIONS: &[&str] =
+    &["/health/live", "/health/ready", "/metrics", "/openapi.json"];
+
+fn resource(path: &str, allow: &'static str) -> Resource {
+    web::resource(path).default_service(web::to(move || async move { method_not_allowed(allow) }))
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     let tx = Transactional::new();
     let stock_tx = Transactional::new().isolation(IsolationLevel::ReadCommitted);
 
-    cfg.service(resource("/health/live").route(read().to(health::live)))
-        .service(resource("/health/ready").route(read().to(health::ready)))
-        .service(resource("/metrics").route(read().to(health::metrics)))
-        .service(resource("/openapi.json").route(read().to(openapi::document)))
+    cfg.service(resource("/health/live", READ).route(read().to(health::live)))
+        .service(resource("/health/ready", READ).route(read().to(health::ready)))
+        .service(resource("/metrics", READ).route(read().to(health::metrics)))
+        .service(resource("/openapi.json", READ).route(read().to(openapi::document)))
         .service(
-            resource("/warehouses")
+            resource("/warehouses", READ_WRITE)
                 .route(read().to(catalog::list_warehouses).wrap(tx))
                 .route(web::post().to(catalog::create_warehouse).wrap(tx)),
         )
-        .service(resource("/warehouses/{id}").route(read().to(catalog::get_warehouse).wrap(tx)))
         .service(
-            resource("/warehouses/{id}/stock")
+            resource("/warehouses/{id}", READ).route(read().to(catalog::get_warehouse).wrap(tx)),
+        )
+        .service(
+            resource("/warehouses/{id}/stock", READ)
                 .route(read().to(movements::warehouse_stock).wrap(tx)),
         )
         .service(
-            resource("/products")
+            resource("/products", READ_WRITE)
                 .route(read().to(catalog::list_products).wrap(tx))
                 .route(web::post().to(catalog::create_product).wrap(tx)),
         )
-        .service(resource("/products/{id}").route(read().to(catalog::get_product).wrap(tx)))
+        .service(resource("/products/{id}", READ).route(read().to(catalog::get_product).wrap(tx)))
         .service(
-            resource("/products/{id}/stock").route(read().to(movements::product_stock).wrap(tx)),
+            resource("/products/{id}/stock", READ)
+                .route(read().to(movements::product_stock).wrap(tx)),
         )
-        .service(resource("/receipts").route(web::post().to(movements::receive).wrap(stock_tx)))
-        .service(resource("/shipments").route(web::post().to(movements::ship).wrap(stock_tx)))
-        .service(resource("/transfers").route(web::post().to(movements::transfer).wrap(stock_tx)))
-        .service(resource("/movements").route(read().to(movements::list).wrap(tx)));
+        .service(
+            resource("/receipts", WRITE).route(web::post().to(movements::receive).wrap(stock_tx)),
+        )
+        .service(
+            resource("/shipments", WRITE).route(web::post().to(movements::ship).wrap(stock_tx)),
+        )
+        .service(
+            resource("/transfers", WRITE).route(web::post().to(movements::transfer).wrap(stock_tx)),
+        )
+        .service(resource("/movements", READ).route(read().to(movements::list).wrap(tx)));
 }
 
 /// `?limit=&after=` of every list, kept as text so that errors name the parameter.
@@ -69,10 +91,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// 1..=500, default 50.
-    #[param(value_type = Option<u32>)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     pub limit: Option<String>,
     /// Return items with an id greater than this.
-    #[param(value_type = Option<i64>)]
+    #[param(value_type = Option<i64>, minimum = 0)]
     pub after: Option<String>,
 }
 

@@ -10,28 +10,40 @@ use super::catalog::page;
 use super::{List, PageQuery, path_id};
 use crate::domain::stock::{self, MovementFilter};
 use crate::domain::values::{Id, Page, Quantity};
-use crate::json::JsonBody;
-use crate::problem::{ApiError, Problem};
+use crate::json::{JsonBody, integer};
+use crate::problem::{ApiError, PROBLEM_JSON, Problem};
 use crate::transaction::Tx;
 
 /// A receipt or a shipment.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StockChange {
+    #[schema(value_type = Id)]
+    #[serde(deserialize_with = "integer")]
     pub warehouse_id: i64,
+    #[schema(value_type = Id)]
+    #[serde(deserialize_with = "integer")]
     pub product_id: i64,
-    /// 1..=1,000,000,000
+    #[schema(value_type = Quantity)]
+    #[serde(deserialize_with = "integer")]
     pub quantity: i64,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTransfer {
+    #[schema(value_type = Id)]
+    #[serde(deserialize_with = "integer")]
     pub from_warehouse_id: i64,
-    /// Must differ from `from_warehouse_id`.
+    /// Must differ from `from_warehouse_id` (422 otherwise).
+    #[schema(value_type = Id)]
+    #[serde(deserialize_with = "integer")]
     pub to_warehouse_id: i64,
+    #[schema(value_type = Id)]
+    #[serde(deserialize_with = "integer")]
     pub product_id: i64,
-    /// 1..=1,000,000,000
+    #[schema(value_type = Quantity)]
+    #[serde(deserialize_with = "integer")]
     pub quantity: i64,
 }
 
@@ -75,7 +87,9 @@ fn parse_change(body: &StockChange) -> Result<(Id, Id, Quantity), ApiError> {
 }
 
 #[utoipa::path(post, path = "/receipts", request_body = StockChange, responses(
-    (status = 201, body = Movement), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    (status = 201, body = Movement, description = "The receipt, recorded"),
+    (status = 404, body = Problem, content_type = PROBLEM_JSON,
+        description = "`not_found`: no such warehouse or product")))]
 pub async fn receive(
     tx: Tx,
     JsonBody(body): JsonBody<StockChange>,
@@ -87,8 +101,11 @@ pub async fn receive(
 }
 
 #[utoipa::path(post, path = "/shipments", request_body = StockChange, responses(
-    (status = 201, body = Movement), (status = 404, body = Problem),
-    (status = 409, body = Problem, description = "insufficient_stock"), (status = 422, body = Problem)))]
+    (status = 201, body = Movement, description = "The shipment, recorded"),
+    (status = 404, body = Problem, content_type = PROBLEM_JSON,
+        description = "`not_found`: no such warehouse or product"),
+    (status = 409, body = Problem, content_type = PROBLEM_JSON,
+        description = "`insufficient_stock`: the warehouse holds less than `quantity`")))]
 pub async fn ship(tx: Tx, JsonBody(body): JsonBody<StockChange>) -> Result<HttpResponse, ApiError> {
     let (warehouse, product, quantity) = parse_change(&body)?;
     Ok(created(
@@ -97,9 +114,13 @@ pub async fn ship(tx: Tx, JsonBody(body): JsonBody<StockChange>) -> Result<HttpR
 }
 
 #[utoipa::path(post, path = "/transfers", request_body = NewTransfer, responses(
-    (status = 201, body = Movement), (status = 404, body = Problem),
-    (status = 409, body = Problem, description = "insufficient_stock"),
-    (status = 422, body = Problem, description = "validation_failed, also for the same warehouse twice")))]
+    (status = 201, body = Movement, description = "The transfer, recorded"),
+    (status = 404, body = Problem, content_type = PROBLEM_JSON,
+        description = "`not_found`: no such warehouse or product"),
+    (status = 409, body = Problem, content_type = PROBLEM_JSON,
+        description = "`insufficient_stock`: the source holds less than `quantity`"),
+    (status = 422, body = Problem, content_type = PROBLEM_JSON,
+        description = "`validation_failed`: a field is missing, unknown, of the wrong type or out of range, or both warehouses are the same")))]
 pub async fn transfer(
     tx: Tx,
     JsonBody(body): JsonBody<NewTransfer>,
@@ -122,14 +143,17 @@ pub async fn transfer(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct MovementQuery {
-    #[param(value_type = Option<i64>)]
+    /// Only movements of this product.
+    #[param(value_type = Option<i64>, minimum = 1)]
     pub product_id: Option<String>,
     /// Matches movements from or to this warehouse.
-    #[param(value_type = Option<i64>)]
+    #[param(value_type = Option<i64>, minimum = 1)]
     pub warehouse_id: Option<String>,
-    #[param(value_type = Option<u32>)]
+    /// 1..=500, default 50.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     pub limit: Option<String>,
-    #[param(value_type = Option<i64>)]
+    /// Return items with an id greater than this.
+    #[param(value_type = Option<i64>, minimum = 0)]
     pub after: Option<String>,
 }
 
@@ -146,7 +170,7 @@ fn filter_id(field: &'static str, raw: Option<&str>) -> Result<Option<Id>, ApiEr
 }
 
 #[utoipa::path(get, path = "/movements", params(MovementQuery), responses(
-    (status = 200, body = List<Movement>), (status = 422, body = Problem)))]
+    (status = 200, body = List<Movement>, description = "A page of movements by id")))]
 pub async fn list(
     tx: Tx,
     query: web::Query<MovementQuery>,
@@ -179,8 +203,9 @@ pub struct WarehouseStock {
     pub items: Vec<WarehouseStockItem>,
 }
 
-#[utoipa::path(get, path = "/warehouses/{id}/stock", responses(
-    (status = 200, body = WarehouseStock), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/warehouses/{id}/stock",
+    params(("id" = Id, Path, description = "A positive 64-bit id; anything else is 404")),
+    responses((status = 200, body = WarehouseStock, description = "The warehouse's stock")))]
 pub async fn warehouse_stock(
     tx: Tx,
     id: web::Path<i64>,
@@ -215,8 +240,9 @@ pub struct ProductStock {
     pub items: Vec<ProductStockItem>,
 }
 
-#[utoipa::path(get, path = "/products/{id}/stock", responses(
-    (status = 200, body = ProductStock), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/products/{id}/stock",
+    params(("id" = Id, Path, description = "A positive 64-bit id; anything else is 404")),
+    responses((status = 200, body = ProductStock, description = "The product's stock")))]
 pub async fn product_stock(
     tx: Tx,
     id: web::Path<i64>,

@@ -14,7 +14,7 @@
 
 use std::future::{Ready, ready};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpMessage, HttpRequest};
@@ -26,6 +26,10 @@ use sea_orm::{
 };
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tracing::Instrument as _;
+
+/// Work a handler registers to run only after its transaction committed.
+type OnCommit = Box<dyn FnOnce() + Send>;
 
 use super::failure::{DbFailure, FailureKind};
 use super::outcome::{self, Resolved};
@@ -61,6 +65,17 @@ pub(super) struct Slot {
     begin: Begin,
     /// Whether statements may be prepared by name (not behind a transaction-mode pooler).
     named_statements: bool,
+    /// When the pool checkout must give up (the request's one `DB_POOL_TIMEOUT`); `None`: the
+    /// pool's own acquire timeout.
+    checkout_deadline: Option<tokio::time::Instant>,
+    /// What the transaction is for (the route pattern), for the leak warning.
+    label: String,
+    /// Warn when the transaction is still open after this long (`DB_LEAK_DETECTION_MS`).
+    leak_warning: Option<Duration>,
+    /// The pending leak warning, cancelled when the transaction ends.
+    leak_watch: StdMutex<Option<tokio::task::AbortHandle>>,
+    /// Work to run once this attempt has committed ([`Tx::on_commit`]).
+    hooks: StdMutex<Vec<OnCommit>>,
     metrics: Option<Metrics>,
     availability: Option<Availability>,
     /// Whether the transaction may write: only then is its outcome worth establishing.
@@ -101,6 +116,11 @@ impl Slot {
             db,
             begin,
             named_statements: config.session.named_statements(),
+            checkout_deadline: None,
+            label: String::new(),
+            leak_warning: config.leak_warning,
+            leak_watch: StdMutex::new(None),
+            hooks: StdMutex::new(Vec::new()),
             metrics,
             availability: config.availability.clone(),
             read_write: access == AccessMode::ReadWrite,
@@ -108,6 +128,49 @@ impl Slot {
             state: Mutex::new(State::Idle),
             failure: StdMutex::new(None),
         }
+    }
+
+    /// Names what the transaction is for (the route pattern) in the leak warning.
+    pub(super) fn labelled(mut self, label: String) -> Slot {
+        self.label = label;
+        self
+    }
+
+    /// Runs the on-commit hooks registered during this attempt, each once.
+    pub(super) fn run_on_commit_hooks(&self) {
+        let hooks = std::mem::take(&mut *self.hooks.lock().unwrap_or_else(|p| p.into_inner()));
+        for hook in hooks {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook)).is_err() {
+                tracing::error!(route = %self.label, "an on-commit hook panicked");
+            }
+        }
+    }
+
+    /// Logs at WARN, with the request's span (its request id), if the transaction is still open
+    /// after `DB_LEAK_DETECTION_MS`; [`Slot::finish`] cancels it.
+    fn watch_for_leak(&self) {
+        let Some(after) = self.leak_warning else {
+            return;
+        };
+        let route = self.label.clone();
+        let warning = tokio::spawn(
+            async move {
+                tokio::time::sleep(after).await;
+                tracing::warn!(
+                    route = %route,
+                    open_ms = after.as_millis() as u64,
+                    "a transaction is still open after DB_LEAK_DETECTION_MS"
+                );
+            }
+            .instrument(tracing::Span::current()),
+        );
+        *self.leak_watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(warning.abort_handle());
+    }
+
+    /// Gives up the pool checkout at `deadline` (503 `pool_timeout`).
+    pub(super) fn checkout_until(mut self, deadline: Option<tokio::time::Instant>) -> Slot {
+        self.checkout_deadline = deadline;
+        self
     }
 
     /// The open transaction, begun on first use.
@@ -124,7 +187,10 @@ impl Slot {
                 m.observe_acquire(started.elapsed());
             }
             match begun {
-                Ok(open) => *state = State::Open(open),
+                Ok(open) => {
+                    *state = State::Open(open);
+                    self.watch_for_leak();
+                }
                 Err(e) => {
                     *state = State::Finished;
                     return Err(self.record(e));
@@ -138,8 +204,36 @@ impl Slot {
         .map_err(|_| DbErr::Custom("the request's transaction has already ended".into()))
     }
 
-    /// Takes a connection from the pool and begins.
+    /// Takes a connection from the pool and begins, by the checkout deadline if there is one.
+    /// A `BEGIN` that fails because its pooled connection was closed under it (the server
+    /// terminated it: 57P01, a restart, a failover) ran nothing: it is tried again on another
+    /// connection instead of answering 503 while the database is up. Each failed attempt
+    /// discards its dead connection, so at most as many retries as the pool has connections.
     async fn begin_now(&self) -> Result<Open, DbErr> {
+        let attempt = async {
+            let mut spare = match self.begin {
+                Begin::Postgres(_) => self.db.get_postgres_connection_pool().size(),
+                Begin::Orm(_) => 0,
+            };
+            loop {
+                match self.begin_once().await {
+                    Err(e) if spare > 0 && is_dead_connection(&e) => {
+                        spare -= 1;
+                        tracing::info!(error = %e, "BEGIN hit a closed connection; taking another");
+                    }
+                    result => return result,
+                }
+            }
+        };
+        match self.checkout_deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, attempt)
+                .await
+                .unwrap_or(Err(DbErr::ConnectionAcquire(ConnAcquireErr::Timeout))),
+            None => attempt.await,
+        }
+    }
+
+    async fn begin_once(&self) -> Result<Open, DbErr> {
         let pool = || self.db.get_postgres_connection_pool();
         match &self.begin {
             Begin::Postgres(BeginSql::Static(sql)) => pool().begin_with(*sql).await,
@@ -204,6 +298,14 @@ impl Slot {
     /// Returns how it ended, and the failure that must replace the response, if any.
     pub(super) async fn finish(&self, commit: bool) -> (TxOutcome, Option<DbFailure>) {
         let state = std::mem::replace(&mut *self.state.lock().await, State::Finished);
+        if let Some(watch) = self
+            .leak_watch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            watch.abort();
+        }
         let failure = self.failure();
         let State::Open(open) = state else {
             return (TxOutcome::None, failure);
@@ -286,6 +388,22 @@ impl Slot {
     }
 }
 
+/// The error of a statement sent on a connection the server had already closed: the server's
+/// own "terminating connection" (SQLSTATE 57P01, 57P02, 57P03) or the socket found closed.
+fn is_dead_connection(err: &DbErr) -> bool {
+    let sqlx_err = match err {
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => e,
+        _ => return false,
+    };
+    match &**sqlx_err {
+        sqlx::Error::Database(e) => e.code().is_some_and(|c| c.starts_with("57P")),
+        sqlx::Error::Io(_) => true,
+        _ => false,
+    }
+}
+
 // The same `DbErr` shapes SeaORM gives for these failures, so that classification is one code.
 fn exec_err(e: sqlx::Error) -> DbErr {
     DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))
@@ -325,6 +443,21 @@ impl FromRequest for Tx {
                 Err(ApiError::Internal)
             }
         })
+    }
+}
+
+impl Tx {
+    /// Runs `hook` once this request's transaction has committed: never after a rollback, and
+    /// once per request however often the request is re-run (a re-run's hooks are its own).
+    /// For work outside the database that must not happen for uncommitted writes: publishing
+    /// a message, invalidating a cache. It runs before the response is sent; spawn a task in
+    /// it for anything slow.
+    pub fn on_commit(&self, hook: impl FnOnce() + Send + 'static) {
+        self.0
+            .hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(hook));
     }
 }
 

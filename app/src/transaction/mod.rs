@@ -28,6 +28,12 @@
 //!   replays.
 //! * A handler that panics is caught: 500 and a rollback. A client that disconnects before the
 //!   commit gets a rollback ([`peer`]; register [`on_connect`] on the server).
+//! * Leaks: a [`Tx`] handle still alive when the handler has returned (cloned into a spawned
+//!   task) means writes that would run after the answer: the request is rolled back, answered
+//!   500, logged and counted (`db_transaction_leaks_total`). A transaction open longer than
+//!   `DB_LEAK_DETECTION_MS` is logged at WARN with its route and request id while still open.
+//! * On-commit hooks ([`Tx::on_commit`]) run once, after the commit of the attempt that
+//!   committed; never after a rollback, and not for attempts that were re-run.
 //! * Pool errors: no connection within `DB_POOL_TIMEOUT` is 503 `pool_timeout`; a database that
 //!   cannot be reached is 503 `database_unavailable`, answered fast ([`crate::availability`]).
 //! * [`with_transaction`] applies the same rules to background jobs and CLI code.
@@ -93,6 +99,8 @@ pub struct TxConfig {
     pub availability: Option<Availability>,
     /// Bounds the requests whose handlers run at once; `None` admits all.
     pub admission: Option<Admission>,
+    /// A transaction still open after this long is logged at WARN (`DB_LEAK_DETECTION_MS`).
+    pub leak_warning: Option<Duration>,
     /// Longest wait for the status of a transaction whose `COMMIT` reply was lost
     /// (`DB_CONNECT_TIMEOUT`: the time one new connection may take).
     pub commit_check: Duration,
@@ -124,6 +132,7 @@ impl TxConfig {
             body_limit,
             availability: None,
             admission: None,
+            leak_warning: settings.leak_detection,
             commit_check: settings.connect_timeout,
             idempotency_ttl: settings.idempotency_ttl,
         }
@@ -153,10 +162,25 @@ impl Admission {
 
     /// Waits for a turn, up to the wait given to [`Admission::new`].
     pub async fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-        match tokio::time::timeout(self.wait, Arc::clone(&self.permits).acquire_owned()).await {
+        self.enter_until(tokio::time::Instant::now() + self.wait)
+            .await
+    }
+
+    /// Waits for a turn until `deadline`: the request's one `DB_POOL_TIMEOUT`, which the pool
+    /// checkout that follows spends the rest of.
+    pub async fn enter_until(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        match tokio::time::timeout_at(deadline, Arc::clone(&self.permits).acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) | Err(_) => Err(ApiError::PoolTimeout),
         }
+    }
+
+    /// How long a request may wait for its turn and its connection together.
+    pub fn wait(&self) -> Duration {
+        self.wait
     }
 }
 
@@ -259,6 +283,9 @@ where
         let tx = Tx(Arc::new(Slot::new(db.clone(), config, policy, false, None)));
         let result = job(&tx).await;
         let (_, failure) = tx.0.finish(result.is_ok()).await;
+        if failure.is_none() && result.is_ok() {
+            tx.0.run_on_commit_hooks();
+        }
         match failure {
             Some(f) if f.is_retryable() && attempt < config.max_retries => {
                 tokio::time::sleep(backoff(attempt)).await;
@@ -359,12 +386,18 @@ where
                 Ok(body) => body,
                 Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
             };
-            let _admitted = match &config.admission {
-                Some(admission) => match admission.enter().await {
+            // One `DB_POOL_TIMEOUT` per request: the admission queue and the pool checkout
+            // share it, so a request is answered 503 `pool_timeout` after it at the latest.
+            let deadline = config
+                .admission
+                .as_ref()
+                .map(|a| tokio::time::Instant::now() + a.wait());
+            let _admitted = match (&config.admission, deadline) {
+                (Some(admission), Some(deadline)) => match admission.enter_until(deadline).await {
                     Ok(permit) => Some(permit),
                     Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
                 },
-                None => None,
+                _ => None,
             };
             let key = http.uri().path_and_query().map_or("", |p| p.as_str());
             let idempotency = match Idempotency::read(http.method(), key, http.headers(), &body) {
@@ -372,15 +405,22 @@ where
                 Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
             };
             let read_only_default = is_read_only_method(http.method());
+            let route = http
+                .match_pattern()
+                .unwrap_or_else(|| http.path().to_owned());
             let mut retries = 0;
             loop {
-                let slot = Arc::new(Slot::new(
-                    (**db).clone(),
-                    &config,
-                    policy,
-                    read_only_default,
-                    metrics.clone(),
-                ));
+                let slot = Arc::new(
+                    Slot::new(
+                        (**db).clone(),
+                        &config,
+                        policy,
+                        read_only_default,
+                        metrics.clone(),
+                    )
+                    .checkout_until(deadline)
+                    .labelled(route.clone()),
+                );
                 // An Idempotency-Key is claimed first: a replay, a duplicate still running or a
                 // reused key is answered without running the handler, and rolled back.
                 let claim = match &idempotency {
@@ -431,6 +471,20 @@ where
                     Some(Err(e)) => Err(ApiError::from(e).error_response()),
                 };
                 let mut success = matches!(&response, Ok(res) if res.status().as_u16() < 400);
+                // Every handle the handler was given is dropped by now, unless it kept one
+                // (cloned into a spawned task): whatever that task writes would run after the
+                // answer, or fail unseen. Roll back and answer 500.
+                let leaked = Arc::strong_count(&slot) > 1;
+                if leaked {
+                    tracing::error!(
+                        route = %route,
+                        "a transaction handle outlived its request (cloned into a task?); rolling back"
+                    );
+                    if let Some(m) = &metrics {
+                        m.count_leak();
+                    }
+                    success = false;
+                }
                 let client_gone = success && peer::client_gone(&http);
                 if client_gone {
                     tracing::warn!("the client went away before the commit; rolling back");
@@ -472,6 +526,10 @@ where
                 {
                     m.count_transaction(outcome);
                 }
+                if failure.is_none() && success {
+                    // Only the attempt that committed (or never needed to) runs its hooks.
+                    slot.run_on_commit_hooks();
+                }
 
                 let reply = match failure {
                     Some(f) if f.is_retryable() && retries < config.max_retries && !client_gone => {
@@ -488,6 +546,9 @@ where
                     Some(f) if success || f.is_retryable() => {
                         let err = ApiError::from(f);
                         ServiceResponse::new(http.clone(), err.error_response())
+                    }
+                    _ if leaked => {
+                        ServiceResponse::new(http.clone(), ApiError::Internal.error_response())
                     }
                     _ if client_gone => {
                         let err = ApiError::ClientClosedRequest;

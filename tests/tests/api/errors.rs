@@ -260,3 +260,93 @@ async fn unicode_names_and_sql_looking_text_are_stored_verbatim() {
         .unwrap();
     assert_eq!(fetched["name"], name);
 }
+
+#[tokio::test]
+async fn a_body_that_is_not_json_is_400_malformed_json_on_every_post_route_whatever_comes_first() {
+    let app = spawn_app().await;
+    let (w, p) = (app.warehouse("W").await, app.product("p").await);
+    let routes = [
+        ("/warehouses", r#""code": "W2", "name": "n""#.to_owned()),
+        ("/products", r#""sku": "p2", "name": "n""#.to_owned()),
+        (
+            "/receipts",
+            format!(r#""warehouse_id": {w}, "product_id": {p}, "quantity": 1"#),
+        ),
+        (
+            "/shipments",
+            format!(r#""warehouse_id": {w}, "product_id": {p}, "quantity": 1"#),
+        ),
+        (
+            "/transfers",
+            format!(
+                r#""from_warehouse_id": {w}, "to_warehouse_id": 1, "product_id": {p}, "quantity": 1"#
+            ),
+        ),
+    ];
+    // Each fault follows a field the streaming parser would reject first.
+    let firsts = [
+        (r#""evil": 1, "#, "an unknown field"),
+        (
+            r#""quantity": "x", "code": 5, "sku": [], "#,
+            "a mistyped field",
+        ),
+        ("", "valid fields"),
+    ];
+    for (path, fields) in &routes {
+        for (first, before) in firsts {
+            let object = format!("{{{first}{fields}}}");
+            let open = format!("{{{first}{fields}");
+            let cases: Vec<(Vec<u8>, &str)> = vec![
+                (open.clone().into_bytes(), "truncated"),
+                (format!("{open}, ").into_bytes(), "truncated after a comma"),
+                (format!("{object} x").into_bytes(), "trailing garbage"),
+                (format!("{object}{object}").into_bytes(), "two documents"),
+                (format!("{open},}}").into_bytes(), "a trailing comma"),
+                (format!("{open}, \"n\": NaN}}").into_bytes(), "NaN"),
+                (
+                    format!("{open}, \"n\": Infinity}}").into_bytes(),
+                    "Infinity",
+                ),
+                (
+                    format!("{open}, \"n\": \"unterminated}}").into_bytes(),
+                    "an unterminated string",
+                ),
+                (
+                    [format!("{open}, \"n\": \"").as_bytes(), b"\xff\xfe\"}"].concat(),
+                    "invalid UTF-8",
+                ),
+                (
+                    format!("{open}, \"n\": \"\\ud800\"}}").into_bytes(),
+                    "a lone surrogate",
+                ),
+                (
+                    format!("{open} /* note */}}").into_bytes(),
+                    "a block comment",
+                ),
+                (format!("{open} // note\n}}").into_bytes(), "a line comment"),
+                (format!("{open}, 'n': 1}}").into_bytes(), "single quotes"),
+                (
+                    format!("{open}, \"n\": 01}}").into_bytes(),
+                    "a leading zero",
+                ),
+                (
+                    format!("{open}, \"n\": 1e999}}").into_bytes(),
+                    "a number beyond any double",
+                ),
+            ];
+            for (body, why) in cases {
+                let res = app.post_raw(path, "application/json", body).await;
+                let (status, problem) = problem(res).await;
+                assert_eq!(
+                    (status, problem["code"].as_str()),
+                    (400, Some("malformed_json")),
+                    "POST {path}, {why} after {before}: {problem}"
+                );
+            }
+        }
+    }
+    assert_eq!(app.scalar("SELECT count(*) FROM warehouse").await, 1);
+    assert_eq!(app.scalar("SELECT count(*) FROM product").await, 1);
+    assert_eq!(app.scalar("SELECT count(*) FROM movement").await, 0);
+    assert_eq!(app.scalar("SELECT count(*) FROM stock_level").await, 0);
+}

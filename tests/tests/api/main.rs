@@ -4,12 +4,14 @@
 mod catalog;
 mod cli;
 mod commit_outcome;
+mod contract;
 mod database;
 mod errors;
 mod fault_proxy;
 mod health;
 mod helpers;
 mod idempotency;
+mod json_schema;
 mod operations;
 mod pgbouncer;
 mod pooler;

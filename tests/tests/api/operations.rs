@@ -440,6 +440,7 @@ async fn logs_are_json_lines_with_the_request_id_statements_and_slow_statements_
             ("DB_AUTO_MIGRATE", "true"),
             ("DB_ECHO", "true"),
             ("DB_SLOW_STATEMENT_MS", "100"),
+            ("DB_LEAK_DETECTION_MS", "200"),
             ("RUST_LOG", "debug"),
         ],
     );
@@ -539,6 +540,14 @@ async fn logs_are_json_lines_with_the_request_id_statements_and_slow_statements_
         slow.iter()
             .any(|l| l["level"] == "WARN" && l.to_string().contains("slow statement")),
         "the slow statement is logged at WARN with the request's id:\n{all}"
+    );
+    assert!(
+        slow.iter().any(|l| l["level"] == "WARN"
+            && l["route"] == "/receipts"
+            && l.to_string()
+                .contains("still open after DB_LEAK_DETECTION_MS")),
+        "the transaction open past DB_LEAK_DETECTION_MS is logged at WARN with its route and \
+         request id while still open:\n{all}"
     );
 }
 

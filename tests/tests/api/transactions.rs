@@ -41,7 +41,65 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     .route(
         "/test/write-then-wait",
         web::post().to(write_then_wait).wrap(tx),
-    );
+    )
+    .route("/test/leak", web::post().to(leak).wrap(tx))
+    .route("/test/hooked/{status}", web::post().to(hooked).wrap(tx));
+}
+
+static LEAK_GO: tokio::sync::Notify = tokio::sync::Notify::const_new();
+static LEAKED_WRITE: Mutex<Option<bool>> = Mutex::new(None);
+
+/// Keeps a clone of the transaction in a task that writes after the request has answered.
+async fn leak(tx: Tx) -> Result<HttpResponse, ApiError> {
+    insert(&tx, "BEFORE-LEAK").await?;
+    let kept = tx.clone();
+    tokio::spawn(async move {
+        LEAK_GO.notified().await;
+        let wrote = insert(&kept, "LEAKED").await.is_ok();
+        *LEAKED_WRITE.lock().unwrap_or_else(|p| p.into_inner()) = Some(wrote);
+    });
+    Ok(HttpResponse::Created().json(json!({"leaked": true})))
+}
+
+static HOOK_RUNS: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
+
+fn hook_runs(key: &str) -> u32 {
+    HOOK_RUNS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(key).copied())
+        .unwrap_or(0)
+}
+
+/// Registers an on-commit hook, then behaves like `/test/conflict` (40001 on the first
+/// `x-fail-times` attempts) and answers `status`.
+async fn hooked(
+    tx: Tx,
+    req: HttpRequest,
+    status: web::Path<u16>,
+) -> Result<HttpResponse, ApiError> {
+    let key = req
+        .headers()
+        .get("x-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    tx.on_commit(move || {
+        *HOOK_RUNS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(HashMap::new)
+            .entry(key)
+            .or_insert(0) += 1;
+    });
+    let created = conflict(tx, req).await?;
+    let status = actix_web::http::StatusCode::from_u16(*status).map_err(|_| ApiError::Internal)?;
+    Ok(if status.is_success() {
+        created
+    } else {
+        HttpResponse::build(status).finish()
+    })
 }
 
 async fn insert(tx: &Tx, code: &str) -> Result<(), ApiError> {
@@ -499,6 +557,7 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
         admission: None,
         commit_check: std::time::Duration::from_secs(1),
         idempotency_ttl: std::time::Duration::from_secs(3600),
+        leak_warning: None,
     };
     let policy = app::TxPolicy::default();
     let count = |code: &'static str| {
@@ -581,4 +640,138 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
         other => panic!("expected a serialization failure, got {other:?}"),
     }
     assert_eq!(count("JOB-NEVER").await, 0);
+}
+
+#[tokio::test]
+async fn a_begin_on_a_connection_the_server_just_terminated_takes_another_instead_of_503() {
+    let app = app_with(&[
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "1"),
+        ("DB_APPLICATION_NAME", "terminated-test"),
+        // No ping before checkout: the dead connection reaches BEGIN, as it does when it was
+        // used less than a second before the server ended it.
+        ("DB_POOL_PRE_PING", "false"),
+    ])
+    .await;
+    app.warehouse("BEFORE").await;
+    let backends =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'terminated-test'";
+    assert!(app.scalar(backends).await >= 1);
+    // A failover or an administrator ends the pool's connections while they sit idle.
+    app.scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = 'terminated-test'",
+    )
+    .await;
+    app.wait_until("the server has ended the pool's connections", || async {
+        app.scalar(backends).await == 0
+    })
+    .await;
+    let res = app
+        .post("/warehouses", &json!({"code": "AFTER", "name": "after"}))
+        .await;
+    assert_eq!(res.status(), 201, "nothing ran on the dead connection");
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM warehouse WHERE code = 'AFTER'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn the_admission_queue_and_the_pool_checkout_share_one_pool_timeout() {
+    // One connection, so two transactional handlers at a time (twice the pool's size).
+    let app = app_with(&[
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "0"),
+        ("DB_POOL_TIMEOUT", "3"),
+    ])
+    .await;
+    let post = |path: &str| {
+        let sent = app.client.post(app.url(path)).json(&json!({})).send();
+        tokio::spawn(async move { sent.await.map(|r| r.status().as_u16()).unwrap_or(0) })
+    };
+    let holder = post("/test/hold/8000");
+    app.wait_until("the only connection is held", || async {
+        app.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(8%' \
+             AND state = 'active'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    // The second request is admitted and waits for the connection until 3 s; the third arrives
+    // half-way, waits for a turn, then for the connection: both within its own 3 s.
+    let second = post("/test/hold/10");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let started = std::time::Instant::now();
+    let third = app.send_json("/test/hold/10", json!({})).await;
+    let waited = started.elapsed();
+    let (status, body) = problem(third).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("pool_timeout")));
+    assert!(
+        waited < std::time::Duration::from_millis(4000),
+        "answered after {waited:?}: DB_POOL_TIMEOUT (3 s) was spent twice"
+    );
+    assert_eq!(second.await.expect("second"), 503);
+    assert_eq!(holder.await.expect("holder"), 200);
+}
+
+#[tokio::test]
+async fn a_transaction_handle_kept_beyond_its_request_is_rolled_back_answered_500_and_counted() {
+    let app = app_with(&[]).await;
+    let before = metric(&app, "db_transaction_leaks_total").await;
+    let (status, body) = problem(app.send_json("/test/leak", json!({})).await).await;
+    assert_eq!((status, body["code"].as_str()), (500, Some("internal")));
+    LEAK_GO.notify_one();
+    app.wait_until("the leaked handle was used", || async {
+        LEAKED_WRITE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    })
+    .await;
+    assert_eq!(
+        *LEAKED_WRITE.lock().unwrap_or_else(|p| p.into_inner()),
+        Some(false),
+        "the task's write after the answer fails"
+    );
+    assert_eq!(app.scalar("SELECT count(*) FROM warehouse").await, 0);
+    assert_eq!(
+        metric(&app, "db_transaction_leaks_total").await,
+        before + 1.0
+    );
+}
+
+#[tokio::test]
+async fn on_commit_hooks_run_once_after_the_commit_never_after_a_rollback() {
+    let app = app_with(&[("DB_TX_MAX_RETRIES", "3")]).await;
+    let send = |status: u16, key: &str, fail_times: &str| {
+        app.client
+            .post(app.url(&format!("/test/hooked/{status}")))
+            .header("x-key", key)
+            .header("x-fail-times", fail_times)
+            .json(&json!({}))
+            .send()
+    };
+    let res = send(201, "HOOK-RETRIED", "2").await.expect("sent");
+    assert_eq!(res.status(), 201);
+    assert_eq!(
+        hook_runs("HOOK-RETRIED"),
+        1,
+        "three attempts, one commit, one run"
+    );
+
+    let res = send(409, "HOOK-ROLLED-BACK", "0").await.expect("sent");
+    assert_eq!(res.status(), 409);
+    assert_eq!(hook_runs("HOOK-ROLLED-BACK"), 0, "no run after a rollback");
+
+    let res = send(201, "HOOK-EXHAUSTED", "100").await.expect("sent");
+    assert_eq!(res.status(), 503);
+    assert_eq!(
+        hook_runs("HOOK-EXHAUSTED"),
+        0,
+        "no run when nothing committed"
+    );
 }

@@ -1,0 +1,431 @@
+//! `/openapi.json` against the service it describes, so that the document cannot drift from the
+//! code: every response of a walk over every operation has a status, a content type and a body
+//! the document declares for that operation; every status the document declares is one the walk
+//! provokes (500 and 503 aside, which the transaction tests provoke); the constraints of the
+//! request schemas accept exactly what the handlers accept; an undeclared method is 405 with an
+//! `Allow` header naming the declared ones. schemathesis (`schemathesis.toml`) does the same by
+//! generating requests; this is the deterministic check that runs with the suite.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, spawn_app};
+use crate::json_schema::Validator;
+
+/// Statuses the walk does not provoke: the transaction and operations tests do (a database that
+/// is down, an exhausted pool, a failed commit).
+const PROVOKED_ELSEWHERE: &[u16] = &[500, 503];
+
+/// The document fetched from the app, and the (method, path, status) triples seen so far.
+struct Contract {
+    document: Value,
+    seen: Mutex<BTreeSet<(String, String, u16)>>,
+}
+
+impl Contract {
+    async fn of(app: &TestApp) -> Contract {
+        let res = app.get("/openapi.json").await;
+        assert_eq!(res.status(), 200);
+        Contract {
+            document: res.json().await.expect("the document is JSON"),
+            seen: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn operation(&self, method: &str, template: &str) -> &Value {
+        let operation = &self.document["paths"][template][method.to_lowercase()];
+        assert!(
+            operation.is_object(),
+            "{method} {template} is not in the document"
+        );
+        operation
+    }
+
+    /// Asserts that `res`, the answer to `method` on a path of `template`, is one the document
+    /// declares, and returns its status and JSON body (`Null` for a body that is not JSON).
+    async fn check(&self, method: &str, template: &str, res: reqwest::Response) -> (u16, Value) {
+        let status = res.status().as_u16();
+        let what = format!("{method} {template} → {status}");
+        let declared = &self.operation(method, template)["responses"][status.to_string()];
+        assert!(
+            declared.is_object(),
+            "{what}: status not declared; the document has {}",
+            self.operation(method, template)["responses"]
+        );
+        for header in declared["headers"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|h| h.0)
+        {
+            assert!(
+                res.headers().contains_key(header.as_str()),
+                "{what}: declared header {header} missing"
+            );
+        }
+        let media_type = res
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        let text = res.text().await.expect("a body");
+        let content = &declared["content"][&media_type];
+        assert!(
+            content.is_object(),
+            "{what}: content type {media_type:?} not declared; the document has {}",
+            declared["content"]
+        );
+        let mut body = Value::Null;
+        if media_type.ends_with("json") {
+            body = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {text}"));
+            // No schema declared (the document itself) means any JSON.
+            let schema = content.get("schema").unwrap_or(&Value::Bool(true));
+            let errors = Validator::new(&self.document).errors(schema, &body);
+            assert!(
+                errors.is_empty(),
+                "{what}: body breaks the declared schema:\n{}\n{body}",
+                errors.join("\n")
+            );
+        }
+        self.seen.lock().expect("not poisoned").insert((
+            method.to_owned(),
+            template.to_owned(),
+            status,
+        ));
+        (status, body)
+    }
+
+    /// Every (method, path, status) the document declares that the walk did not provoke.
+    fn never_seen(&self) -> Vec<String> {
+        let seen = self.seen.lock().expect("not poisoned");
+        let mut missing = Vec::new();
+        for (template, item) in self.document["paths"].as_object().expect("paths") {
+            for (method, operation) in item.as_object().expect("a path item") {
+                for status in operation["responses"]
+                    .as_object()
+                    .expect("responses")
+                    .keys()
+                {
+                    let status: u16 = status.parse().expect("numeric statuses");
+                    let key = (method.to_uppercase(), template.clone(), status);
+                    if !PROVOKED_ELSEWHERE.contains(&status) && !seen.contains(&key) {
+                        missing.push(format!("{} {} {}", key.0, key.1, key.2));
+                    }
+                }
+            }
+        }
+        missing
+    }
+}
+
+async fn send(app: &TestApp, method: &str, path: &str) -> reqwest::Response {
+    let method = Method::from_bytes(method.as_bytes()).expect("a method");
+    app.client
+        .request(method, app.url(path))
+        .send()
+        .await
+        .expect("request sent")
+}
+
+#[tokio::test]
+async fn every_response_of_every_operation_is_declared_by_the_document_and_every_declaration_is_used()
+ {
+    let app = spawn_app().await;
+    let c = Contract::of(&app).await;
+
+    for path in ["/health/live", "/health/ready", "/metrics", "/openapi.json"] {
+        c.check("GET", path, app.get(path).await).await;
+    }
+
+    // Catalog: created, taken, invalid, not JSON, not sent as JSON, too large.
+    let (_, w1) = c
+        .check(
+            "POST",
+            "/warehouses",
+            app.post("/warehouses", &json!({"code": "W1", "name": "One"}))
+                .await,
+        )
+        .await;
+    let (_, w2) = c
+        .check(
+            "POST",
+            "/warehouses",
+            app.post("/warehouses", &json!({"code": "W2", "name": "Two"}))
+                .await,
+        )
+        .await;
+    let (_, p) = c
+        .check(
+            "POST",
+            "/products",
+            app.post("/products", &json!({"sku": "p-1", "name": "P"}))
+                .await,
+        )
+        .await;
+    let (w1, w2, p) = (&w1["id"], &w2["id"], &p["id"]);
+    for (path, taken, invalid) in [
+        (
+            "/warehouses",
+            json!({"code": "W1", "name": "Again"}),
+            json!({"code": "w", "name": "x"}),
+        ),
+        (
+            "/products",
+            json!({"sku": "p-1", "name": "Again"}),
+            json!({"sku": "", "name": "x"}),
+        ),
+    ] {
+        c.check("POST", path, app.post(path, &taken).await).await;
+        c.check("POST", path, app.post(path, &invalid).await).await;
+        c.check(
+            "POST",
+            path,
+            app.post_raw(path, "application/json", "{").await,
+        )
+        .await;
+        c.check("POST", path, app.post_raw(path, "text/plain", "{}").await)
+            .await;
+        c.check(
+            "POST",
+            path,
+            app.post_raw(path, "application/json", vec![b' '; 70_000])
+                .await,
+        )
+        .await;
+    }
+    for list in ["/warehouses", "/products", "/movements"] {
+        for query in ["", "?limit=1", "?limit=0", "?after=x", "?bogus=1"] {
+            c.check("GET", list, app.get(&format!("{list}{query}")).await)
+                .await;
+        }
+    }
+    for (template, id) in [
+        ("/warehouses/{id}", w1),
+        ("/warehouses/{id}/stock", w1),
+        ("/products/{id}", p),
+        ("/products/{id}/stock", p),
+    ] {
+        for id in [id.to_string(), "999999".into(), "0".into(), "x".into()] {
+            let path = template.replace("{id}", &id);
+            c.check("GET", template, app.get(&path).await).await;
+        }
+    }
+
+    // Movements: recorded, unknown ids, short stock, invalid, same warehouse twice.
+    let change =
+        |w: &Value, p: &Value, q: Value| json!({"warehouse_id": w, "product_id": p, "quantity": q});
+    let transfer = |from: &Value, to: &Value, q: i64| json!({"from_warehouse_id": from, "to_warehouse_id": to, "product_id": p, "quantity": q});
+    let cases = [
+        ("/receipts", change(w1, p, json!(10))),
+        ("/receipts", change(&json!(999999), p, json!(1))),
+        ("/shipments", change(w1, p, json!(3))),
+        ("/shipments", change(w1, &json!(999999), json!(1))),
+        ("/shipments", change(w2, p, json!(1))),
+        ("/transfers", transfer(w1, w2, 2)),
+        ("/transfers", transfer(w1, &json!(999999), 2)),
+        ("/transfers", transfer(w1, w2, 1_000_000)),
+        ("/transfers", transfer(w1, w1, 1)),
+    ];
+    for (path, body) in cases {
+        c.check("POST", path, app.post(path, &body).await).await;
+    }
+    for path in ["/receipts", "/shipments", "/transfers"] {
+        c.check("POST", path, app.post(path, &json!({"quantity": 1})).await)
+            .await;
+        c.check(
+            "POST",
+            path,
+            app.post_raw(path, "application/json", "{").await,
+        )
+        .await;
+        c.check("POST", path, app.post_raw(path, "text/plain", "{}").await)
+            .await;
+        c.check(
+            "POST",
+            path,
+            app.post_raw(path, "application/json", vec![b' '; 70_000])
+                .await,
+        )
+        .await;
+    }
+    for query in [
+        format!("?product_id={p}"),
+        format!("?warehouse_id={w2}"),
+        "?product_id=0".into(),
+    ] {
+        c.check(
+            "GET",
+            "/movements",
+            app.get(&format!("/movements{query}")).await,
+        )
+        .await;
+    }
+
+    let missing = c.never_seen();
+    assert!(
+        missing.is_empty(),
+        "declared but never answered by the walk (add a request above, or drop the \
+         declaration):\n{}",
+        missing.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn an_undeclared_method_is_405_with_an_allow_header_naming_the_declared_ones() {
+    let app = spawn_app().await;
+    let c = Contract::of(&app).await;
+    let methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"];
+    for (template, item) in c.document["paths"].as_object().expect("paths") {
+        let path = template.replace("{id}", "1");
+        let mut declared: BTreeSet<String> = item
+            .as_object()
+            .expect("a path item")
+            .keys()
+            .map(|m| m.to_uppercase())
+            .collect();
+        if declared.contains("GET") {
+            declared.insert("HEAD".into());
+        }
+        for method in methods.iter().filter(|m| !declared.contains(**m)) {
+            let res = send(&app, method, &path).await;
+            assert_eq!(res.status(), 405, "{method} {path}");
+            let allow: BTreeSet<String> = res.headers()["allow"]
+                .to_str()
+                .expect("ASCII")
+                .split(',')
+                .map(|m| m.trim().to_owned())
+                .collect();
+            assert_eq!(allow, declared, "Allow of {method} {path}");
+            let (_, body) = crate::helpers::problem(res).await;
+            assert_eq!(body["code"], "method_not_allowed");
+        }
+    }
+}
+
+/// For a request schema and a table of candidate bodies: the document's verdict (valid or not)
+/// must be the handler's (anything but 422, or 422 naming the field).
+async fn agree(app: &TestApp, c: &Contract, path: &str, schema: &str, bodies: Vec<(Value, &str)>) {
+    let validator = Validator::new(&c.document);
+    let schema = validator.component(schema);
+    for (body, field) in bodies {
+        let valid = validator.errors(schema, &body).is_empty();
+        let (status, answer) = c.check("POST", path, app.post(path, &body).await).await;
+        if valid {
+            assert_ne!(
+                status, 422,
+                "the document allows {body} but {path} refuses it: {answer}"
+            );
+        } else {
+            assert_eq!(
+                status, 422,
+                "the document forbids {body} but {path} answers {status}"
+            );
+            let detail = answer["detail"].as_str().unwrap_or_default();
+            assert!(
+                detail.starts_with(field),
+                "{body}: {detail} should name {field}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_request_schemas_allow_exactly_what_the_handlers_accept() {
+    let app = spawn_app().await;
+    let c = Contract::of(&app).await;
+    let names = [
+        "x",
+        " x ",
+        "é".repeat(200).as_str(),
+        "Entrepôt 倉庫",
+        "\u{feff}",
+        "a\u{200b}",
+        "",
+        " ",
+        "\t",
+        "\u{3000}",
+        "\u{a0}\u{2028}",
+        "a\nb",
+        "a\u{7f}",
+        "a\u{85}",
+        "é".repeat(201).as_str(),
+    ]
+    .map(str::to_owned);
+    let codes = [
+        "A",
+        "Z-9_",
+        &"W".repeat(32),
+        "",
+        "a",
+        "A B",
+        "É",
+        "A\n",
+        &"W".repeat(33),
+    ]
+    .map(str::to_owned);
+    let mut warehouses = Vec::new();
+    for (i, code) in codes.iter().enumerate() {
+        warehouses.push((json!({"code": code, "name": format!("n{i}")}), "code"));
+    }
+    for (i, name) in names.iter().enumerate() {
+        warehouses.push((json!({"code": format!("N{i}"), "name": name}), "name"));
+    }
+    agree(&app, &c, "/warehouses", "NewWarehouse", warehouses).await;
+
+    let skus = [
+        "a",
+        "A.b_c-9",
+        &"s".repeat(64),
+        "",
+        "a b",
+        "a/b",
+        "ü",
+        "a\n",
+        &"s".repeat(65),
+    ]
+    .map(str::to_owned);
+    let products = skus
+        .iter()
+        .map(|sku| (json!({"sku": sku, "name": "n"}), "sku"))
+        .collect();
+    agree(&app, &c, "/products", "NewProduct", products).await;
+
+    let w = app.warehouse("STOCK").await;
+    let p = app.product("stock-1").await;
+    let mut changes = Vec::new();
+    for q in [
+        json!(1),
+        json!(1_000_000_000),
+        json!(62.0),
+        json!(0),
+        json!(-1),
+        json!(1_000_000_001),
+        json!(1.5),
+        json!("7"),
+    ] {
+        changes.push((
+            json!({"warehouse_id": w, "product_id": p, "quantity": q}),
+            "quantity",
+        ));
+    }
+    for id in [
+        json!(i64::MAX),
+        json!(0),
+        json!(-1),
+        json!(u64::MAX),
+        json!(null),
+    ] {
+        changes.push((
+            json!({"warehouse_id": id, "product_id": p, "quantity": 1}),
+            "warehouse_id",
+        ));
+    }
+    agree(&app, &c, "/receipts", "StockChange", changes).await;
+}
