@@ -39,7 +39,8 @@ async fn sea_orm_cli_migrate_up_creates_the_tables_and_down_removes_them() {
     let database = TestDatabase::create().await;
     let db = database.connect().await;
     let app_tables = "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' \
-                      AND table_name IN ('warehouse', 'product', 'stock_level', 'movement')";
+                      AND table_name IN ('warehouse', 'product', 'stock_level', 'movement', \
+                      'idempotency_key')";
     let count = |db: &sea_orm::DatabaseConnection| {
         let db = db.clone();
         async move {
@@ -57,7 +58,10 @@ async fn sea_orm_cli_migrate_up_creates_the_tables_and_down_removes_them() {
     };
     assert_eq!(count(&db).await, 0);
     sea_orm_cli(&["migrate", "up"], &database.url);
-    assert_eq!(count(&db).await, 4);
+    assert_eq!(count(&db).await, 5);
+    // `down` undoes one migration at a time, the newest first.
+    sea_orm_cli(&["migrate", "down"], &database.url);
+    assert_eq!(count(&db).await, 4, "idempotency_key dropped");
     sea_orm_cli(&["migrate", "down"], &database.url);
     assert_eq!(count(&db).await, 0);
 }
