@@ -32,6 +32,7 @@ def main():
     axes = axes.flatten()
     for ax, w in zip(axes, workloads):
         for tool, key, style, label, dy in (("app", "rps", "o-", "app (wrk, req/s)", 6),
+                                            ("control", "rps", "^:", "control (bare actix-web + sqlx)", 6),
                                             ("pgbench", "tps", "s--", "pgbench (same SQL, TPS)", -12)):
             ps = sorted((p for p in points if p["workload"] == w and p["tool"] == tool and p.get(key)),
                         key=lambda p: p["connections"])

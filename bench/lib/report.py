@@ -34,18 +34,28 @@ def main():
     checks = [json.loads(line) for line in open(checks_path) if line.strip()]
 
     for p in points:
-        if p.get("tool") == "app":
+        if str(p.get("tool")).startswith("app"):
             b, a = p.pop("metrics_before", {}) or {}, p.pop("metrics_after", {}) or {}
             p["app_retries"] = int(a.get("retries", 0) - b.get("retries", 0))
             p["app_rollbacks"] = int(a.get("rollback", 0) - b.get("rollback", 0))
             p["app_commits"] = int(a.get("commit", 0) - b.get("commit", 0))
 
-    pg = {(p["workload"], p["connections"]): p for p in points if p.get("tool") == "pgbench"}
+    by = {(p.get("tool"), p["workload"], p["connections"]): p for p in points}
+
+    def rate(tool, w, c):
+        q = by.get((tool, w, c)) or {}
+        return q.get("rps", q.get("tps"))
+
+    def ratio_of(a, b):
+        return a / b if a is not None and b else None
+
+    pg = {(w, c): q for (t, w, c), q in by.items() if t == "pgbench"}
     rows = []
     for p in points:
         if p.get("tool") != "app":
             continue
         q = pg.get((p["workload"], p["connections"]))
+        ctl = by.get(("control", p["workload"], p["connections"]))
         st = p.get("status", {})
         lat = p.get("latency_ms", {})
         ratio = None
@@ -61,7 +71,15 @@ def main():
             "pg_p50": (q or {}).get("latency_ms", {}).get("p50"),
             "pg_p99": (q or {}).get("latency_ms", {}).get("p99"),
             "ratio": ratio, "drained": p.get("drained"),
+            "control_rps": (ctl or {}).get("rps"),
+            "control_p50": (ctl or {}).get("latency_ms", {}).get("p50"),
+            "control_p99": (ctl or {}).get("latency_ms", {}).get("p99"),
+            "control_non_2xx": (ctl or {}).get("non_2xx"),
+            "control_rss": (ctl or {}).get("peak_rss_mb"),
+            "ratio_to_control": ratio_of(p.get("rps"), (ctl or {}).get("rps")),
         })
+        if rows[-1]["ratio_to_control"] is not None:
+            p["ratio_to_control"] = round(rows[-1]["ratio_to_control"], 3)
     rows.sort(key=lambda r: (ORDER.index(r["workload"]) if r["workload"] in ORDER else 99,
                              r["connections"]))
 
@@ -72,15 +90,38 @@ def main():
         f"PostgreSQL {meta['settings']['postgres']['version']}; "
         f"{meta['settings']['duration_s']} s per point.",
         "",
-        "| workload | connections | app req/s | p50 ms | p99 ms | non-2xx | 5xx | peak RSS MB | pgbench TPS | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | connections | app req/s | p50 ms | p99 ms | non-2xx | 5xx | peak RSS MB "
+        "| control req/s | pgbench TPS | app/control | app/pgbench |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["workload"], r["connections"], fmt(r["rps"], 0), fmt(r["p50"], 2), fmt(r["p99"], 2),
-            fmt(r["non_2xx"]), fmt(r["c5xx"]), fmt(r["rss"], 1), fmt(r["pg_tps"], 0),
-            fmt(r["ratio"], 2) if r["ratio"] is not None else "–"))
+            fmt(r["non_2xx"]), fmt(r["c5xx"]), fmt(r["rss"], 1), fmt(r["control_rps"], 0),
+            fmt(r["pg_tps"], 0), fmt(r["ratio_to_control"], 2), fmt(r["ratio"], 2)))
     lines.append("")
+    # The levers: the same target over a Unix-domain socket and through PgBouncer, against TCP.
+    levers = []
+    tools = {t for (t, _, _) in by}
+    for base in ("app", "control", "pgbench"):
+        if not ({base + "-unix", base + "-pgbouncer"} & tools):
+            continue
+        for (w, c) in sorted({(w, c) for (t, w, c) in by if t == base},
+                             key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1])):
+            tcp, unix, bouncer = rate(base, w, c), rate(base + "-unix", w, c), rate(base + "-pgbouncer", w, c)
+            levers.append({"workload": w, "connections": c, "target": base, "tcp": tcp,
+                           "unix": unix, "unix_ratio": ratio_of(unix, tcp),
+                           "pgbouncer": bouncer, "pgbouncer_ratio": ratio_of(bouncer, tcp)})
+    if levers:
+        lines += [
+            "| workload | connections | target | TCP | Unix socket | socket/TCP | PgBouncer | PgBouncer/TCP |",
+            "|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in levers:
+            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                r["workload"], r["connections"], r["target"], fmt(r["tcp"], 0), fmt(r["unix"], 0),
+                fmt(r["unix_ratio"], 2), fmt(r["pgbouncer"], 0), fmt(r["pgbouncer_ratio"], 2)))
+        lines.append("")
     lines.append("Workloads: " + "; ".join(f"{k} {v}" for k, v in TITLES.items()) + ".")
     notes = []
     for c in checks:
@@ -102,6 +143,7 @@ def main():
     result["checks"] = checks
     result["ledger_pass"] = all(c["pass"] for c in checks)
     result["table"] = rows
+    result["levers"] = levers
     os.makedirs(results, exist_ok=True)
     out = os.path.join(results, f"{stamp}.json")
     with open(out + ".tmp", "w") as f:
