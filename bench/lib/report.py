@@ -100,27 +100,26 @@ def main():
             fmt(r["non_2xx"]), fmt(r["c5xx"]), fmt(r["rss"], 1), fmt(r["control_rps"], 0),
             fmt(r["pg_tps"], 0), fmt(r["ratio_to_control"], 2), fmt(r["ratio"], 2)))
     lines.append("")
-    # The levers: the same target over a Unix-domain socket and through PgBouncer, against TCP.
+    # The levers: each variant (over a Unix socket, through PgBouncer, ...) against its target
+    # over TCP at the same point of the same run.
     levers = []
-    tools = {t for (t, _, _) in by}
-    for base in ("app", "control", "pgbench"):
-        if not ({base + "-unix", base + "-pgbouncer"} & tools):
+    for (t, w, c), q in sorted(by.items(), key=lambda kv: (
+            ORDER.index(kv[0][1]) if kv[0][1] in ORDER else 99, kv[0][2], str(kv[0][0]))):
+        if not t or "-" not in t:
             continue
-        for (w, c) in sorted({(w, c) for (t, w, c) in by if t == base},
-                             key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1])):
-            tcp, unix, bouncer = rate(base, w, c), rate(base + "-unix", w, c), rate(base + "-pgbouncer", w, c)
-            levers.append({"workload": w, "connections": c, "target": base, "tcp": tcp,
-                           "unix": unix, "unix_ratio": ratio_of(unix, tcp),
-                           "pgbouncer": bouncer, "pgbouncer_ratio": ratio_of(bouncer, tcp)})
+        base = t.split("-", 1)[0]
+        levers.append({"workload": w, "connections": c, "variant": t, "base": base,
+                       "rate": rate(t, w, c), "base_rate": rate(base, w, c),
+                       "ratio": ratio_of(rate(t, w, c), rate(base, w, c))})
     if levers:
         lines += [
-            "| workload | connections | target | TCP | Unix socket | socket/TCP | PgBouncer | PgBouncer/TCP |",
-            "|---|---:|---|---:|---:|---:|---:|---:|",
+            "| workload | connections | variant | req/s or TPS | against | its req/s or TPS | ratio |",
+            "|---|---:|---|---:|---|---:|---:|",
         ]
         for r in levers:
-            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
-                r["workload"], r["connections"], r["target"], fmt(r["tcp"], 0), fmt(r["unix"], 0),
-                fmt(r["unix_ratio"], 2), fmt(r["pgbouncer"], 0), fmt(r["pgbouncer_ratio"], 2)))
+            lines.append("| {} | {} | {} | {} | {} | {} | {} |".format(
+                r["workload"], r["connections"], r["variant"], fmt(r["rate"], 0), r["base"],
+                fmt(r["base_rate"], 0), fmt(r["ratio"], 2)))
         lines.append("")
     lines.append("Workloads: " + "; ".join(f"{k} {v}" for k, v in TITLES.items()) + ".")
     notes = []

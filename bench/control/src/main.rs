@@ -6,7 +6,8 @@
 //! between the app and this server in one run is what the app's layer costs.
 //!
 //! Environment: `DATABASE_URL` (required), `APP_PORT` (default 8080), `APP_WORKERS` (default
-//! 2), `DB_POOLER=transaction` (behind PgBouncer: no named prepared statements, no startup
+//! 2), `DB_APPLICATION_NAME` (default `control`), `READ_ONLY_END=drop` (see [`State`]) and
+//! `DB_POOLER=transaction` (behind PgBouncer: no named prepared statements, no startup
 //! parameters, the isolation in every `BEGIN`).
 
 use std::time::Duration;
@@ -30,6 +31,12 @@ struct State {
     pool: PgPool,
     begin_read_only: &'static str,
     begin_write: &'static str,
+    /// Named prepared statements, cached per connection (not behind PgBouncer).
+    persistent: bool,
+    /// `READ_ONLY_END=drop`: end W1's transaction by dropping it, which queues a `ROLLBACK`
+    /// that goes out with the pool's release check, instead of awaiting a `COMMIT` (lever (b)
+    /// of issue 14; equivalent for a READ ONLY transaction below SERIALIZABLE).
+    drop_read_only: bool,
 }
 
 #[derive(Serialize)]
@@ -110,11 +117,16 @@ async fn get_product(state: web::Data<State>, id: web::Path<i64>) -> HttpRespons
 async fn product(state: &State, id: i64) -> Result<Product, Problem> {
     let mut tx = state.pool.begin_with(state.begin_read_only).await?;
     let row = sqlx::query(SELECT_PRODUCT)
+        .persistent(state.persistent)
         .bind(id)
         .bind(1_i64)
         .fetch_optional(&mut *tx)
         .await?;
-    tx.commit().await?;
+    if state.drop_read_only {
+        drop(tx);
+    } else {
+        tx.commit().await?;
+    }
     let row = row.ok_or_else(|| {
         Problem(
             StatusCode::NOT_FOUND,
@@ -148,12 +160,14 @@ async fn transfer(state: &State, t: NewTransfer) -> Result<Movement, Problem> {
     let at = Utc::now();
     let mut tx = state.pool.begin_with(state.begin_write).await?;
     sqlx::query(LOCK_STOCK)
+        .persistent(state.persistent)
         .bind(t.product_id)
         .bind(t.from_warehouse_id)
         .bind(t.to_warehouse_id)
         .fetch_all(&mut *tx)
         .await?;
     let debited = sqlx::query(DEBIT)
+        .persistent(state.persistent)
         .bind(t.quantity)
         .bind(at)
         .bind(t.from_warehouse_id)
@@ -164,6 +178,7 @@ async fn transfer(state: &State, t: NewTransfer) -> Result<Movement, Problem> {
         .rows_affected();
     if debited != 1 {
         let (warehouse, product): (bool, bool) = sqlx::query_as(EXISTS)
+            .persistent(state.persistent)
             .bind(t.from_warehouse_id)
             .bind(t.product_id)
             .fetch_one(&mut *tx)
@@ -183,6 +198,7 @@ async fn transfer(state: &State, t: NewTransfer) -> Result<Movement, Problem> {
         });
     }
     let credited = sqlx::query(CREDIT)
+        .persistent(state.persistent)
         .bind(t.to_warehouse_id)
         .bind(t.product_id)
         .bind(t.quantity)
@@ -199,6 +215,7 @@ async fn transfer(state: &State, t: NewTransfer) -> Result<Movement, Problem> {
     }
     credited?;
     let m = sqlx::query(RECORD)
+        .persistent(state.persistent)
         .bind("transfer")
         .bind(t.product_id)
         .bind(Some(t.from_warehouse_id))
@@ -240,17 +257,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let port: u16 = env_or("APP_PORT", 8080)?;
     let workers: usize = env_or("APP_WORKERS", 2)?;
     let pooled = std::env::var("DB_POOLER").is_ok_and(|v| v == "transaction");
+    let drop_read_only = std::env::var("READ_ONLY_END").is_ok_and(|v| v == "drop");
 
+    let name = std::env::var("DB_APPLICATION_NAME").unwrap_or_else(|_| "control".into());
     let mut connect: PgConnectOptions = url.parse()?;
-    connect = connect.application_name("control");
+    connect = connect.application_name(&name);
     let state = if pooled {
         // PgBouncer in transaction mode: unnamed statements only, no startup `options`, and the
         // isolation level the app's connections get at startup goes into each BEGIN instead.
-        connect = connect.statement_cache_capacity(0).extra_float_digits(None);
+        connect = connect.extra_float_digits(None);
         State {
             pool: pool(connect).await?,
             begin_read_only: "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
             begin_write: "BEGIN ISOLATION LEVEL READ COMMITTED",
+            persistent: false,
+            drop_read_only,
         }
     } else {
         // The app's startup parameters.
@@ -262,6 +283,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             pool: pool(connect).await?,
             begin_read_only: "BEGIN READ ONLY",
             begin_write: "BEGIN ISOLATION LEVEL READ COMMITTED",
+            persistent: true,
+            drop_read_only,
         }
     };
     let state = web::Data::new(state);
