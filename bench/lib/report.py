@@ -40,6 +40,16 @@ def main():
             p["app_rollbacks"] = int(a.get("rollback", 0) - b.get("rollback", 0))
             p["app_commits"] = int(a.get("commit", 0) - b.get("commit", 0))
 
+    for p in points:
+        # CPU time per request: of the HTTP server's process, and of all PostgreSQL processes.
+        b, a = p.pop("cpu_before", None), p.pop("cpu_after", None)
+        if isinstance(b, dict) and isinstance(a, dict) and p.get("requests"):
+            n = p["requests"]
+            p["cpu_us_per_request"] = round((a["proc_s"] - b["proc_s"]) * 1e6 / n, 1)
+            p["postgres_cpu_us_per_request"] = round((a["postgres_s"] - b["postgres_s"]) * 1e6 / n, 1)
+            span = a["machine_s"] - b["machine_s"]
+            if span > 0:
+                p["machine_busy"] = round((a["machine_busy_s"] - b["machine_busy_s"]) / span, 3)
     by = {(p.get("tool"), p["workload"], p["connections"]): p for p in points}
 
     def rate(tool, w, c):
@@ -77,6 +87,8 @@ def main():
             "control_non_2xx": (ctl or {}).get("non_2xx"),
             "control_rss": (ctl or {}).get("peak_rss_mb"),
             "ratio_to_control": ratio_of(p.get("rps"), (ctl or {}).get("rps")),
+            "cpu_us": p.get("cpu_us_per_request"),
+            "control_cpu_us": (ctl or {}).get("cpu_us_per_request"),
         })
         if rows[-1]["ratio_to_control"] is not None:
             p["ratio_to_control"] = round(rows[-1]["ratio_to_control"], 3)
@@ -91,14 +103,15 @@ def main():
         f"{meta['settings']['duration_s']} s per point.",
         "",
         "| workload | connections | app req/s | p50 ms | p99 ms | non-2xx | 5xx | peak RSS MB "
-        "| control req/s | pgbench TPS | app/control | app/pgbench |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| control req/s | pgbench TPS | app/control | app/pgbench | CPU µs/req app | control |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["workload"], r["connections"], fmt(r["rps"], 0), fmt(r["p50"], 2), fmt(r["p99"], 2),
             fmt(r["non_2xx"]), fmt(r["c5xx"]), fmt(r["rss"], 1), fmt(r["control_rps"], 0),
-            fmt(r["pg_tps"], 0), fmt(r["ratio_to_control"], 2), fmt(r["ratio"], 2)))
+            fmt(r["pg_tps"], 0), fmt(r["ratio_to_control"], 2), fmt(r["ratio"], 2),
+            fmt(r["cpu_us"], 0), fmt(r["control_cpu_us"], 0)))
     lines.append("")
     # The levers: each variant (over a Unix socket, through PgBouncer, ...) against its target
     # over TCP at the same point of the same run.
