@@ -123,15 +123,16 @@ def main():
         base = t.split("-", 1)[0]
         levers.append({"workload": w, "connections": c, "variant": t, "base": base,
                        "rate": rate(t, w, c), "base_rate": rate(base, w, c),
-                       "ratio": ratio_of(rate(t, w, c), rate(base, w, c))})
+                       "ratio": ratio_of(rate(t, w, c), rate(base, w, c)),
+                       "non_2xx": q.get("non_2xx", q.get("failed"))})
     if levers:
         lines += [
-            "| workload | connections | variant | req/s or TPS | against | its req/s or TPS | ratio |",
-            "|---|---:|---|---:|---|---:|---:|",
+            "| workload | connections | variant | req/s or TPS | non-2xx or failed | against | its req/s or TPS | ratio |",
+            "|---|---:|---|---:|---:|---|---:|---:|",
         ]
         for r in levers:
-            lines.append("| {} | {} | {} | {} | {} | {} | {} |".format(
-                r["workload"], r["connections"], r["variant"], fmt(r["rate"], 0), r["base"],
+            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                r["workload"], r["connections"], r["variant"], fmt(r["rate"], 0), fmt(r["non_2xx"]), r["base"],
                 fmt(r["base_rate"], 0), fmt(r["ratio"], 2)))
         lines.append("")
     lines.append("Workloads: " + "; ".join(f"{k} {v}" for k, v in TITLES.items()) + ".")
