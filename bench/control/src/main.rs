@@ -20,7 +20,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 // The statements the app sends (bench/NOTES.md), byte for byte.
 const SELECT_PRODUCT: &str = r#"SELECT "product"."id", "product"."sku", "product"."name", "product"."created_at" FROM "product" WHERE "product"."id" = $1 LIMIT $2"#;
-const LOCK_STOCK: &str = r#"SELECT "stock_level"."warehouse_id" FROM "stock_level" WHERE "stock_level"."product_id" = $1 AND "stock_level"."warehouse_id" IN ($2, $3) ORDER BY "stock_level"."warehouse_id" ASC FOR UPDATE"#;
+// Creates a missing empty row and locks both, in warehouse order (the app's `lock_stock_rows`).
+const LOCK_STOCK: &str = r#"INSERT INTO "stock_level" ("warehouse_id", "product_id", "quantity", "updated_at") SELECT "w"."id", "p"."id", 0, $1 FROM "warehouse" AS "w" JOIN "product" AS "p" ON "p"."id" = $2 WHERE "w"."id" IN ($3, $4) ORDER BY "w"."id" ON CONFLICT ("warehouse_id", "product_id") DO UPDATE SET "quantity" = "stock_level"."quantity""#;
 const DEBIT: &str = r#"UPDATE "stock_level" SET "quantity" = "quantity" - $1, "updated_at" = $2 WHERE "stock_level"."warehouse_id" = $3 AND "stock_level"."product_id" = $4 AND "stock_level"."quantity" >= $5"#;
 const CREDIT: &str = r#"INSERT INTO "stock_level" ("warehouse_id", "product_id", "quantity", "updated_at") VALUES ($1, $2, $3, $4) ON CONFLICT ("warehouse_id", "product_id") DO UPDATE SET "quantity" = "stock_level"."quantity" + $5, "updated_at" = $6"#;
 const RECORD: &str = r#"INSERT INTO "movement" ("kind", "product_id", "from_warehouse_id", "to_warehouse_id", "quantity", "created_at") VALUES ($1, $2, $3, $4, $5, $6) RETURNING "id", "kind", "product_id", "from_warehouse_id", "to_warehouse_id", "quantity", "created_at""#;
@@ -161,10 +162,11 @@ async fn transfer(state: &State, t: NewTransfer) -> Result<Movement, Problem> {
     let mut tx = state.pool.begin_with(state.begin_write).await?;
     sqlx::query(LOCK_STOCK)
         .persistent(state.persistent)
+        .bind(at)
         .bind(t.product_id)
         .bind(t.from_warehouse_id)
         .bind(t.to_warehouse_id)
-        .fetch_all(&mut *tx)
+        .execute(&mut *tx)
         .await?;
     let debited = sqlx::query(DEBIT)
         .persistent(state.persistent)
