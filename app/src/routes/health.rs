@@ -45,11 +45,24 @@ pub struct DatabaseHealth {
     pub pool: PoolStats,
 }
 
+/// The read replica, when one is configured. Its state never makes the service unready: while
+/// it is down, reads go to the primary.
+#[derive(Serialize, ToSchema)]
+pub struct ReplicaHealth {
+    /// `up` or `down`
+    pub status: &'static str,
+    /// How far its replay is behind the primary, in seconds; null when it did not answer.
+    pub lag_seconds: Option<f64>,
+    pub pool: PoolStats,
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct Ready {
     /// `ok` or `unavailable`
     pub status: &'static str,
     pub database: DatabaseHealth,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaHealth>,
     /// Why the service is not ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -80,6 +93,17 @@ pub async fn ready(
     };
     let pool = db::pool_stats(&db, min, max);
     let backend = db::backend_name(&db);
+    let replica = match &config.replica {
+        Some(replica) => {
+            let state = replica.check().await;
+            Some(ReplicaHealth {
+                status: if state.up { "up" } else { "down" },
+                lag_seconds: state.lag_seconds,
+                pool: db::pool_stats(replica.db(), min, max),
+            })
+        }
+        None => None,
+    };
     let (status, body) = match result {
         Ok(latency) => (
             StatusCode::OK,
@@ -91,6 +115,7 @@ pub async fn ready(
                     latency_ms: Some((latency.as_secs_f64() * 1e5).round() / 100.0),
                     pool,
                 },
+                replica,
                 detail: None,
             },
         ),
@@ -104,6 +129,7 @@ pub async fn ready(
                     latency_ms: None,
                     pool,
                 },
+                replica,
                 detail: Some(detail),
             },
         ),
@@ -119,11 +145,16 @@ pub async fn ready(
     (status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(
     db: web::Data<DatabaseConnection>,
+    config: Option<web::Data<TxConfig>>,
     metrics: web::Data<Metrics>,
 ) -> HttpResponse {
     let (min, max) = metrics.pool_limits();
     let pool = db::pool_stats(&db, min as u32, max as u32);
     metrics.set_pool(pool.idle, pool.in_use);
+    if let Some(replica) = config.as_ref().and_then(|c| c.replica.as_ref()) {
+        let replica_pool = db::pool_stats(replica.db(), min as u32, max as u32);
+        metrics.set_replica(&replica_pool, replica.state().lag_seconds);
+    }
     HttpResponse::Ok()
         .insert_header(ContentType(
             "text/plain; version=0.0.4; charset=utf-8"

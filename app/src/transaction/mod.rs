@@ -31,10 +31,22 @@
 //! never prepared by name ([`Session`]). `GET` and `HEAD` run `READ ONLY`; a
 //! route may declare its own level and access mode with [`Transactional::isolation`] /
 //! [`Transactional::read_write`], documented where it is declared.
+//!
+//! Read replica (`DATABASE_REPLICA_URL`, API.md §8; mechanics in [`routing`]): a `READ ONLY`
+//! transaction runs on the replica, and everything else on the primary. After a write commits,
+//! the response carries a consistency token (header `Consistency-Token`, cookie
+//! `consistency_token`) naming the primary's WAL position. A read that sends a token back runs
+//! on the replica only once the replica has replayed that position, waiting at most
+//! `DB_REPLICA_MAX_WAIT_MS`, and otherwise on the primary; a read without a token never waits.
+//! A replica that is down, fails to begin, or lags beyond the wait sends reads to the primary,
+//! never to a 503. A read that failed on the replica (a recovery conflict's 40001, or the replica
+//! going away mid-read) is re-run on the primary. A route that must see the primary's newest
+//! state declares [`Transactional::primary`] with its reason.
 
 mod failure;
 mod lazy;
 mod peer;
+mod routing;
 mod session;
 
 use std::future::{Future, Ready, ready};
@@ -55,6 +67,8 @@ pub use failure::{DbFailure, FailureKind};
 use lazy::Slot;
 pub use lazy::Tx;
 pub use peer::on_connect;
+pub use routing::{Lsn, Replica, ReplicaState};
+use routing::ReadRoute;
 pub use session::Session;
 
 use crate::availability::Availability;
@@ -78,6 +92,8 @@ pub struct TxConfig {
     pub availability: Option<Availability>,
     /// Bounds the requests whose handlers run at once; `None` admits all.
     pub admission: Option<Admission>,
+    /// The streaming replica for `READ ONLY` transactions (`DATABASE_REPLICA_URL`).
+    pub replica: Option<Replica>,
 }
 
 impl TxConfig {
@@ -104,6 +120,7 @@ impl TxConfig {
             body_limit,
             availability: None,
             admission: None,
+            replica: None,
         }
     }
 }
@@ -144,6 +161,8 @@ impl Admission {
 pub struct TxPolicy {
     pub isolation: Option<IsolationLevel>,
     pub access: Option<AccessMode>,
+    /// Never read from the replica.
+    pub primary: bool,
 }
 
 /// How a request's transaction ended, for the request log and metrics.
@@ -259,6 +278,13 @@ impl Transactional {
         self.policy.access = Some(AccessMode::ReadWrite);
         self
     }
+
+    /// Never run this route on the replica, even with a consistency token that it has
+    /// replayed (for reads that must see other clients' newest writes).
+    pub fn primary(mut self) -> Self {
+        self.policy.primary = true;
+        self
+    }
 }
 
 impl<S, B> Transform<S, ServiceRequest> for Transactional
@@ -328,15 +354,26 @@ where
                 None => None,
             };
             let read_only_default = is_read_only_method(http.method());
+            let writes = policy
+                .access
+                .map_or(!read_only_default, |a| a == AccessMode::ReadWrite);
+            let mut read = (!writes).then(|| ReadRoute {
+                replica: config.replica.clone().filter(|_| !policy.primary),
+                token: routing::token_of(&http),
+            });
             let mut retries = 0;
             loop {
-                let slot = Arc::new(Slot::new(
+                let mut slot = Slot::new(
                     (**db).clone(),
                     &config,
                     policy,
                     read_only_default,
                     metrics.clone(),
-                ));
+                );
+                if let Some(read) = &read {
+                    slot = slot.reading(read.clone());
+                }
+                let slot = Arc::new(slot);
                 http.extensions_mut().insert(Arc::clone(&slot));
                 let attempt = ServiceRequest::from_parts(http.clone(), Payload::from(body.clone()));
                 let result = AssertUnwindSafe(service.call(attempt)).catch_unwind().await;
@@ -361,8 +398,17 @@ where
                     m.count_transaction(outcome);
                 }
 
+                let replica_failed = slot.on_replica() && failure.is_some();
+                if let (true, Some(read)) = (replica_failed, &mut read) {
+                    // The re-run reads from the primary: the replica cancelled or lost it.
+                    read.replica = None;
+                }
                 let reply = match failure {
-                    Some(f) if f.is_retryable() && retries < config.max_retries && !client_gone => {
+                    Some(f)
+                        if (f.is_retryable() || replica_failed && f.kind == FailureKind::Unavailable)
+                            && retries < config.max_retries
+                            && !client_gone =>
+                    {
                         drop(response);
                         tokio::time::sleep(backoff(retries)).await;
                         retries += 1;
@@ -386,6 +432,14 @@ where
                         Err(res) => ServiceResponse::new(http.clone(), res),
                     },
                 };
+                let mut reply = reply;
+                if let (TxOutcome::Commit, true, Some(_)) = (outcome, writes, &config.replica)
+                    && let Some(lsn) = routing::position_after_commit(&db).await
+                {
+                    for (name, value) in routing::token_headers(lsn) {
+                        reply.headers_mut().append(name, value);
+                    }
+                }
                 reply
                     .request()
                     .extensions_mut()
