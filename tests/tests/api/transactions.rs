@@ -497,6 +497,7 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
         body_limit: 65_536,
         availability: None,
         admission: None,
+        replica: None,
     };
     let policy = app::TxPolicy::default();
     let count = |code: &'static str| {
