@@ -153,7 +153,11 @@ impl Slot {
             if let Some(replica) = &read.replica
                 && replica.admits(read.token).await
             {
-                match replica.availability().guard(self.begin_now(replica.db())).await {
+                match replica
+                    .availability()
+                    .guard(self.begin_now(replica.db()))
+                    .await
+                {
                     Ok(open) => {
                         self.on_replica.store(true, Ordering::Release);
                         self.count_read("replica");

@@ -67,8 +67,8 @@ pub use failure::{DbFailure, FailureKind};
 use lazy::Slot;
 pub use lazy::Tx;
 pub use peer::on_connect;
-pub use routing::{Lsn, Replica, ReplicaState};
 use routing::ReadRoute;
+pub use routing::{Lsn, Replica, ReplicaState};
 pub use session::Session;
 
 use crate::availability::Availability;
@@ -405,7 +405,8 @@ where
                 }
                 let reply = match failure {
                     Some(f)
-                        if (f.is_retryable() || replica_failed && f.kind == FailureKind::Unavailable)
+                        if (f.is_retryable()
+                            || replica_failed && f.kind == FailureKind::Unavailable)
                             && retries < config.max_retries
                             && !client_gone =>
                     {

@@ -261,8 +261,9 @@ async fn launch(
     let replica = app::db::connect_replica(&settings.database)
         .await
         .expect("the replica's pool is configured");
-    let application = Application::build_with_replica(settings, pool.clone(), replica, extra_routes)
-        .expect("the app binds");
+    let application =
+        Application::build_with_replica(settings, pool.clone(), replica, extra_routes)
+            .expect("the app binds");
     let port = application.port();
     let server = tokio::spawn(application.run_until_stopped());
     let db = connect_to(direct_url).await;

@@ -292,7 +292,11 @@ impl OwnServer {
     /// its directory once this test process is gone.
     pub fn stop_when_this_process_exits(&self) {
         let pg_ctl = self.bin.join("pg_ctl");
-        let as_owner = if is_root() { "runuser -u postgres -- " } else { "" };
+        let as_owner = if is_root() {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        };
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
              {as_owner}{pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",

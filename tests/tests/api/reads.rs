@@ -43,7 +43,11 @@ async fn reads(app: &TestApp, target: &str) -> f64 {
 
 async fn ready(app: &TestApp) -> Value {
     let res = app.get("/health/ready").await;
-    assert_eq!(res.status(), 200, "a replica's state never makes the service unready");
+    assert_eq!(
+        res.status(),
+        200,
+        "a replica's state never makes the service unready"
+    );
     res.json().await.expect("json")
 }
 
@@ -96,12 +100,18 @@ async fn a_write_answers_its_token_as_a_header_and_a_cookie_for_the_whole_site()
     );
     let read = app.get("/warehouses").await;
     assert_eq!(read.status(), 200);
-    assert!(read.headers().get(TOKEN).is_none(), "a read issues no token");
+    assert!(
+        read.headers().get(TOKEN).is_none(),
+        "a read issues no token"
+    );
     let failed = app
         .post("/warehouses", &json!({"code": "T", "name": "Again"}))
         .await;
     assert_eq!(failed.status(), 409);
-    assert!(failed.headers().get(TOKEN).is_none(), "a rollback issues no token");
+    assert!(
+        failed.headers().get(TOKEN).is_none(),
+        "a rollback issues no token"
+    );
 }
 
 #[tokio::test]
@@ -145,7 +155,10 @@ async fn a_forged_malformed_or_huge_token_is_ignored() {
     let p = app.product("F").await;
     let huge = "v1-".to_owned() + &"f".repeat(4000);
     let cases = [
-        ("v1-ffffffffffffffff", "a position the primary never reaches: waits, then the primary"),
+        (
+            "v1-ffffffffffffffff",
+            "a position the primary never reaches: waits, then the primary",
+        ),
         ("v1-0000000000000000", "a position long replayed"),
         ("0/16B3748", "PostgreSQL's own form, not a token"),
         ("v1-zzzzzzzzzzzzzzzz", "not hex"),
@@ -208,9 +221,7 @@ async fn with_the_replica_stopped_reads_use_the_primary_and_return_to_the_replic
 async fn with_replay_paused_a_read_with_a_fresh_token_answers_from_the_primary_within_the_wait() {
     let pair = ReplicaPair::start();
     let max_wait = Duration::from_millis(300);
-    let app = pair
-        .spawn_app(&[("DB_REPLICA_MAX_WAIT_MS", "300")])
-        .await;
+    let app = pair.spawn_app(&[("DB_REPLICA_MAX_WAIT_MS", "300")]).await;
     let w = app.warehouse("P").await;
     let p = app.product("PAUSE").await;
     pair.wait_for_replay(&app).await;
@@ -239,7 +250,10 @@ async fn with_replay_paused_a_read_with_a_fresh_token_answers_from_the_primary_w
     );
     assert_eq!(reads(&app, "primary").await, primary_before + 1.0);
     let health = ready(&app).await;
-    assert_eq!(health["replica"]["status"], "up", "a paused replica still answers");
+    assert_eq!(
+        health["replica"]["status"], "up",
+        "a paused replica still answers"
+    );
     let _ = text(&admin, "SELECT pg_wal_replay_resume()::text").await;
 }
 
