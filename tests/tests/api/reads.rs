@@ -4,6 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+use actix_web::{HttpResponse, web};
+use app::problem::ApiError;
+use app::{Transactional, Tx};
+use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app};
@@ -271,4 +275,77 @@ async fn without_a_replica_a_write_carries_no_token_and_every_read_counts_on_the
     assert_eq!(reads(&app, "primary").await, 1.0);
     let health = ready(&app).await;
     assert!(health.get("replica").is_none(), "{health}");
+}
+
+/// Fails with 40001 when it runs on a standby (as a recovery conflict cancels a read), answers
+/// which server it ran on otherwise.
+async fn conflict_on_standby(tx: Tx) -> Result<HttpResponse, ApiError> {
+    tx.execute_unprepared(
+        "DO $$ BEGIN IF pg_is_in_recovery() THEN \
+         RAISE EXCEPTION 'canceling statement due to conflict with recovery' \
+         USING ERRCODE = '40001'; END IF; END $$",
+    )
+    .await?;
+    Ok(HttpResponse::Ok().finish())
+}
+
+fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/test/conflict-on-standby",
+        web::get()
+            .to(conflict_on_standby)
+            .wrap(Transactional::new()),
+    )
+    // Pinned: the test reads what it must see from the primary.
+    .route(
+        "/test/pinned",
+        web::get()
+            .to(conflict_on_standby)
+            .wrap(Transactional::new().primary()),
+    );
+}
+
+#[tokio::test]
+async fn a_read_cancelled_on_the_replica_by_a_recovery_conflict_is_re_run_on_the_primary() {
+    let app = ReplicaPair::shared().spawn_app_with(&[], routes).await;
+    let res = app.get("/test/conflict-on-standby").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(reads(&app, "replica").await, 1.0);
+    assert_eq!(reads(&app, "primary").await, 1.0);
+    assert_eq!(metric(&app, "db_transaction_retries_total ").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_route_pinned_to_the_primary_never_reads_from_the_replica() {
+    let app = ReplicaPair::shared().spawn_app_with(&[], routes).await;
+    for _ in 0..3 {
+        assert_eq!(app.get("/test/pinned").await.status(), 200);
+    }
+    assert_eq!(reads(&app, "replica").await, 0.0);
+    assert_eq!(reads(&app, "primary").await, 3.0);
+    assert_eq!(metric(&app, "db_transaction_retries_total ").await, 0.0);
+}
+
+#[tokio::test]
+async fn reads_your_writes_holds_with_db_pooler_transaction_too() {
+    // The session of a transaction-mode pooler (settings inside every BEGIN, no named
+    // statements), here on direct connections: the replica's queries are single
+    // simple-protocol messages either way.
+    let app = ReplicaPair::shared()
+        .spawn_app(&[("DB_POOLER", "transaction"), ("DB_AUTO_MIGRATE", "false")])
+        .await;
+    let w = app.warehouse("B").await;
+    let p = app.product("POOLED").await;
+    for i in 1..=20 {
+        let token = token_of(&receipt(&app, w, p).await);
+        let res = app
+            .client
+            .get(app.url(&format!("/products/{p}/stock")))
+            .header(TOKEN, token)
+            .send()
+            .await
+            .expect("request sent");
+        assert_eq!(total(res).await, i);
+    }
+    assert!(reads(&app, "replica").await > 0.0);
 }

@@ -43,12 +43,21 @@ impl ReplicaPair {
     /// pointing at the replica and `overrides` of the test settings. Returns once the replica
     /// has replayed the migrations. `TestApp::db` is a connection to the primary.
     pub async fn spawn_app(&self, overrides: &[(&str, &str)]) -> TestApp {
+        self.spawn_app_with(overrides, |_| {}).await
+    }
+
+    /// [`spawn_app`](Self::spawn_app) with `extra_routes` mounted beside the API.
+    pub async fn spawn_app_with(
+        &self,
+        overrides: &[(&str, &str)],
+        extra_routes: fn(&mut actix_web::web::ServiceConfig),
+    ) -> TestApp {
         let database = TestDatabase::create_on(&self.primary.url("postgres")).await;
         let replica_url = self.replica.url(&database.name);
         let mut vars = vec![("DATABASE_REPLICA_URL", replica_url.as_str())];
         vars.extend_from_slice(overrides);
         let url = database.url.clone();
-        let app = spawn_app_on(&url, Some(Box::new(database)), &vars, |_| {}).await;
+        let app = spawn_app_on(&url, Some(Box::new(database)), &vars, extra_routes).await;
         self.wait_for_replay(&app).await;
         app
     }
