@@ -81,28 +81,35 @@ pub async fn ready(
     let (min, max) = (min as u32, max as u32);
     let started = Instant::now();
     let availability = availability.as_ref().map(|a| a.get_ref());
-    let result = match queue.as_ref().map(|q| &q.0) {
-        Some(queue) => match queue.enter().await {
-            Ok(_turn) => {
-                let left = READY_BUDGET.saturating_sub(started.elapsed());
-                db::ping(&db, config.session.ping_sql(), availability, left).await
-            }
-            Err(_) => Err("no pooled connection became free in time".to_owned()),
-        },
-        None => db::ping(&db, config.session.ping_sql(), availability, READY_BUDGET).await,
+    // The replica is checked beside the primary, within its own shorter budget.
+    let replica_check = async {
+        match &config.replica {
+            Some(replica) => Some(replica.check().await),
+            None => None,
+        }
     };
+    let primary_check = async {
+        match queue.as_ref().map(|q| &q.0) {
+            Some(queue) => match queue.enter().await {
+                Ok(_turn) => {
+                    let left = READY_BUDGET.saturating_sub(started.elapsed());
+                    db::ping(&db, config.session.ping_sql(), availability, left).await
+                }
+                Err(_) => Err("no pooled connection became free in time".to_owned()),
+            },
+            None => db::ping(&db, config.session.ping_sql(), availability, READY_BUDGET).await,
+        }
+    };
+    let (result, replica_state) = tokio::join!(primary_check, replica_check);
     let pool = db::pool_stats(&db, min, max);
     let backend = db::backend_name(&db);
-    let replica = match &config.replica {
-        Some(replica) => {
-            let state = replica.check().await;
-            Some(ReplicaHealth {
-                status: if state.up { "up" } else { "down" },
-                lag_seconds: state.lag_seconds,
-                pool: db::pool_stats(replica.db(), min, max),
-            })
-        }
-        None => None,
+    let replica = match (&config.replica, replica_state) {
+        (Some(replica), Some(state)) => Some(ReplicaHealth {
+            status: if state.up { "up" } else { "down" },
+            lag_seconds: state.lag_seconds,
+            pool: db::pool_stats(replica.db(), min, max),
+        }),
+        _ => None,
     };
     let (status, body) = match result {
         Ok(latency) => (

@@ -434,9 +434,8 @@ where
                     },
                 };
                 let mut reply = reply;
-                if let (TxOutcome::Commit, true, Some(_)) = (outcome, writes, &config.replica)
-                    && let Some(lsn) = routing::position_after_commit(&db).await
-                {
+                if let (TxOutcome::Commit, true, Some(_)) = (outcome, writes, &config.replica) {
+                    let lsn = routing::position_after_commit(&db).await;
                     for (name, value) in routing::token_headers(lsn) {
                         reply.headers_mut().append(name, value);
                     }

@@ -52,6 +52,10 @@ const TOKEN_MAX_LEN: usize = 64;
 pub struct Lsn(pub u64);
 
 impl Lsn {
+    /// Not a WAL position: the token of a write whose position could not be read. A read
+    /// carrying it runs on the primary at once, so its client still reads its own write.
+    pub const PRIMARY: Lsn = Lsn(u64::MAX);
+
     /// Parses PostgreSQL's text form `16/B374D848`.
     pub fn parse_pg(text: &str) -> Option<Lsn> {
         let (high, low) = text.trim().split_once('/')?;
@@ -211,6 +215,9 @@ impl Replica {
         let Some(token) = token else {
             return true;
         };
+        if token == Lsn::PRIMARY {
+            return false;
+        }
         if token <= self.replayed() {
             return true;
         }
@@ -305,14 +312,24 @@ async fn watch(replica: Weak<Inner>) {
     }
 }
 
-/// The primary's WAL insert position, read after a write committed: a token for the client.
-/// `None` (and a warning) when it cannot be read; the client then has no token to send.
-pub async fn position_after_commit(primary: &DatabaseConnection) -> Option<Lsn> {
-    match fetch_one(primary, "SELECT pg_current_wal_insert_lsn()::text").await {
-        Ok(row) => text_at(&row, 0).and_then(|t| Lsn::parse_pg(&t)),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read the WAL position after a commit; no consistency token");
-            None
+/// The primary's WAL insert position, read after a write committed: the client's token. When
+/// it cannot be read within [`CHECK_BUDGET`] (a busy pool must not hold the response back),
+/// [`Lsn::PRIMARY`], which sends the client's next reads to the primary.
+pub async fn position_after_commit(primary: &DatabaseConnection) -> Lsn {
+    let read = fetch_one(primary, "SELECT pg_current_wal_insert_lsn()::text");
+    match tokio::time::timeout(CHECK_BUDGET, read).await {
+        Ok(Ok(row)) => text_at(&row, 0)
+            .and_then(|t| Lsn::parse_pg(&t))
+            .unwrap_or(Lsn::PRIMARY),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not read the WAL position after a commit; the client's next reads go to the primary");
+            Lsn::PRIMARY
+        }
+        Err(_) => {
+            tracing::warn!(
+                "no connection to read the WAL position after a commit; the client's next reads go to the primary"
+            );
+            Lsn::PRIMARY
         }
     }
 }
@@ -350,6 +367,10 @@ mod tests {
         assert_eq!(lsn, Lsn(0x16_B374_D848));
         assert_eq!(lsn.token(), "v1-00000016b374d848");
         assert_eq!(parse_token(lsn.token().as_bytes()), Some(lsn));
+        assert_eq!(
+            parse_token(Lsn::PRIMARY.token().as_bytes()),
+            Some(Lsn::PRIMARY)
+        );
     }
 
     #[test]
