@@ -33,6 +33,7 @@ pub struct Application {
     port: u16,
     server: Server,
     db: DatabaseConnection,
+    replica: Option<DatabaseConnection>,
 }
 
 impl Application {
@@ -76,9 +77,20 @@ impl Application {
             .local_addr()
             .map_err(|source| StartupError::Bind { addr, source })?
             .port();
-        let server = server(&settings, db.clone(), replica, listener, extra_routes)?;
+        let server = server(
+            &settings,
+            db.clone(),
+            replica.clone(),
+            listener,
+            extra_routes,
+        )?;
         tracing::info!(port, backend = db::backend_name(&db), "listening");
-        Ok(Application { port, server, db })
+        Ok(Application {
+            port,
+            server,
+            db,
+            replica,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -90,12 +102,17 @@ impl Application {
     }
 
     /// Serves until SIGTERM or Ctrl-C, lets in-flight requests finish (up to
-    /// `APP_SHUTDOWN_TIMEOUT`), then closes the pool.
+    /// `APP_SHUTDOWN_TIMEOUT`), then closes the pools.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let served = self.server.await;
         tracing::info!("server stopped; closing the pool");
         if let Err(e) = self.db.close().await {
             tracing::warn!(error = %e, "closing the pool failed");
+        }
+        if let Some(replica) = self.replica
+            && let Err(e) = replica.close().await
+        {
+            tracing::warn!(error = %e, "closing the replica's pool failed");
         }
         served
     }

@@ -349,3 +349,51 @@ async fn reads_your_writes_holds_with_db_pooler_transaction_too() {
     }
     assert!(reads(&app, "replica").await > 0.0);
 }
+
+#[tokio::test]
+async fn the_served_binary_reads_from_the_replica_and_stops_cleanly() {
+    let pair = ReplicaPair::shared();
+    let database = crate::helpers::TestDatabase::create_on(&pair.primary.url("postgres")).await;
+    let replica_url = pair.replica.url(&database.name);
+    let binary = crate::process::Binary::start(
+        &std::env::temp_dir(),
+        &[
+            ("DATABASE_URL", database.url.as_str()),
+            ("DATABASE_REPLICA_URL", replica_url.as_str()),
+            ("DB_AUTO_MIGRATE", "true"),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let base = binary.base();
+    let created = client
+        .post(format!("{base}/products"))
+        .json(&json!({"sku": "BIN", "name": "Binary"}))
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(created.status(), 201);
+    let token = token_of(&created);
+    let id = created.json::<Value>().await.expect("json")["id"].clone();
+    let read = client
+        .get(format!("{base}/products/{id}"))
+        .header(TOKEN, token)
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(
+        read.status(),
+        200,
+        "the product is read back with its token"
+    );
+    let health: Value = client
+        .get(format!("{base}/health/ready"))
+        .send()
+        .await
+        .expect("request sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["replica"]["status"], "up", "{health}");
+    let (status, binary) = binary.stop(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit {status}:\n{}", binary.output());
+}
