@@ -13,5 +13,7 @@ mod operations;
 mod pgbouncer;
 mod pooler;
 mod process;
+mod reads;
+mod replica;
 mod stock;
 mod transactions;

@@ -556,6 +556,7 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
         availability: None,
         admission: None,
         leak_warning: None,
+        replica: None,
     };
     let policy = app::TxPolicy::default();
     let count = |code: &'static str| {
