@@ -63,6 +63,30 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
     })
 }
 
+/// The replica's pool (`DATABASE_REPLICA_URL`, same pool settings), connected lazily: a replica
+/// that is down at start-up is not an outage, reads go to the primary until it answers.
+/// `None` when no replica is configured.
+pub async fn connect_replica(
+    settings: &DatabaseSettings,
+) -> Result<Option<DatabaseConnection>, DbSetupError> {
+    let Some(replica) = settings.for_replica() else {
+        return Ok(None);
+    };
+    let mut options = replica.connect_options();
+    options.connect_lazy(true);
+    match Database::connect(options).await {
+        Ok(db) => {
+            tracing::info!(url = %replica.url, "read replica configured");
+            Ok(Some(db))
+        }
+        Err(e) => Err(DbSetupError::Connect {
+            url: replica.url.to_string(),
+            attempts: 1,
+            reason: e.to_string(),
+        }),
+    }
+}
+
 /// Applies every pending migration.
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbSetupError> {
     Migrator::up(db, None).await.map_err(DbSetupError::Migrate)

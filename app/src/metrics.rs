@@ -3,6 +3,7 @@
 //! created at start-up, at zero, so dashboards and alerts never see a missing one.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -23,6 +24,11 @@ struct StateLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabel {
+    target: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,6 +64,10 @@ pub struct Metrics {
     leaks: Counter,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    reads: Family<TargetLabel, Counter>,
+    replica_lag: Gauge<f64, AtomicU64>,
+    replica_pool_connections: Family<StateLabel, Gauge>,
+    replica_pool_max: Gauge,
 }
 
 pub const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
@@ -130,8 +140,39 @@ impl Metrics {
             durations.clone(),
         );
 
+        // Read replica (API.md §8): at zero when none is configured.
+        let reads = Family::<TargetLabel, Counter>::default();
+        registry.register(
+            "db_reads",
+            "Read-only transactions by the server they ran on",
+            reads.clone(),
+        );
+        let replica_lag = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "db_replica_lag_seconds",
+            "How far the replica's replay was behind the primary at the last check",
+            replica_lag.clone(),
+        );
+        let replica_pool_connections = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "db_replica_pool_connections",
+            "Connections of the replica's pool by state",
+            replica_pool_connections.clone(),
+        );
+        let replica_pool_max = Gauge::default();
+        registry.register(
+            "db_replica_pool_max_connections",
+            "Largest number of connections the replica's pool may open (0: no replica)",
+            replica_pool_max.clone(),
+        );
+        for target in ["replica", "primary"] {
+            let _ = reads.get_or_create(&TargetLabel { target });
+        }
         for state in ["idle", "in_use"] {
             pool_connections.get_or_create(&StateLabel { state }).set(0);
+            replica_pool_connections
+                .get_or_create(&StateLabel { state })
+                .set(0);
         }
         for outcome in ["commit", "rollback", "unknown"] {
             let _ = transactions.get_or_create(&OutcomeLabel { outcome });
@@ -157,6 +198,29 @@ impl Metrics {
             leaks,
             requests,
             durations,
+            reads,
+            replica_lag,
+            replica_pool_connections,
+            replica_pool_max,
+        }
+    }
+
+    /// Counts one read-only transaction on `target` (`replica` or `primary`).
+    pub fn count_read(&self, target: &'static str) {
+        self.reads.get_or_create(&TargetLabel { target }).inc();
+    }
+
+    /// The replica's pool and lag, as of now.
+    pub fn set_replica(&self, pool: &crate::db::PoolStats, lag_seconds: Option<f64>) {
+        self.replica_pool_max.set(i64::from(pool.max));
+        self.replica_pool_connections
+            .get_or_create(&StateLabel { state: "idle" })
+            .set(i64::from(pool.idle));
+        self.replica_pool_connections
+            .get_or_create(&StateLabel { state: "in_use" })
+            .set(i64::from(pool.in_use));
+        if let Some(lag) = lag_seconds {
+            self.replica_lag.set(lag);
         }
     }
 

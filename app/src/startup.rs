@@ -16,7 +16,7 @@ use crate::problem::{path_error, query_error, unknown_route};
 use crate::routes;
 use crate::routes::health::{READY_BUDGET, ReadyQueue};
 use crate::telemetry::RequestTelemetry;
-use crate::transaction::{self, Admission, TxConfig};
+use crate::transaction::{self, Admission, Replica, TxConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -33,6 +33,7 @@ pub struct Application {
     port: u16,
     server: Server,
     db: DatabaseConnection,
+    replica: Option<DatabaseConnection>,
 }
 
 impl Application {
@@ -44,7 +45,8 @@ impl Application {
             db::migrate(&db).await?;
             tracing::info!("migrations applied");
         }
-        Self::build_with(settings, db, |_| {})
+        let replica = db::connect_replica(&settings.database).await?;
+        Self::build_with_replica(settings, db, replica, |_| {})
     }
 
     /// Binds the application over an existing pool. `extra_routes` are mounted beside the API
@@ -52,6 +54,18 @@ impl Application {
     pub fn build_with(
         settings: Settings,
         db: DatabaseConnection,
+        extra_routes: fn(&mut web::ServiceConfig),
+    ) -> Result<Application, StartupError> {
+        Self::build_with_replica(settings, db, None, extra_routes)
+    }
+
+    /// [`build_with`](Self::build_with), reading from `replica` (the pool of
+    /// [`db::connect_replica`]) when there is one. Call it inside the Tokio runtime that should
+    /// run the replica's background check.
+    pub fn build_with_replica(
+        settings: Settings,
+        db: DatabaseConnection,
+        replica: Option<DatabaseConnection>,
         extra_routes: fn(&mut web::ServiceConfig),
     ) -> Result<Application, StartupError> {
         let addr = format!("{}:{}", settings.server.host, settings.server.port);
@@ -63,9 +77,20 @@ impl Application {
             .local_addr()
             .map_err(|source| StartupError::Bind { addr, source })?
             .port();
-        let server = server(&settings, db.clone(), listener, extra_routes)?;
+        let server = server(
+            &settings,
+            db.clone(),
+            replica.clone(),
+            listener,
+            extra_routes,
+        )?;
         tracing::info!(port, backend = db::backend_name(&db), "listening");
-        Ok(Application { port, server, db })
+        Ok(Application {
+            port,
+            server,
+            db,
+            replica,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -77,12 +102,17 @@ impl Application {
     }
 
     /// Serves until SIGTERM or Ctrl-C, lets in-flight requests finish (up to
-    /// `APP_SHUTDOWN_TIMEOUT`), then closes the pool.
+    /// `APP_SHUTDOWN_TIMEOUT`), then closes the pools.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let served = self.server.await;
         tracing::info!("server stopped; closing the pool");
         if let Err(e) = self.db.close().await {
             tracing::warn!(error = %e, "closing the pool failed");
+        }
+        if let Some(replica) = self.replica
+            && let Err(e) = replica.close().await
+        {
+            tracing::warn!(error = %e, "closing the replica's pool failed");
         }
         served
     }
@@ -91,6 +121,7 @@ impl Application {
 fn server(
     settings: &Settings,
     db: DatabaseConnection,
+    replica: Option<DatabaseConnection>,
     listener: TcpListener,
     extra_routes: fn(&mut web::ServiceConfig),
 ) -> Result<Server, StartupError> {
@@ -102,6 +133,9 @@ fn server(
             2 * database.max_connections() as usize,
             database.pool_timeout,
         )),
+        replica: replica.map(|replica| {
+            Replica::new(replica, database.connect_timeout, database.replica_max_wait)
+        }),
         ..TxConfig::new(database, settings.server.body_limit)
     });
     let availability = web::Data::new(availability);

@@ -32,6 +32,7 @@ def main():
     axes = axes.flatten()
     for ax, w in zip(axes, workloads):
         for tool, key, style, label, dy in (("app", "rps", "o-", "app (wrk, req/s)", 6),
+                                            ("control", "rps", "^:", "control (bare actix-web + sqlx)", 6),
                                             ("pgbench", "tps", "s--", "pgbench (same SQL, TPS)", -12)):
             ps = sorted((p for p in points if p["workload"] == w and p["tool"] == tool and p.get(key)),
                         key=lambda p: p["connections"])
@@ -61,7 +62,7 @@ def main():
         axes[len(workloads)].text(0, 0.95, "\n".join([
             f"{s['duration_s']} s per point, wrk {s['wrk_threads']} threads",
             f"app pool: defaults (10 + 20 overflow)",
-            f"PostgreSQL {s['postgres']['version'].split()[0]}, max_connections 1100,",
+            f"PostgreSQL {s['postgres']['version'].split()[0]}, max_connections {s['postgres'].get('max_connections', 1100)},",
             f"shared_buffers 256MB, default durability",
             f"app commit {data['app']['commit'][:10]}{' (dirty)' if data['app']['dirty'] else ''}",
             f"ledger checks: {checks or 'none'}",

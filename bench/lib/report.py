@@ -34,18 +34,38 @@ def main():
     checks = [json.loads(line) for line in open(checks_path) if line.strip()]
 
     for p in points:
-        if p.get("tool") == "app":
+        if str(p.get("tool")).startswith("app"):
             b, a = p.pop("metrics_before", {}) or {}, p.pop("metrics_after", {}) or {}
             p["app_retries"] = int(a.get("retries", 0) - b.get("retries", 0))
             p["app_rollbacks"] = int(a.get("rollback", 0) - b.get("rollback", 0))
             p["app_commits"] = int(a.get("commit", 0) - b.get("commit", 0))
 
-    pg = {(p["workload"], p["connections"]): p for p in points if p.get("tool") == "pgbench"}
+    for p in points:
+        # CPU time per request: of the HTTP server's process, and of all PostgreSQL processes.
+        b, a = p.pop("cpu_before", None), p.pop("cpu_after", None)
+        if isinstance(b, dict) and isinstance(a, dict) and p.get("requests"):
+            n = p["requests"]
+            p["cpu_us_per_request"] = round((a["proc_s"] - b["proc_s"]) * 1e6 / n, 1)
+            p["postgres_cpu_us_per_request"] = round((a["postgres_s"] - b["postgres_s"]) * 1e6 / n, 1)
+            span = a["machine_s"] - b["machine_s"]
+            if span > 0:
+                p["machine_busy"] = round((a["machine_busy_s"] - b["machine_busy_s"]) / span, 3)
+    by = {(p.get("tool"), p["workload"], p["connections"]): p for p in points}
+
+    def rate(tool, w, c):
+        q = by.get((tool, w, c)) or {}
+        return q.get("rps", q.get("tps"))
+
+    def ratio_of(a, b):
+        return a / b if a is not None and b else None
+
+    pg = {(w, c): q for (t, w, c), q in by.items() if t == "pgbench"}
     rows = []
     for p in points:
         if p.get("tool") != "app":
             continue
         q = pg.get((p["workload"], p["connections"]))
+        ctl = by.get(("control", p["workload"], p["connections"]))
         st = p.get("status", {})
         lat = p.get("latency_ms", {})
         ratio = None
@@ -61,7 +81,17 @@ def main():
             "pg_p50": (q or {}).get("latency_ms", {}).get("p50"),
             "pg_p99": (q or {}).get("latency_ms", {}).get("p99"),
             "ratio": ratio, "drained": p.get("drained"),
+            "control_rps": (ctl or {}).get("rps"),
+            "control_p50": (ctl or {}).get("latency_ms", {}).get("p50"),
+            "control_p99": (ctl or {}).get("latency_ms", {}).get("p99"),
+            "control_non_2xx": (ctl or {}).get("non_2xx"),
+            "control_rss": (ctl or {}).get("peak_rss_mb"),
+            "ratio_to_control": ratio_of(p.get("rps"), (ctl or {}).get("rps")),
+            "cpu_us": p.get("cpu_us_per_request"),
+            "control_cpu_us": (ctl or {}).get("cpu_us_per_request"),
         })
+        if rows[-1]["ratio_to_control"] is not None:
+            p["ratio_to_control"] = round(rows[-1]["ratio_to_control"], 3)
     rows.sort(key=lambda r: (ORDER.index(r["workload"]) if r["workload"] in ORDER else 99,
                              r["connections"]))
 
@@ -72,15 +102,39 @@ def main():
         f"PostgreSQL {meta['settings']['postgres']['version']}; "
         f"{meta['settings']['duration_s']} s per point.",
         "",
-        "| workload | connections | app req/s | p50 ms | p99 ms | non-2xx | 5xx | peak RSS MB | pgbench TPS | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | connections | app req/s | p50 ms | p99 ms | non-2xx | 5xx | peak RSS MB "
+        "| control req/s | pgbench TPS | app/control | app/pgbench | CPU µs/req app | control |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["workload"], r["connections"], fmt(r["rps"], 0), fmt(r["p50"], 2), fmt(r["p99"], 2),
-            fmt(r["non_2xx"]), fmt(r["c5xx"]), fmt(r["rss"], 1), fmt(r["pg_tps"], 0),
-            fmt(r["ratio"], 2) if r["ratio"] is not None else "–"))
+            fmt(r["non_2xx"]), fmt(r["c5xx"]), fmt(r["rss"], 1), fmt(r["control_rps"], 0),
+            fmt(r["pg_tps"], 0), fmt(r["ratio_to_control"], 2), fmt(r["ratio"], 2),
+            fmt(r["cpu_us"], 0), fmt(r["control_cpu_us"], 0)))
     lines.append("")
+    # The levers: each variant (over a Unix socket, through PgBouncer, ...) against its target
+    # over TCP at the same point of the same run.
+    levers = []
+    for (t, w, c), q in sorted(by.items(), key=lambda kv: (
+            ORDER.index(kv[0][1]) if kv[0][1] in ORDER else 99, kv[0][2], str(kv[0][0]))):
+        if not t or "-" not in t:
+            continue
+        base = t.split("-", 1)[0]
+        levers.append({"workload": w, "connections": c, "variant": t, "base": base,
+                       "rate": rate(t, w, c), "base_rate": rate(base, w, c),
+                       "ratio": ratio_of(rate(t, w, c), rate(base, w, c)),
+                       "non_2xx": q.get("non_2xx", q.get("failed"))})
+    if levers:
+        lines += [
+            "| workload | connections | variant | req/s or TPS | non-2xx or failed | against | its req/s or TPS | ratio |",
+            "|---|---:|---|---:|---:|---|---:|---:|",
+        ]
+        for r in levers:
+            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                r["workload"], r["connections"], r["variant"], fmt(r["rate"], 0), fmt(r["non_2xx"]), r["base"],
+                fmt(r["base_rate"], 0), fmt(r["ratio"], 2)))
+        lines.append("")
     lines.append("Workloads: " + "; ".join(f"{k} {v}" for k, v in TITLES.items()) + ".")
     notes = []
     for c in checks:
@@ -102,6 +156,7 @@ def main():
     result["checks"] = checks
     result["ledger_pass"] = all(c["pass"] for c in checks)
     result["table"] = rows
+    result["levers"] = levers
     os.makedirs(results, exist_ok=True)
     out = os.path.join(results, f"{stamp}.json")
     with open(out + ".tmp", "w") as f:

@@ -9,6 +9,8 @@
     util.py wrk-point FILE KEY=VALUE...     the BENCH_JSON line of a wrk run plus fields
     util.py pgbench-point OUT LOGPREFIX KEY=VALUE...   pgbench's summary and p50/p99 from its log
     util.py trace LOGFILE START APPNAME     the statements one client sent, from the server log
+    util.py cpu PID                         CPU seconds so far of PID, of all postgres processes
+                                            and of the machine (busy, total), as JSON
 """
 import glob
 import http.client
@@ -190,6 +192,35 @@ def trace(logfile, start, appname):
     return out
 
 
+def proc_ticks(pid):
+    """utime + stime of one process, in clock ticks; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def cpu(pid):
+    hz = os.sysconf("SC_CLK_TCK")
+    postgres = 0
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/comm") as f:
+                    if f.read().strip() != "postgres":
+                        continue
+            except OSError:
+                continue
+            postgres += proc_ticks(d)
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]
+    return {"proc_s": proc_ticks(pid) / hz, "postgres_s": postgres / hz,
+            "machine_busy_s": (sum(ticks[:8]) - idle) / hz, "machine_s": sum(ticks[:8]) / hz}
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "free-port":
@@ -207,6 +238,8 @@ def main():
         print(json.dumps(wrk_point(args[0], args[1:])))
     elif cmd == "pgbench-point":
         print(json.dumps(pgbench_point(args[0], args[1], args[2:])))
+    elif cmd == "cpu":
+        print(json.dumps(cpu(args[0])))
     elif cmd == "trace":
         print(json.dumps(trace(args[0], int(args[1]), args[2])))
     else:

@@ -295,6 +295,18 @@ impl DatabaseSettings {
         }
     }
 
+    /// The same settings pointed at `DATABASE_REPLICA_URL`, for the replica's pool (same pool
+    /// bounds, timeouts and session settings); `None` when no replica is configured.
+    pub fn for_replica(&self) -> Option<DatabaseSettings> {
+        let url = self.replica_url.clone()?;
+        Some(DatabaseSettings {
+            url,
+            replica_url: None,
+            auto_migrate: false,
+            ..self.clone()
+        })
+    }
+
     /// Reads every database variable, in the order of API.md §6; the first bad one is the error.
     pub(crate) fn from_raw(raw: &RawEnv) -> Result<DatabaseSettings, ConfigError> {
         let (url, source) = database_url::resolve(raw)?;
@@ -970,6 +982,24 @@ mod tests {
         assert_eq!(db.replica_max_wait, Duration::ZERO);
         assert_eq!(db.idempotency_ttl, Duration::from_secs(60));
         assert_eq!(db.leak_detection, None);
+    }
+
+    #[test]
+    fn the_replica_pool_takes_every_setting_but_the_url_from_the_primary() {
+        let db = settings(&[
+            ("DATABASE_URL", "postgres://app:pw@primary/inv"),
+            ("DATABASE_REPLICA_URL", "postgres://app:pw@replica/inv"),
+            ("DB_POOL_SIZE", "3"),
+            ("DB_AUTO_MIGRATE", "true"),
+        ])
+        .database;
+        let replica = db.for_replica().expect("a replica is configured");
+        assert_eq!(replica.url.to_string(), "postgres://app:***@replica/inv");
+        assert_eq!(replica.pool_size, 3);
+        assert!(!replica.auto_migrate, "migrations never run on a replica");
+        assert!(replica.for_replica().is_none());
+        let without = settings(&[("DATABASE_URL", "postgres://app@db/inv")]).database;
+        assert!(without.for_replica().is_none());
     }
 
     #[test]

@@ -45,11 +45,24 @@ pub struct DatabaseHealth {
     pub pool: PoolStats,
 }
 
+/// The read replica, when one is configured. Its state never makes the service unready: while
+/// it is down, reads go to the primary.
+#[derive(Serialize, ToSchema)]
+pub struct ReplicaHealth {
+    /// `up` or `down`
+    pub status: &'static str,
+    /// How far its replay is behind the primary, in seconds; null when it did not answer.
+    pub lag_seconds: Option<f64>,
+    pub pool: PoolStats,
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct Ready {
     /// `ok` or `unavailable`
     pub status: &'static str,
     pub database: DatabaseHealth,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaHealth>,
     /// Why the service is not ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -68,18 +81,36 @@ pub async fn ready(
     let (min, max) = (min as u32, max as u32);
     let started = Instant::now();
     let availability = availability.as_ref().map(|a| a.get_ref());
-    let result = match queue.as_ref().map(|q| &q.0) {
-        Some(queue) => match queue.enter().await {
-            Ok(_turn) => {
-                let left = READY_BUDGET.saturating_sub(started.elapsed());
-                db::ping(&db, config.session.ping_sql(), availability, left).await
-            }
-            Err(_) => Err("no pooled connection became free in time".to_owned()),
-        },
-        None => db::ping(&db, config.session.ping_sql(), availability, READY_BUDGET).await,
+    // The replica is checked beside the primary, within its own shorter budget.
+    let replica_check = async {
+        match &config.replica {
+            Some(replica) => Some(replica.check().await),
+            None => None,
+        }
     };
+    let primary_check = async {
+        match queue.as_ref().map(|q| &q.0) {
+            Some(queue) => match queue.enter().await {
+                Ok(_turn) => {
+                    let left = READY_BUDGET.saturating_sub(started.elapsed());
+                    db::ping(&db, config.session.ping_sql(), availability, left).await
+                }
+                Err(_) => Err("no pooled connection became free in time".to_owned()),
+            },
+            None => db::ping(&db, config.session.ping_sql(), availability, READY_BUDGET).await,
+        }
+    };
+    let (result, replica_state) = tokio::join!(primary_check, replica_check);
     let pool = db::pool_stats(&db, min, max);
     let backend = db::backend_name(&db);
+    let replica = match (&config.replica, replica_state) {
+        (Some(replica), Some(state)) => Some(ReplicaHealth {
+            status: if state.up { "up" } else { "down" },
+            lag_seconds: state.lag_seconds,
+            pool: db::pool_stats(replica.db(), min, max),
+        }),
+        _ => None,
+    };
     let (status, body) = match result {
         Ok(latency) => (
             StatusCode::OK,
@@ -91,6 +122,7 @@ pub async fn ready(
                     latency_ms: Some((latency.as_secs_f64() * 1e5).round() / 100.0),
                     pool,
                 },
+                replica,
                 detail: None,
             },
         ),
@@ -104,6 +136,7 @@ pub async fn ready(
                     latency_ms: None,
                     pool,
                 },
+                replica,
                 detail: Some(detail),
             },
         ),
@@ -119,11 +152,16 @@ pub async fn ready(
     (status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(
     db: web::Data<DatabaseConnection>,
+    config: Option<web::Data<TxConfig>>,
     metrics: web::Data<Metrics>,
 ) -> HttpResponse {
     let (min, max) = metrics.pool_limits();
     let pool = db::pool_stats(&db, min as u32, max as u32);
     metrics.set_pool(pool.idle, pool.in_use);
+    if let Some(replica) = config.as_ref().and_then(|c| c.replica.as_ref()) {
+        let replica_pool = db::pool_stats(replica.db(), min as u32, max as u32);
+        metrics.set_replica(&replica_pool, replica.state().lag_seconds);
+    }
     HttpResponse::Ok()
         .insert_header(ContentType(
             "text/plain; version=0.0.4; charset=utf-8"

@@ -13,6 +13,7 @@
 //! transaction (`BEGIN IMMEDIATE` for writers).
 
 use std::future::{Ready, ready};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,7 @@ type OnCommit = Box<dyn FnOnce() + Send>;
 
 use super::failure::{DbFailure, FailureKind};
 use super::outcome::{self, Resolved};
+use super::routing::ReadRoute;
 use super::session::BeginSql;
 use super::{TxConfig, TxOutcome, TxPolicy};
 use crate::availability::Availability;
@@ -85,6 +87,10 @@ pub(super) struct Slot {
     state: Mutex<State>,
     /// The first statement failure of this attempt (later ones are its consequences).
     failure: StdMutex<Option<DbFailure>>,
+    /// A read's choice of server ([`ReadRoute`]); `None` for writes, which use `db`.
+    read: Option<ReadRoute>,
+    /// Set when the transaction began on the replica.
+    on_replica: AtomicBool,
 }
 
 impl Slot {
@@ -127,6 +133,8 @@ impl Slot {
             commit_check: config.commit_check,
             state: Mutex::new(State::Idle),
             failure: StdMutex::new(None),
+            read: None,
+            on_replica: AtomicBool::new(false),
         }
     }
 
@@ -173,16 +181,23 @@ impl Slot {
         self
     }
 
+    /// Makes this attempt a read routed by `route` (see [`super::routing`]).
+    pub(super) fn reading(mut self, route: ReadRoute) -> Slot {
+        self.read = Some(route);
+        self
+    }
+
+    /// Whether the transaction ran on the replica.
+    pub(super) fn on_replica(&self) -> bool {
+        self.on_replica.load(Ordering::Acquire)
+    }
+
     /// The open transaction, begun on first use.
     async fn open(&self) -> Result<MappedMutexGuard<'_, Open>, DbErr> {
         let mut state = self.state.lock().await;
         if matches!(*state, State::Idle) {
             let started = Instant::now();
-            let begin = self.begin_now();
-            let begun = match &self.availability {
-                Some(availability) => availability.guard(begin).await,
-                None => begin.await,
-            };
+            let begun = self.begin_routed().await;
             if let Some(m) = &self.metrics {
                 m.observe_acquire(started.elapsed());
             }
@@ -204,19 +219,57 @@ impl Slot {
         .map_err(|_| DbErr::Custom("the request's transaction has already ended".into()))
     }
 
+    /// Begins a read on the replica when its route admits it, falling back to the primary when
+    /// the replica is behind, down, or fails to begin; everything else begins on the primary.
+    async fn begin_routed(&self) -> Result<Open, DbErr> {
+        if let Some(read) = &self.read {
+            if let Some(replica) = &read.replica
+                && replica.admits(read.token).await
+            {
+                match replica
+                    .availability()
+                    .guard(self.begin_now(replica.db()))
+                    .await
+                {
+                    Ok(open) => {
+                        self.on_replica.store(true, Ordering::Release);
+                        self.count_read("replica");
+                        return Ok(open);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the replica could not begin a read; reading from the primary");
+                        replica.availability().suspect();
+                    }
+                }
+            }
+            self.count_read("primary");
+        }
+        let begin = self.begin_now(&self.db);
+        match &self.availability {
+            Some(availability) => availability.guard(begin).await,
+            None => begin.await,
+        }
+    }
+
+    fn count_read(&self, target: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.count_read(target);
+        }
+    }
+
     /// Takes a connection from the pool and begins, by the checkout deadline if there is one.
     /// A `BEGIN` that fails because its pooled connection was closed under it (the server
     /// terminated it: 57P01, a restart, a failover) ran nothing: it is tried again on another
     /// connection instead of answering 503 while the database is up. Each failed attempt
     /// discards its dead connection, so at most as many retries as the pool has connections.
-    async fn begin_now(&self) -> Result<Open, DbErr> {
+    async fn begin_now(&self, db: &DatabaseConnection) -> Result<Open, DbErr> {
         let attempt = async {
             let mut spare = match self.begin {
-                Begin::Postgres(_) => self.db.get_postgres_connection_pool().size(),
+                Begin::Postgres(_) => db.get_postgres_connection_pool().size(),
                 Begin::Orm(_) => 0,
             };
             loop {
-                match self.begin_once().await {
+                match self.begin_once(db).await {
                     Err(e) if spare > 0 && is_dead_connection(&e) => {
                         spare -= 1;
                         tracing::info!(error = %e, "BEGIN hit a closed connection; taking another");
@@ -233,15 +286,16 @@ impl Slot {
         }
     }
 
-    async fn begin_once(&self) -> Result<Open, DbErr> {
-        let pool = || self.db.get_postgres_connection_pool();
+    /// Takes a connection from `db`'s pool and begins.
+    async fn begin_once(&self, db: &DatabaseConnection) -> Result<Open, DbErr> {
+        let pool = || db.get_postgres_connection_pool();
         match &self.begin {
             Begin::Postgres(BeginSql::Static(sql)) => pool().begin_with(*sql).await,
             Begin::Postgres(BeginSql::Owned(sql)) => {
                 pool().begin_with(sqlx::AssertSqlSafe(sql.clone())).await
             }
             Begin::Orm(options) => {
-                return self.db.begin_with_options(*options).await.map(Open::Orm);
+                return db.begin_with_options(*options).await.map(Open::Orm);
             }
         }
         .map(Open::Postgres)
@@ -281,8 +335,14 @@ impl Slot {
     }
 
     fn suspect_if_unavailable(&self, failure: &DbFailure) {
-        if let (FailureKind::Unavailable, Some(availability)) = (&failure.kind, &self.availability)
-        {
+        let availability = match &self.read {
+            Some(ReadRoute {
+                replica: Some(replica),
+                ..
+            }) if self.on_replica() => Some(replica.availability()),
+            _ => self.availability.as_ref(),
+        };
+        if let (FailureKind::Unavailable, Some(availability)) = (&failure.kind, availability) {
             availability.suspect();
         }
     }

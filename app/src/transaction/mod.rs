@@ -48,12 +48,24 @@
 //! never prepared by name ([`Session`]). `GET` and `HEAD` run `READ ONLY`; a
 //! route may declare its own level and access mode with [`Transactional::isolation`] /
 //! [`Transactional::read_write`], documented where it is declared.
+//!
+//! Read replica (`DATABASE_REPLICA_URL`, API.md §8; mechanics in [`routing`]): a `READ ONLY`
+//! transaction runs on the replica, and everything else on the primary. After a write commits,
+//! the response carries a consistency token (header `Consistency-Token`, cookie
+//! `consistency_token`) naming the primary's WAL position. A read that sends a token back runs
+//! on the replica only once the replica has replayed that position, waiting at most
+//! `DB_REPLICA_MAX_WAIT_MS`, and otherwise on the primary; a read without a token never waits.
+//! A replica that is down, fails to begin, or lags beyond the wait sends reads to the primary,
+//! never to a 503. A read that failed on the replica (a recovery conflict's 40001, or the replica
+//! going away mid-read) is re-run on the primary. A route that must see the primary's newest
+//! state declares [`Transactional::primary`] with its reason.
 
 mod failure;
 mod idempotency;
 mod lazy;
 mod outcome;
 mod peer;
+mod routing;
 mod session;
 
 use std::future::{Future, Ready, ready};
@@ -76,6 +88,8 @@ use idempotency::{Claim, Idempotency, Stored};
 use lazy::Slot;
 pub use lazy::Tx;
 pub use peer::on_connect;
+use routing::ReadRoute;
+pub use routing::{Lsn, Replica, ReplicaState};
 pub use session::Session;
 
 use crate::availability::Availability;
@@ -101,6 +115,8 @@ pub struct TxConfig {
     pub admission: Option<Admission>,
     /// A transaction still open after this long is logged at WARN (`DB_LEAK_DETECTION_MS`).
     pub leak_warning: Option<Duration>,
+    /// The streaming replica for `READ ONLY` transactions (`DATABASE_REPLICA_URL`).
+    pub replica: Option<Replica>,
     /// Longest wait for the status of a transaction whose `COMMIT` reply was lost
     /// (`DB_CONNECT_TIMEOUT`: the time one new connection may take).
     pub commit_check: Duration,
@@ -133,6 +149,7 @@ impl TxConfig {
             availability: None,
             admission: None,
             leak_warning: settings.leak_detection,
+            replica: None,
             commit_check: settings.connect_timeout,
             idempotency_ttl: settings.idempotency_ttl,
         }
@@ -190,6 +207,8 @@ impl Admission {
 pub struct TxPolicy {
     pub isolation: Option<IsolationLevel>,
     pub access: Option<AccessMode>,
+    /// Never read from the replica.
+    pub primary: bool,
 }
 
 /// How a request's transaction ended, for the request log and metrics.
@@ -325,6 +344,13 @@ impl Transactional {
         self.policy.access = Some(AccessMode::ReadWrite);
         self
     }
+
+    /// Never run this route on the replica, even with a consistency token that it has
+    /// replayed (for reads that must see other clients' newest writes).
+    pub fn primary(mut self) -> Self {
+        self.policy.primary = true;
+        self
+    }
 }
 
 impl<S, B> Transform<S, ServiceRequest> for Transactional
@@ -408,19 +434,28 @@ where
             let route = http
                 .match_pattern()
                 .unwrap_or_else(|| http.path().to_owned());
+            let writes = policy
+                .access
+                .map_or(!read_only_default, |a| a == AccessMode::ReadWrite);
+            let mut read = (!writes).then(|| ReadRoute {
+                replica: config.replica.clone().filter(|_| !policy.primary),
+                token: routing::token_of(&http),
+            });
             let mut retries = 0;
             loop {
-                let slot = Arc::new(
-                    Slot::new(
-                        (**db).clone(),
-                        &config,
-                        policy,
-                        read_only_default,
-                        metrics.clone(),
-                    )
-                    .checkout_until(deadline)
-                    .labelled(route.clone()),
-                );
+                let mut slot = Slot::new(
+                    (**db).clone(),
+                    &config,
+                    policy,
+                    read_only_default,
+                    metrics.clone(),
+                )
+                .checkout_until(deadline)
+                .labelled(route.clone());
+                if let Some(read) = &read {
+                    slot = slot.reading(read.clone());
+                }
+                let slot = Arc::new(slot);
                 // An Idempotency-Key is claimed first: a replay, a duplicate still running or a
                 // reused key is answered without running the handler, and rolled back.
                 let claim = match &idempotency {
@@ -531,8 +566,18 @@ where
                     slot.run_on_commit_hooks();
                 }
 
+                let replica_failed = slot.on_replica() && failure.is_some();
+                if let (true, Some(read)) = (replica_failed, &mut read) {
+                    // The re-run reads from the primary: the replica cancelled or lost it.
+                    read.replica = None;
+                }
                 let reply = match failure {
-                    Some(f) if f.is_retryable() && retries < config.max_retries && !client_gone => {
+                    Some(f)
+                        if (f.is_retryable()
+                            || replica_failed && f.kind == FailureKind::Unavailable)
+                            && retries < config.max_retries
+                            && !client_gone =>
+                    {
                         drop(response);
                         tokio::time::sleep(backoff(retries)).await;
                         retries += 1;
@@ -586,6 +631,13 @@ where
                         reply
                     }
                 };
+                let mut reply = reply;
+                if let (TxOutcome::Commit, true, Some(_)) = (outcome, writes, &config.replica) {
+                    let lsn = routing::position_after_commit(&db).await;
+                    for (name, value) in routing::token_headers(lsn) {
+                        reply.headers_mut().append(name, value);
+                    }
+                }
                 reply
                     .request()
                     .extensions_mut()

@@ -77,6 +77,11 @@ async fn metrics_expose_every_contract_series_from_start_up() {
         "db_transaction_retries_total ",
         "http_requests_total{method=\"GET\",status=\"2xx\"}",
         "http_request_duration_seconds_bucket",
+        "db_reads_total{target=\"replica\"}",
+        "db_reads_total{target=\"primary\"}",
+        "db_replica_lag_seconds ",
+        "db_replica_pool_connections{state=\"idle\"}",
+        "db_replica_pool_max_connections ",
     ] {
         assert!(text.contains(series), "missing {series} in\n{text}");
     }

@@ -26,8 +26,8 @@ fn unreachable_message(url: &str, err: &dyn std::fmt::Display) -> String {
     )
 }
 
-async fn admin() -> DatabaseConnection {
-    let url = admin_url();
+async fn admin_at(url: &str) -> DatabaseConnection {
+    let url = url.to_owned();
     let mut options = sea_orm::ConnectOptions::new(url.clone());
     options
         .max_connections(1)
@@ -44,21 +44,32 @@ async fn admin() -> DatabaseConnection {
 pub struct TestDatabase {
     pub name: String,
     pub url: String,
+    /// The server's maintenance database, where it was created and is dropped.
+    admin: String,
 }
 
 impl TestDatabase {
     pub async fn create() -> TestDatabase {
+        TestDatabase::create_on(&admin_url()).await
+    }
+
+    /// A fresh database on the server of `admin` (a URL of its maintenance database).
+    pub async fn create_on(admin: &str) -> TestDatabase {
         let name = format!("inventory_test_{:016x}", fastrand::u64(..));
-        let db = admin().await;
+        let db = admin_at(admin).await;
         db.execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
             .await
-            .unwrap_or_else(|e| panic!("{}", unreachable_message(&admin_url(), &e)));
+            .unwrap_or_else(|e| panic!("{}", unreachable_message(admin, &e)));
         let _ = db.close().await;
-        let url = DatabaseUrl::parse(&admin_url())
-            .expect("TEST_DATABASE_URL is a valid URL")
+        let url = DatabaseUrl::parse(admin)
+            .expect("the admin URL is valid")
             .with_database(&name)
             .expose_secret();
-        TestDatabase { name, url }
+        TestDatabase {
+            name,
+            url,
+            admin: admin.to_owned(),
+        }
     }
 
     /// A small separate pool on the test database, for assertions behind the app's back.
@@ -82,6 +93,7 @@ pub async fn connect_to(url: &str) -> DatabaseConnection {
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let admin = self.admin.clone();
         // Drop runs inside a test's runtime, which cannot block on itself: use a thread.
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -91,7 +103,7 @@ impl Drop for TestDatabase {
                 return;
             };
             rt.block_on(async move {
-                let db = admin().await;
+                let db = admin_at(&admin).await;
                 let _ = db
                     .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
                     .await;
@@ -287,8 +299,12 @@ async fn launch(
     database: Option<Box<dyn std::any::Any + Send + Sync>>,
     extra_routes: fn(&mut web::ServiceConfig),
 ) -> TestApp {
+    let replica = app::db::connect_replica(&settings.database)
+        .await
+        .expect("the replica's pool is configured");
     let application =
-        Application::build_with(settings, pool.clone(), extra_routes).expect("the app binds");
+        Application::build_with_replica(settings, pool.clone(), replica, extra_routes)
+            .expect("the app binds");
     let port = application.port();
     let server = tokio::spawn(application.run_until_stopped());
     let db = connect_to(direct_url).await;

@@ -16,5 +16,7 @@ mod operations;
 mod pgbouncer;
 mod pooler;
 mod process;
+mod reads;
+mod replica;
 mod stock;
 mod transactions;

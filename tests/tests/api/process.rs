@@ -220,20 +220,7 @@ impl OwnServer {
     /// `initdb` and start. PostgreSQL refuses to run as root, so as root the server runs as the
     /// `postgres` user.
     pub fn start() -> OwnServer {
-        let dir = std::env::temp_dir().join(format!("inventory-pg-{:016x}", fastrand::u64(..)));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        if is_root() {
-            let status = Command::new("chown")
-                .args(["postgres:postgres", &dir.to_string_lossy()])
-                .status()
-                .expect("chown runs");
-            assert!(status.success(), "chown of {dir:?} failed");
-        }
-        let server = OwnServer {
-            dir,
-            bin: postgres_bin(),
-            port: free_port(),
-        };
+        let server = OwnServer::empty();
         let data = server.data();
         server.run(
             "initdb",
@@ -250,6 +237,83 @@ impl OwnServer {
         );
         server.start_again();
         server
+    }
+
+    /// A streaming replica of `primary` (`pg_basebackup -R -X stream`: it connects back to the
+    /// primary as a standby), started on a port of its own. The primary's `initdb` defaults
+    /// already allow it: `wal_level = replica`, WAL senders, and `replication` lines for
+    /// loopback in `pg_hba.conf`.
+    pub fn replica_of(primary: &OwnServer) -> OwnServer {
+        let server = OwnServer::empty();
+        let primary_port = primary.port.to_string();
+        let data = server.data();
+        server.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary_port,
+                "-U",
+                "postgres",
+                "-D",
+                &data,
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+        );
+        server.start_again();
+        server
+    }
+
+    /// A directory the server's user owns and a free port; nothing started.
+    fn empty() -> OwnServer {
+        let dir = std::env::temp_dir().join(format!("inventory-pg-{:016x}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["postgres:postgres", &dir.to_string_lossy()])
+                .status()
+                .expect("chown runs");
+            assert!(status.success(), "chown of {dir:?} failed");
+        }
+        OwnServer {
+            dir,
+            bin: postgres_bin(),
+            port: free_port(),
+        }
+    }
+
+    /// For a server kept in a static (never dropped): a detached watchdog stops it and removes
+    /// its directory once this test process is gone.
+    pub fn stop_when_this_process_exits(&self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let as_owner = if is_root() {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+             {as_owner}{pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            pg_ctl = pg_ctl.display(),
+            data = self.data(),
+            dir = self.dir.display(),
+        );
+        // `setsid -f` forks the watchdog into a session of its own and returns at once.
+        let status = Command::new("setsid")
+            .args(["-f", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("the watchdog starts");
+        assert!(status.success(), "the watchdog did not start");
     }
 
     fn data(&self) -> String {

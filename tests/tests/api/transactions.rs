@@ -558,6 +558,7 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
         commit_check: std::time::Duration::from_secs(1),
         idempotency_ttl: std::time::Duration::from_secs(3600),
         leak_warning: None,
+        replica: None,
     };
     let policy = app::TxPolicy::default();
     let count = |code: &'static str| {

@@ -1,0 +1,97 @@
+//! A real PostgreSQL primary and streaming replica for the tests of `DATABASE_REPLICA_URL`
+//! (API.md §8): `initdb` (whose defaults already allow streaming: `wal_level = replica`, WAL
+//! senders, `replication` lines for loopback in `pg_hba.conf`), `pg_basebackup -R -X stream`, a
+//! second `pg_ctl start`, on free ports, as the `postgres` user (see [`OwnServer`]). One pair
+//! serves every test of a run that only reads and writes ([`ReplicaPair::shared`]; each test
+//! has its own database, created on the primary and replayed on the replica) and is stopped by
+//! a watchdog when the test process exits; a test that stops or pauses the replica starts a
+//! pair of its own ([`ReplicaPair::start`]), dropped with it.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+
+use crate::helpers::{TestApp, TestDatabase, connect_to, spawn_app_on};
+use crate::process::OwnServer;
+
+pub struct ReplicaPair {
+    pub primary: OwnServer,
+    pub replica: OwnServer,
+}
+
+impl ReplicaPair {
+    /// A pair of the test's own (about 10 s), stopped and deleted when dropped.
+    pub fn start() -> ReplicaPair {
+        let primary = OwnServer::start();
+        let replica = OwnServer::replica_of(&primary);
+        ReplicaPair { primary, replica }
+    }
+
+    /// The run's shared pair, started on first use. Never stop or pause it.
+    pub fn shared() -> &'static ReplicaPair {
+        static SHARED: OnceLock<ReplicaPair> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let pair = ReplicaPair::start();
+            pair.primary.stop_when_this_process_exits();
+            pair.replica.stop_when_this_process_exits();
+            pair
+        })
+    }
+
+    /// The real application over a fresh database of this pair, with `DATABASE_REPLICA_URL`
+    /// pointing at the replica and `overrides` of the test settings. Returns once the replica
+    /// has replayed the migrations. `TestApp::db` is a connection to the primary.
+    pub async fn spawn_app(&self, overrides: &[(&str, &str)]) -> TestApp {
+        self.spawn_app_with(overrides, |_| {}).await
+    }
+
+    /// [`spawn_app`](Self::spawn_app) with `extra_routes` mounted beside the API.
+    pub async fn spawn_app_with(
+        &self,
+        overrides: &[(&str, &str)],
+        extra_routes: fn(&mut actix_web::web::ServiceConfig),
+    ) -> TestApp {
+        let database = TestDatabase::create_on(&self.primary.url("postgres")).await;
+        let replica_url = self.replica.url(&database.name);
+        let mut vars = vec![("DATABASE_REPLICA_URL", replica_url.as_str())];
+        vars.extend_from_slice(overrides);
+        let url = database.url.clone();
+        let app = spawn_app_on(&url, Some(Box::new(database)), &vars, extra_routes).await;
+        self.wait_for_replay(&app).await;
+        app
+    }
+
+    /// A connection to `app`'s database on the replica, for assertions behind the app's back.
+    pub async fn on_replica(&self, app: &TestApp) -> DatabaseConnection {
+        connect_to(&self.replica.url(&app.database_name())).await
+    }
+
+    /// Waits until the replica has replayed everything the primary has written so far.
+    pub async fn wait_for_replay(&self, app: &TestApp) {
+        let target = text(&app.db, "SELECT pg_current_wal_insert_lsn()::text").await;
+        let admin = connect_to(&self.replica.url("postgres")).await;
+        let sql = format!("SELECT (pg_last_wal_replay_lsn() >= '{target}')::text");
+        app.wait_until("the replica replays the primary's WAL", || async {
+            text(&admin, &sql).await == "true"
+        })
+        .await;
+        let _ = admin.close().await;
+        // The database itself answers on the replica.
+        let replica = connect_to(&self.replica.url(&app.database_name())).await;
+        let _ = replica.close().await;
+    }
+}
+
+/// One text value from `db`.
+pub async fn text(db: &DatabaseConnection, sql: &str) -> String {
+    let row = db
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .expect("one row");
+    row.try_get_by_index::<String>(0).expect("text")
+}
+
+/// How long a test allows beyond a configured wait for the HTTP round trip and scheduling.
+pub const MARGIN: Duration = Duration::from_millis(700);
