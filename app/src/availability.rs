@@ -19,14 +19,16 @@
 //!
 //! At most one probe runs at a time, and while the database is up probes are at least
 //! [`RECHECK_EVERY`] apart, so a busy pool costs one extra, short-lived connection per interval
-//! at most (named `<DB_APPLICATION_NAME>-probe`; count it when sizing `max_connections`). SQLite
-//! is embedded: it is never probed and never down.
+//! at most (named `<DB_APPLICATION_NAME>-probe` on PostgreSQL; count it when sizing
+//! `max_connections`). MariaDB is probed the same way, with the pool's own connect options.
+//! SQLite is embedded: it is never probed and never down.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sea_orm::sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
 use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr};
@@ -41,9 +43,15 @@ pub const RECHECK_EVERY: Duration = Duration::from_millis(500);
 #[derive(Clone)]
 pub struct Availability(Arc<Inner>);
 
+/// Where a probe connects: the pool's own connect options.
+enum Target {
+    Postgres(PgConnectOptions),
+    Mysql(MySqlConnectOptions),
+}
+
 struct Inner {
-    /// The pool's own connect options; `None` for SQLite.
-    target: Option<Arc<PgConnectOptions>>,
+    /// `None` for SQLite.
+    target: Option<Arc<Target>>,
     connect_timeout: Duration,
     /// `true` while the database is known to be unreachable.
     down: watch::Sender<bool>,
@@ -67,7 +75,13 @@ impl Availability {
                 // tells the probe from the pool's connections.
                 let options = db.get_postgres_connection_pool().connect_options();
                 let name = format!("{}-probe", options.get_application_name().unwrap_or("app"));
-                Some(Arc::new((*options).clone().application_name(&name)))
+                Some(Arc::new(Target::Postgres(
+                    (*options).clone().application_name(&name),
+                )))
+            }
+            DbBackend::MySql => {
+                let options = db.get_mysql_connection_pool().connect_options();
+                Some(Arc::new(Target::Mysql((*options).clone())))
             }
             _ => None,
         };
@@ -134,7 +148,7 @@ impl Availability {
         });
     }
 
-    async fn probe_until_up(&self, target: &PgConnectOptions) {
+    async fn probe_until_up(&self, target: &Target) {
         loop {
             let reachable = probe(target, self.0.connect_timeout).await;
             let was_down = self.0.down.send_replace(!reachable);
@@ -158,13 +172,29 @@ impl Availability {
 /// accepting sessions (shutting down, starting up, crashed) counts as down: any other refusal
 /// (too many connections, a bad password) comes from a server that is there, and the pool
 /// reports it itself.
-async fn probe(target: &PgConnectOptions, within: Duration) -> bool {
-    match tokio::time::timeout(within, target.connect()).await {
-        Ok(Ok(conn)) => {
-            let conn: PgConnection = conn;
-            let _ = conn.close().await;
-            true
+async fn probe(target: &Target, within: Duration) -> bool {
+    let connected = match target {
+        Target::Postgres(options) => {
+            tokio::time::timeout(within, async {
+                let conn: PgConnection = options.connect().await?;
+                let _ = conn.close().await;
+                Ok::<(), sqlx::Error>(())
+            })
+            .await
         }
+        Target::Mysql(options) => {
+            tokio::time::timeout(within, async {
+                let conn: MySqlConnection = options.connect().await?;
+                let _ = conn.close().await;
+                Ok::<(), sqlx::Error>(())
+            })
+            .await
+        }
+    };
+    match connected {
+        Ok(Ok(())) => true,
+        // The server answered: only "shutting down / starting up" (57P…, MariaDB 1053 with
+        // 08S01) and connection exceptions (08…) mean it is not there.
         Ok(Err(sqlx::Error::Database(e))) => {
             let code = e.code().unwrap_or_default();
             !(code.starts_with("57P") || code.starts_with("08"))

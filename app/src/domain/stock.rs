@@ -4,7 +4,12 @@
 //! Concurrency rules (all enforced by the database, none by this process):
 //! * stock never goes negative: a debit is one conditional `UPDATE … WHERE quantity >= n`, which
 //!   PostgreSQL re-evaluates on the newest row version after waiting for its lock, so it is safe
-//!   under READ COMMITTED; the CHECK constraint backs it up;
+//!   under READ COMMITTED; InnoDB's `UPDATE` always reads the newest committed version (a
+//!   locking read, even under REPEATABLE READ), so it is safe there too; the CHECK constraint
+//!   backs it up;
+//! * a credit is one upsert (`ON CONFLICT … DO UPDATE` / MariaDB's `ON DUPLICATE KEY UPDATE`)
+//!   adding to the stored quantity, never a read-modify-write in this process, so no update is
+//!   lost on any backend;
 //! * a transfer locks the two stock rows in warehouse-id order before touching them, so two
 //!   transfers in opposite directions queue instead of deadlocking;
 //! * a transfer debits the source before it credits (and so checks) the destination: a transfer
@@ -203,8 +208,10 @@ pub async fn transfer(
     quantity: Quantity,
 ) -> Result<movement::Model, DomainError> {
     let at = now();
-    if db.get_database_backend() == DbBackend::Postgres {
-        // Lock both rows in one consistent order. SQLite has one writer and no FOR UPDATE.
+    if db.get_database_backend() != DbBackend::Sqlite {
+        // Lock both rows in one consistent order (PostgreSQL, and InnoDB, whose primary key
+        // (warehouse_id, product_id) is scanned in that order). SQLite has one writer and no
+        // FOR UPDATE.
         stock_level::Entity::find()
             .select_only()
             .column(stock_level::Column::WarehouseId)

@@ -1,6 +1,7 @@
-//! The harness: every test gets its own PostgreSQL database (created from `TEST_DATABASE_URL`,
-//! migrated by the app at start-up, dropped when the test ends) and the real application on a
-//! random port, so tests run in parallel and never see each other's rows.
+//! The harness: every test gets its own database (on PostgreSQL from `TEST_DATABASE_URL`, on
+//! MariaDB from `TEST_MARIADB_URL`, or an SQLite file; migrated by the app at start-up, dropped
+//! when the test ends) and the real application on a random port, so tests run in parallel and
+//! never see each other's rows.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -12,22 +13,63 @@ use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
 use serde_json::{Value, json};
 
 pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const DEFAULT_MARIADB_ADMIN_URL: &str = "mysql://root@127.0.0.1:3306/mysql";
 
 /// The server every test database is created on.
 pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
+    Server::Postgres.admin_url()
 }
 
-fn unreachable_message(url: &str, err: &dyn std::fmt::Display) -> String {
-    format!(
-        "PostgreSQL is not reachable at {url} ({err}).\n\
-         Start it (e.g. `pg_ctlcluster --skip-systemctl-redirect 15 main start`) or point \
-         TEST_DATABASE_URL at a server where this user may CREATE DATABASE; `.ci/run` does both."
-    )
+/// A database server the tests create their databases on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    Postgres,
+    Mariadb,
 }
 
-async fn admin() -> DatabaseConnection {
-    let url = admin_url();
+impl Server {
+    pub fn admin_url(self) -> String {
+        let (variable, default) = match self {
+            Server::Postgres => ("TEST_DATABASE_URL", DEFAULT_ADMIN_URL),
+            Server::Mariadb => ("TEST_MARIADB_URL", DEFAULT_MARIADB_ADMIN_URL),
+        };
+        std::env::var(variable).unwrap_or_else(|_| default.to_owned())
+    }
+
+    fn create_sql(self, name: &str) -> String {
+        match self {
+            Server::Postgres => format!("CREATE DATABASE \"{name}\""),
+            Server::Mariadb => format!("CREATE DATABASE `{name}`"),
+        }
+    }
+
+    fn drop_sql(self, name: &str) -> String {
+        match self {
+            Server::Postgres => format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+            Server::Mariadb => format!("DROP DATABASE IF EXISTS `{name}`"),
+        }
+    }
+
+    fn unreachable_message(self, url: &str, err: &dyn std::fmt::Display) -> String {
+        match self {
+            Server::Postgres => format!(
+                "PostgreSQL is not reachable at {url} ({err}).\n\
+                 Start it (e.g. `pg_ctlcluster --skip-systemctl-redirect 15 main start`) or point \
+                 TEST_DATABASE_URL at a server where this user may CREATE DATABASE; `.ci/run` \
+                 does both."
+            ),
+            Server::Mariadb => format!(
+                "MariaDB is not reachable at {url} ({err}).\n\
+                 Start it (`start-stop-daemon --start --oknodo --background --exec \
+                 /usr/sbin/mariadbd`) or point TEST_MARIADB_URL at a server where this user may \
+                 CREATE DATABASE; `scripts/test` does both."
+            ),
+        }
+    }
+}
+
+async fn admin(server: Server) -> DatabaseConnection {
+    let url = server.admin_url();
     let mut options = sea_orm::ConnectOptions::new(url.clone());
     options
         .max_connections(1)
@@ -36,7 +78,7 @@ async fn admin() -> DatabaseConnection {
         .sqlx_logging(false);
     match Database::connect(options).await {
         Ok(db) => db,
-        Err(e) => panic!("{}", unreachable_message(&url, &e)),
+        Err(e) => panic!("{}", server.unreachable_message(&url, &e)),
     }
 }
 
@@ -44,21 +86,27 @@ async fn admin() -> DatabaseConnection {
 pub struct TestDatabase {
     pub name: String,
     pub url: String,
+    server: Server,
 }
 
 impl TestDatabase {
+    /// On PostgreSQL.
     pub async fn create() -> TestDatabase {
+        TestDatabase::create_on(Server::Postgres).await
+    }
+
+    pub async fn create_on(server: Server) -> TestDatabase {
         let name = format!("inventory_test_{:016x}", fastrand::u64(..));
-        let db = admin().await;
-        db.execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+        let db = admin(server).await;
+        db.execute_unprepared(&server.create_sql(&name))
             .await
-            .unwrap_or_else(|e| panic!("{}", unreachable_message(&admin_url(), &e)));
+            .unwrap_or_else(|e| panic!("{}", server.unreachable_message(&server.admin_url(), &e)));
         let _ = db.close().await;
-        let url = DatabaseUrl::parse(&admin_url())
-            .expect("TEST_DATABASE_URL is a valid URL")
+        let url = DatabaseUrl::parse(&server.admin_url())
+            .expect("the test server's URL is valid")
             .with_database(&name)
             .expose_secret();
-        TestDatabase { name, url }
+        TestDatabase { name, url, server }
     }
 
     /// A small separate pool on the test database, for assertions behind the app's back.
@@ -82,6 +130,7 @@ pub async fn connect_to(url: &str) -> DatabaseConnection {
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let server = self.server;
         // Drop runs inside a test's runtime, which cannot block on itself: use a thread.
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -91,10 +140,8 @@ impl Drop for TestDatabase {
                 return;
             };
             rt.block_on(async move {
-                let db = admin().await;
-                let _ = db
-                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                    .await;
+                let db = admin(server).await;
+                let _ = db.execute_unprepared(&server.drop_sql(&name)).await;
                 let _ = db.close().await;
             });
         })
@@ -167,6 +214,17 @@ pub async fn spawn_app_with(
     extra_routes: fn(&mut web::ServiceConfig),
 ) -> TestApp {
     let database = TestDatabase::create().await;
+    let url = database.url.clone();
+    spawn_app_on(&url, Some(Box::new(database)), overrides, extra_routes).await
+}
+
+/// The real application over a fresh MariaDB database, with `overrides` of the test settings
+/// and `extra_routes` mounted beside the API.
+pub async fn spawn_mariadb_app_with(
+    overrides: &[(&str, &str)],
+    extra_routes: fn(&mut web::ServiceConfig),
+) -> TestApp {
+    let database = TestDatabase::create_on(Server::Mariadb).await;
     let url = database.url.clone();
     spawn_app_on(&url, Some(Box::new(database)), overrides, extra_routes).await
 }
@@ -329,10 +387,15 @@ impl TestApp {
 
     /// The quantity of one stock row (0 when there is none).
     pub async fn stock(&self, warehouse: i64, product: i64) -> i64 {
-        self.scalar(&format!(
-            "SELECT CAST(COALESCE((SELECT quantity FROM stock_level WHERE warehouse_id = {warehouse} AND product_id = {product}), 0) AS BIGINT)"
-        ))
-        .await
+        let sql = format!(
+            "SELECT quantity FROM stock_level WHERE warehouse_id = {warehouse} AND product_id = {product}"
+        );
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(self.db.get_database_backend(), sql))
+            .await
+            .expect("query runs");
+        row.map_or(0, |row| row.try_get_by_index::<i64>(0).expect("an integer"))
     }
 
     /// Asserts API.md §1's invariant over the whole database.

@@ -1,6 +1,6 @@
 //! Receipts, shipments, transfers: atomicity, the invariant, and concurrency. Every test runs
-//! twice, on PostgreSQL and on the embedded SQLite file (`stock::postgres::…`,
-//! `stock::sqlite::…`).
+//! three times, on PostgreSQL, on MariaDB and on the embedded SQLite file
+//! (`stock::postgres::…`, `stock::mariadb::…`, `stock::sqlite::…`).
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
@@ -10,12 +10,18 @@ use crate::helpers::{TestApp, problem};
 /// Enough connections for the concurrent tests (SQLite caps its pool at 4 writers' worth).
 const POOL: &[(&str, &str)] = &[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")];
 
-macro_rules! on_both_backends {
+macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod postgres {
             $(#[tokio::test]
             async fn $name() {
                 super::$name(crate::helpers::spawn_app_with(super::POOL, |_| {}).await).await;
+            })*
+        }
+        mod mariadb {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_mariadb_app_with(super::POOL, |_| {}).await).await;
             })*
         }
         mod sqlite {
@@ -27,7 +33,7 @@ macro_rules! on_both_backends {
     };
 }
 
-on_both_backends!(
+on_every_backend!(
     receipts_shipments_and_transfers_move_stock_and_write_the_ledger,
     a_shipment_of_more_than_the_stock_is_409_insufficient_stock_and_changes_nothing,
     movements_naming_a_missing_warehouse_or_product_are_404,
@@ -44,6 +50,10 @@ async fn receipts_shipments_and_transfers_move_stock_and_write_the_ledger(app: T
         app.product("p").await,
     );
     app.receive(a, p, 10).await;
+    // A second product whose SKU differs only in case is another product on every backend
+    // (MariaDB's default collation would make them one key).
+    let upper = app.product("P").await;
+    assert_ne!(upper, p);
     let res = app
         .send_json(
             "/shipments",
