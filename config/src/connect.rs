@@ -12,8 +12,8 @@ use log::LevelFilter;
 use sea_orm::ConnectOptions;
 use sea_orm::sqlx::mysql::{MySqlConnectOptions, MySqlSslMode};
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
-use sea_orm::sqlx::{AssertSqlSafe, Executor as _};
 use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+use sea_orm::sqlx::{AssertSqlSafe, Executor as _};
 use secrecy::ExposeSecret;
 
 use crate::database::{Backend, DatabaseSettings, PoolMode, Pooler, SslMode};
@@ -389,12 +389,18 @@ mod tests {
     #[test]
     fn mariadb_gets_the_password_tls_and_cache_from_the_settings_and_not_in_the_url() {
         let db = settings(&[
-            ("DATABASE_URL", "mariadb://app:s3cret@db:3306/inv?ssl-mode=REQUIRED"),
+            (
+                "DATABASE_URL",
+                "mariadb://app:s3cret@db:3306/inv?ssl-mode=REQUIRED",
+            ),
             ("DB_STATEMENT_CACHE", "7"),
         ])
         .database;
         let options = db.connect_options();
-        assert_eq!(options.get_url(), "mysql://app@db:3306/inv?ssl-mode=REQUIRED");
+        assert_eq!(
+            options.get_url(),
+            "mysql://app@db:3306/inv?ssl-mode=REQUIRED"
+        );
         assert!(!format!("{options:?}").contains("s3cret"));
         let my = db.mysql_options()(MySqlConnectOptions::new());
         assert!(matches!(my.get_ssl_mode(), MySqlSslMode::Required));

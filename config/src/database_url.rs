@@ -573,9 +573,15 @@ mod tests {
         }
         let other = parsed("mariadb://root@127.0.0.1/mysql").with_database("test_42");
         assert_eq!(other.without_password(), "mysql://root@127.0.0.1/test_42");
-        let parts = other.server_parts().unwrap_or_else(|| panic!("a server URL"));
+        let parts = other
+            .server_parts()
+            .unwrap_or_else(|| panic!("a server URL"));
         assert_eq!(
-            (parts.host.as_str(), parts.port.as_str(), parts.database.as_str()),
+            (
+                parts.host.as_str(),
+                parts.port.as_str(),
+                parts.database.as_str()
+            ),
             ("127.0.0.1", "3306", "test_42")
         );
     }

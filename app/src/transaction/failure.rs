@@ -93,10 +93,9 @@ impl DbFailure {
 
 fn classify_sqlx(err: &sqlx::Error) -> FailureKind {
     match err {
-        sqlx::Error::Database(db) if db.try_downcast_ref::<MySqlDatabaseError>().is_some() => {
-            db.try_downcast_ref::<MySqlDatabaseError>()
-                .map_or(FailureKind::Other, classify_mysql)
-        }
+        sqlx::Error::Database(db) if db.try_downcast_ref::<MySqlDatabaseError>().is_some() => db
+            .try_downcast_ref::<MySqlDatabaseError>()
+            .map_or(FailureKind::Other, classify_mysql),
         sqlx::Error::Database(db) => {
             let constraint = db.constraint().map(str::to_owned);
             let code = db.code().unwrap_or_default();

@@ -168,7 +168,11 @@ async fn with_a_mariadb_url_the_binary_migrates_serves_the_api_and_pings() {
     };
 
     let (status, ready) = send(client.get(format!("{base}/health/ready"))).await;
-    assert_eq!((status, &ready["database"]["backend"]), (200, &json!("mysql")), "{ready}");
+    assert_eq!(
+        (status, &ready["database"]["backend"]),
+        (200, &json!("mysql")),
+        "{ready}"
+    );
 
     let (status, product) = send(
         client
@@ -199,11 +203,31 @@ async fn with_a_mariadb_url_the_binary_migrates_serves_the_api_and_pings() {
     }
     let (a, b, p) = (&warehouses[0], &warehouses[1], &product["id"]);
     let movements = [
-        ("/receipts", json!({"warehouse_id": a, "product_id": p, "quantity": 5}), 201),
-        ("/shipments", json!({"warehouse_id": a, "product_id": p, "quantity": 6}), 409),
-        ("/transfers", json!({"from_warehouse_id": a, "to_warehouse_id": b, "product_id": p, "quantity": 2}), 201),
-        ("/transfers", json!({"from_warehouse_id": a, "to_warehouse_id": 999, "product_id": p, "quantity": 1}), 404),
-        ("/shipments", json!({"warehouse_id": b, "product_id": p, "quantity": 2}), 201),
+        (
+            "/receipts",
+            json!({"warehouse_id": a, "product_id": p, "quantity": 5}),
+            201,
+        ),
+        (
+            "/shipments",
+            json!({"warehouse_id": a, "product_id": p, "quantity": 6}),
+            409,
+        ),
+        (
+            "/transfers",
+            json!({"from_warehouse_id": a, "to_warehouse_id": b, "product_id": p, "quantity": 2}),
+            201,
+        ),
+        (
+            "/transfers",
+            json!({"from_warehouse_id": a, "to_warehouse_id": 999, "product_id": p, "quantity": 1}),
+            404,
+        ),
+        (
+            "/shipments",
+            json!({"warehouse_id": b, "product_id": p, "quantity": 2}),
+            201,
+        ),
     ];
     for (path, body, expected) in movements {
         let (status, answer) = send(client.post(format!("{base}{path}")).json(&body)).await;

@@ -185,7 +185,10 @@ async fn a_swallowed_statement_error_never_yields_2xx_and_commits_nothing_althou
 
     // The layer: the first failure is recorded, so the request is rolled back and answered 409.
     let (status, body) = problem(app.post("/mdb/swallow", &json!({})).await).await;
-    assert_eq!((status, body["code"].as_str()), (409, Some("already_exists")));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("already_exists"))
+    );
     assert_eq!(
         app.scalar("SELECT count(*) FROM warehouse WHERE code = 'SWALLOW'")
             .await,
@@ -220,7 +223,10 @@ async fn a_handler_that_writes_then_fails_or_panics_leaves_nothing_behind_and_a_
 async fn gets_run_read_only_so_a_write_in_one_fails_and_changes_nothing() {
     let app = app_with(&[]).await;
     let (status, _) = problem(app.get("/mdb/get-write").await).await;
-    assert_eq!(status, 500, "a write inside START TRANSACTION READ ONLY fails");
+    assert_eq!(
+        status, 500,
+        "a write inside START TRANSACTION READ ONLY fails"
+    );
     assert_eq!(app.scalar("SELECT count(*) FROM warehouse").await, 0);
 }
 
@@ -346,7 +352,10 @@ async fn readiness_and_metrics_report_the_mysql_backend_and_its_pool() {
     let ready: Value = res.json().await.unwrap();
     assert_eq!(ready["database"]["backend"], "mysql", "{ready}");
     let pool = &ready["database"]["pool"];
-    assert_eq!((pool["min"].as_u64(), pool["max"].as_u64()), (Some(2), Some(10)));
+    assert_eq!(
+        (pool["min"].as_u64(), pool["max"].as_u64()),
+        (Some(2), Some(10))
+    );
     assert!(pool["size"].as_u64().unwrap() >= 1, "{ready}");
     assert_eq!(metric(&app, "db_pool_max_connections").await, 10.0);
 }
