@@ -22,14 +22,16 @@
 //!
 //! At most one probe runs at a time, and while the database is up probes are at least
 //! [`RECHECK_EVERY`] apart, so a busy pool costs one extra, short-lived connection per interval
-//! at most (named `<DB_APPLICATION_NAME>-probe`; count it when sizing `max_connections`). SQLite
-//! is embedded: it is never probed and never down.
+//! at most (named `<DB_APPLICATION_NAME>-probe` on PostgreSQL; count it when sizing
+//! `max_connections`). MariaDB is probed the same way, with the pool's own connect options.
+//! SQLite is embedded: it is never probed and never down.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sea_orm::sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
 use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr};
@@ -44,11 +46,17 @@ pub const RECHECK_EVERY: Duration = Duration::from_millis(500);
 #[derive(Clone)]
 pub struct Availability(Arc<Inner>);
 
+/// Where a probe connects: the pool's own connect options.
+enum Target {
+    Postgres(PgConnectOptions),
+    Mysql(MySqlConnectOptions),
+}
+
 struct Inner {
-    /// The pool's own connect options; `None` for SQLite.
-    target: Option<Arc<PgConnectOptions>>,
+    /// `None` for SQLite.
+    target: Option<Arc<Target>>,
     /// The pool, to see whether it holds idle connections worth trying while marked down.
-    pool: Option<sqlx::PgPool>,
+    db: DatabaseConnection,
     connect_timeout: Duration,
     /// `true` while the database is known to be unreachable.
     down: watch::Sender<bool>,
@@ -72,16 +80,19 @@ impl Availability {
                 // tells the probe from the pool's connections.
                 let options = db.get_postgres_connection_pool().connect_options();
                 let name = format!("{}-probe", options.get_application_name().unwrap_or("app"));
-                Some(Arc::new((*options).clone().application_name(&name)))
+                Some(Arc::new(Target::Postgres(
+                    (*options).clone().application_name(&name),
+                )))
+            }
+            DbBackend::MySql => {
+                let options = db.get_mysql_connection_pool().connect_options();
+                Some(Arc::new(Target::Mysql((*options).clone())))
             }
             _ => None,
         };
-        let pool = target
-            .is_some()
-            .then(|| db.get_postgres_connection_pool().clone());
         Availability(Arc::new(Inner {
             target,
-            pool,
+            db: db.clone(),
             connect_timeout,
             down: watch::Sender::new(false),
             probing: AtomicBool::new(false),
@@ -106,7 +117,7 @@ impl Availability {
         let mut down = self.0.down.subscribe();
         if *down.borrow_and_update() {
             // Idle pooled connections may still work (a probe can be wrong): try one, briefly.
-            let idle = self.0.pool.as_ref().is_some_and(|p| p.num_idle() > 0);
+            let idle = crate::db::pool_stats(&self.0.db, 0, 0).idle > 0;
             if !idle {
                 return Err(unavailable());
             }
@@ -164,7 +175,7 @@ impl Availability {
         });
     }
 
-    async fn probe_until_up(&self, target: &PgConnectOptions) {
+    async fn probe_until_up(&self, target: &Target) {
         loop {
             let reachable = probe(target, self.0.connect_timeout).await;
             let was_down = self.0.down.send_replace(!reachable);
@@ -190,13 +201,29 @@ impl Availability {
 /// server), a refusal such as too many connections or a bad password, a TLS or local error.
 /// Declaring such a server down would fail every checkout at once although the pool may hold
 /// healthy connections; the pool reports those problems itself.
-async fn probe(target: &PgConnectOptions, within: Duration) -> bool {
-    match tokio::time::timeout(within, target.connect()).await {
-        Ok(Ok(conn)) => {
-            let conn: PgConnection = conn;
-            let _ = conn.close().await;
-            true
+async fn probe(target: &Target, within: Duration) -> bool {
+    let connected = match target {
+        Target::Postgres(options) => {
+            tokio::time::timeout(within, async {
+                let conn: PgConnection = options.connect().await?;
+                let _ = conn.close().await;
+                Ok::<(), sqlx::Error>(())
+            })
+            .await
         }
+        Target::Mysql(options) => {
+            tokio::time::timeout(within, async {
+                let conn: MySqlConnection = options.connect().await?;
+                let _ = conn.close().await;
+                Ok::<(), sqlx::Error>(())
+            })
+            .await
+        }
+    };
+    match connected {
+        Ok(Ok(())) => true,
+        // The server answered: only "shutting down / starting up" (57P…, MariaDB 1053 with
+        // 08S01) and connection exceptions (08…) mean it is not there.
         Ok(Err(sqlx::Error::Database(e))) => {
             let code = e.code().unwrap_or_default();
             !(code.starts_with("57P") || code.starts_with("08"))
@@ -248,7 +275,7 @@ mod tests {
             .map(|a| a.port())
             .expect("a free port");
         // The listener is closed again: nothing listens there.
-        assert!(!probe(&options(port), Duration::from_secs(2)).await);
+        assert!(!probe(&Target::Postgres(options(port)), Duration::from_secs(2)).await);
     }
 
     #[tokio::test]
@@ -257,7 +284,7 @@ mod tests {
         // overloaded server.
         let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
         let port = listener.local_addr().expect("address").port();
-        assert!(probe(&options(port), Duration::from_millis(200)).await);
+        assert!(probe(&Target::Postgres(options(port)), Duration::from_millis(200)).await);
         drop(listener);
     }
 }

@@ -111,6 +111,10 @@ pub fn pool_stats(db: &DatabaseConnection, min: u32, max: u32) -> PoolStats {
             let pool = db.get_postgres_connection_pool();
             (pool.size(), pool.num_idle() as u32)
         }
+        DbBackend::MySql => {
+            let pool = db.get_mysql_connection_pool();
+            (pool.size(), pool.num_idle() as u32)
+        }
         DbBackend::Sqlite => {
             let pool = db.get_sqlite_connection_pool();
             (pool.size(), pool.num_idle() as u32)
@@ -130,6 +134,7 @@ pub fn pool_stats(db: &DatabaseConnection, min: u32, max: u32) -> PoolStats {
 pub fn backend_name(db: &DatabaseConnection) -> &'static str {
     match db.get_database_backend() {
         DbBackend::Postgres => "postgres",
+        DbBackend::MySql => "mysql",
         DbBackend::Sqlite => "sqlite",
         _ => "other",
     }

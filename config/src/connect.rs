@@ -1,16 +1,19 @@
 //! `DatabaseSettings::connect_options`: the one place where the settings become SeaORM's
 //! `ConnectOptions` (pool bounds and timeouts, pre-ping, statement logging) and sqlx's
-//! per-backend options (Postgres startup parameters, TLS and statement cache; SQLite journal
-//! mode, busy timeout and foreign keys). The URL handed to SeaORM never carries the password:
-//! it is set on sqlx's `PgConnectOptions` directly, so no `Debug` of the options and no SeaORM
-//! error message (which quote the URL) can reveal it.
+//! per-backend options (Postgres startup parameters, TLS and statement cache; MariaDB's session
+//! settings, TLS and statement cache; SQLite journal mode, busy timeout and foreign keys). The
+//! URL handed to SeaORM never carries the password: it is set on sqlx's `PgConnectOptions` /
+//! `MySqlConnectOptions` directly, so no `Debug` of the options and no SeaORM error message
+//! (which quote the URL) can reveal it.
 
 use std::time::Duration;
 
 use log::LevelFilter;
 use sea_orm::ConnectOptions;
+use sea_orm::sqlx::mysql::{MySqlConnectOptions, MySqlSslMode};
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+use sea_orm::sqlx::{AssertSqlSafe, Executor as _};
 use secrecy::ExposeSecret;
 
 use crate::database::{Backend, DatabaseSettings, PoolMode, Pooler, SslMode};
@@ -62,6 +65,7 @@ impl DatabaseSettings {
         }
         match self.backend() {
             Backend::Postgres => self.apply_postgres(&mut options),
+            Backend::Mysql => self.apply_mysql(&mut options),
             Backend::Sqlite => self.apply_sqlite(&mut options),
         }
         options
@@ -125,6 +129,73 @@ impl DatabaseSettings {
         }
     }
 
+    /// MariaDB has no startup parameters: the session settings are one `SET` statement sent
+    /// when a connection is opened (sqlx's pool `after_connect`: one round trip per physical
+    /// connection, none per transaction). `application_name` has no MariaDB twin that other sessions can
+    /// see: sqlx 0.9 sends no connection attributes (`performance_schema.session_connect_attrs`
+    /// stays empty), and a user variable is visible to its own session only, so it is not sent.
+    fn apply_mysql(&self, options: &mut ConnectOptions) {
+        options.map_sqlx_mysql_opts(self.mysql_options());
+        let session = self.mysql_session_sql();
+        let serverless = self.pool_mode == PoolMode::Serverless;
+        options.map_sqlx_mysql_pool_opts(move |pool| {
+            let session = session.clone();
+            let pool = pool.after_connect(move |connection, _metadata| {
+                let session = session.clone();
+                Box::pin(async move {
+                    connection.execute(AssertSqlSafe(session)).await?;
+                    Ok(())
+                })
+            });
+            if serverless {
+                pool.after_release(|_connection, _metadata| Box::pin(async { Ok(false) }))
+            } else {
+                pool
+            }
+        });
+    }
+
+    /// What every MariaDB connection is told when it opens: the default isolation level (so a
+    /// plain `START TRANSACTION` runs at `DB_ISOLATION_LEVEL`) and, when set, the statement
+    /// timeout as `max_statement_time` (seconds, fractional; MariaDB's twin of Postgres'
+    /// `statement_timeout`). `SET SESSION TRANSACTION ISOLATION LEVEL` rather than the
+    /// variable, whose name differs between versions (`tx_isolation` before MariaDB 11.1).
+    pub fn mysql_session_sql(&self) -> String {
+        let mut sql = format!(
+            "SET SESSION TRANSACTION ISOLATION LEVEL {}",
+            self.isolation_level.as_sql().to_ascii_uppercase()
+        );
+        if let Some(timeout) = self.statement_timeout {
+            sql.push_str(&format!(
+                "; SET SESSION max_statement_time = {}",
+                timeout.as_secs_f64()
+            ));
+        }
+        sql
+    }
+
+    /// The last word on sqlx's `MySqlConnectOptions`: password, TLS and statement cache.
+    fn mysql_options(
+        &self,
+    ) -> impl Fn(MySqlConnectOptions) -> MySqlConnectOptions + Send + Sync + use<> {
+        let password = self.url.password().cloned();
+        let statement_cache = self.statement_cache;
+        let ssl_mode = mysql_ssl_mode(self.ssl_mode);
+        let ssl_root_cert = self.ssl_root_cert.clone();
+        move |my| {
+            let mut my = my
+                .statement_cache_capacity(statement_cache)
+                .ssl_mode(ssl_mode);
+            if let Some(password) = &password {
+                my = my.password(password.expose_secret());
+            }
+            if let Some(path) = &ssl_root_cert {
+                my = my.ssl_ca(path);
+            }
+            my
+        }
+    }
+
     fn apply_sqlite(&self, options: &mut ConnectOptions) {
         options.map_sqlx_sqlite_opts(sqlite_options);
         if self.url.is_in_memory() {
@@ -150,6 +221,16 @@ fn pg_ssl_mode(mode: SslMode) -> PgSslMode {
         SslMode::Require => PgSslMode::Require,
         SslMode::VerifyCa => PgSslMode::VerifyCa,
         SslMode::VerifyFull => PgSslMode::VerifyFull,
+    }
+}
+
+fn mysql_ssl_mode(mode: SslMode) -> MySqlSslMode {
+    match mode {
+        SslMode::Disable => MySqlSslMode::Disabled,
+        SslMode::Prefer => MySqlSslMode::Preferred,
+        SslMode::Require => MySqlSslMode::Required,
+        SslMode::VerifyCa => MySqlSslMode::VerifyCa,
+        SslMode::VerifyFull => MySqlSslMode::VerifyIdentity,
     }
 }
 
@@ -303,6 +384,52 @@ mod tests {
             Some(r"-c jit=off -c default_transaction_isolation=repeatable\ read")
         );
         assert!(matches!(pg.get_ssl_mode(), PgSslMode::Prefer));
+    }
+
+    #[test]
+    fn mariadb_gets_the_password_tls_and_cache_from_the_settings_and_not_in_the_url() {
+        let db = settings(&[
+            (
+                "DATABASE_URL",
+                "mariadb://app:s3cret@db:3306/inv?ssl-mode=REQUIRED",
+            ),
+            ("DB_STATEMENT_CACHE", "7"),
+        ])
+        .database;
+        let options = db.connect_options();
+        assert_eq!(
+            options.get_url(),
+            "mysql://app@db:3306/inv?ssl-mode=REQUIRED"
+        );
+        assert!(!format!("{options:?}").contains("s3cret"));
+        let my = db.mysql_options()(MySqlConnectOptions::new());
+        assert!(matches!(my.get_ssl_mode(), MySqlSslMode::Required));
+        let debug = format!("{my:?}");
+        assert!(debug.contains("statement_cache_capacity: 7"), "{debug}");
+        assert!(
+            debug.contains("\"s3cret\""),
+            "the password reaches the driver: {debug}"
+        );
+    }
+
+    #[test]
+    fn mariadb_sessions_get_the_isolation_level_and_max_statement_time_when_they_open() {
+        let db = settings(&[("DATABASE_URL", "mysql://root@db/inv")]).database;
+        assert_eq!(
+            db.mysql_session_sql(),
+            "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ"
+        );
+        let db = settings(&[
+            ("DATABASE_URL", "mysql://root@db/inv"),
+            ("DB_ISOLATION_LEVEL", "read_committed"),
+            ("DB_STATEMENT_TIMEOUT_MS", "1500"),
+        ])
+        .database;
+        assert_eq!(
+            db.mysql_session_sql(),
+            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+             SET SESSION max_statement_time = 1.5"
+        );
     }
 
     #[test]

@@ -31,14 +31,17 @@ const MAX_IDEMPOTENCY_TTL: u64 = 30 * 86_400;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Postgres,
+    /// MySQL's protocol: MariaDB (≥ 10.6) is what is supported and tested.
+    Mysql,
     Sqlite,
 }
 
 impl Backend {
-    /// `postgres` or `sqlite`.
+    /// `postgres`, `mysql` or `sqlite`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Backend::Postgres => "postgres",
+            Backend::Mysql => "mysql",
             Backend::Sqlite => "sqlite",
         }
     }
@@ -134,8 +137,9 @@ impl IsolationLevel {
     }
 }
 
-/// `DB_SSL_MODE`: whether and how the Postgres connection uses TLS (libpq's `sslmode`, without
-/// `allow`).
+/// `DB_SSL_MODE`: whether and how the connection uses TLS (libpq's `sslmode`, without `allow`;
+/// MySQL's `ssl-mode` spellings `disabled`, `preferred`, `required`, `verify_identity` are
+/// accepted as their twins).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SslMode {
     Disable,
@@ -152,6 +156,10 @@ impl SslMode {
         ("require", SslMode::Require),
         ("verify-ca", SslMode::VerifyCa),
         ("verify-full", SslMode::VerifyFull),
+        ("disabled", SslMode::Disable),
+        ("preferred", SslMode::Prefer),
+        ("required", SslMode::Require),
+        ("verify-identity", SslMode::VerifyFull),
     ];
 
     /// The accepted spellings, for messages.
@@ -289,7 +297,7 @@ impl DatabaseSettings {
     pub fn max_connections(&self) -> u32 {
         let configured = self.pool_size.saturating_add(self.max_overflow).max(1);
         match self.backend() {
-            Backend::Postgres => configured,
+            Backend::Postgres | Backend::Mysql => configured,
             Backend::Sqlite if self.url.is_in_memory() => 1,
             Backend::Sqlite => configured.min(SQLITE_MAX_CONNECTIONS),
         }

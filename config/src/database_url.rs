@@ -1,12 +1,14 @@
 //! `DatabaseUrl`: where the database is, with the password kept apart from the URL as a
 //! `secrecy::SecretString` so that printing, logging or debugging the URL can never reveal it.
 //! This module owns the accepted URL forms (`postgres://`, `postgresql://`, `postgresql+<driver>://`
-//! normalised to `postgres://`, and `sqlite:`), the assembly of a Postgres URL from
+//! normalised to `postgres://`; `mysql://`, `mariadb://` and their `+<driver>` forms normalised to
+//! `mysql://`; and `sqlite:`), the assembly of a Postgres URL from
 //! `DB_HOST`/`DB_PORT`/`DB_USER`/`DB_PASSWORD`/`DB_NAME`, and the redaction used in messages.
 
 use std::fmt;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use sea_orm::sqlx::mysql::MySqlSslMode;
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
@@ -21,7 +23,8 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://inventory.db?mode=rwc";
 const DATABASE_URL: &str = "DATABASE_URL";
 
 const EXPECTED_URL: &str = "expected postgres://user:password@host:port/database \
-     (postgresql:// and postgresql+<driver>:// are accepted too) or sqlite://<file>?mode=rwc";
+     (postgresql:// and postgresql+<driver>:// are accepted too), \
+     mysql://user:password@host:port/database (or mariadb://) or sqlite://<file>?mode=rwc";
 
 /// Characters left as they are in a user name, password or database name put into a URL: the
 /// RFC 3986 unreserved set. Everything else is percent-encoded, including `%` itself, which the
@@ -57,8 +60,9 @@ pub struct DatabaseUrl {
 /// The URL without its password.
 #[derive(Clone, Debug)]
 enum Location {
-    /// A `postgres://` URL: no password in the user-info part nor in the query.
-    Postgres(Url),
+    /// A `postgres://` or `mysql://` URL (the backend says which): no password in the
+    /// user-info part nor in the query.
+    Server(Backend, Url),
     /// A `sqlite:` URL as given, with the scheme in lower case (sqlx strips it textually).
     Sqlite(String),
 }
@@ -100,7 +104,11 @@ impl DatabaseUrl {
                 .is_some_and(|tail| tail.is_empty() || tail.starts_with('+'))
         };
         if driver_suffix("postgres") || driver_suffix("postgresql") {
-            return parse_postgres(&format!("postgres:{rest}"));
+            return parse_server(Backend::Postgres, &format!("postgres:{rest}"));
+        }
+        if driver_suffix("mysql") || driver_suffix("mariadb") {
+            // sqlx has one MySQL driver, which speaks to MariaDB too.
+            return parse_server(Backend::Mysql, &format!("mysql:{rest}"));
         }
         // Another scheme. Show the value only when it has an authority (`scheme://…`) that the
         // URL parser can split, so that its password can be replaced; a bare `word:word` could
@@ -155,7 +163,7 @@ impl DatabaseUrl {
         url.set_username(&encode(user)).map_err(|()| bad_host())?;
         url.set_path(&format!("/{}", encode(database)));
         Ok(DatabaseUrl {
-            location: Location::Postgres(url),
+            location: Location::Server(Backend::Postgres, url),
             password: password.filter(|p| !p.expose_secret().is_empty()),
         })
     }
@@ -163,7 +171,7 @@ impl DatabaseUrl {
     /// Which driver this URL is for.
     pub fn backend(&self) -> Backend {
         match self.location {
-            Location::Postgres(_) => Backend::Postgres,
+            Location::Server(backend, _) => backend,
             Location::Sqlite(_) => Backend::Sqlite,
         }
     }
@@ -186,7 +194,7 @@ impl DatabaseUrl {
     /// an in-memory SQLite database.
     pub fn database_name(&self) -> Option<String> {
         match &self.location {
-            Location::Postgres(url) => query_param(url, &["dbname"]).or_else(|| {
+            Location::Server(_, url) => query_param(url, &["dbname"]).or_else(|| {
                 let path = url.path().trim_start_matches('/');
                 Some(decode(path)).filter(|name| !name.is_empty())
             }),
@@ -202,11 +210,11 @@ impl DatabaseUrl {
     /// unchanged.
     pub fn with_database(&self, name: &str) -> DatabaseUrl {
         let location = match &self.location {
-            Location::Postgres(url) => {
+            Location::Server(backend, url) => {
                 let mut url = url.clone();
                 remove_query_params(&mut url, &["dbname"]);
                 url.set_path(&format!("/{}", encode(name)));
-                Location::Postgres(url)
+                Location::Server(*backend, url)
             }
             Location::Sqlite(raw) if self.is_in_memory() || sqlite_file(raw).is_empty() => {
                 Location::Sqlite(raw.clone())
@@ -239,7 +247,7 @@ impl DatabaseUrl {
     /// disappears with its last connection.
     pub(crate) fn is_in_memory(&self) -> bool {
         match &self.location {
-            Location::Postgres(_) => false,
+            Location::Server(..) => false,
             Location::Sqlite(raw) => {
                 let file = sqlite_file(raw);
                 file == ":memory:"
@@ -248,28 +256,32 @@ impl DatabaseUrl {
         }
     }
 
-    /// The last value of one of the named query parameters (Postgres URLs only).
+    /// The last value of one of the named query parameters (server URLs only).
     pub(crate) fn query_param(&self, names: &[&str]) -> Option<String> {
         match &self.location {
-            Location::Postgres(url) => query_param(url, names),
+            Location::Server(_, url) => query_param(url, names),
             Location::Sqlite(_) => None,
         }
     }
 
-    /// Host, port, user and database of a Postgres URL as the driver will use them, for the
+    /// Host, port, user and database of a server URL as the driver will use them, for the
     /// settings report. `None` for SQLite.
-    pub(crate) fn postgres_parts(&self) -> Option<PostgresParts> {
-        let Location::Postgres(url) = &self.location else {
+    pub(crate) fn server_parts(&self) -> Option<ServerParts> {
+        let Location::Server(backend, url) = &self.location else {
             return None;
+        };
+        let default_port = match backend {
+            Backend::Mysql => "3306",
+            _ => "5432",
         };
         let host = query_param(url, &["host", "hostaddr"])
             .or_else(|| url.host_str().map(str::to_owned))
             .unwrap_or_default();
         let port = query_param(url, &["port"])
             .or_else(|| url.port().map(|p| p.to_string()))
-            .unwrap_or_else(|| "5432".to_owned());
+            .unwrap_or_else(|| default_port.to_owned());
         let user = query_param(url, &["user"]).unwrap_or_else(|| decode(url.username()));
-        Some(PostgresParts {
+        Some(ServerParts {
             host,
             port,
             user,
@@ -281,7 +293,7 @@ impl DatabaseUrl {
     fn render(&self, password_text: Option<&str>) -> String {
         match &self.location {
             Location::Sqlite(raw) => raw.clone(),
-            Location::Postgres(url) => {
+            Location::Server(_, url) => {
                 let Some(text) = password_text else {
                     return url.as_str().to_owned();
                 };
@@ -298,8 +310,8 @@ impl DatabaseUrl {
     }
 }
 
-/// Host, port, user and database name of a Postgres URL, for the settings report.
-pub(crate) struct PostgresParts {
+/// Host, port, user and database name of a server URL, for the settings report.
+pub(crate) struct ServerParts {
     pub host: String,
     pub port: String,
     pub user: String,
@@ -369,7 +381,9 @@ fn parse_sqlite(normalised: &str) -> Result<DatabaseUrl, ConfigError> {
     Ok(url)
 }
 
-fn parse_postgres(normalised: &str) -> Result<DatabaseUrl, ConfigError> {
+/// A `postgres:` or `mysql:` URL (already normalised): the password moved out, the TLS mode and
+/// statement cache parameters checked as the backend's driver would.
+fn parse_server(backend: Backend, normalised: &str) -> Result<DatabaseUrl, ConfigError> {
     let mut url = Url::parse(normalised)
         .map_err(|err| ConfigError::withheld(DATABASE_URL, format!("{err}; {EXPECTED_URL}")))?;
     let in_user_info = url.password().map(decode_utf8);
@@ -383,7 +397,7 @@ fn parse_postgres(normalised: &str) -> Result<DatabaseUrl, ConfigError> {
     // sqlx reads the query after the user-info part, so a `password=` parameter wins.
     let password = in_query.or(in_user_info).transpose();
     let parsed = DatabaseUrl {
-        location: Location::Postgres(url),
+        location: Location::Server(backend, url),
         // Shown as `***` in the messages below whenever there was one.
         password: had_password.then(|| SecretString::from("")),
     };
@@ -394,14 +408,22 @@ fn parse_postgres(normalised: &str) -> Result<DatabaseUrl, ConfigError> {
             "the password is not UTF-8 once percent-decoded",
         )
     })?;
-    if let Some(mode) = parsed.query_param(&["sslmode", "ssl-mode"])
-        && SslMode::parse(&mode).is_none()
-    {
-        return Err(ConfigError::invalid(
-            DATABASE_URL,
-            parsed.to_string(),
-            format!("sslmode={mode:?} is not one of {}", SslMode::EXPECTED),
-        ));
+    if let Some(mode) = parsed.query_param(&["sslmode", "ssl-mode"]) {
+        // Each driver reads this parameter itself, with its own spellings.
+        let (valid, expected) = match backend {
+            Backend::Mysql => (
+                mode.parse::<MySqlSslMode>().is_ok(),
+                "DISABLED, PREFERRED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY",
+            ),
+            _ => (SslMode::parse(&mode).is_some(), SslMode::EXPECTED),
+        };
+        if !valid {
+            return Err(ConfigError::invalid(
+                DATABASE_URL,
+                parsed.to_string(),
+                format!("sslmode={mode:?} is not one of {expected}"),
+            ));
+        }
     }
     if let Some(capacity) = parsed.query_param(&["statement-cache-capacity"])
         && capacity.parse::<usize>().is_err()
@@ -534,6 +556,49 @@ mod tests {
     }
 
     #[test]
+    fn every_mysql_and_mariadb_spelling_is_normalised_to_mysql() {
+        for raw in [
+            "mysql://u:pw@db:3306/inv",
+            "mariadb://u:pw@db:3306/inv",
+            "mysql+pymysql://u:pw@db:3306/inv",
+            "mariadb+mariadbconnector://u:pw@db:3306/inv",
+            "MariaDB://u:pw@db:3306/inv",
+        ] {
+            let url = parsed(raw);
+            assert_eq!(url.backend(), Backend::Mysql, "{raw}");
+            assert_eq!(url.without_password(), "mysql://u@db:3306/inv", "{raw}");
+            assert_eq!(url.expose_secret(), "mysql://u:pw@db:3306/inv", "{raw}");
+            assert_eq!(url.to_string(), "mysql://u:***@db:3306/inv", "{raw}");
+            assert_eq!(secret(&url), Some("pw"), "{raw}");
+        }
+        let other = parsed("mariadb://root@127.0.0.1/mysql").with_database("test_42");
+        assert_eq!(other.without_password(), "mysql://root@127.0.0.1/test_42");
+        let parts = other
+            .server_parts()
+            .unwrap_or_else(|| panic!("a server URL"));
+        assert_eq!(
+            (
+                parts.host.as_str(),
+                parts.port.as_str(),
+                parts.database.as_str()
+            ),
+            ("127.0.0.1", "3306", "test_42")
+        );
+    }
+
+    #[test]
+    fn a_mysql_url_takes_the_drivers_ssl_mode_spellings() {
+        assert!(DatabaseUrl::parse("mysql://u@db/inv?ssl-mode=REQUIRED").is_ok());
+        assert!(DatabaseUrl::parse("mysql://u@db/inv?ssl-mode=verify_identity").is_ok());
+        let err = DatabaseUrl::parse("mysql://u:s3cret@db/inv?ssl-mode=require")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("VERIFY_IDENTITY"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
     fn sqlite_urls_are_kept_as_given() {
         for raw in [
             "sqlite://inventory.db?mode=rwc",
@@ -560,7 +625,7 @@ mod tests {
     fn bad_urls_are_rejected_naming_database_url() {
         let cases = [
             (
-                "mysql://u@db/inv",
+                "oracle://u@db/inv",
                 "scheme is not supported",
                 "another driver",
             ),
@@ -611,9 +676,9 @@ mod tests {
                 "password in the query",
             ),
             ("postgres://u:s3cret%FF@db/inv", "password not UTF-8"),
-            ("mysql://u:s3cret@db/inv", "another scheme"),
+            ("oracle://u:s3cret@db/inv", "another scheme"),
             (
-                "mysql://u@db/inv?password=s3cret",
+                "oracle://u@db/inv?password=s3cret",
                 "another scheme, query password",
             ),
             ("s3cret", "a password pasted into the wrong variable"),
@@ -643,11 +708,11 @@ mod tests {
                 r#"invalid DATABASE_URL="postgres://u:***@db/inv?sslmode=sometimes": sslmode="sometimes" is not one of disable, prefer, require, verify-ca, verify-full"#
             )
         );
-        let err = DatabaseUrl::parse("mysql://u:s3cret@db/inv")
+        let err = DatabaseUrl::parse("oracle://u:s3cret@db/inv")
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.contains(r#""mysql://u:***@db/inv""#), "{err}");
+        assert!(err.contains(r#""oracle://u:***@db/inv""#), "{err}");
     }
 
     #[test]
@@ -736,7 +801,7 @@ mod tests {
         let socket = DatabaseUrl::from_parts("/run/postgresql", 5432, "postgres", None, "inv");
         let socket = socket.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            socket.postgres_parts().map(|p| p.host).as_deref(),
+            socket.server_parts().map(|p| p.host).as_deref(),
             Some("/run/postgresql")
         );
     }
@@ -812,12 +877,12 @@ mod tests {
 
     #[test]
     fn postgres_parts_reflect_what_the_driver_will_use() {
-        let parts = parsed("postgres://app%20x:pw@db.internal/inv").postgres_parts();
+        let parts = parsed("postgres://app%20x:pw@db.internal/inv").server_parts();
         let parts = parts.unwrap_or_else(|| panic!("postgres"));
         assert_eq!(parts.host, "db.internal");
         assert_eq!(parts.port, "5432");
         assert_eq!(parts.user, "app x");
         assert_eq!(parts.database, "inv");
-        assert!(parsed("sqlite::memory:").postgres_parts().is_none());
+        assert!(parsed("sqlite::memory:").server_parts().is_none());
     }
 }

@@ -91,8 +91,8 @@ impl Settings {
     pub fn report(&self) -> String {
         let db = &self.database;
         let server = &self.server;
-        let parts = db.url.postgres_parts();
-        let part = |get: fn(&database_url::PostgresParts) -> &String| {
+        let parts = db.url.server_parts();
+        let part = |get: fn(&database_url::ServerParts) -> &String| {
             parts.as_ref().map(get).cloned().unwrap_or_default()
         };
         let secs = |d: std::time::Duration| d.as_secs().to_string();

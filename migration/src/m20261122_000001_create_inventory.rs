@@ -105,6 +105,67 @@ CREATE INDEX movement_from_warehouse_idx ON movement (from_warehouse_id, id);
 CREATE INDEX movement_to_warehouse_idx ON movement (to_warehouse_id, id);
 "#;
 
+/// InnoDB with the same constraint names. `code`, `sku` and `kind` are ASCII with a binary
+/// collation: MariaDB's default collation ignores case, which would make `sku` `abc` and `ABC`
+/// one key (and the format CHECKs case-blind) where PostgreSQL and SQLite keep them apart.
+/// `datetime(6)` keeps the microseconds the application writes, in UTC (sqlx sets the
+/// session's `time_zone` to `+00:00`). Indexes are declared in the tables so that InnoDB uses
+/// them for the foreign keys instead of adding its own.
+const MYSQL_UP: &str = r#"
+CREATE TABLE warehouse (
+    id bigint NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    code varchar(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    name varchar(200) NOT NULL,
+    created_at datetime(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    CONSTRAINT warehouse_code_key UNIQUE (code),
+    CONSTRAINT warehouse_code_format CHECK (code REGEXP '^[A-Z0-9_-]{1,32}$'),
+    CONSTRAINT warehouse_name_length CHECK (char_length(name) BETWEEN 1 AND 200)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+CREATE TABLE product (
+    id bigint NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    sku varchar(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    name varchar(200) NOT NULL,
+    created_at datetime(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    CONSTRAINT product_sku_key UNIQUE (sku),
+    CONSTRAINT product_sku_format CHECK (sku REGEXP '^[A-Za-z0-9._-]{1,64}$'),
+    CONSTRAINT product_name_length CHECK (char_length(name) BETWEEN 1 AND 200)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+CREATE TABLE stock_level (
+    warehouse_id bigint NOT NULL,
+    product_id bigint NOT NULL,
+    quantity bigint NOT NULL DEFAULT 0,
+    updated_at datetime(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    CONSTRAINT stock_level_pkey PRIMARY KEY (warehouse_id, product_id),
+    KEY stock_level_product_idx (product_id, warehouse_id),
+    CONSTRAINT stock_level_warehouse_fkey FOREIGN KEY (warehouse_id) REFERENCES warehouse (id) ON DELETE RESTRICT,
+    CONSTRAINT stock_level_product_fkey FOREIGN KEY (product_id) REFERENCES product (id) ON DELETE RESTRICT,
+    CONSTRAINT stock_level_quantity_nonnegative CHECK (quantity >= 0)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+CREATE TABLE movement (
+    id bigint NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    kind varchar(16) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    product_id bigint NOT NULL,
+    from_warehouse_id bigint,
+    to_warehouse_id bigint,
+    quantity bigint NOT NULL,
+    created_at datetime(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    KEY movement_product_idx (product_id, id),
+    KEY movement_from_warehouse_idx (from_warehouse_id, id),
+    KEY movement_to_warehouse_idx (to_warehouse_id, id),
+    CONSTRAINT movement_product_fkey FOREIGN KEY (product_id) REFERENCES product (id) ON DELETE RESTRICT,
+    CONSTRAINT movement_from_warehouse_fkey FOREIGN KEY (from_warehouse_id) REFERENCES warehouse (id) ON DELETE RESTRICT,
+    CONSTRAINT movement_to_warehouse_fkey FOREIGN KEY (to_warehouse_id) REFERENCES warehouse (id) ON DELETE RESTRICT,
+    CONSTRAINT movement_kind_valid CHECK (kind IN ('receipt', 'shipment', 'transfer')),
+    CONSTRAINT movement_quantity_positive CHECK (quantity > 0),
+    CONSTRAINT movement_warehouses_match_kind CHECK (
+        (kind = 'receipt' AND from_warehouse_id IS NULL AND to_warehouse_id IS NOT NULL)
+        OR (kind = 'shipment' AND from_warehouse_id IS NOT NULL AND to_warehouse_id IS NULL)
+        OR (kind = 'transfer' AND from_warehouse_id IS NOT NULL AND to_warehouse_id IS NOT NULL
+            AND from_warehouse_id <> to_warehouse_id)
+    )
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+"#;
+
 const DOWN: &str = "DROP TABLE IF EXISTS movement; DROP TABLE IF EXISTS stock_level; \
                     DROP TABLE IF EXISTS product; DROP TABLE IF EXISTS warehouse;";
 
@@ -114,6 +175,7 @@ impl MigrationTrait for Migration {
         let db = manager.get_connection();
         let sql = match db.get_database_backend() {
             DbBackend::Postgres => POSTGRES_UP,
+            DbBackend::MySql => MYSQL_UP,
             DbBackend::Sqlite => SQLITE_UP,
             other => {
                 return Err(DbErr::Migration(format!("unsupported backend {other:?}")));

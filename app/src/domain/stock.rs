@@ -4,7 +4,12 @@
 //! Concurrency rules (all enforced by the database, none by this process):
 //! * stock never goes negative: a debit is one conditional `UPDATE … WHERE quantity >= n`, which
 //!   PostgreSQL re-evaluates on the newest row version after waiting for its lock, so it is safe
-//!   under READ COMMITTED; the CHECK constraint backs it up;
+//!   under READ COMMITTED; InnoDB's `UPDATE` always reads the newest committed version (a
+//!   locking read, even under REPEATABLE READ), so it is safe there too; the CHECK constraint
+//!   backs it up;
+//! * a credit is one upsert (`ON CONFLICT … DO UPDATE` / MariaDB's `ON DUPLICATE KEY UPDATE`)
+//!   adding to the stored quantity, never a read-modify-write in this process, so no update is
+//!   lost on any backend;
 //! * a transfer first locks both stock rows in warehouse-id order, creating an empty one for a
 //!   warehouse that has none of the product, all in one statement before changing anything:
 //!   every transaction that takes two stock rows takes them in the same order, so none waits on
@@ -107,10 +112,24 @@ async fn lock_stock_rows(
     at: DateTime<Utc>,
 ) -> Result<(), DbErr> {
     let [a, b] = warehouses;
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DbBackend::MySql => {
+            "INSERT INTO `stock_level` (`warehouse_id`, `product_id`, `quantity`, `updated_at`) SELECT `w`.`id`, `p`.`id`, 0, ? FROM `warehouse` AS `w` JOIN `product` AS `p` ON `p`.`id` = ? WHERE `w`.`id` IN (?, ?) ORDER BY `w`.`id` ON DUPLICATE KEY UPDATE `quantity` = `stock_level`.`quantity`"
+        }
+        _ => {
+            r#"INSERT INTO "stock_level" ("warehouse_id", "product_id", "quantity", "updated_at") SELECT "w"."id", "p"."id", 0, $1 FROM "warehouse" AS "w" JOIN "product" AS "p" ON "p"."id" = $2 WHERE "w"."id" IN ($3, $4) ORDER BY "w"."id" ON CONFLICT ("warehouse_id", "product_id") DO UPDATE SET "quantity" = "stock_level"."quantity""#
+        }
+    };
     db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        r#"INSERT INTO "stock_level" ("warehouse_id", "product_id", "quantity", "updated_at") SELECT "w"."id", "p"."id", 0, $1 FROM "warehouse" AS "w" JOIN "product" AS "p" ON "p"."id" = $2 WHERE "w"."id" IN ($3, $4) ORDER BY "w"."id" ON CONFLICT ("warehouse_id", "product_id") DO UPDATE SET "quantity" = "stock_level"."quantity""#,
-        [at.into(), product.get().into(), a.get().into(), b.get().into()],
+        backend,
+        sql,
+        [
+            at.into(),
+            product.get().into(),
+            a.get().into(),
+            b.get().into(),
+        ],
     ))
     .await?;
     Ok(())
@@ -230,9 +249,9 @@ pub async fn transfer(
     quantity: Quantity,
 ) -> Result<movement::Model, DomainError> {
     let at = now();
-    if db.get_database_backend() == DbBackend::Postgres {
+    if db.get_database_backend() != DbBackend::Sqlite {
         // Every row this transfer touches exists and is locked, in one order, before any
-        // change. SQLite has one writer and no row locks.
+        // change (PostgreSQL and InnoDB). SQLite has one writer and no row locks.
         lock_stock_rows(db, [from, to], product, at).await?;
     }
     if !debit(db, from, product, quantity, at).await? {

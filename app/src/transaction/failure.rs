@@ -1,7 +1,9 @@
-//! What went wrong in the database, classified once from a `DbErr` (SQLSTATE, SQLite result
-//! code, pool timeout, lost connection), and how each kind reaches the client (API.md §3).
+//! What went wrong in the database, classified once from a `DbErr` (SQLSTATE, MariaDB error
+//! number, SQLite result code, pool timeout, lost connection), and how each kind reaches the
+//! client (API.md §3).
 
 use sea_orm::sqlx;
+use sea_orm::sqlx::mysql::MySqlDatabaseError;
 use sea_orm::{ConnAcquireErr, DbErr, RuntimeErr};
 
 use crate::problem::ApiError;
@@ -11,8 +13,11 @@ use crate::problem::ApiError;
 pub enum FailureKind {
     /// SQLSTATE 40001: retry the whole transaction.
     SerializationFailure,
-    /// SQLSTATE 40P01: retry the whole transaction.
+    /// SQLSTATE 40P01, MariaDB 1213: retry the whole transaction.
     Deadlock,
+    /// MariaDB 1205 (`innodb_lock_wait_timeout`): InnoDB rolls back only the statement, but the
+    /// request's transaction is rolled back as for any failure, and re-run like a deadlock.
+    LockWaitTimeout,
     /// SQLSTATE 23505, with the constraint's name when the server gives it.
     UniqueViolation(Option<String>),
     /// SQLSTATE 23503.
@@ -21,7 +26,7 @@ pub enum FailureKind {
     CheckViolation(Option<String>),
     /// SQLSTATE 22003: a value left its column's range.
     OutOfRange,
-    /// SQLSTATE 57014: `statement_timeout` (or a cancel).
+    /// SQLSTATE 57014: `statement_timeout` (or a cancel); MariaDB 1969 `max_statement_time`.
     StatementTimeout,
     /// No connection within the pool's acquire timeout.
     PoolTimeout,
@@ -40,6 +45,7 @@ impl FailureKind {
         match self {
             FailureKind::SerializationFailure => "serialization failure",
             FailureKind::Deadlock => "deadlock",
+            FailureKind::LockWaitTimeout => "lock wait timeout",
             FailureKind::UniqueViolation(_) => "unique violation",
             FailureKind::ForeignKeyViolation(_) => "foreign key violation",
             FailureKind::CheckViolation(_) => "check violation",
@@ -64,7 +70,9 @@ impl DbFailure {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.kind,
-            FailureKind::SerializationFailure | FailureKind::Deadlock
+            FailureKind::SerializationFailure
+                | FailureKind::Deadlock
+                | FailureKind::LockWaitTimeout
         )
     }
 
@@ -89,6 +97,9 @@ impl DbFailure {
 
 fn classify_sqlx(err: &sqlx::Error) -> FailureKind {
     match err {
+        sqlx::Error::Database(db) if db.try_downcast_ref::<MySqlDatabaseError>().is_some() => db
+            .try_downcast_ref::<MySqlDatabaseError>()
+            .map_or(FailureKind::Other, classify_mysql),
         sqlx::Error::Database(db) => {
             let constraint = db.constraint().map(str::to_owned);
             let code = db.code().unwrap_or_default();
@@ -123,12 +134,50 @@ fn classify_sqlx(err: &sqlx::Error) -> FailureKind {
     }
 }
 
+/// MariaDB (and MySQL): by error number, because one SQLSTATE (23000) covers unique, foreign-key
+/// and CHECK violations; the constraint's name is read from the message, as the server gives
+/// no separate field for it. Numbers without a case of their own fall back to the SQLSTATE.
+fn classify_mysql(err: &MySqlDatabaseError) -> FailureKind {
+    let message = err.message();
+    match err.number() {
+        1213 => FailureKind::Deadlock,
+        1205 => FailureKind::LockWaitTimeout,
+        // Duplicate entry 'x' for key 'warehouse_code_key'
+        1062 | 1586 => FailureKind::UniqueViolation(quoted_after(message, "for key '", '\'')),
+        // ... a foreign key constraint fails (`db`.`t`, CONSTRAINT `name` FOREIGN KEY ...)
+        1216 | 1217 | 1451 | 1452 => {
+            FailureKind::ForeignKeyViolation(quoted_after(message, "CONSTRAINT `", '`'))
+        }
+        // MariaDB: CONSTRAINT `name` failed for `db`.`t`; MySQL: Check constraint 'name' is violated.
+        4025 => FailureKind::CheckViolation(quoted_after(message, "CONSTRAINT `", '`')),
+        3819 => FailureKind::CheckViolation(quoted_after(message, "constraint '", '\'')),
+        // Out of range value for column / BIGINT value is out of range
+        1264 | 1690 => FailureKind::OutOfRange,
+        // max_statement_time exceeded (MariaDB), max_execution_time exceeded (MySQL)
+        1969 | 3024 => FailureKind::StatementTimeout,
+        // too many connections, server shutdown, connection killed, server gone away / lost
+        1040 | 1053 | 1927 | 2006 | 2013 => FailureKind::Unavailable,
+        _ => match err.code().unwrap_or_default() {
+            "40001" => FailureKind::SerializationFailure,
+            c if c.starts_with("08") => FailureKind::Unavailable,
+            _ => FailureKind::Other,
+        },
+    }
+}
+
+/// The text between `prefix` and the next `end` in `message`.
+fn quoted_after(message: &str, prefix: &str, end: char) -> Option<String> {
+    let start = message.find(prefix)? + prefix.len();
+    let rest = &message[start..];
+    rest.find(end).map(|stop| rest[..stop].to_owned())
+}
+
 impl From<DbFailure> for ApiError {
     fn from(f: DbFailure) -> ApiError {
         match f.kind {
-            FailureKind::SerializationFailure | FailureKind::Deadlock => {
-                ApiError::SerializationFailure
-            }
+            FailureKind::SerializationFailure
+            | FailureKind::Deadlock
+            | FailureKind::LockWaitTimeout => ApiError::SerializationFailure,
             FailureKind::UniqueViolation(_) => {
                 ApiError::AlreadyExists("a record with the same unique key exists".into())
             }
@@ -158,5 +207,44 @@ impl From<DbFailure> for ApiError {
 impl From<DbErr> for ApiError {
     fn from(err: DbErr) -> ApiError {
         ApiError::from(DbFailure::classify(&err))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constraint_names_are_read_from_mariadb_messages() {
+        let cases = [
+            (
+                "Duplicate entry 'A' for key 'warehouse_code_key'",
+                "for key '",
+                '\'',
+                Some("warehouse_code_key"),
+            ),
+            (
+                "Cannot add or update a child row: a foreign key constraint fails (`db`.`stock_level`, \
+                 CONSTRAINT `stock_level_product_fkey` FOREIGN KEY (`product_id`) REFERENCES `product` (`id`))",
+                "CONSTRAINT `",
+                '`',
+                Some("stock_level_product_fkey"),
+            ),
+            (
+                "CONSTRAINT `stock_level_quantity_nonnegative` failed for `db`.`stock_level`",
+                "CONSTRAINT `",
+                '`',
+                Some("stock_level_quantity_nonnegative"),
+            ),
+            ("Duplicate entry", "for key '", '\'', None),
+            ("for key 'unterminated", "for key '", '\'', None),
+        ];
+        for (message, prefix, end, expected) in cases {
+            assert_eq!(
+                quoted_after(message, prefix, end).as_deref(),
+                expected,
+                "{message}"
+            );
+        }
     }
 }

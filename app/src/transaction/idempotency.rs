@@ -21,6 +21,9 @@
 //!   between this attempt's snapshot and its lock (possible at REPEATABLE READ): the attempt
 //!   is failed as a serialization failure, so the retry loop runs it again and the re-run
 //!   replays. A re-run after 40001 is the same attempt: it claims the key again.
+//! * On MariaDB/MySQL there is no non-blocking transaction-scoped lock: a concurrent duplicate
+//!   runs its handler, waits at the store for the first to commit, finds its row and is re-run,
+//!   and the re-run replays (so there it never gets 409).
 //! * Expired keys are deleted in small batches by a background transaction, started after one
 //!   stored key in [`CLEAN_ONE_IN`], so no request waits for it.
 
@@ -168,9 +171,44 @@ impl Idempotency {
     ) -> Result<bool, DbErr> {
         let now = Utc::now();
         let expires = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::days(1));
+        let backend = db.get_database_backend();
+        let row = [
+            Value::from(self.key.clone()),
+            Value::from(self.fingerprint.clone()),
+            Value::from(i32::from(response.status)),
+            Value::from(response.content_type.clone()),
+            Value::from(response.location.clone()),
+            Value::from(response.body.clone()),
+            Value::from(now),
+            Value::from(expires),
+        ];
+        if backend == DbBackend::MySql {
+            // No conditional upsert whose affected-row count tells insert from no-op (sqlx
+            // sets CLIENT_FOUND_ROWS): drop an expired row, then insert unless a live one
+            // exists (InnoDB's locking read waits for a duplicate still uncommitted).
+            db.execute_raw(statement(
+                backend,
+                "DELETE FROM idempotency_key WHERE request_key = $1 AND expires_at <= $2",
+                [Value::from(self.key.clone()), Value::from(now)],
+            ))
+            .await?;
+            let mut values = row.to_vec();
+            values.push(Value::from(self.key.clone()));
+            let done = db
+                .execute_raw(statement(
+                    backend,
+                    "INSERT INTO idempotency_key \
+                     (request_key, fingerprint, status, content_type, location, body, created_at, expires_at) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM DUAL WHERE NOT EXISTS \
+                     (SELECT 1 FROM idempotency_key WHERE request_key = $9)",
+                    values,
+                ))
+                .await?;
+            return Ok(done.rows_affected() > 0);
+        }
         let done = db
             .execute_raw(statement(
-                db.get_database_backend(),
+                backend,
                 "INSERT INTO idempotency_key \
                  (request_key, fingerprint, status, content_type, location, body, created_at, expires_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
@@ -179,16 +217,7 @@ impl Idempotency {
                  location = excluded.location, body = excluded.body, \
                  created_at = excluded.created_at, expires_at = excluded.expires_at \
                  WHERE idempotency_key.expires_at <= excluded.created_at",
-                [
-                    Value::from(self.key.clone()),
-                    Value::from(self.fingerprint.clone()),
-                    Value::from(i32::from(response.status)),
-                    Value::from(response.content_type.clone()),
-                    Value::from(response.location.clone()),
-                    Value::from(response.body.clone()),
-                    Value::from(now),
-                    Value::from(expires),
-                ],
+                row,
             ))
             .await?;
         Ok(done.rows_affected() > 0)
@@ -239,10 +268,15 @@ pub async fn clean_expired(db: &impl ConnectionTrait) -> Result<u64, DbErr> {
     } else {
         ""
     };
-    let sql = format!(
-        "DELETE FROM idempotency_key WHERE request_key IN (SELECT request_key FROM \
-         idempotency_key WHERE expires_at <= $1 LIMIT {CLEAN_BATCH}{lock})"
-    );
+    let sql = if backend == DbBackend::MySql {
+        // MySQL cannot select from the table it deletes from, but has DELETE … LIMIT.
+        format!("DELETE FROM idempotency_key WHERE expires_at <= $1 LIMIT {CLEAN_BATCH}")
+    } else {
+        format!(
+            "DELETE FROM idempotency_key WHERE request_key IN (SELECT request_key FROM \
+             idempotency_key WHERE expires_at <= $1 LIMIT {CLEAN_BATCH}{lock})"
+        )
+    };
     let done = db
         .execute_raw(statement(backend, &sql, [Value::from(Utc::now())]))
         .await?;
@@ -269,11 +303,26 @@ pub(super) fn spawn_clean(db: DatabaseConnection, config: super::TxConfig) {
     });
 }
 
-/// `$n` placeholders are PostgreSQL's; SQLite numbers them `?n`.
+/// `$n` placeholders are PostgreSQL's; SQLite and MySQL take `?` (every statement here uses
+/// its values in order).
 fn statement<I: IntoIterator<Item = Value>>(backend: DbBackend, sql: &str, values: I) -> Statement {
     let sql = match backend {
         DbBackend::Postgres => sql.to_owned(),
-        _ => sql.replace('$', "?"),
+        _ => {
+            let mut out = String::with_capacity(sql.len());
+            let mut chars = sql.chars().peekable();
+            while let Some(c) = chars.next() {
+                if c == '$' {
+                    out.push('?');
+                    while chars.peek().is_some_and(char::is_ascii_digit) {
+                        chars.next();
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
     };
     Statement::from_sql_and_values(backend, sql, values)
 }

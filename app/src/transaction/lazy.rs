@@ -9,8 +9,12 @@
 //! exactly as SeaORM binds them (`sea-query-sqlx`) and run on the same pool, statement cache
 //! and statement logging. If the transaction is dropped unfinished
 //! (a cancelled job), sqlx queues its `ROLLBACK` before the connection can be reused, so no
-//! connection ever returns to the pool inside an open transaction. SQLite uses SeaORM's
-//! transaction (`BEGIN IMMEDIATE` for writers).
+//! connection ever returns to the pool inside an open transaction. MariaDB likewise uses sqlx's
+//! own transaction, begun with one text message ([`Session::start_transaction`](super::Session):
+//! `START TRANSACTION READ ONLY`, preceded by a `SET TRANSACTION ISOLATION LEVEL …` in the same
+//! message when the level differs from the connection's default), where SeaORM would send a
+//! prepared `SET TRANSACTION` and then `BEGIN`. SQLite uses SeaORM's transaction (`BEGIN
+//! IMMEDIATE` for writers).
 
 use std::future::{Ready, ready};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpMessage, HttpRequest};
-use sea_orm::sqlx::{self, Executor as _, Postgres};
+use sea_orm::sqlx::{self, Executor as _, MySql, Postgres};
 use sea_orm::{
     AccessMode, ConnAcquireErr, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
     DbBackend, DbErr, ExecResult, QueryResult, RuntimeErr, SqliteTransactionMode, Statement,
@@ -45,13 +49,35 @@ use crate::problem::ApiError;
 enum Begin {
     /// The whole `BEGIN …` message, one round trip ([`Session::begin`]).
     Postgres(BeginSql),
+    /// The whole `START TRANSACTION …` message, one round trip
+    /// ([`Session::start_transaction`]).
+    Mysql(BeginSql),
     /// SeaORM's options (SQLite).
     Orm(TransactionOptions),
 }
 
 enum Open {
     Postgres(sqlx::Transaction<'static, Postgres>),
+    Mysql(sqlx::Transaction<'static, MySql>),
     Orm(DatabaseTransaction),
+}
+
+/// Runs `$sqlx` with `$conn` bound to the open sqlx connection (PostgreSQL or MariaDB; the
+/// same code, two driver types), or `$orm` with `$tx` bound to SeaORM's transaction.
+macro_rules! on_open {
+    ($open:expr, |$conn:ident| $sqlx:expr, |$tx:ident| $orm:expr) => {
+        match $open {
+            Open::Postgres(tx) => {
+                let $conn = &mut **tx;
+                $sqlx
+            }
+            Open::Mysql(tx) => {
+                let $conn = &mut **tx;
+                $sqlx
+            }
+            Open::Orm($tx) => $orm,
+        }
+    };
 }
 
 enum State {
@@ -116,6 +142,7 @@ impl Slot {
                 sqlite_transaction_mode: (access == AccessMode::ReadWrite)
                     .then_some(SqliteTransactionMode::Immediate),
             }),
+            DbBackend::MySql => Begin::Mysql(config.session.start_transaction(isolation, access)),
             _ => Begin::Postgres(config.session.begin(isolation, access)),
         };
         Slot {
@@ -266,6 +293,7 @@ impl Slot {
         let attempt = async {
             let mut spare = match self.begin {
                 Begin::Postgres(_) => db.get_postgres_connection_pool().size(),
+                Begin::Mysql(_) => db.get_mysql_connection_pool().size(),
                 Begin::Orm(_) => 0,
             };
             loop {
@@ -288,23 +316,37 @@ impl Slot {
 
     /// Takes a connection from `db`'s pool and begins.
     async fn begin_once(&self, db: &DatabaseConnection) -> Result<Open, DbErr> {
-        let pool = || db.get_postgres_connection_pool();
         match &self.begin {
-            Begin::Postgres(BeginSql::Static(sql)) => pool().begin_with(*sql).await,
-            Begin::Postgres(BeginSql::Owned(sql)) => {
-                pool().begin_with(sqlx::AssertSqlSafe(sql.clone())).await
+            Begin::Postgres(sql) => {
+                let pool = db.get_postgres_connection_pool();
+                match sql {
+                    BeginSql::Static(sql) => pool.begin_with(*sql).await,
+                    BeginSql::Owned(sql) => pool.begin_with(sqlx::AssertSqlSafe(sql.clone())).await,
+                }
+                .map(Open::Postgres)
+            }
+            Begin::Mysql(sql) => {
+                let pool = db.get_mysql_connection_pool();
+                match sql {
+                    BeginSql::Static(sql) => pool.begin_with(*sql).await,
+                    BeginSql::Owned(sql) => pool.begin_with(sqlx::AssertSqlSafe(sql.clone())).await,
+                }
+                .map(Open::Mysql)
             }
             Begin::Orm(options) => {
                 return db.begin_with_options(*options).await.map(Open::Orm);
             }
         }
-        .map(Open::Postgres)
         .map_err(acquire_err)
     }
 
     /// A statement bound as SeaORM binds it: by name and cached on the connection where
     /// session state is kept, unnamed behind a transaction-mode pooler ([`Session`](super::Session)).
-    fn pg_query<'q>(&self, stmt: &'q Statement) -> sqlx::query::Query<'q, Postgres, SqlxValues> {
+    fn bind<'q, DB>(&self, stmt: &'q Statement) -> sqlx::query::Query<'q, DB, SqlxValues>
+    where
+        DB: sqlx::Database + sqlx::database::HasStatementCache,
+        SqlxValues: sqlx::IntoArguments<DB>,
+    {
         let values = stmt.values.clone().unwrap_or(Values(Vec::new()));
         sqlx::query_with(sqlx::AssertSqlSafe(stmt.sql.as_str()), SqlxValues(values))
             .persistent(self.named_statements)
@@ -373,6 +415,7 @@ impl Slot {
         if commit && failure.is_none() {
             let committed = match open {
                 Open::Postgres(tx) => return self.commit_postgres(tx).await,
+                Open::Mysql(tx) => tx.commit().await.map_err(exec_err),
                 Open::Orm(tx) => tx.commit().await,
             };
             match committed {
@@ -382,6 +425,7 @@ impl Slot {
         } else {
             let rolled_back = match open {
                 Open::Postgres(tx) => tx.rollback().await.map_err(exec_err),
+                Open::Mysql(tx) => tx.rollback().await.map_err(exec_err),
                 Open::Orm(tx) => tx.rollback().await,
             };
             if let Err(e) = rolled_back {
@@ -529,59 +573,63 @@ impl ConnectionTrait for Tx {
 
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
         let mut open = self.0.open().await?;
-        let result = match &mut *open {
-            Open::Postgres(tx) => self
+        let result = on_open!(
+            &mut *open,
+            |conn| self
                 .0
-                .pg_query(&stmt)
-                .execute(&mut **tx)
+                .bind(&stmt)
+                .execute(conn)
                 .await
                 .map(ExecResult::from)
                 .map_err(exec_err),
-            Open::Orm(tx) => tx.execute_raw(stmt).await,
-        };
+            |tx| tx.execute_raw(stmt).await
+        );
         self.0.observe(result)
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
         let mut open = self.0.open().await?;
-        let result = match &mut *open {
-            Open::Postgres(tx) => (&mut **tx)
+        let result = on_open!(
+            &mut *open,
+            |conn| conn
                 .execute(sqlx::AssertSqlSafe(sql.to_owned()))
                 .await
                 .map(ExecResult::from)
                 .map_err(exec_err),
-            Open::Orm(tx) => tx.execute_unprepared(sql).await,
-        };
+            |tx| tx.execute_unprepared(sql).await
+        );
         self.0.observe(result)
     }
 
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
         let mut open = self.0.open().await?;
-        let result = match &mut *open {
-            Open::Postgres(tx) => self
+        let result = on_open!(
+            &mut *open,
+            |conn| self
                 .0
-                .pg_query(&stmt)
-                .fetch_optional(&mut **tx)
+                .bind(&stmt)
+                .fetch_optional(conn)
                 .await
                 .map(|row| row.map(QueryResult::from))
                 .map_err(query_err),
-            Open::Orm(tx) => tx.query_one_raw(stmt).await,
-        };
+            |tx| tx.query_one_raw(stmt).await
+        );
         self.0.observe(result)
     }
 
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
         let mut open = self.0.open().await?;
-        let result = match &mut *open {
-            Open::Postgres(tx) => self
+        let result = on_open!(
+            &mut *open,
+            |conn| self
                 .0
-                .pg_query(&stmt)
-                .fetch_all(&mut **tx)
+                .bind(&stmt)
+                .fetch_all(conn)
                 .await
                 .map(|rows| rows.into_iter().map(QueryResult::from).collect())
                 .map_err(query_err),
-            Open::Orm(tx) => tx.query_all_raw(stmt).await,
-        };
+            |tx| tx.query_all_raw(stmt).await
+        );
         self.0.observe(result)
     }
 }

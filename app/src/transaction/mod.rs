@@ -42,7 +42,12 @@
 //! Isolation and round trips: PostgreSQL connections carry `default_transaction_isolation` as a
 //! startup parameter, and the isolation level and access mode that differ from it go into the
 //! `BEGIN` statement itself (`BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY`), so a transaction
-//! costs `BEGIN`, its statements and `COMMIT`, nothing more. Behind a transaction-mode pooler
+//! costs `BEGIN`, its statements and `COMMIT`, nothing more. MariaDB's connections get their
+//! default level when they open, and a transaction begins with one message too (`START
+//! TRANSACTION READ ONLY`, or `SET TRANSACTION ISOLATION LEVEL …; START TRANSACTION` for a level
+//! that differs). MariaDB does not abort a transaction whose statement failed (a `COMMIT` would
+//! commit the statements before it): the recorded first failure is what forbids the commit on
+//! every backend. Its deadlock (1213) and lock wait timeout (1205) are retried like 40P01. Behind a transaction-mode pooler
 //! (`DB_POOLER=transaction`) nothing is kept between transactions: every `BEGIN` carries the
 //! isolation level and the settings (`SET LOCAL …`) in the same message, and statements are
 //! never prepared by name ([`Session`]). `GET` and `HEAD` run `READ ONLY`; a
@@ -134,9 +139,13 @@ impl TxConfig {
                 jit: settings.jit,
                 statement_timeout: settings.statement_timeout,
             },
-            (config::Backend::Postgres, config::Pooler::None) => Session::Direct {
-                connection_default: Some(isolation),
-            },
+            // MariaDB's sessions get the level when they connect (`SET SESSION TRANSACTION
+            // ISOLATION LEVEL`, the `config` crate); a pooler is refused for it there.
+            (config::Backend::Postgres | config::Backend::Mysql, config::Pooler::None) => {
+                Session::Direct {
+                    connection_default: Some(isolation),
+                }
+            }
             _ => Session::Direct {
                 connection_default: None,
             },

@@ -18,6 +18,10 @@
 //! * Every statement runs inside a transaction, the readiness check included
 //!   ([`Session::ping_sql`]); outside one, Parse and Execute may reach different servers.
 //!
+//! MariaDB connections are always direct (no pooler is supported for it): the default isolation
+//! level and `max_statement_time` are set once per connection (the `config` crate), and
+//! [`Session::start_transaction`] writes MariaDB's `START TRANSACTION`.
+//!
 //! Migrations are refused through the pooler (`app migrate`, and the `migration` crate's CLI):
 //! they prepare named statements outside any request transaction.
 
@@ -74,6 +78,23 @@ impl Session {
         }
     }
 
+    /// MariaDB's `START TRANSACTION` at `isolation` with `access`, as one text message. The
+    /// level cannot be part of `START TRANSACTION`: when it differs from the connection's
+    /// default, a `SET TRANSACTION ISOLATION LEVEL …` (which applies to the next transaction
+    /// only) goes first in the same message, so it is still one round trip.
+    pub(super) fn start_transaction(
+        &self,
+        isolation: IsolationLevel,
+        access: AccessMode,
+    ) -> BeginSql {
+        let connection_default = match self {
+            Session::Direct { connection_default } => *connection_default,
+            Session::Pooled { .. } => None,
+        };
+        let isolation = (connection_default != Some(isolation)).then_some(isolation);
+        BeginSql::Static(start_transaction(isolation, access))
+    }
+
     /// Whether statements may be prepared by name and cached on the connection.
     pub(super) fn named_statements(&self) -> bool {
         matches!(self, Session::Direct { .. })
@@ -104,6 +125,40 @@ fn begin(isolation: Option<IsolationLevel>, access: AccessMode) -> &'static str 
         (Some(RepeatableRead), true) => "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
         (Some(Serializable), false) => "BEGIN ISOLATION LEVEL SERIALIZABLE",
         (Some(Serializable), true) => "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+    }
+}
+
+/// MariaDB: `START TRANSACTION`, after a `SET TRANSACTION` for a level other than the default.
+fn start_transaction(isolation: Option<IsolationLevel>, access: AccessMode) -> &'static str {
+    use IsolationLevel::*;
+    let read_only = access == AccessMode::ReadOnly;
+    match (isolation, read_only) {
+        (None, false) => "START TRANSACTION",
+        (None, true) => "START TRANSACTION READ ONLY",
+        (Some(ReadUncommitted), false) => {
+            "SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED; START TRANSACTION"
+        }
+        (Some(ReadUncommitted), true) => {
+            "SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED; START TRANSACTION READ ONLY"
+        }
+        (Some(ReadCommitted), false) => {
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION"
+        }
+        (Some(ReadCommitted), true) => {
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION READ ONLY"
+        }
+        (Some(RepeatableRead), false) => {
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; START TRANSACTION"
+        }
+        (Some(RepeatableRead), true) => {
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; START TRANSACTION READ ONLY"
+        }
+        (Some(Serializable), false) => {
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; START TRANSACTION"
+        }
+        (Some(Serializable), true) => {
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; START TRANSACTION READ ONLY"
+        }
     }
 }
 
@@ -173,5 +228,37 @@ mod tests {
         );
         assert!(!pooled.named_statements());
         assert!(pooled.ping_sql().starts_with("BEGIN READ ONLY;"));
+    }
+
+    #[test]
+    fn a_mariadb_start_transaction_sets_only_a_level_that_differs_from_the_default() {
+        let direct = Session::Direct {
+            connection_default: Some(IsolationLevel::RepeatableRead),
+        };
+        let cases = [
+            (
+                IsolationLevel::RepeatableRead,
+                AccessMode::ReadWrite,
+                "START TRANSACTION",
+            ),
+            (
+                IsolationLevel::RepeatableRead,
+                AccessMode::ReadOnly,
+                "START TRANSACTION READ ONLY",
+            ),
+            (
+                IsolationLevel::ReadCommitted,
+                AccessMode::ReadWrite,
+                "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION",
+            ),
+            (
+                IsolationLevel::Serializable,
+                AccessMode::ReadOnly,
+                "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; START TRANSACTION READ ONLY",
+            ),
+        ];
+        for (isolation, access, expected) in cases {
+            assert_eq!(sql(direct.start_transaction(isolation, access)), expected);
+        }
     }
 }

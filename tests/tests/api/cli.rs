@@ -1,12 +1,13 @@
-//! The command line as a user runs it: `sea-orm-cli migrate` from the repository root, and the
-//! binary on the embedded SQLite default with no configuration at all.
+//! The command line as a user runs it: `sea-orm-cli migrate` from the repository root (on
+//! PostgreSQL and MariaDB), the binary on the embedded SQLite default with no configuration at
+//! all, and the binary on MariaDB.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::helpers::TestDatabase;
+use crate::helpers::{Server, TestDatabase};
 use crate::process::{Binary, run_binary};
 
 fn repo_root() -> PathBuf {
@@ -36,11 +37,27 @@ fn sea_orm_cli(args: &[&str], database_url: &str) {
 
 #[tokio::test]
 async fn sea_orm_cli_migrate_up_creates_the_tables_and_down_removes_them() {
-    let database = TestDatabase::create().await;
+    sea_orm_cli_migrates_up_and_down(Server::Postgres).await;
+}
+
+#[tokio::test]
+async fn sea_orm_cli_migrate_up_and_down_work_on_mariadb() {
+    sea_orm_cli_migrates_up_and_down(Server::Mariadb).await;
+}
+
+async fn sea_orm_cli_migrates_up_and_down(server: Server) {
+    let database = TestDatabase::create_on(server).await;
     let db = database.connect().await;
-    let app_tables = "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' \
-                      AND table_name IN ('warehouse', 'product', 'stock_level', 'movement', \
-                      'idempotency_key')";
+    let schema = match server {
+        Server::Postgres => "'public'",
+        Server::Mariadb => "DATABASE()",
+    };
+    let app_tables = format!(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = {schema} \
+         AND table_name IN ('warehouse', 'product', 'stock_level', 'movement', \
+         'idempotency_key')"
+    );
+    let app_tables = app_tables.as_str();
     let count = |db: &sea_orm::DatabaseConnection| {
         let db = db.clone();
         async move {
@@ -131,6 +148,107 @@ async fn with_no_configuration_the_binary_serves_from_an_embedded_sqlite_file() 
         "the database file is created in the working directory"
     );
     drop(binary);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn with_a_mariadb_url_the_binary_migrates_serves_the_api_and_pings() {
+    let database = TestDatabase::create_on(Server::Mariadb).await;
+    // A directory of its own, so that no stray `.env` is read.
+    let dir = std::env::temp_dir().join(format!("inventory-mariadb-{:016x}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let vars = [
+        ("DATABASE_URL", database.url.as_str()),
+        ("DB_AUTO_MIGRATE", "true"),
+    ];
+    let binary = Binary::start(&dir, &vars);
+    let base = binary.base();
+    let client = reqwest::Client::new();
+    let send = |req: reqwest::RequestBuilder| async move {
+        let res = req.send().await.expect("request sent");
+        let status = res.status().as_u16();
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        (status, body)
+    };
+
+    let (status, ready) = send(client.get(format!("{base}/health/ready"))).await;
+    assert_eq!(
+        (status, &ready["database"]["backend"]),
+        (200, &json!("mysql")),
+        "{ready}"
+    );
+
+    let (status, product) = send(
+        client
+            .post(format!("{base}/products"))
+            .json(&json!({"sku": "maria-1", "name": "Ärger 🚚"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{product}");
+    let (_, fetched) = send(client.get(format!("{base}/products/{}", product["id"]))).await;
+    assert_eq!(fetched, product, "the stored row reads back as created");
+    let (status, _) = send(
+        client
+            .post(format!("{base}/products"))
+            .json(&json!({"sku": "maria-1", "name": "again"})),
+    )
+    .await;
+    assert_eq!(status, 409);
+    let mut warehouses = Vec::new();
+    for code in ["M1", "M2"] {
+        let (status, w) = send(
+            client
+                .post(format!("{base}/warehouses"))
+                .json(&json!({"code": code, "name": code})),
+        )
+        .await;
+        assert_eq!(status, 201, "{w}");
+        warehouses.push(w["id"].clone());
+    }
+    let (a, b, p) = (&warehouses[0], &warehouses[1], &product["id"]);
+    let movements = [
+        (
+            "/receipts",
+            json!({"warehouse_id": a, "product_id": p, "quantity": 5}),
+            201,
+        ),
+        (
+            "/shipments",
+            json!({"warehouse_id": a, "product_id": p, "quantity": 6}),
+            409,
+        ),
+        (
+            "/transfers",
+            json!({"from_warehouse_id": a, "to_warehouse_id": b, "product_id": p, "quantity": 2}),
+            201,
+        ),
+        (
+            "/transfers",
+            json!({"from_warehouse_id": a, "to_warehouse_id": 999, "product_id": p, "quantity": 1}),
+            404,
+        ),
+        (
+            "/shipments",
+            json!({"warehouse_id": b, "product_id": p, "quantity": 2}),
+            201,
+        ),
+    ];
+    for (path, body, expected) in movements {
+        let (status, answer) = send(client.post(format!("{base}{path}")).json(&body)).await;
+        assert_eq!(status, expected, "{path} {body}: {answer}");
+    }
+    let (_, stock) = send(client.get(format!("{base}/products/{p}/stock"))).await;
+    assert_eq!(stock["total"], 3, "{stock}");
+    let (_, moves) = send(client.get(format!("{base}/movements?product_id={p}"))).await;
+    assert_eq!(moves["items"].as_array().map(Vec::len), Some(3), "{moves}");
+    let (status, _) = send(client.get(format!("{base}/openapi.json"))).await;
+    assert_eq!(status, 200);
+    drop(binary);
+
+    let ping = run_binary(&["ping"], &vars);
+    let stdout = String::from_utf8_lossy(&ping.stdout);
+    assert_eq!(ping.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("mysql"), "{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1,6 +1,7 @@
-//! The harness: every test gets its own PostgreSQL database (created from `TEST_DATABASE_URL`,
-//! migrated by the app at start-up, dropped when the test ends) and the real application on a
-//! random port, so tests run in parallel and never see each other's rows.
+//! The harness: every test gets its own database (on PostgreSQL from `TEST_DATABASE_URL`, on
+//! MariaDB from `TEST_MARIADB_URL`, or an SQLite file; migrated by the app at start-up, dropped
+//! when the test ends) and the real application on a random port, so tests run in parallel and
+//! never see each other's rows.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -12,21 +13,62 @@ use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
 use serde_json::{Value, json};
 
 pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const DEFAULT_MARIADB_ADMIN_URL: &str = "mysql://root@127.0.0.1:3306/mysql";
 
 /// The server every test database is created on.
 pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
+    Server::Postgres.admin_url()
 }
 
-fn unreachable_message(url: &str, err: &dyn std::fmt::Display) -> String {
-    format!(
-        "PostgreSQL is not reachable at {url} ({err}).\n\
-         Start it (e.g. `pg_ctlcluster --skip-systemctl-redirect 15 main start`) or point \
-         TEST_DATABASE_URL at a server where this user may CREATE DATABASE; `.ci/run` does both."
-    )
+/// A database server the tests create their databases on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    Postgres,
+    Mariadb,
 }
 
-async fn admin_at(url: &str) -> DatabaseConnection {
+impl Server {
+    pub fn admin_url(self) -> String {
+        let (variable, default) = match self {
+            Server::Postgres => ("TEST_DATABASE_URL", DEFAULT_ADMIN_URL),
+            Server::Mariadb => ("TEST_MARIADB_URL", DEFAULT_MARIADB_ADMIN_URL),
+        };
+        std::env::var(variable).unwrap_or_else(|_| default.to_owned())
+    }
+
+    fn create_sql(self, name: &str) -> String {
+        match self {
+            Server::Postgres => format!("CREATE DATABASE \"{name}\""),
+            Server::Mariadb => format!("CREATE DATABASE `{name}`"),
+        }
+    }
+
+    fn drop_sql(self, name: &str) -> String {
+        match self {
+            Server::Postgres => format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+            Server::Mariadb => format!("DROP DATABASE IF EXISTS `{name}`"),
+        }
+    }
+
+    fn unreachable_message(self, url: &str, err: &dyn std::fmt::Display) -> String {
+        match self {
+            Server::Postgres => format!(
+                "PostgreSQL is not reachable at {url} ({err}).\n\
+                 Start it (e.g. `pg_ctlcluster --skip-systemctl-redirect 15 main start`) or point \
+                 TEST_DATABASE_URL at a server where this user may CREATE DATABASE; `.ci/run` \
+                 does both."
+            ),
+            Server::Mariadb => format!(
+                "MariaDB is not reachable at {url} ({err}).\n\
+                 Start it (`start-stop-daemon --start --oknodo --background --exec \
+                 /usr/sbin/mariadbd`) or point TEST_MARIADB_URL at a server where this user may \
+                 CREATE DATABASE; `scripts/test` does both."
+            ),
+        }
+    }
+}
+
+async fn admin_at(server: Server, url: &str) -> DatabaseConnection {
     let url = url.to_owned();
     let mut options = sea_orm::ConnectOptions::new(url.clone());
     options
@@ -36,7 +78,7 @@ async fn admin_at(url: &str) -> DatabaseConnection {
         .sqlx_logging(false);
     match Database::connect(options).await {
         Ok(db) => db,
-        Err(e) => panic!("{}", unreachable_message(&url, &e)),
+        Err(e) => panic!("{}", server.unreachable_message(&url, &e)),
     }
 }
 
@@ -44,30 +86,38 @@ async fn admin_at(url: &str) -> DatabaseConnection {
 pub struct TestDatabase {
     pub name: String,
     pub url: String,
+    server: Server,
     /// The server's maintenance database, where it was created and is dropped.
     admin: String,
 }
 
 impl TestDatabase {
+    /// On PostgreSQL.
     pub async fn create() -> TestDatabase {
-        TestDatabase::create_on(&admin_url()).await
+        TestDatabase::create_on(Server::Postgres).await
     }
 
-    /// A fresh database on the server of `admin` (a URL of its maintenance database).
-    pub async fn create_on(admin: &str) -> TestDatabase {
+    /// On the run's server of that kind (`TEST_DATABASE_URL`, `TEST_MARIADB_URL`).
+    pub async fn create_on(server: Server) -> TestDatabase {
+        TestDatabase::create_at(server, &server.admin_url()).await
+    }
+
+    /// On the server of `admin` (a URL of its maintenance database), e.g. a test's own.
+    pub async fn create_at(server: Server, admin: &str) -> TestDatabase {
         let name = format!("inventory_test_{:016x}", fastrand::u64(..));
-        let db = admin_at(admin).await;
-        db.execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+        let db = admin_at(server, admin).await;
+        db.execute_unprepared(&server.create_sql(&name))
             .await
-            .unwrap_or_else(|e| panic!("{}", unreachable_message(admin, &e)));
+            .unwrap_or_else(|e| panic!("{}", server.unreachable_message(admin, &e)));
         let _ = db.close().await;
         let url = DatabaseUrl::parse(admin)
-            .expect("the admin URL is valid")
+            .expect("the test server's URL is valid")
             .with_database(&name)
             .expose_secret();
         TestDatabase {
             name,
             url,
+            server,
             admin: admin.to_owned(),
         }
     }
@@ -93,6 +143,7 @@ pub async fn connect_to(url: &str) -> DatabaseConnection {
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let server = self.server;
         let admin = self.admin.clone();
         // Drop runs inside a test's runtime, which cannot block on itself: use a thread.
         let _ = std::thread::spawn(move || {
@@ -103,10 +154,8 @@ impl Drop for TestDatabase {
                 return;
             };
             rt.block_on(async move {
-                let db = admin_at(&admin).await;
-                let _ = db
-                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                    .await;
+                let db = admin_at(server, &admin).await;
+                let _ = db.execute_unprepared(&server.drop_sql(&name)).await;
                 let _ = db.close().await;
             });
         })
@@ -179,6 +228,17 @@ pub async fn spawn_app_with(
     extra_routes: fn(&mut web::ServiceConfig),
 ) -> TestApp {
     let database = TestDatabase::create().await;
+    let url = database.url.clone();
+    spawn_app_on(&url, Some(Box::new(database)), overrides, extra_routes).await
+}
+
+/// The real application over a fresh MariaDB database, with `overrides` of the test settings
+/// and `extra_routes` mounted beside the API.
+pub async fn spawn_mariadb_app_with(
+    overrides: &[(&str, &str)],
+    extra_routes: fn(&mut web::ServiceConfig),
+) -> TestApp {
+    let database = TestDatabase::create_on(Server::Mariadb).await;
     let url = database.url.clone();
     spawn_app_on(&url, Some(Box::new(database)), overrides, extra_routes).await
 }
@@ -450,10 +510,15 @@ impl TestApp {
 
     /// The quantity of one stock row (0 when there is none).
     pub async fn stock(&self, warehouse: i64, product: i64) -> i64 {
-        self.scalar(&format!(
-            "SELECT CAST(COALESCE((SELECT quantity FROM stock_level WHERE warehouse_id = {warehouse} AND product_id = {product}), 0) AS BIGINT)"
-        ))
-        .await
+        let sql = format!(
+            "SELECT quantity FROM stock_level WHERE warehouse_id = {warehouse} AND product_id = {product}"
+        );
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(self.db.get_database_backend(), sql))
+            .await
+            .expect("query runs");
+        row.map_or(0, |row| row.try_get_by_index::<i64>(0).expect("an integer"))
     }
 
     /// Asserts API.md §1's invariant over the whole database.

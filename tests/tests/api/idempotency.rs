@@ -23,6 +23,12 @@ macro_rules! on_every_backend {
                 super::$name(crate::helpers::spawn_app_with(super::POOL, |_| {}).await).await;
             })*
         }
+        mod mariadb {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_mariadb_app_with(super::POOL, |_| {}).await).await;
+            })*
+        }
         mod sqlite {
             $(#[tokio::test]
             async fn $name() {

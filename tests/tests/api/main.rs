@@ -1,5 +1,5 @@
 //! One integration-test binary, a module per area. Every test runs the real application against
-//! its own fresh PostgreSQL database (see `helpers`).
+//! its own fresh database, PostgreSQL unless it says otherwise (MariaDB, SQLite; see `helpers`).
 
 mod catalog;
 mod cli;
@@ -12,6 +12,7 @@ mod health;
 mod helpers;
 mod idempotency;
 mod json_schema;
+mod mariadb;
 mod operations;
 mod pgbouncer;
 mod pooler;

@@ -359,7 +359,11 @@ async fn reads_your_writes_holds_with_db_pooler_transaction_too() {
 #[tokio::test]
 async fn the_served_binary_reads_from_the_replica_and_stops_cleanly() {
     let pair = ReplicaPair::shared();
-    let database = crate::helpers::TestDatabase::create_on(&pair.primary.url("postgres")).await;
+    let database = crate::helpers::TestDatabase::create_at(
+        crate::helpers::Server::Postgres,
+        &pair.primary.url("postgres"),
+    )
+    .await;
     let replica_url = pair.replica.url(&database.name);
     let binary = crate::process::Binary::start(
         &std::env::temp_dir(),

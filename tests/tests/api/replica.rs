@@ -52,7 +52,11 @@ impl ReplicaPair {
         overrides: &[(&str, &str)],
         extra_routes: fn(&mut actix_web::web::ServiceConfig),
     ) -> TestApp {
-        let database = TestDatabase::create_on(&self.primary.url("postgres")).await;
+        let database = TestDatabase::create_at(
+            crate::helpers::Server::Postgres,
+            &self.primary.url("postgres"),
+        )
+        .await;
         let replica_url = self.replica.url(&database.name);
         let mut vars = vec![("DATABASE_REPLICA_URL", replica_url.as_str())];
         vars.extend_from_slice(overrides);

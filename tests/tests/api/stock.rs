@@ -1,6 +1,7 @@
 //! Receipts, shipments, transfers: atomicity, the invariant, and concurrency. Every test runs
-//! on PostgreSQL, on the embedded SQLite file and on PostgreSQL behind PgBouncer in
-//! transaction mode (`stock::postgres::…`, `stock::sqlite::…`, `stock::pgbouncer::…`).
+//! on PostgreSQL, on MariaDB, on the embedded SQLite file and on PostgreSQL behind PgBouncer
+//! in transaction mode (`stock::postgres::…`, `stock::mariadb::…`, `stock::sqlite::…`,
+//! `stock::pgbouncer::…`).
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
@@ -17,6 +18,12 @@ macro_rules! on_every_backend {
             $(#[tokio::test]
             async fn $name() {
                 super::$name(crate::helpers::spawn_app_with(super::POOL, |_| {}).await).await;
+            })*
+        }
+        mod mariadb {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_mariadb_app_with(super::POOL, |_| {}).await).await;
             })*
         }
         mod sqlite {
@@ -51,6 +58,10 @@ async fn receipts_shipments_and_transfers_move_stock_and_write_the_ledger(app: T
         app.product("p").await,
     );
     app.receive(a, p, 10).await;
+    // A second product whose SKU differs only in case is another product on every backend
+    // (MariaDB's default collation would make them one key).
+    let upper = app.product("P").await;
+    assert_ne!(upper, p);
     let res = app
         .send_json(
             "/shipments",
