@@ -20,6 +20,10 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://inventory.db?mode=rwc";
 
 const DATABASE_URL: &str = "DATABASE_URL";
 
+/// The user of a Postgres URL that names none (as `DB_USER`'s default), set explicitly on the
+/// driver's options: sqlx would otherwise take `PGUSER` or the operating system's user name.
+pub(crate) const DEFAULT_USER: &str = "postgres";
+
 const EXPECTED_URL: &str = "expected postgres://user:password@host:port/database \
      (postgresql:// and postgresql+<driver>:// are accepted too) or sqlite://<file>?mode=rwc";
 
@@ -257,7 +261,8 @@ impl DatabaseUrl {
     }
 
     /// Host, port, user and database of a Postgres URL as the driver will use them, for the
-    /// settings report. `None` for SQLite.
+    /// settings report and the driver's options: a user the URL leaves out is
+    /// [`DEFAULT_USER`], a database it leaves out the user's name. `None` for SQLite.
     pub(crate) fn postgres_parts(&self) -> Option<PostgresParts> {
         let Location::Postgres(url) = &self.location else {
             return None;
@@ -268,12 +273,16 @@ impl DatabaseUrl {
         let port = query_param(url, &["port"])
             .or_else(|| url.port().map(|p| p.to_string()))
             .unwrap_or_else(|| "5432".to_owned());
-        let user = query_param(url, &["user"]).unwrap_or_else(|| decode(url.username()));
+        let user = query_param(url, &["user"])
+            .or_else(|| Some(decode(url.username())))
+            .filter(|user| !user.is_empty())
+            .unwrap_or_else(|| DEFAULT_USER.to_owned());
         Some(PostgresParts {
             host,
             port,
+            // Without a database name PostgreSQL uses the user's.
+            database: self.database_name().unwrap_or_else(|| user.clone()),
             user,
-            database: self.database_name().unwrap_or_default(),
         })
     }
 

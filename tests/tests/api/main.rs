@@ -10,4 +10,6 @@ mod helpers;
 mod operations;
 mod process;
 mod stock;
+mod tls;
+mod tls_server;
 mod transactions;

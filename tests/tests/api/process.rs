@@ -1,10 +1,11 @@
 //! Real processes for the tests that need them: the service binary as a child process (signals,
 //! exit codes, its real log output), and a PostgreSQL server of a test's own (`initdb` +
-//! `pg_ctl` in a temporary directory) that the test may stop and start without disturbing any
-//! other test.
+//! `pg_ctl` in a temporary directory, optionally configured, e.g. for TLS) that the test may
+//! stop and start without disturbing any other test.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -166,6 +167,9 @@ impl Drop for Binary {
     }
 }
 
+/// The service binary built for the tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_inventory-app");
+
 /// Runs the binary once with `args` and a bare environment plus `vars`; returns its output.
 pub fn run_binary(args: &[&str], vars: &[(&str, &str)]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_inventory-app"))
@@ -190,6 +194,8 @@ pub struct OwnServer {
     dir: PathBuf,
     bin: PathBuf,
     pub port: u16,
+    /// Server options added to [`OwnServer::start_again`]'s (`-c name=value …`).
+    options: String,
 }
 
 /// The directory of `initdb` and `pg_ctl`: Debian keeps them out of PATH.
@@ -220,11 +226,20 @@ impl OwnServer {
     /// `initdb` and start. PostgreSQL refuses to run as root, so as root the server runs as the
     /// `postgres` user.
     pub fn start() -> OwnServer {
+        OwnServer::start_with(|_| String::new())
+    }
+
+    /// Like [`OwnServer::start`], after `setup` has written what the server needs into its
+    /// directory (certificates, an `hba_file`) and returned extra server options
+    /// (`-c name=value …`). Everything in the directory then belongs to the server's user, as
+    /// PostgreSQL wants for a private key.
+    pub fn start_with(setup: impl FnOnce(&Path) -> String) -> OwnServer {
         let dir = std::env::temp_dir().join(format!("inventory-pg-{:016x}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).expect("temp dir");
+        let options = setup(&dir);
         if is_root() {
             let status = Command::new("chown")
-                .args(["postgres:postgres", &dir.to_string_lossy()])
+                .args(["-R", "postgres:postgres", &dir.to_string_lossy()])
                 .status()
                 .expect("chown runs");
             assert!(status.success(), "chown of {dir:?} failed");
@@ -233,6 +248,7 @@ impl OwnServer {
             dir,
             bin: postgres_bin(),
             port: free_port(),
+            options,
         };
         let data = server.data();
         server.run(
@@ -285,9 +301,10 @@ impl OwnServer {
     /// Starts the server and waits until it accepts connections.
     pub fn start_again(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50 {}",
             self.port,
-            self.dir.to_string_lossy()
+            self.dir.to_string_lossy(),
+            self.options
         );
         let log = self.dir.join("server.log").to_string_lossy().into_owned();
         self.run(
@@ -312,6 +329,34 @@ impl OwnServer {
 
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// For a server kept in a `static` (shared by the tests of a run, never dropped): a
+    /// detached watchdog waits for this test process to exit, whatever way it exits, then stops
+    /// the server and deletes its directory.
+    pub fn stop_when_process_exits(&self) {
+        let data = self.data();
+        let pg_ctl = self.bin.join("pg_ctl").to_string_lossy().into_owned();
+        let as_server_user = if is_root() {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        };
+        let script = format!(
+            "tail --pid={pid} -f /dev/null; \
+             {as_server_user}'{pg_ctl}' -D '{data}' -m immediate stop; rm -rf '{dir}'",
+            pid = std::process::id(),
+            dir = self.dir.to_string_lossy(),
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            // A process group of its own: a Ctrl-C that stops the tests does not stop it.
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the watchdog starts");
     }
 }
 
