@@ -342,21 +342,24 @@ impl OwnServer {
         } else {
             ""
         };
+        // The watchdog runs in the background of a shell that exits at once, so it belongs to
+        // init, not to this process (no zombie, nothing to wait for).
         let script = format!(
-            "tail --pid={pid} -f /dev/null; \
-             {as_server_user}'{pg_ctl}' -D '{data}' -m immediate stop; rm -rf '{dir}'",
+            "(tail --pid={pid} -f /dev/null; \
+              {as_server_user}'{pg_ctl}' -D '{data}' -m immediate stop; rm -rf '{dir}') &",
             pid = std::process::id(),
             dir = self.dir.to_string_lossy(),
         );
-        Command::new("sh")
+        let status = Command::new("sh")
             .args(["-c", &script])
             // A process group of its own: a Ctrl-C that stops the tests does not stop it.
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
+            .status()
             .expect("the watchdog starts");
+        assert!(status.success(), "the watchdog did not start");
     }
 }
 

@@ -10,6 +10,9 @@ use sea_orm::{ConnectionTrait, Statement};
 use crate::process::BIN;
 use crate::tls_server::tls_server;
 
+/// A case's environment.
+type Vars<'a> = &'a [(&'a str, &'a str)];
+
 /// Connects as the service does, with these settings, and asks the server whether the
 /// connection is encrypted.
 async fn connection_is_encrypted(vars: &[(&str, &str)]) -> bool {
@@ -92,7 +95,7 @@ fn a_connection_that_must_not_be_made_stops_start_up_with_one_line() {
     let tls = tls_server();
     let (url, by_address) = (tls.url(), tls.url_by_address());
     let (ca, other_ca) = (tls.ca.to_string_lossy(), tls.other_ca.to_string_lossy());
-    let cases: [(&str, &[(&str, &str)], &str); 4] = [
+    let cases: [(&str, Vars, &str); 4] = [
         (
             "verify-full with a CA that did not sign the server's certificate",
             &[
