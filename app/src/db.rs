@@ -35,7 +35,15 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
                 tracing::info!(url = %settings.url, attempt, "connected to the database");
                 return Ok(db);
             }
-            Ok(Err(e)) => reason = e.to_string(),
+            Ok(Err(e)) => {
+                reason = e.to_string();
+                if reason.contains("unsupported startup parameter") {
+                    // PgBouncer refusing the startup `options` that carry the session settings.
+                    reason.push_str(
+                        " (a transaction-mode pooler such as PgBouncer: set DB_POOLER=transaction)",
+                    );
+                }
+            }
             Err(_) => {
                 reason = format!(
                     "no connection within {}s",

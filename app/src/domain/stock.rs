@@ -5,8 +5,11 @@
 //! * stock never goes negative: a debit is one conditional `UPDATE … WHERE quantity >= n`, which
 //!   PostgreSQL re-evaluates on the newest row version after waiting for its lock, so it is safe
 //!   under READ COMMITTED; the CHECK constraint backs it up;
-//! * a transfer locks the two stock rows in warehouse-id order before touching them, so two
-//!   transfers in opposite directions queue instead of deadlocking;
+//! * a transfer first locks both stock rows in warehouse-id order, creating an empty one for a
+//!   warehouse that has none of the product, all in one statement before changing anything:
+//!   every transaction that takes two stock rows takes them in the same order, so none waits on
+//!   another in a cycle. Locking only the rows that happened to exist was not enough: a
+//!   destination row created meanwhile by a receipt was then taken out of order by the credit;
 //! * a transfer debits the source before it credits (and so checks) the destination: a transfer
 //!   to a missing warehouse fails after the debit, and the rollback undoes it.
 
@@ -17,6 +20,7 @@ use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait,
     FromQueryResult, JoinType, NotSet, QueryFilter, QueryOrder, QuerySelect, RelationTrait, Set,
+    Statement,
 };
 
 use super::DomainError;
@@ -87,6 +91,29 @@ async fn debit(
         .exec(db)
         .await?;
     Ok(result.rows_affected == 1)
+}
+
+/// Locks the stock rows of `product` in both `warehouses`, in warehouse-id order, creating an
+/// empty row (quantity 0) where a warehouse has none yet: one statement, so that every row the
+/// transfer will touch exists and is locked before any change. The no-op `DO UPDATE` is what
+/// locks an existing row, as `SELECT … FOR UPDATE` would; a row another transaction is
+/// inserting at that moment is waited for, in the same order. Only existing warehouses and
+/// products get a row (the `JOIN`), so a transfer to a missing warehouse is still found by its
+/// credit, after the debit (API.md §2).
+async fn lock_stock_rows(
+    db: &impl ConnectionTrait,
+    warehouses: [Id; 2],
+    product: Id,
+    at: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    let [a, b] = warehouses;
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        r#"INSERT INTO "stock_level" ("warehouse_id", "product_id", "quantity", "updated_at") SELECT "w"."id", "p"."id", 0, $1 FROM "warehouse" AS "w" JOIN "product" AS "p" ON "p"."id" = $2 WHERE "w"."id" IN ($3, $4) ORDER BY "w"."id" ON CONFLICT ("warehouse_id", "product_id") DO UPDATE SET "quantity" = "stock_level"."quantity""#,
+        [at.into(), product.get().into(), a.get().into(), b.get().into()],
+    ))
+    .await?;
+    Ok(())
 }
 
 /// Why a debit found nothing to take: a missing warehouse or product (404), else too little
@@ -204,17 +231,9 @@ pub async fn transfer(
 ) -> Result<movement::Model, DomainError> {
     let at = now();
     if db.get_database_backend() == DbBackend::Postgres {
-        // Lock both rows in one consistent order. SQLite has one writer and no FOR UPDATE.
-        stock_level::Entity::find()
-            .select_only()
-            .column(stock_level::Column::WarehouseId)
-            .filter(stock_level::Column::ProductId.eq(product.get()))
-            .filter(stock_level::Column::WarehouseId.is_in([from.get(), to.get()]))
-            .order_by_asc(stock_level::Column::WarehouseId)
-            .lock_exclusive()
-            .into_tuple::<i64>()
-            .all(db)
-            .await?;
+        // Every row this transfer touches exists and is locked, in one order, before any
+        // change. SQLite has one writer and no row locks.
+        lock_stock_rows(db, [from, to], product, at).await?;
     }
     if !debit(db, from, product, quantity, at).await? {
         return Err(explain_failed_debit(db, from, product, quantity).await);

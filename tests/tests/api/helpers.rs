@@ -204,11 +204,53 @@ pub async fn spawn_app_on(
         .await
         .expect("the app connects to its test database");
     app::db::migrate(&pool).await.expect("migrations apply");
+    launch(settings, pool, url, database, extra_routes).await
+}
+
+/// The real application behind the run's shared PgBouncer (`pool_mode = transaction`) with
+/// `DB_POOLER=transaction`, over a fresh database migrated on the direct URL first (migrations
+/// do not run through the pooler). `TestApp::db` stays a direct connection.
+pub async fn spawn_pooled_app_with(
+    overrides: &[(&str, &str)],
+    extra_routes: fn(&mut web::ServiceConfig),
+) -> TestApp {
+    init_logs();
+    let database = TestDatabase::create().await;
+    let direct = database.connect().await;
+    app::db::migrate(&direct)
+        .await
+        .expect("migrations apply on the direct URL");
+    let _ = direct.close().await;
+    let pooled_url = crate::pgbouncer::shared().url(&database.name);
+    let mut vars = vec![("DB_POOLER", "transaction"), ("DB_AUTO_MIGRATE", "false")];
+    vars.extend_from_slice(overrides);
+    let settings = test_settings(&pooled_url, &vars);
+    let pool = app::db::connect(&settings.database)
+        .await
+        .expect("the app connects through PgBouncer");
+    let direct_url = database.url.clone();
+    launch(
+        settings,
+        pool,
+        &direct_url,
+        Some(Box::new(database)),
+        extra_routes,
+    )
+    .await
+}
+
+async fn launch(
+    settings: Settings,
+    pool: DatabaseConnection,
+    direct_url: &str,
+    database: Option<Box<dyn std::any::Any + Send + Sync>>,
+    extra_routes: fn(&mut web::ServiceConfig),
+) -> TestApp {
     let application =
         Application::build_with(settings, pool.clone(), extra_routes).expect("the app binds");
     let port = application.port();
     let server = tokio::spawn(application.run_until_stopped());
-    let db = connect_to(url).await;
+    let db = connect_to(direct_url).await;
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
         client: reqwest::Client::builder()
@@ -223,6 +265,28 @@ pub async fn spawn_app_on(
 }
 
 impl TestApp {
+    /// Assertions over `db` without an app of the test's own (its requests went to real
+    /// binaries): `scalar`, `assert_invariant`, `wait_until`.
+    pub fn observer(db: DatabaseConnection) -> TestApp {
+        TestApp {
+            address: String::new(),
+            client: reqwest::Client::new(),
+            pool: db.clone(),
+            db,
+            _database: None,
+            server: tokio::spawn(async { Ok(()) }),
+        }
+    }
+
+    /// The name of the test's own PostgreSQL database.
+    pub fn database_name(&self) -> String {
+        self._database
+            .as_ref()
+            .and_then(|d| d.downcast_ref::<TestDatabase>())
+            .map(|d| d.name.clone())
+            .expect("a test database of the test's own")
+    }
+
     pub fn is_postgres(&self) -> bool {
         self.db.get_database_backend() == sea_orm::DbBackend::Postgres
     }

@@ -8,6 +8,8 @@ mod errors;
 mod health;
 mod helpers;
 mod operations;
+mod pgbouncer;
+mod pooler;
 mod process;
 mod stock;
 mod tls;

@@ -214,7 +214,7 @@ fn postgres_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/local/bin"))
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

@@ -1,16 +1,17 @@
 //! Receipts, shipments, transfers: atomicity, the invariant, and concurrency. Every test runs
-//! twice, on PostgreSQL and on the embedded SQLite file (`stock::postgres::…`,
-//! `stock::sqlite::…`).
+//! on PostgreSQL, on the embedded SQLite file and on PostgreSQL behind PgBouncer in
+//! transaction mode (`stock::postgres::…`, `stock::sqlite::…`, `stock::pgbouncer::…`).
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, problem};
+use sea_orm::{ConnectionTrait, TransactionTrait};
 
 /// Enough connections for the concurrent tests (SQLite caps its pool at 4 writers' worth).
 const POOL: &[(&str, &str)] = &[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")];
 
-macro_rules! on_both_backends {
+macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod postgres {
             $(#[tokio::test]
@@ -24,10 +25,16 @@ macro_rules! on_both_backends {
                 super::$name(crate::helpers::spawn_sqlite_app(super::POOL).await).await;
             })*
         }
+        mod pgbouncer {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_pooled_app_with(super::POOL, |_| {}).await).await;
+            })*
+        }
     };
 }
 
-on_both_backends!(
+on_every_backend!(
     receipts_shipments_and_transfers_move_stock_and_write_the_ledger,
     a_shipment_of_more_than_the_stock_is_409_insufficient_stock_and_changes_nothing,
     movements_naming_a_missing_warehouse_or_product_are_404,
@@ -276,5 +283,93 @@ async fn the_invariant_holds_under_a_few_hundred_concurrent_movements(app: TestA
     );
     let created = statuses.iter().filter(|s| **s == 201).count() as i64;
     assert_eq!(app.scalar("SELECT count(*) FROM movement").await, created);
+    app.assert_invariant().await;
+}
+
+/// Issue 11 §3: T1 transfers HOT→NEW while NEW has no stock row yet, a receipt creates that row,
+/// and T2 transfers NEW→HOT. Each step waits until the previous request is blocked on a lock, so
+/// the interleaving is the same every run. Locking only the rows that existed let T1's credit
+/// take NEW's row out of order: a deadlock (40P01), re-run by the retry loop. Every row a transfer
+/// touches must exist and be locked in one order before any change.
+#[tokio::test]
+async fn a_transfer_into_a_row_created_meanwhile_never_deadlocks_with_the_opposite_transfer() {
+    let app = crate::helpers::spawn_app_with(
+        &[
+            ("DB_POOL_SIZE", "4"),
+            ("DB_APPLICATION_NAME", "deadlock-test"),
+        ],
+        |_| {},
+    )
+    .await;
+    // NEW has the lower id: T2 locks it first, and T1's credit takes it last, out of order.
+    let new = app.warehouse("NEW").await;
+    let hot = app.warehouse("HOT").await;
+    let p = app.product("P").await;
+    app.receive(hot, p, 10).await;
+    let retries_before = crate::transactions::metric(&app, "db_transaction_retries_total").await;
+
+    // The test holds HOT's row, so that T1 stops at its first lock.
+    let holder = app.db.begin().await.expect("begin");
+    holder
+        .execute_unprepared(&format!(
+            "SELECT 1 FROM stock_level WHERE warehouse_id = {hot} AND product_id = {p} FOR UPDATE"
+        ))
+        .await
+        .expect("lock HOT");
+    let app = &app;
+    let lock_waits = move || async move {
+        app.scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'deadlock-test' AND wait_event_type = 'Lock'",
+        )
+        .await
+    };
+    let waiting = move |n: i64| async move {
+        app.wait_until(
+            &format!("{n} request(s) waiting on a lock"),
+            move || async move { lock_waits().await >= n },
+        )
+        .await
+    };
+    // Requests that run on their own task while the test watches the locks.
+    let spawn_post = |path: &str, body: Value| {
+        let sent = app.client.post(app.url(path)).json(&body).send();
+        tokio::spawn(async move { sent.await.map(|r| r.status().as_u16()).unwrap_or(0) })
+    };
+    let transfer = |from: i64, to: i64, quantity: i64| {
+        spawn_post(
+            "/transfers",
+            json!({"from_warehouse_id": from, "to_warehouse_id": to, "product_id": p, "quantity": quantity}),
+        )
+    };
+    let t1 = transfer(hot, new, 3);
+    waiting(1).await;
+    let receipt = spawn_post(
+        "/receipts",
+        json!({"warehouse_id": new, "product_id": p, "quantity": 5}),
+    );
+    // The receipt either commits at once (NEW's row did not exist) or waits for T1's row.
+    let receipt_ref = &receipt;
+    app.wait_until("the receipt committed or waits", move || async move {
+        receipt_ref.is_finished() || lock_waits().await >= 2
+    })
+    .await;
+    let t2 = transfer(new, hot, 2);
+    waiting(if receipt.is_finished() { 2 } else { 3 }).await;
+    holder.commit().await.expect("release HOT");
+
+    let statuses = (
+        t1.await.expect("t1"),
+        receipt.await.expect("receipt"),
+        t2.await.expect("t2"),
+    );
+    assert_eq!(statuses, (201, 201, 201));
+    assert_eq!(
+        crate::transactions::metric(app, "db_transaction_retries_total").await,
+        retries_before,
+        "no request was re-run: no deadlock, no serialization failure"
+    );
+    assert_eq!(app.stock(hot, p).await, 10 - 3 + 2);
+    assert_eq!(app.stock(new, p).await, 3 + 5 - 2);
     app.assert_invariant().await;
 }

@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, problem, spawn_app_with};
 
-fn routes(cfg: &mut web::ServiceConfig) {
+/// The test-only routes on the real middleware (also mounted behind PgBouncer by `pooler`).
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     let tx = Transactional::new();
     cfg.route(
         "/test/write-then/{status}",
@@ -170,6 +171,12 @@ async fn write_then_wait(tx: Tx) -> Result<HttpResponse, ApiError> {
 
 async fn app_with(overrides: &[(&str, &str)]) -> TestApp {
     let app = spawn_app_with(overrides, routes).await;
+    create_test_tables(&app).await;
+    app
+}
+
+/// The tables the test routes use, created behind the app's back.
+pub(crate) async fn create_test_tables(app: &TestApp) {
     app.db
         .execute_unprepared(
             "CREATE TABLE deferred_unique (v int, CONSTRAINT deferred_unique_v UNIQUE (v) DEFERRABLE INITIALLY DEFERRED);
@@ -178,10 +185,9 @@ async fn app_with(overrides: &[(&str, &str)]) -> TestApp {
         )
         .await
         .expect("test tables");
-    app
 }
 
-async fn metric(app: &TestApp, series: &str) -> f64 {
+pub(crate) async fn metric(app: &TestApp, series: &str) -> f64 {
     let text = app.get("/metrics").await.text().await.unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
