@@ -11,9 +11,12 @@
 //!   every waiting checkout gives up at once with a connection error (503
 //!   `database_unavailable`). A probe that succeeds means the pool is merely busy: the checkout
 //!   waits on, up to `DB_POOL_TIMEOUT` (503 `pool_timeout`).
-//! * While the database is down, checkouts fail immediately without touching the pool, and one
-//!   probe runs every [`RECHECK_EVERY`]; the first that succeeds marks it up again, so the
-//!   service recovers on its own when the server is back.
+//! * While the database is down, checkouts fail immediately (or, when the pool still holds idle
+//!   connections, after trying one for at most [`SUSPECT_AFTER`]), and one probe runs every
+//!   [`RECHECK_EVERY`]; the first probe or checkout that succeeds marks it up again, so the
+//!   service recovers on its own when the server is back, and a probe that was wrong costs
+//!   little. Only a refused or unroutable connection, or a server not accepting sessions,
+//!   counts as down: a slow probe does not.
 //! * A statement that fails because the connection or the server went away calls
 //!   [`Availability::suspect`], which probes once.
 //!
@@ -44,6 +47,8 @@ pub struct Availability(Arc<Inner>);
 struct Inner {
     /// The pool's own connect options; `None` for SQLite.
     target: Option<Arc<PgConnectOptions>>,
+    /// The pool, to see whether it holds idle connections worth trying while marked down.
+    pool: Option<sqlx::PgPool>,
     connect_timeout: Duration,
     /// `true` while the database is known to be unreachable.
     down: watch::Sender<bool>,
@@ -71,8 +76,12 @@ impl Availability {
             }
             _ => None,
         };
+        let pool = target
+            .is_some()
+            .then(|| db.get_postgres_connection_pool().clone());
         Availability(Arc::new(Inner {
             target,
+            pool,
             connect_timeout,
             down: watch::Sender::new(false),
             probing: AtomicBool::new(false),
@@ -96,7 +105,18 @@ impl Availability {
         }
         let mut down = self.0.down.subscribe();
         if *down.borrow_and_update() {
-            return Err(unavailable());
+            // Idle pooled connections may still work (a probe can be wrong): try one, briefly.
+            let idle = self.0.pool.as_ref().is_some_and(|p| p.num_idle() > 0);
+            if !idle {
+                return Err(unavailable());
+            }
+            return match tokio::time::timeout(SUSPECT_AFTER, checkout).await {
+                Ok(Ok(value)) => {
+                    self.clear();
+                    Ok(value)
+                }
+                Ok(Err(_)) | Err(_) => Err(unavailable()),
+            };
         }
         let checkout = std::pin::pin!(checkout);
         let result = tokio::select! {
@@ -109,7 +129,17 @@ impl Availability {
                 let _ = down.wait_for(|down| *down).await;
             } => Err(unavailable()),
         };
+        if result.is_ok() && self.is_down() {
+            self.clear();
+        }
         result
+    }
+
+    /// A checkout succeeded: the database answers, whatever a probe concluded.
+    fn clear(&self) {
+        if self.0.down.send_replace(false) {
+            tracing::info!("the database answers again (a pooled connection works)");
+        }
     }
 
     /// Something suggests the database went away: probe it (once, in the background).
@@ -154,10 +184,12 @@ impl Availability {
     }
 }
 
-/// Opens one connection outside the pool. Only a server that cannot be reached or is not
-/// accepting sessions (shutting down, starting up, crashed) counts as down: any other refusal
-/// (too many connections, a bad password) comes from a server that is there, and the pool
-/// reports it itself.
+/// Opens one connection outside the pool. Only a server that refuses the connection, cannot be
+/// routed to, or is not accepting sessions (shutting down, starting up, crashed) counts as
+/// down. Anything else is a server that is there: a probe slower than `within` (an overloaded
+/// server), a refusal such as too many connections or a bad password, a TLS or local error.
+/// Declaring such a server down would fail every checkout at once although the pool may hold
+/// healthy connections; the pool reports those problems itself.
 async fn probe(target: &PgConnectOptions, within: Duration) -> bool {
     match tokio::time::timeout(within, target.connect()).await {
         Ok(Ok(conn)) => {
@@ -169,7 +201,23 @@ async fn probe(target: &PgConnectOptions, within: Duration) -> bool {
             let code = e.code().unwrap_or_default();
             !(code.starts_with("57P") || code.starts_with("08"))
         }
-        Ok(Err(_)) | Err(_) => false,
+        Ok(Err(sqlx::Error::Io(e))) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused
+                | std::io::ErrorKind::HostUnreachable
+                | std::io::ErrorKind::NetworkUnreachable
+                | std::io::ErrorKind::AddrNotAvailable
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::UnexpectedEof
+        ),
+        Ok(Err(_)) => true,
+        Err(_) => {
+            tracing::warn!(
+                within_ms = within.as_millis() as u64,
+                "the availability probe got no session in time; not counting the database as down"
+            );
+            true
+        }
     }
 }
 
@@ -178,4 +226,38 @@ fn unavailable() -> DbErr {
     DbErr::Conn(RuntimeErr::Internal(
         "the database cannot be reached".into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn options(port: u16) -> PgConnectOptions {
+        PgConnectOptions::new_without_pgpass()
+            .host("127.0.0.1")
+            .port(port)
+            .username("probe")
+            .ssl_mode(sqlx::postgres::PgSslMode::Disable)
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_counts_as_down() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        // The listener is closed again: nothing listens there.
+        assert!(!probe(&options(port), Duration::from_secs(2)).await);
+    }
+
+    #[tokio::test]
+    async fn a_server_slower_than_the_probe_does_not_count_as_down() {
+        // Accepts the TCP connection and never answers the startup message, like an
+        // overloaded server.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+        let port = listener.local_addr().expect("address").port();
+        assert!(probe(&options(port), Duration::from_millis(200)).await);
+        drop(listener);
+    }
 }
