@@ -17,4 +17,6 @@ mod process;
 mod reads;
 mod replica;
 mod stock;
+mod tls;
+mod tls_server;
 mod transactions;
