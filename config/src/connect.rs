@@ -102,10 +102,16 @@ impl DatabaseSettings {
         let ssl_mode = pg_ssl_mode(self.ssl_mode);
         let ssl_root_cert = self.ssl_root_cert.clone();
         let pooled = self.pooler == Pooler::Transaction;
+        // Explicit, so that neither `PGUSER` nor the operating system's user name decides it
+        // (`Settings::load` removes libpq's variables; this covers the rest).
+        let user = self.url.server_parts().map(|parts| parts.user);
         move |pg| {
             let mut pg = pg
                 .statement_cache_capacity(statement_cache)
                 .ssl_mode(ssl_mode);
+            if let Some(user) = &user {
+                pg = pg.username(user);
+            }
             if pooled {
                 // A transaction-mode pooler forwards no startup parameter but a few it knows
                 // (PgBouncer 1.18 refuses `options` and sqlx's `extra_float_digits` unless told
@@ -430,6 +436,22 @@ mod tests {
             "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED; \
              SET SESSION max_statement_time = 1.5"
         );
+    }
+
+    #[test]
+    fn the_user_is_the_url_s_or_postgres_never_pguser_nor_the_os_user() {
+        let cases = [
+            ("postgres://db/inv", "postgres"),
+            ("postgres://app@db/inv", "app"),
+            ("postgres://db/inv?user=reporting", "reporting"),
+        ];
+        for (url, user) in cases {
+            let db = settings(&[("DATABASE_URL", url)]).database;
+            // What sqlx starts from when PGUSER is set (or the OS user's name when it is not).
+            let before = PgConnectOptions::new_without_pgpass().username("from-pguser");
+            let pg = db.postgres_options()(before);
+            assert_eq!(pg.get_username(), user, "{url}");
+        }
     }
 
     #[test]

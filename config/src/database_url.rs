@@ -22,6 +22,10 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://inventory.db?mode=rwc";
 
 const DATABASE_URL: &str = "DATABASE_URL";
 
+/// The user of a Postgres URL that names none (as `DB_USER`'s default), set explicitly on the
+/// driver's options: sqlx would otherwise take `PGUSER` or the operating system's user name.
+pub(crate) const DEFAULT_USER: &str = "postgres";
+
 const EXPECTED_URL: &str = "expected postgres://user:password@host:port/database \
      (postgresql:// and postgresql+<driver>:// are accepted too), \
      mysql://user:password@host:port/database (or mariadb://) or sqlite://<file>?mode=rwc";
@@ -265,7 +269,9 @@ impl DatabaseUrl {
     }
 
     /// Host, port, user and database of a server URL as the driver will use them, for the
-    /// settings report. `None` for SQLite.
+    /// settings report and the driver's options: a user a Postgres URL leaves out is
+    /// [`DEFAULT_USER`] (MariaDB's driver uses `root`), a database it leaves out the user's
+    /// name. `None` for SQLite.
     pub(crate) fn server_parts(&self) -> Option<ServerParts> {
         let Location::Server(backend, url) = &self.location else {
             return None;
@@ -280,12 +286,20 @@ impl DatabaseUrl {
         let port = query_param(url, &["port"])
             .or_else(|| url.port().map(|p| p.to_string()))
             .unwrap_or_else(|| default_port.to_owned());
-        let user = query_param(url, &["user"]).unwrap_or_else(|| decode(url.username()));
+        let default_user = match backend {
+            Backend::Mysql => "root",
+            _ => DEFAULT_USER,
+        };
+        let user = query_param(url, &["user"])
+            .or_else(|| Some(decode(url.username())))
+            .filter(|user| !user.is_empty())
+            .unwrap_or_else(|| default_user.to_owned());
         Some(ServerParts {
             host,
             port,
+            // Without a database name PostgreSQL uses the user's.
+            database: self.database_name().unwrap_or_else(|| user.clone()),
             user,
-            database: self.database_name().unwrap_or_default(),
         })
     }
 

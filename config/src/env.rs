@@ -103,6 +103,40 @@ pub(crate) fn process_vars() -> Result<Vec<(String, String)>, ConfigError> {
     Ok(vars)
 }
 
+/// libpq's environment variables that sqlx 0.9 reads to fill what a URL leaves out
+/// (`PgConnectOptions::new_without_pgpass`). `PGPASSFILE` is not among them: it names a file,
+/// which is where a password may come from when none is configured.
+pub(crate) const LIBPQ_VARIABLES: &[&str] = &[
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGPASSWORD",
+    "PGDATABASE",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGSSLCERT",
+    "PGSSLKEY",
+    "PGAPPNAME",
+    "PGOPTIONS",
+];
+
+/// Removes [`LIBPQ_VARIABLES`] from the process environment, so that the driver connects with
+/// exactly what this crate resolved and `check-config` reports. Several of them (`PGPASSWORD`,
+/// `PGSSLROOTCERT`, `PGOPTIONS`, …) fill `Option`s of `PgConnectOptions` that no builder can
+/// clear again, so overriding them after the fact is not possible; not letting the driver see
+/// them is.
+pub(crate) fn forget_libpq_variables() {
+    for name in LIBPQ_VARIABLES {
+        if std::env::var_os(name).is_some() {
+            // SAFETY: called from `Settings::load`, which runs at start-up before the process
+            // starts other threads (its documented contract, as for `dotenvy`, which sets
+            // variables the same way), so no other thread reads the environment meanwhile.
+            unsafe { std::env::remove_var(name) };
+        }
+    }
+}
+
 /// Loads `./.env` into the process environment without overriding variables already set, like
 /// `dotenvy` does. A missing file is fine. Parse errors do not quote the line: it may hold a
 /// password.

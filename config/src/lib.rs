@@ -10,6 +10,8 @@ mod database;
 mod database_url;
 mod env;
 mod error;
+#[cfg(test)]
+mod reference_doc;
 mod server;
 #[cfg(test)]
 mod test_support;
@@ -48,14 +50,18 @@ pub fn pooler_from_env() -> Result<Pooler, ConfigError> {
 
 impl Settings {
     /// Reads `./.env` if present into the process environment (as `dotenvy` does: variables
-    /// already set win), then the settings from the process environment. Call it at start-up,
-    /// before other threads read the environment.
+    /// already set win), then the settings from the process environment, and removes libpq's
+    /// `PG*` variables from it (docs/configuration.md: the driver would otherwise fill unset
+    /// parts of the URL from them, behind the settings' back). Call it at start-up, before
+    /// other threads read or write the environment.
     ///
     /// # Errors
     /// [`ConfigError`] when `.env` exists but cannot be read, or a variable is invalid.
     pub fn load() -> Result<Settings, ConfigError> {
         env::load_dotenv()?;
-        Settings::from_env()
+        let settings = Settings::from_env();
+        env::forget_libpq_variables();
+        settings
     }
 
     /// Reads the settings from the process environment only (no `.env`).
@@ -257,6 +263,24 @@ LOG_FORMAT=pretty
                 "{line} missing from:\n{report}"
             );
         }
+    }
+
+    #[test]
+    fn the_report_fills_what_a_postgres_url_leaves_out_as_the_driver_will() {
+        let report = settings(&[("DATABASE_URL", "postgres://db.internal")]).report();
+        for line in [
+            "DB_HOST=db.internal",
+            "DB_PORT=5432",
+            "DB_USER=postgres",
+            "DB_NAME=postgres",
+        ] {
+            assert!(
+                report.lines().any(|l| l == line),
+                "{line} missing from:\n{report}"
+            );
+        }
+        let report = settings(&[("DATABASE_URL", "postgres://app@db.internal")]).report();
+        assert!(report.lines().any(|l| l == "DB_NAME=app"), "{report}");
     }
 
     #[test]

@@ -281,3 +281,44 @@ fn check_config_shows_the_effective_settings_with_the_password_hidden() {
         "{stdout}"
     );
 }
+
+#[test]
+fn libpq_variables_change_neither_the_report_nor_the_connection() {
+    // The harness's server (scripts/test starts it on 127.0.0.1:5432), by a URL that leaves
+    // the port, the user and TLS to the defaults; every PG* variable points elsewhere.
+    let settings = [
+        ("DATABASE_URL", "postgres://127.0.0.1/postgres"),
+        ("PGHOST", "nowhere.invalid"),
+        ("PGHOSTADDR", "192.0.2.1"),
+        ("PGPORT", "1"),
+        ("PGUSER", "nobody"),
+        ("PGPASSWORD", "wrong"),
+        ("PGDATABASE", "nowhere"),
+        ("PGSSLMODE", "verify-full"),
+        ("PGSSLROOTCERT", "/nonexistent/ca.pem"),
+        ("PGAPPNAME", "psql"),
+        ("PGOPTIONS", "-c no_such_setting=1"),
+    ];
+    let output = run_binary(&["check-config"], &settings);
+    assert_eq!(output.status.code(), Some(0));
+    let report = String::from_utf8_lossy(&output.stdout);
+    for line in [
+        "DB_HOST=127.0.0.1",
+        "DB_PORT=5432",
+        "DB_USER=postgres",
+        "DB_PASSWORD=",
+        "DB_NAME=postgres",
+        "DB_APPLICATION_NAME=inventory-api",
+        "DB_SSL_MODE=prefer",
+        "DB_SSL_ROOT_CERT=",
+    ] {
+        assert!(report.lines().any(|l| l == line), "{line} in:\n{report}");
+    }
+    let output = run_binary(&["ping"], &settings);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "the settings reported are the ones used:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -20,4 +20,6 @@ mod process;
 mod reads;
 mod replica;
 mod stock;
+mod tls;
+mod tls_server;
 mod transactions;

@@ -1,7 +1,7 @@
 //! Real processes for the tests that need them: the service binary as a child process (signals,
 //! exit codes, its real log output), and a PostgreSQL server of a test's own (`initdb` +
-//! `pg_ctl` in a temporary directory) that the test may stop and start without disturbing any
-//! other test.
+//! `pg_ctl` in a temporary directory, optionally configured, e.g. for TLS) that the test may
+//! stop and start without disturbing any other test.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
@@ -166,6 +166,9 @@ impl Drop for Binary {
     }
 }
 
+/// The service binary built for the tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_inventory-app");
+
 /// Runs the binary once with `args` and a bare environment plus `vars`; returns its output.
 pub fn run_binary(args: &[&str], vars: &[(&str, &str)]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_inventory-app"))
@@ -190,6 +193,8 @@ pub struct OwnServer {
     dir: PathBuf,
     bin: PathBuf,
     pub port: u16,
+    /// Server options added to [`OwnServer::start_again`]'s (`-c name=value …`).
+    options: String,
 }
 
 /// The directory of `initdb` and `pg_ctl`: Debian keeps them out of PATH.
@@ -220,7 +225,15 @@ impl OwnServer {
     /// `initdb` and start. PostgreSQL refuses to run as root, so as root the server runs as the
     /// `postgres` user.
     pub fn start() -> OwnServer {
-        let server = OwnServer::empty();
+        OwnServer::start_with(|_| String::new())
+    }
+
+    /// Like [`OwnServer::start`], after `setup` has written what the server needs into its
+    /// directory (certificates, an `hba_file`) and returned extra server options
+    /// (`-c name=value …`). Everything in the directory then belongs to the server's user, as
+    /// PostgreSQL wants for a private key.
+    pub fn start_with(setup: impl FnOnce(&Path) -> String) -> OwnServer {
+        let server = OwnServer::empty(setup);
         let data = server.data();
         server.run(
             "initdb",
@@ -244,7 +257,7 @@ impl OwnServer {
     /// already allow it: `wal_level = replica`, WAL senders, and `replication` lines for
     /// loopback in `pg_hba.conf`.
     pub fn replica_of(primary: &OwnServer) -> OwnServer {
-        let server = OwnServer::empty();
+        let server = OwnServer::empty(|_| String::new());
         let primary_port = primary.port.to_string();
         let data = server.data();
         server.run(
@@ -270,13 +283,15 @@ impl OwnServer {
         server
     }
 
-    /// A directory the server's user owns and a free port; nothing started.
-    fn empty() -> OwnServer {
+    /// A directory the server's user owns, prepared by `setup` (which returns extra server
+    /// options), and a free port; nothing started.
+    fn empty(setup: impl FnOnce(&Path) -> String) -> OwnServer {
         let dir = std::env::temp_dir().join(format!("inventory-pg-{:016x}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).expect("temp dir");
+        let options = setup(&dir);
         if is_root() {
             let status = Command::new("chown")
-                .args(["postgres:postgres", &dir.to_string_lossy()])
+                .args(["-R", "postgres:postgres", &dir.to_string_lossy()])
                 .status()
                 .expect("chown runs");
             assert!(status.success(), "chown of {dir:?} failed");
@@ -285,11 +300,12 @@ impl OwnServer {
             dir,
             bin: postgres_bin(),
             port: free_port(),
+            options,
         }
     }
 
-    /// For a server kept in a static (never dropped): a detached watchdog stops it and removes
-    /// its directory once this test process is gone.
+    /// For a server kept in a static (shared by the tests of a run, never dropped): a detached
+    /// watchdog stops it and removes its directory once this test process is gone.
     pub fn stop_when_this_process_exits(&self) {
         let pg_ctl = self.bin.join("pg_ctl");
         let as_owner = if is_root() {
@@ -349,9 +365,10 @@ impl OwnServer {
     /// Starts the server and waits until it accepts connections.
     pub fn start_again(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50 {}",
             self.port,
-            self.dir.to_string_lossy()
+            self.dir.to_string_lossy(),
+            self.options
         );
         let log = self.dir.join("server.log").to_string_lossy().into_owned();
         self.run(
