@@ -8,14 +8,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use app::domain::catalog::create_warehouse;
-use app::domain::values::{Name, WarehouseCode};
 use app::problem::ApiError;
 use app::{Transactional, Tx};
 use sea_orm::{ConnectionTrait, DatabaseConnection, IsolationLevel, Statement, TransactionTrait};
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, problem, spawn_mariadb_app_with};
+use crate::transactions::{get_write, insert, metric, swallow, write_then, write_then_panic};
 
 fn routes(cfg: &mut web::ServiceConfig) {
     let tx = Transactional::new();
@@ -37,36 +36,6 @@ fn routes(cfg: &mut web::ServiceConfig) {
     .route("/mdb/session", web::get().to(session).wrap(tx))
     .route("/mdb/signal", web::post().to(signal).wrap(tx))
     .route("/mdb/sleep", web::post().to(sleep).wrap(tx));
-}
-
-async fn insert(tx: &Tx, code: &str) -> Result<(), ApiError> {
-    let code = WarehouseCode::parse(code)?;
-    let name = Name::parse("test")?;
-    create_warehouse(tx, &code, &name).await?;
-    Ok(())
-}
-
-async fn write_then(tx: Tx, status: web::Path<u16>) -> Result<HttpResponse, ApiError> {
-    insert(&tx, "WRITTEN").await?;
-    let status = actix_web::http::StatusCode::from_u16(*status).map_err(|_| ApiError::Internal)?;
-    Ok(HttpResponse::build(status).json(json!({"written": true})))
-}
-
-async fn write_then_panic(tx: Tx) -> Result<HttpResponse, ApiError> {
-    insert(&tx, "PANIC").await?;
-    panic!("handler panics after writing");
-}
-
-async fn swallow(tx: Tx) -> Result<HttpResponse, ApiError> {
-    insert(&tx, "SWALLOW").await?;
-    // The second insert violates the unique key; the handler ignores the error and answers 200.
-    let _ = insert(&tx, "SWALLOW").await;
-    Ok(HttpResponse::Ok().json(json!({"ok": true})))
-}
-
-async fn get_write(tx: Tx) -> Result<HttpResponse, ApiError> {
-    insert(&tx, "FROMGET").await?;
-    Ok(HttpResponse::Ok().finish())
 }
 
 async fn count_warehouses(db: &impl ConnectionTrait) -> Result<i64, ApiError> {
@@ -152,13 +121,6 @@ async fn sleep(tx: Tx) -> Result<HttpResponse, ApiError> {
 
 async fn app_with(overrides: &[(&str, &str)]) -> TestApp {
     spawn_mariadb_app_with(overrides, routes).await
-}
-
-async fn metric(app: &TestApp, series: &str) -> f64 {
-    let text = app.get("/metrics").await.text().await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
 }
 
 #[tokio::test]

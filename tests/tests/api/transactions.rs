@@ -102,25 +102,25 @@ async fn hooked(
     })
 }
 
-async fn insert(tx: &Tx, code: &str) -> Result<(), ApiError> {
+pub(crate) async fn insert(tx: &Tx, code: &str) -> Result<(), ApiError> {
     let code = WarehouseCode::parse(code)?;
     let name = Name::parse("test")?;
     create_warehouse(tx, &code, &name).await?;
     Ok(())
 }
 
-async fn write_then(tx: Tx, status: web::Path<u16>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn write_then(tx: Tx, status: web::Path<u16>) -> Result<HttpResponse, ApiError> {
     insert(&tx, "WRITTEN").await?;
     let status = actix_web::http::StatusCode::from_u16(*status).map_err(|_| ApiError::Internal)?;
     Ok(HttpResponse::build(status).json(json!({"written": true})))
 }
 
-async fn write_then_panic(tx: Tx) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn write_then_panic(tx: Tx) -> Result<HttpResponse, ApiError> {
     insert(&tx, "PANIC").await?;
     panic!("handler panics after writing");
 }
 
-async fn swallow(tx: Tx) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn swallow(tx: Tx) -> Result<HttpResponse, ApiError> {
     insert(&tx, "SWALLOW").await?;
     // The second insert violates the unique key; the handler ignores the error and answers 200.
     let _ = insert(&tx, "SWALLOW").await;
@@ -160,7 +160,7 @@ async fn settings(tx: Tx) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(out))
 }
 
-async fn get_write(tx: Tx) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn get_write(tx: Tx) -> Result<HttpResponse, ApiError> {
     insert(&tx, "FROMGET").await?;
     Ok(HttpResponse::Ok().finish())
 }
