@@ -10,7 +10,9 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApp, TestDatabase, problem, spawn_pooled_app_with, test_settings};
 use crate::pgbouncer;
 use crate::process::{Binary, run_binary};
-use crate::transactions::{create_test_tables, metric, routes};
+use crate::transactions::{
+    CONFLICTING, create_test_tables, forty_conflicting_increments_end_exact, routes,
+};
 
 async fn pooled_app_with_test_routes(overrides: &[(&str, &str)]) -> TestApp {
     let app = spawn_pooled_app_with(overrides, routes).await;
@@ -150,24 +152,8 @@ async fn behind_pgbouncer_a_swallowed_statement_error_never_yields_2xx() {
 
 #[tokio::test]
 async fn behind_pgbouncer_real_serialization_failures_are_retried_to_an_exact_count() {
-    let app = pooled_app_with_test_routes(&[
-        ("DB_TX_MAX_RETRIES", "50"),
-        ("DB_POOL_SIZE", "8"),
-        ("DB_MAX_OVERFLOW", "0"),
-    ])
-    .await;
-    let before = metric(&app, "db_transaction_retries_total").await;
-    let statuses: Vec<u16> = join_all((0..40).map(|_| app.send_json("/test/increment", json!({}))))
-        .await
-        .iter()
-        .map(|r| r.status().as_u16())
-        .collect();
-    assert!(statuses.iter().all(|s| *s == 201), "{statuses:?}");
-    assert_eq!(app.scalar("SELECT n FROM counter WHERE id = 1").await, 40);
-    assert!(
-        metric(&app, "db_transaction_retries_total").await > before,
-        "40001s were raised and retried"
-    );
+    let app = pooled_app_with_test_routes(CONFLICTING).await;
+    forty_conflicting_increments_end_exact(&app).await;
 }
 
 #[tokio::test]

@@ -404,13 +404,21 @@ async fn conflicts_beyond_the_retry_budget_are_503_serialization_failure_with_re
 
 #[tokio::test]
 async fn real_concurrent_conflicts_under_repeatable_read_are_retried_to_an_exact_count() {
-    let app = app_with(&[
-        ("DB_TX_MAX_RETRIES", "50"),
-        ("DB_POOL_SIZE", "8"),
-        ("DB_MAX_OVERFLOW", "0"),
-    ])
-    .await;
-    let before = metric(&app, "db_transaction_retries_total").await;
+    let app = app_with(CONFLICTING).await;
+    forty_conflicting_increments_end_exact(&app).await;
+}
+
+/// Settings under which forty concurrent increments of one row really conflict.
+pub(crate) const CONFLICTING: &[(&str, &str)] = &[
+    ("DB_TX_MAX_RETRIES", "50"),
+    ("DB_POOL_SIZE", "8"),
+    ("DB_MAX_OVERFLOW", "0"),
+];
+
+/// Forty concurrent increments of one row under REPEATABLE READ: real 40001s, every request
+/// re-run until it commits, the count exact.
+pub(crate) async fn forty_conflicting_increments_end_exact(app: &TestApp) {
+    let before = metric(app, "db_transaction_retries_total").await;
     let requests = (0..40).map(|_| app.send_json("/test/increment", json!({})));
     let statuses: Vec<u16> = join_all(requests)
         .await
@@ -420,7 +428,7 @@ async fn real_concurrent_conflicts_under_repeatable_read_are_retried_to_an_exact
     assert!(statuses.iter().all(|s| *s == 201), "{statuses:?}");
     assert_eq!(app.scalar("SELECT n FROM counter WHERE id = 1").await, 40);
     assert!(
-        metric(&app, "db_transaction_retries_total").await > before,
+        metric(app, "db_transaction_retries_total").await > before,
         "40001s were raised and retried"
     );
 }
