@@ -8,7 +8,7 @@
 
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use sea_orm::sqlx::postgres::PgConnectOptions;
 
 use crate::helpers::admin_url;
-use crate::process::{free_port, is_root};
+use crate::process::{free_port, is_root, on_exit_of_this_process};
 
 /// Server connections PgBouncer opens per database: fewer than a test app's pool (2 + 8).
 pub const SERVER_POOL_SIZE: u32 = 3;
@@ -110,20 +110,9 @@ impl PgBouncer {
     /// PgBouncer and removes its directory once this test process is gone.
     fn stop_with_this_process(&self) {
         let d = self.dir.display();
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-             kill \"$(cat {d}/pgbouncer.pid)\" 2>/dev/null; rm -rf {d}",
-            pid = std::process::id()
-        );
-        // `setsid -f` forks the watchdog into a session of its own and returns at once.
-        let status = Command::new("setsid")
-            .args(["-f", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("the watchdog starts");
-        assert!(status.success(), "the watchdog did not start");
+        on_exit_of_this_process(&format!(
+            "kill \"$(cat {d}/pgbouncer.pid)\" 2>/dev/null; rm -rf {d}"
+        ));
     }
 
     /// The URL of `database` through PgBouncer.

@@ -179,6 +179,24 @@ pub fn run_binary(args: &[&str], vars: &[(&str, &str)]) -> std::process::Output 
         .expect("the binary runs")
 }
 
+/// Runs the shell command `cleanup` once this test process has exited, however it exits: for
+/// servers kept in statics (shared by the tests of a run, never dropped). A detached watchdog
+/// (`setsid -f`: a session of its own, the call returns at once) polls for the process.
+pub fn on_exit_of_this_process(cleanup: &str) {
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {cleanup}",
+        pid = std::process::id()
+    );
+    let status = Command::new("setsid")
+        .args(["-f", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("the watchdog starts");
+    assert!(status.success(), "the watchdog did not start");
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -313,23 +331,12 @@ impl OwnServer {
         } else {
             ""
         };
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-             {as_owner}{pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
-            pid = std::process::id(),
+        on_exit_of_this_process(&format!(
+            "{as_owner}{pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
             pg_ctl = pg_ctl.display(),
             data = self.data(),
             dir = self.dir.display(),
-        );
-        // `setsid -f` forks the watchdog into a session of its own and returns at once.
-        let status = Command::new("setsid")
-            .args(["-f", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("the watchdog starts");
-        assert!(status.success(), "the watchdog did not start");
+        ));
     }
 
     fn data(&self) -> String {
