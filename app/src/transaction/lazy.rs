@@ -38,6 +38,7 @@ type OnCommit = Box<dyn FnOnce() + Send>;
 
 use super::failure::{DbFailure, FailureKind};
 use super::outcome::{self, Resolved};
+use super::round_trip::{self, Bounds, TxConn};
 use super::routing::ReadRoute;
 use super::session::BeginSql;
 use super::{TxConfig, TxOutcome, TxPolicy};
@@ -57,23 +58,36 @@ enum Begin {
 }
 
 enum Open {
-    Postgres(sqlx::Transaction<'static, Postgres>),
-    Mysql(sqlx::Transaction<'static, MySql>),
+    Postgres(TxConn<Postgres>),
+    Mysql(TxConn<MySql>),
     Orm(DatabaseTransaction),
 }
 
-/// Runs `$sqlx` with `$conn` bound to the open sqlx connection (PostgreSQL or MariaDB; the
-/// same code, two driver types), or `$orm` with `$tx` bound to SeaORM's transaction.
+/// One round trip on `$held`'s connection (bound to `$conn` in `$round_trip`), given up after
+/// `$bound` ([`round_trip`]: the connection is then closed).
+macro_rules! bounded {
+    ($held:ident, $bound:expr, |$conn:ident| $round_trip:expr) => {{
+        let result = match $held.conn() {
+            Ok($conn) => round_trip::within($bound, $round_trip).await,
+            Err(e) => Err(e),
+        };
+        $held.settle(result)
+    }};
+}
+
+/// Runs the round trip `$sqlx` with `$conn` bound to the open sqlx connection (PostgreSQL or
+/// MariaDB; the same code, two driver types) within `$bound`, and `$map` on its result `$done`;
+/// or `$orm` with `$tx` bound to SeaORM's transaction.
 macro_rules! on_open {
-    ($open:expr, |$conn:ident| $sqlx:expr, |$tx:ident| $orm:expr) => {
+    ($open:expr, $bound:expr, |$conn:ident| $sqlx:expr, |$done:ident| $map:expr, |$tx:ident| $orm:expr) => {
         match $open {
-            Open::Postgres(tx) => {
-                let $conn = &mut **tx;
-                $sqlx
+            Open::Postgres(held) => {
+                let $done = bounded!(held, $bound, |$conn| $sqlx);
+                $map
             }
-            Open::Mysql(tx) => {
-                let $conn = &mut **tx;
-                $sqlx
+            Open::Mysql(held) => {
+                let $done = bounded!(held, $bound, |$conn| $sqlx);
+                $map
             }
             Open::Orm($tx) => $orm,
         }
@@ -110,6 +124,8 @@ pub(super) struct Slot {
     read_write: bool,
     /// Bound on establishing the outcome of a `COMMIT` whose reply was lost.
     commit_check: std::time::Duration,
+    /// Bounds on each round trip on the transaction's connection.
+    bounds: Bounds,
     state: Mutex<State>,
     /// The first statement failure of this attempt (later ones are its consequences).
     failure: StdMutex<Option<DbFailure>>,
@@ -158,6 +174,7 @@ impl Slot {
             availability: config.availability.clone(),
             read_write: access == AccessMode::ReadWrite,
             commit_check: config.commit_check,
+            bounds: config.round_trips,
             state: Mutex::new(State::Idle),
             failure: StdMutex::new(None),
             read: None,
@@ -314,24 +331,21 @@ impl Slot {
         }
     }
 
-    /// Takes a connection from `db`'s pool and begins.
+    /// Takes a connection from `db`'s pool and begins, the `BEGIN` bounded like any round trip.
     async fn begin_once(&self, db: &DatabaseConnection) -> Result<Open, DbErr> {
+        let bound = self.bounds.control;
         match &self.begin {
             Begin::Postgres(sql) => {
-                let pool = db.get_postgres_connection_pool();
-                match sql {
-                    BeginSql::Static(sql) => pool.begin_with(*sql).await,
-                    BeginSql::Owned(sql) => pool.begin_with(sqlx::AssertSqlSafe(sql.clone())).await,
-                }
-                .map(Open::Postgres)
+                let conn = db.get_postgres_connection_pool().acquire().await;
+                let conn = conn.map_err(acquire_err)?;
+                TxConn::begin(conn, sql.sql(), bound)
+                    .await
+                    .map(Open::Postgres)
             }
             Begin::Mysql(sql) => {
-                let pool = db.get_mysql_connection_pool();
-                match sql {
-                    BeginSql::Static(sql) => pool.begin_with(*sql).await,
-                    BeginSql::Owned(sql) => pool.begin_with(sqlx::AssertSqlSafe(sql.clone())).await,
-                }
-                .map(Open::Mysql)
+                let conn = db.get_mysql_connection_pool().acquire().await;
+                let conn = conn.map_err(acquire_err)?;
+                TxConn::begin(conn, sql.sql(), bound).await.map(Open::Mysql)
             }
             Begin::Orm(options) => {
                 return db.begin_with_options(*options).await.map(Open::Orm);
@@ -415,7 +429,7 @@ impl Slot {
         if commit && failure.is_none() {
             let committed = match open {
                 Open::Postgres(tx) => return self.commit_postgres(tx).await,
-                Open::Mysql(tx) => tx.commit().await.map_err(exec_err),
+                Open::Mysql(tx) => return self.commit_mysql(tx).await,
                 Open::Orm(tx) => tx.commit().await,
             };
             match committed {
@@ -423,9 +437,10 @@ impl Slot {
                 Err(e) => (TxOutcome::Rollback, Some(self.commit_failed(&e))),
             }
         } else {
+            let bound = self.bounds.control;
             let rolled_back = match open {
-                Open::Postgres(tx) => tx.rollback().await.map_err(exec_err),
-                Open::Mysql(tx) => tx.rollback().await.map_err(exec_err),
+                Open::Postgres(mut tx) => tx.rollback(bound).await.map_err(exec_err),
+                Open::Mysql(mut tx) => tx.rollback(bound).await.map_err(exec_err),
                 Open::Orm(tx) => tx.rollback().await,
             };
             if let Err(e) = rolled_back {
@@ -440,23 +455,23 @@ impl Slot {
 impl Slot {
     /// `COMMIT` on PostgreSQL. A writing transaction's id is read first, so that a `COMMIT`
     /// whose reply is lost can be resolved ([`outcome`]) instead of guessed.
-    async fn commit_postgres(
-        &self,
-        mut tx: sqlx::Transaction<'static, Postgres>,
-    ) -> (TxOutcome, Option<DbFailure>) {
+    async fn commit_postgres(&self, mut tx: TxConn<Postgres>) -> (TxOutcome, Option<DbFailure>) {
+        let bound = Some(self.bounds.control);
         let xid = if self.read_write {
-            match outcome::current_xid(&mut tx).await {
+            match bounded!(tx, bound, |conn| outcome::current_xid(conn)) {
                 Ok(xid) => xid,
-                // Nothing was committed; dropping `tx` rolls back (or discards the connection).
+                // Nothing was committed; dropping `tx` closes the connection (a rollback).
                 Err(e) => return (TxOutcome::Rollback, Some(self.commit_failed(&exec_err(e)))),
             }
         } else {
             None
         };
-        let err = match tx.commit().await {
+        let err = match tx.commit(self.bounds.control).await {
             Ok(()) => return (TxOutcome::Commit, None),
             Err(e) => e,
         };
+        // The connection is closed by now if the bound passed: the server sees the break.
+        drop(tx);
         let Some(xid) = xid.filter(|_| outcome::reply_lost(&err)) else {
             return (
                 TxOutcome::Rollback,
@@ -485,6 +500,26 @@ impl Slot {
         }
     }
 
+    /// `COMMIT` on MariaDB, which has no way to ask about another session's transaction: a
+    /// writing transaction whose `COMMIT` got no reply may have committed, and is answered as
+    /// unknown rather than as a failure that invites a retry.
+    async fn commit_mysql(&self, mut tx: TxConn<MySql>) -> (TxOutcome, Option<DbFailure>) {
+        let err = match tx.commit(self.bounds.control).await {
+            Ok(()) => return (TxOutcome::Commit, None),
+            Err(e) => e,
+        };
+        let failure = self.commit_failed(&exec_err(err));
+        if self.read_write && failure.kind == FailureKind::Unavailable {
+            tracing::warn!(error = %failure.message, "the COMMIT reply was lost");
+            let unknown = DbFailure {
+                kind: FailureKind::CommitOutcomeUnknown,
+                message: failure.message,
+            };
+            return (TxOutcome::Unknown, Some(unknown));
+        }
+        (TxOutcome::Rollback, Some(failure))
+    }
+
     fn commit_failed(&self, err: &DbErr) -> DbFailure {
         let failure = DbFailure::classify(err);
         self.suspect_if_unavailable(&failure);
@@ -503,7 +538,8 @@ fn is_dead_connection(err: &DbErr) -> bool {
     };
     match &**sqlx_err {
         sqlx::Error::Database(e) => e.code().is_some_and(|c| c.starts_with("57P")),
-        sqlx::Error::Io(_) => true,
+        // A BEGIN that got no reply in time may be a partition: another try would wait as long.
+        e @ sqlx::Error::Io(_) => !round_trip::is_timed_out(e),
         _ => false,
     }
 }
@@ -575,13 +611,9 @@ impl ConnectionTrait for Tx {
         let mut open = self.0.open().await?;
         let result = on_open!(
             &mut *open,
-            |conn| self
-                .0
-                .bind(&stmt)
-                .execute(conn)
-                .await
-                .map(ExecResult::from)
-                .map_err(exec_err),
+            self.0.bounds.statement,
+            |conn| self.0.bind(&stmt).execute(conn),
+            |done| done.map(ExecResult::from).map_err(exec_err),
             |tx| tx.execute_raw(stmt).await
         );
         self.0.observe(result)
@@ -591,11 +623,9 @@ impl ConnectionTrait for Tx {
         let mut open = self.0.open().await?;
         let result = on_open!(
             &mut *open,
-            |conn| conn
-                .execute(sqlx::AssertSqlSafe(sql.to_owned()))
-                .await
-                .map(ExecResult::from)
-                .map_err(exec_err),
+            self.0.bounds.statement,
+            |conn| conn.execute(sqlx::AssertSqlSafe(sql.to_owned())),
+            |done| done.map(ExecResult::from).map_err(exec_err),
             |tx| tx.execute_unprepared(sql).await
         );
         self.0.observe(result)
@@ -605,11 +635,9 @@ impl ConnectionTrait for Tx {
         let mut open = self.0.open().await?;
         let result = on_open!(
             &mut *open,
-            |conn| self
-                .0
-                .bind(&stmt)
-                .fetch_optional(conn)
-                .await
+            self.0.bounds.statement,
+            |conn| self.0.bind(&stmt).fetch_optional(conn),
+            |done| done
                 .map(|row| row.map(QueryResult::from))
                 .map_err(query_err),
             |tx| tx.query_one_raw(stmt).await
@@ -621,11 +649,9 @@ impl ConnectionTrait for Tx {
         let mut open = self.0.open().await?;
         let result = on_open!(
             &mut *open,
-            |conn| self
-                .0
-                .bind(&stmt)
-                .fetch_all(conn)
-                .await
+            self.0.bounds.statement,
+            |conn| self.0.bind(&stmt).fetch_all(conn),
+            |done| done
                 .map(|rows| rows.into_iter().map(QueryResult::from).collect())
                 .map_err(query_err),
             |tx| tx.query_all_raw(stmt).await

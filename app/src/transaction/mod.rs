@@ -20,6 +20,11 @@
 //!   its status is asked on another connection ([`outcome`]). Committed → the handler's own
 //!   response; aborted → 503 `database_unavailable`; unknown → 500 `commit_outcome_unknown`
 //!   without `Retry-After`.
+//! * Every round trip on the transaction's connection is bounded on the service's side
+//!   ([`round_trip`]): `BEGIN`, `COMMIT` and `ROLLBACK` by `DB_CONNECT_TIMEOUT`, a statement by
+//!   `DB_STATEMENT_TIMEOUT_MS` + `DB_CONNECT_TIMEOUT`. Past its bound (a partition holding the
+//!   packets) the connection is closed and the attempt fails as 503 `database_unavailable`; a
+//!   `COMMIT` past its bound is a lost reply, resolved as above.
 //! * `Idempotency-Key` on `POST` ([`idempotency`]): each attempt first claims the key in its
 //!   transaction (a replay, a duplicate still running (409) or a reused key (422) is answered
 //!   without running the handler); a response below 400 is stored in the same transaction as
@@ -70,6 +75,7 @@ mod idempotency;
 mod lazy;
 mod outcome;
 mod peer;
+mod round_trip;
 mod routing;
 mod session;
 
@@ -93,6 +99,7 @@ use idempotency::{Claim, Idempotency, Stored};
 use lazy::Slot;
 pub use lazy::Tx;
 pub use peer::on_connect;
+pub use round_trip::Bounds;
 use routing::ReadRoute;
 pub use routing::{Lsn, Replica, ReplicaState};
 pub use session::Session;
@@ -127,6 +134,9 @@ pub struct TxConfig {
     pub commit_check: Duration,
     /// How long an `Idempotency-Key` and its response are kept (`DB_IDEMPOTENCY_TTL`).
     pub idempotency_ttl: Duration,
+    /// How long one round trip on a transaction's connection may take before the connection
+    /// is closed (`DB_CONNECT_TIMEOUT`, plus `DB_STATEMENT_TIMEOUT_MS` for statements).
+    pub round_trips: Bounds,
 }
 
 impl TxConfig {
@@ -161,6 +171,7 @@ impl TxConfig {
             replica: None,
             commit_check: settings.connect_timeout,
             idempotency_ttl: settings.idempotency_ttl,
+            round_trips: Bounds::new(settings.statement_timeout, settings.connect_timeout),
         }
     }
 }

@@ -25,6 +25,7 @@
 //! Migrations are refused through the pooler (`app migrate`, and the `migration` crate's CLI):
 //! they prepare named statements outside any request transaction.
 
+use sea_orm::sqlx;
 use sea_orm::{AccessMode, IsolationLevel};
 use std::time::Duration;
 
@@ -47,6 +48,18 @@ pub enum Session {
 pub(super) enum BeginSql {
     Static(&'static str),
     Owned(String),
+}
+
+impl BeginSql {
+    /// The statement text, without copying a static one.
+    pub(super) fn sql(&self) -> sqlx::SqlStr {
+        match self {
+            BeginSql::Static(sql) => sqlx::SqlSafeStr::into_sql_str(*sql),
+            BeginSql::Owned(sql) => {
+                sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql.clone()))
+            }
+        }
+    }
 }
 
 impl Session {

@@ -4,7 +4,12 @@
 //! (startup, then typed messages) and copies the backend's bytes untouched, so it needs a
 //! connection without TLS (`DB_SSL_MODE=disable`). Everything stops when it is dropped.
 //!
-//! One entry: [`FaultProxy::start`], then [`FaultProxy::cut_next_commit`].
+//! It can also hold a connection instead of cutting it, as a network partition does: from a
+//! chosen message on, nothing more passes in either direction, and the sockets stay open until
+//! the client closes its end ([`FaultProxy::hold_next`]).
+//!
+//! One entry: [`FaultProxy::start`], then [`FaultProxy::cut_next_commit`] or
+//! [`FaultProxy::hold_next`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +29,30 @@ pub enum Cut {
     BeforeForwarding,
 }
 
+/// Where an armed hold falls; from there on the connection passes nothing either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// The next statement whose text contains this (a simple query, or the Parse of a
+    /// prepared one) is not forwarded.
+    Statement(&'static str),
+    /// The next `COMMIT` is not forwarded.
+    Commit,
+    /// The next `COMMIT` is forwarded; the server's reply is not.
+    CommitReply,
+}
+
+impl Hold {
+    fn matches(&self, message: &[u8]) -> bool {
+        match self {
+            Hold::Statement(needle) => {
+                matches!(message.first(), Some(b'Q' | b'P'))
+                    && String::from_utf8_lossy(message).contains(needle)
+            }
+            Hold::Commit | Hold::CommitReply => is_commit(message),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Plan {
     cut: Cut,
@@ -41,6 +70,11 @@ struct Shared {
     sever: watch::Sender<u64>,
     /// Set when the armed cut has happened.
     fired: watch::Sender<bool>,
+    hold: Mutex<Option<Hold>>,
+    /// Set when the armed hold has happened.
+    held: watch::Sender<bool>,
+    /// Set when the client closed its end of the held connection.
+    held_closed: watch::Sender<bool>,
 }
 
 pub struct FaultProxy {
@@ -72,6 +106,9 @@ impl FaultProxy {
             isolated: AtomicBool::new(false),
             sever: watch::channel(0).0,
             fired: watch::channel(false).0,
+            hold: Mutex::new(None),
+            held: watch::channel(false).0,
+            held_closed: watch::channel(false).0,
         });
         let task = tokio::spawn(accept(listener, Arc::clone(&shared)));
         FaultProxy { addr, shared, task }
@@ -115,6 +152,27 @@ impl FaultProxy {
     /// Whether the armed cut has happened.
     pub fn fired(&self) -> bool {
         *self.shared.fired.borrow()
+    }
+
+    /// Arms one hold, on whichever connection first sends what `hold` names.
+    pub fn hold_next(&self, hold: Hold) {
+        *self.shared.hold.lock().expect("hold lock") = Some(hold);
+        self.shared.held.send_replace(false);
+        self.shared.held_closed.send_replace(false);
+    }
+
+    /// Whether the armed hold has happened.
+    pub fn held(&self) -> bool {
+        *self.shared.held.borrow()
+    }
+
+    /// Waits until the client has closed its end of the held connection, up to `within`;
+    /// returns whether it did.
+    pub async fn held_connection_closed(&self, within: std::time::Duration) -> bool {
+        let mut closed = self.shared.held_closed.subscribe();
+        tokio::time::timeout(within, closed.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -161,6 +219,18 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
                     .get(4..8)
                     .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
                 startup = matches!(code, Some(80_877_103) | Some(80_877_104));
+            } else if let Some(hold) = take_hold(&shared, &message) {
+                muted.store(true, Ordering::SeqCst);
+                if hold == Hold::CommitReply {
+                    let _ = server_tx.write_all(&message).await;
+                    let _ = server_tx.flush().await;
+                }
+                shared.held.send_replace(true);
+                // Nothing more passes; the client's bytes are read and dropped, so that its
+                // closing the connection is seen.
+                while read_message(&mut client_rx, false).await.is_some() {}
+                shared.held_closed.send_replace(true);
+                return;
             } else if is_commit(&message) {
                 let plan = shared.plan.lock().expect("plan lock").take();
                 if let Some(plan) = plan {
@@ -189,7 +259,11 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if muted.load(Ordering::SeqCst) || client_tx.write_all(&buf[..n]).await.is_err() {
+            if muted.load(Ordering::SeqCst) {
+                // Held or cut: the reply is dropped.
+                continue;
+            }
+            if client_tx.write_all(&buf[..n]).await.is_err() {
                 return;
             }
         }
@@ -200,6 +274,13 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
         _ = severed.changed() => {}
     }
     // Returning drops both sockets: the client and the server each see the connection close.
+}
+
+/// The armed hold, taken if `message` is where it falls.
+fn take_hold(shared: &Shared, message: &[u8]) -> Option<Hold> {
+    let mut hold = shared.hold.lock().expect("hold lock");
+    hold.filter(|h| h.matches(message))
+        .and_then(|_| hold.take())
 }
 
 /// One whole frontend message: untyped during startup (`length`, body), typed after (`type`,

@@ -14,6 +14,7 @@ mod idempotency;
 mod json_schema;
 mod mariadb;
 mod operations;
+mod partition;
 mod pgbouncer;
 mod pooler;
 mod process;

@@ -567,6 +567,7 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
         idempotency_ttl: std::time::Duration::from_secs(3600),
         leak_warning: None,
         replica: None,
+        round_trips: app::transaction::Bounds::new(None, std::time::Duration::from_secs(1)),
     };
     let policy = app::TxPolicy::default();
     let count = |code: &'static str| {

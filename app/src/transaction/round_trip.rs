@@ -1,0 +1,200 @@
+//! The connection of an open transaction (PostgreSQL, MariaDB) and the bound on every round trip
+//! made on it (API.md §4). The server bounds a statement's own work (`statement_timeout`,
+//! `max_statement_time`), but nothing on the server's side bounds a reply that never arrives:
+//! with the database's packets dropped (a network partition), a request would wait for the
+//! kernel to give up on the socket, many minutes, holding its connection and its admission
+//! permit. So the service bounds each round trip itself ([`Bounds`]), and when a bound passes it
+//! closes the connection at once (never returned to the pool: its state is unknown) and the
+//! attempt fails as the database being unavailable (503), or, at `COMMIT`, goes through the
+//! commit-outcome check of the parent module.
+//!
+//! The transaction is held as the pooled connection itself, begun, committed and rolled back
+//! with one simple-query message each (what sqlx's own `Transaction` sends), so that the
+//! connection can be closed when a bound passes: sqlx's `Transaction` keeps its connection to
+//! itself. Dropped while still open (a cancelled request), it closes its connection, and the
+//! server rolls the transaction back.
+
+use std::time::Duration;
+
+use sea_orm::sqlx::{self, Database, Executor, pool::PoolConnection};
+
+/// How long one round trip on a transaction's connection may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    /// `BEGIN`, `COMMIT`, `ROLLBACK` and the layer's own small queries: no server work to wait
+    /// for, so `DB_CONNECT_TIMEOUT`, the time a healthy server is given to answer at all.
+    pub control: Duration,
+    /// A handler's statement: `DB_STATEMENT_TIMEOUT_MS` plus `DB_CONNECT_TIMEOUT`, so the
+    /// server's own timeout (a clean 503 `statement_timeout`… or the lock wait it cancels) always
+    /// fires first when the server is reachable. `None` when `DB_STATEMENT_TIMEOUT_MS` is off: a
+    /// statement may then run as long as it likes, and so may a partition hold it.
+    pub statement: Option<Duration>,
+}
+
+impl Bounds {
+    pub fn new(statement_timeout: Option<Duration>, connect_timeout: Duration) -> Bounds {
+        Bounds {
+            control: connect_timeout,
+            statement: statement_timeout.map(|t| t + connect_timeout),
+        }
+    }
+}
+
+/// Whether `err` is a round trip that outlived its bound (its connection is closed).
+pub(super) fn is_timed_out(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut)
+}
+
+fn timed_out(bound: Duration) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "no reply from the database within {} ms; the connection was closed",
+            bound.as_millis()
+        ),
+    ))
+}
+
+fn closed() -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "the transaction's connection was closed after a round trip outlived its bound",
+    ))
+}
+
+/// Runs `round_trip`, giving up after `bound` (never when `None`).
+pub(super) async fn within<T>(
+    bound: Option<Duration>,
+    round_trip: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    match bound {
+        Some(bound) => tokio::time::timeout(bound, round_trip)
+            .await
+            .unwrap_or_else(|_| Err(timed_out(bound))),
+        None => round_trip.await,
+    }
+}
+
+/// An open transaction on a pooled connection.
+pub(super) struct TxConn<DB: Database> {
+    /// `None` once closed after a round trip outlived its bound.
+    conn: Option<PoolConnection<DB>>,
+    /// Between a successful `BEGIN` and the end of `COMMIT` or `ROLLBACK`.
+    open: bool,
+}
+
+impl<DB: Database> TxConn<DB>
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    /// Sends `begin` (one simple-query message) on `conn`. A connection whose `BEGIN` failed is
+    /// closed, not returned to the pool: nothing ran on it, and it is most likely dead.
+    pub(super) async fn begin(
+        conn: PoolConnection<DB>,
+        begin: sqlx::SqlStr,
+        bound: Duration,
+    ) -> Result<TxConn<DB>, sqlx::Error> {
+        let mut tx = TxConn {
+            conn: Some(conn),
+            open: true,
+        };
+        match tx.bounded(Some(bound), sqlx::raw_sql(begin)).await {
+            Ok(_) => Ok(tx),
+            Err(e) => {
+                tx.close();
+                Err(e)
+            }
+        }
+    }
+
+    /// The connection, unless it was closed after a timeout.
+    pub(super) fn conn(&mut self) -> Result<&mut DB::Connection, sqlx::Error> {
+        self.conn.as_deref_mut().ok_or_else(closed)
+    }
+
+    /// What a bounded round trip gave; a timeout closes the connection.
+    pub(super) fn settle<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        if matches!(&result, Err(e) if is_timed_out(e)) {
+            self.close();
+        }
+        result
+    }
+
+    /// Ends the transaction with `COMMIT`, bounded by `bound`.
+    pub(super) async fn commit(&mut self, bound: Duration) -> Result<(), sqlx::Error> {
+        self.end("COMMIT", bound).await
+    }
+
+    /// Ends the transaction with `ROLLBACK`, bounded by `bound`. A connection on which it fails
+    /// is closed (the server then rolls back by itself).
+    pub(super) async fn rollback(&mut self, bound: Duration) -> Result<(), sqlx::Error> {
+        let result = self.end("ROLLBACK", bound).await;
+        if result.is_err() {
+            self.close();
+        }
+        result
+    }
+
+    async fn end(&mut self, sql: &'static str, bound: Duration) -> Result<(), sqlx::Error> {
+        self.bounded(Some(bound), sqlx::raw_sql(sql)).await?;
+        self.open = false;
+        Ok(())
+    }
+
+    async fn bounded(
+        &mut self,
+        bound: Option<Duration>,
+        sql: sqlx::RawSql,
+    ) -> Result<(), sqlx::Error> {
+        let result = match self.conn() {
+            Ok(conn) => within(bound, sql.execute(conn)).await.map(drop),
+            Err(e) => Err(e),
+        };
+        self.settle(result)
+    }
+
+    /// Closes the connection at once, outside the pool (which may open a replacement): no
+    /// `Terminate`, no waiting on a socket that may never answer.
+    fn close(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
+    }
+}
+
+impl<DB: Database> Drop for TxConn<DB> {
+    fn drop(&mut self) {
+        // Abandoned inside the transaction (a cancelled request): the connection is closed,
+        // so the server rolls back, rather than returned to the pool mid-transaction.
+        if let (true, Some(conn)) = (self.open, self.conn.as_mut()) {
+            conn.close_on_drop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_statement_is_bounded_only_when_the_server_bounds_it_too() {
+        let second = Duration::from_secs(1);
+        let off = Bounds::new(None, 10 * second);
+        assert_eq!(off.control, 10 * second);
+        assert_eq!(off.statement, None);
+        let on = Bounds::new(Some(Duration::from_millis(1500)), 10 * second);
+        assert_eq!(on.statement, Some(Duration::from_millis(11_500)));
+    }
+
+    #[tokio::test]
+    async fn a_round_trip_past_its_bound_is_a_timeout_and_none_waits() {
+        let never = std::future::pending::<Result<(), sqlx::Error>>();
+        let err = within(Some(Duration::from_millis(10)), never)
+            .await
+            .expect_err("bounded");
+        assert!(is_timed_out(&err), "{err}");
+        assert!(err.to_string().contains("within 10 ms"), "{err}");
+        let ready = within(None, async { Ok::<_, sqlx::Error>(7) }).await;
+        assert_eq!(ready.ok(), Some(7));
+    }
+}

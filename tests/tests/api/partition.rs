@@ -1,0 +1,170 @@
+//! A database whose packets stop arriving (a network partition), caused by the tests' own proxy
+//! holding one connection: nothing passes either way and nothing is closed. Every round trip is
+//! bounded on the service side (`DB_CONNECT_TIMEOUT`, plus `DB_STATEMENT_TIMEOUT_MS` for a
+//! statement): the request is answered when the bound passes, the held connection is closed
+//! (never returned to the pool), and a `COMMIT` without reply goes through the commit-outcome
+//! check (API.md §4).
+//!
+//! The app has a pool of one connection, so a connection that was not closed, or a permit that
+//! was not given back, makes the request that follows fail.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::fault_proxy::{FaultProxy, Hold, upstream_of};
+use crate::helpers::{TestApp, admin_url, problem, spawn_app_behind};
+
+/// `DB_STATEMENT_TIMEOUT_MS` + `DB_CONNECT_TIMEOUT` below: a statement's bound.
+const STATEMENT_BOUND: Duration = Duration::from_millis(1_300);
+/// `DB_CONNECT_TIMEOUT` below: the bound of `BEGIN` and `COMMIT`.
+const CONTROL_BOUND: Duration = Duration::from_secs(1);
+/// What a busy two-core machine may add to a bound before the answer arrives. Without the
+/// bound the answer would take as long as the kernel keeps retransmitting: many minutes.
+const MARGIN: Duration = Duration::from_secs(4);
+
+struct Receipt {
+    body: Value,
+    warehouse: i64,
+    product: i64,
+}
+
+async fn app_behind_proxy() -> (FaultProxy, TestApp, Receipt) {
+    let proxy = FaultProxy::start(&upstream_of(&admin_url())).await;
+    let app = spawn_app_behind(
+        &proxy,
+        &[
+            ("DB_POOL_SIZE", "1"),
+            ("DB_MAX_OVERFLOW", "0"),
+            ("DB_POOL_TIMEOUT", "5"),
+            ("DB_CONNECT_TIMEOUT", "1"),
+            ("DB_STATEMENT_TIMEOUT_MS", "300"),
+        ],
+    )
+    .await;
+    let warehouse = app.warehouse("W1").await;
+    let product = app.product("P1").await;
+    let body = json!({"warehouse_id": warehouse, "product_id": product, "quantity": 5});
+    let receipt = Receipt {
+        body,
+        warehouse,
+        product,
+    };
+    (proxy, app, receipt)
+}
+
+/// POSTs `body`, failing the test (instead of hanging it) when no answer comes.
+async fn post_timed(app: &TestApp, path: &str, body: &Value) -> (reqwest::Response, Duration) {
+    let started = Instant::now();
+    let res = tokio::time::timeout(Duration::from_secs(30), app.post(path, body))
+        .await
+        .expect("an answer, not a request hanging on a partitioned connection");
+    (res, started.elapsed())
+}
+
+async fn movements(app: &TestApp) -> i64 {
+    app.scalar("SELECT count(*) FROM movement").await
+}
+
+/// The held connection was closed by the app, and a pool of one serves the next receipt.
+async fn assert_connection_closed_and_pool_usable(
+    proxy: &FaultProxy,
+    app: &TestApp,
+    receipt: &Receipt,
+) {
+    assert!(
+        proxy.held_connection_closed(Duration::from_secs(10)).await,
+        "the app closed the connection that got no reply"
+    );
+    let (next, _) = post_timed(app, "/receipts", &receipt.body).await;
+    assert_eq!(next.status(), 201, "the pool's one connection was replaced");
+}
+
+#[tokio::test]
+async fn a_statement_without_reply_is_answered_503_within_its_bound_and_its_connection_closed() {
+    let (proxy, app, receipt) = app_behind_proxy().await;
+    proxy.hold_next(Hold::Statement("INSERT INTO \"movement\""));
+
+    let (res, elapsed) = post_timed(&app, "/receipts", &receipt.body).await;
+
+    assert!(proxy.held(), "the proxy held the receipt's INSERT");
+    assert!(
+        elapsed >= STATEMENT_BOUND && elapsed < STATEMENT_BOUND + MARGIN,
+        "answered after the statement's bound, not before and not much later: {elapsed:?}"
+    );
+    assert_eq!(
+        res.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let (status, body) = problem(res).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("database_unavailable")),
+        "{body}"
+    );
+    assert_eq!(movements(&app).await, 0, "nothing was committed");
+    assert_eq!(
+        app.stock(receipt.warehouse, receipt.product).await,
+        0,
+        "the stock change before it is rolled back"
+    );
+
+    assert_connection_closed_and_pool_usable(&proxy, &app, &receipt).await;
+    assert_eq!(movements(&app).await, 1);
+    app.assert_invariant().await;
+}
+
+#[tokio::test]
+async fn a_commit_whose_reply_never_comes_is_resolved_and_answered_201_when_the_server_committed() {
+    let (proxy, app, receipt) = app_behind_proxy().await;
+    proxy.hold_next(Hold::CommitReply);
+
+    let (res, elapsed) = post_timed(&app, "/receipts", &receipt.body).await;
+
+    assert!(
+        proxy.held(),
+        "the proxy held the reply to the receipt's COMMIT"
+    );
+    assert!(
+        elapsed >= CONTROL_BOUND && elapsed < CONTROL_BOUND + MARGIN,
+        "answered after the COMMIT's bound and the outcome check: {elapsed:?}"
+    );
+    assert_eq!(
+        res.status(),
+        201,
+        "the server committed: the handler's answer"
+    );
+    assert_eq!(movements(&app).await, 1, "stored once");
+
+    assert_connection_closed_and_pool_usable(&proxy, &app, &receipt).await;
+    assert_eq!(movements(&app).await, 2);
+    app.assert_invariant().await;
+}
+
+#[tokio::test]
+async fn a_commit_that_never_reaches_the_server_is_answered_503_and_stores_nothing() {
+    let (proxy, app, receipt) = app_behind_proxy().await;
+    proxy.hold_next(Hold::Commit);
+
+    let (res, elapsed) = post_timed(&app, "/receipts", &receipt.body).await;
+
+    assert!(proxy.held(), "the proxy held the receipt's COMMIT");
+    assert!(
+        elapsed >= CONTROL_BOUND && elapsed < CONTROL_BOUND + MARGIN,
+        "answered after the COMMIT's bound and the outcome check: {elapsed:?}"
+    );
+    assert!(
+        res.headers().get("retry-after").is_some(),
+        "a retry is safe"
+    );
+    let (status, body) = problem(res).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("database_unavailable")),
+        "the server rolled back when the app closed the connection: {body}"
+    );
+    assert_eq!(movements(&app).await, 0, "nothing was committed");
+
+    assert_connection_closed_and_pool_usable(&proxy, &app, &receipt).await;
+    assert_eq!(movements(&app).await, 1);
+}
