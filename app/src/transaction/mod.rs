@@ -503,6 +503,7 @@ where
                         if let Some(m) = &metrics {
                             m.count_transaction(outcome);
                         }
+                        let replay = matches!(early, Claim::Replay(_));
                         let answer = match early {
                             Claim::Replay(stored) => {
                                 if let Some(m) = &metrics {
@@ -515,7 +516,12 @@ where
                                 ApiError::IdempotencyKeyReused.error_response()
                             }
                         };
-                        let reply = ServiceResponse::new(http.clone(), answer);
+                        let mut reply = ServiceResponse::new(http.clone(), answer);
+                        if let (true, Some(_)) = (replay, &config.replica) {
+                            // The replayed writes committed at or before the primary's
+                            // position now: the client reads them back like a first answer's.
+                            routing::attach_token(reply.headers_mut(), &db).await;
+                        }
                         reply
                             .request()
                             .extensions_mut()
@@ -653,10 +659,7 @@ where
                 };
                 let mut reply = reply;
                 if let (TxOutcome::Commit, true, Some(_)) = (outcome, writes, &config.replica) {
-                    let lsn = routing::position_after_commit(&db).await;
-                    for (name, value) in routing::token_headers(lsn) {
-                        reply.headers_mut().append(name, value);
-                    }
+                    routing::attach_token(reply.headers_mut(), &db).await;
                 }
                 reply
                     .request()

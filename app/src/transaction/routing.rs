@@ -108,6 +108,15 @@ pub fn token_of(req: &HttpRequest) -> Option<Lsn> {
     from_header.chain(from_cookie).max()
 }
 
+/// Adds the consistency token of the primary's position now to a response: after a write
+/// committed, or when an `Idempotency-Key` replays one (its writes committed before now).
+pub(super) async fn attach_token(headers: &mut header::HeaderMap, primary: &DatabaseConnection) {
+    let lsn = position_after_commit(primary).await;
+    for (name, value) in token_headers(lsn) {
+        headers.append(name, value);
+    }
+}
+
 /// The `Consistency-Token` header and `Set-Cookie` of a response to a committed write.
 pub fn token_headers(lsn: Lsn) -> [(HeaderName, HeaderValue); 2] {
     let token = lsn.token();

@@ -348,3 +348,46 @@ async fn expired_keys_are_forgotten_and_cleaned_up() {
     );
     assert_eq!(app.scalar("SELECT count(*) FROM idempotency_key").await, 0);
 }
+
+#[tokio::test]
+async fn with_a_replica_a_replay_carries_a_consistency_token_that_reads_the_replayed_write() {
+    let app = crate::replica::ReplicaPair::shared().spawn_app(&[]).await;
+    let body = receipt(&app).await;
+    let product = body["product_id"].as_i64().expect("product id");
+    let token = |res: &reqwest::Response| {
+        res.headers()
+            .get("consistency-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+
+    let first = post_with_key(&app, "/receipts", "replayed-read", &body).await;
+    assert_eq!(first.status(), 201);
+    assert!(token(&first).is_some(), "the first answer carries a token");
+    let again = post_with_key(&app, "/receipts", "replayed-read", &body).await;
+    assert!(replayed(&again));
+    let replay_token = token(&again).expect("the replay carries a token too");
+    assert!(
+        again
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .any(|c| c.as_bytes().starts_with(b"consistency_token=")),
+        "and its cookie"
+    );
+
+    let read = app
+        .client
+        .get(app.url(&format!("/products/{product}/stock")))
+        .header("consistency-token", replay_token)
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(read.status(), 200);
+    let stock: Value = read.json().await.expect("json");
+    assert_eq!(
+        stock["total"], 5,
+        "the replayed write is read back: {stock}"
+    );
+    assert_eq!(movements(&app).await, 1);
+}
