@@ -126,8 +126,12 @@ where
     }
 
     /// Ends the transaction with `ROLLBACK`, bounded by `bound`. A connection on which it fails
-    /// is closed (the server then rolls back by itself).
+    /// is closed (the server then rolls back by itself), and so is one already closed.
     pub(super) async fn rollback(&mut self, bound: Duration) -> Result<(), sqlx::Error> {
+        if self.conn.is_none() {
+            self.open = false;
+            return Ok(());
+        }
         let result = self.end("ROLLBACK", bound).await;
         if result.is_err() {
             self.close();
