@@ -560,6 +560,21 @@ impl TestApp {
 }
 
 /// The `code` of a problem+json response, after checking its content type and shape.
+/// Asserts a 503 `database_unavailable` with `Retry-After: 1` (nothing committed, retry later).
+pub async fn assert_unavailable(res: reqwest::Response, why: &str) {
+    assert_eq!(
+        res.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..]),
+        "{why}: Retry-After"
+    );
+    let (status, body) = problem(res).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("database_unavailable")),
+        "{why}: {body}"
+    );
+}
+
 pub async fn problem(res: reqwest::Response) -> (u16, Value) {
     let status = res.status().as_u16();
     let content_type = res
