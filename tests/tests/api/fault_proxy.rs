@@ -1,7 +1,8 @@
-//! A TCP proxy of the tests' own between the app and PostgreSQL that breaks connections at a
-//! chosen point of the protocol: at the next `COMMIT` a client sends (sqlx sends it as a
-//! simple-query message `Q`), before or after forwarding it. It reads the frontend's messages
-//! (startup, then typed messages) and copies the backend's bytes untouched, so it needs a
+//! A TCP proxy of the tests' own between the app and PostgreSQL (or MariaDB) that breaks
+//! connections at a chosen point of the protocol: at the next `COMMIT` a client sends (sqlx
+//! sends it as a simple query: PostgreSQL's `Q` message, MariaDB's `COM_QUERY`), before or after
+//! forwarding it. It reads the client's messages (PostgreSQL: startup, then typed messages;
+//! MariaDB: length-prefixed packets) and copies the server's bytes untouched, so it needs a
 //! connection without TLS (`DB_SSL_MODE=disable`). Everything stops when it is dropped.
 //!
 //! It can also hold a connection instead of cutting it, as a network partition does: from a
@@ -42,15 +43,21 @@ pub enum Hold {
 }
 
 impl Hold {
-    fn matches(&self, message: &[u8]) -> bool {
+    fn matches(&self, protocol: Protocol, message: &[u8]) -> bool {
         match self {
             Hold::Statement(needle) => {
-                matches!(message.first(), Some(b'Q' | b'P'))
-                    && String::from_utf8_lossy(message).contains(needle)
+                sql_of(protocol, message).is_some_and(|(_, sql)| sql.contains(needle))
             }
-            Hold::Commit | Hold::CommitReply => is_commit(message),
+            Hold::Commit | Hold::CommitReply => is_commit(protocol, message),
         }
     }
+}
+
+/// The wire protocol the proxy reads the client's side of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Postgres,
+    Mysql,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +70,7 @@ struct Plan {
 
 struct Shared {
     upstream: SocketAddr,
+    protocol: Protocol,
     plan: Mutex<Option<Plan>>,
     /// Set once the app is cut off: new connections are closed at once.
     isolated: AtomicBool,
@@ -91,8 +99,17 @@ impl Drop for FaultProxy {
 }
 
 impl FaultProxy {
-    /// Listens on a random loopback port and forwards to `upstream` (`host:port`).
+    /// Listens on a random loopback port and forwards to PostgreSQL at `upstream` (`host:port`).
     pub async fn start(upstream: &str) -> FaultProxy {
+        FaultProxy::start_for(upstream, Protocol::Postgres).await
+    }
+
+    /// Listens on a random loopback port and forwards to MariaDB at `upstream` (`host:port`).
+    pub async fn start_mysql(upstream: &str) -> FaultProxy {
+        FaultProxy::start_for(upstream, Protocol::Mysql).await
+    }
+
+    async fn start_for(upstream: &str, protocol: Protocol) -> FaultProxy {
         let upstream = tokio::net::lookup_host(upstream)
             .await
             .expect("upstream address resolves")
@@ -102,6 +119,7 @@ impl FaultProxy {
         let addr = listener.local_addr().expect("proxy address");
         let shared = Arc::new(Shared {
             upstream,
+            protocol,
             plan: Mutex::new(None),
             isolated: AtomicBool::new(false),
             sever: watch::channel(0).0,
@@ -114,14 +132,19 @@ impl FaultProxy {
         FaultProxy { addr, shared, task }
     }
 
-    /// `url` (a PostgreSQL URL) with its host and port replaced by the proxy's, TLS off.
+    /// `url` with its host and port replaced by the proxy's; TLS off for PostgreSQL (MariaDB
+    /// takes it from `DB_SSL_MODE=disable`).
     pub fn url(&self, url: &str) -> String {
         let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         let user = authority.rsplit_once('@').map(|(u, _)| format!("{u}@"));
-        let sep = if path.contains('?') { '&' } else { '?' };
+        let tls_off = match (self.shared.protocol, path.contains('?')) {
+            (Protocol::Mysql, _) => "",
+            (Protocol::Postgres, true) => "&sslmode=disable",
+            (Protocol::Postgres, false) => "?sslmode=disable",
+        };
         format!(
-            "{scheme}://{}{}/{path}{sep}sslmode=disable",
+            "{scheme}://{}{}/{path}{tls_off}",
             user.unwrap_or_default(),
             self.addr
         )
@@ -207,10 +230,12 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
     // Set just before a cut `COMMIT` is forwarded: its reply must not reach the client.
     let muted = AtomicBool::new(false);
 
+    let protocol = shared.protocol;
     let frontend = async {
-        let mut startup = true;
+        // MariaDB's packets are framed alike from the first one on.
+        let mut startup = protocol == Protocol::Postgres;
         loop {
-            let Some(message) = read_message(&mut client_rx, startup).await else {
+            let Some(message) = read_message(protocol, &mut client_rx, startup).await else {
                 return;
             };
             if startup {
@@ -228,10 +253,13 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
                 shared.held.send_replace(true);
                 // Nothing more passes; the client's bytes are read and dropped, so that its
                 // closing the connection is seen.
-                while read_message(&mut client_rx, false).await.is_some() {}
+                while read_message(protocol, &mut client_rx, false)
+                    .await
+                    .is_some()
+                {}
                 shared.held_closed.send_replace(true);
                 return;
-            } else if is_commit(&message) {
+            } else if is_commit(protocol, &message) {
                 let plan = shared.plan.lock().expect("plan lock").take();
                 if let Some(plan) = plan {
                     muted.store(true, Ordering::SeqCst);
@@ -279,44 +307,69 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
 /// The armed hold, taken if `message` is where it falls.
 fn take_hold(shared: &Shared, message: &[u8]) -> Option<Hold> {
     let mut hold = shared.hold.lock().expect("hold lock");
-    hold.filter(|h| h.matches(message))
+    hold.filter(|h| h.matches(shared.protocol, message))
         .and_then(|_| hold.take())
 }
 
-/// One whole frontend message: untyped during startup (`length`, body), typed after (`type`,
-/// `length`, body). `None` at end of stream.
+/// One whole client message. PostgreSQL: untyped during startup (`length`, body), typed after
+/// (`type`, `length`, body). MariaDB: a packet (3-byte little-endian length, sequence number,
+/// payload). `None` at end of stream.
 async fn read_message(
+    protocol: Protocol,
     stream: &mut tokio::net::tcp::OwnedReadHalf,
     startup: bool,
 ) -> Option<Vec<u8>> {
     let mut message = Vec::new();
-    if !startup {
-        let mut kind = [0u8; 1];
-        stream.read_exact(&mut kind).await.ok()?;
-        message.push(kind[0]);
-    }
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await.ok()?;
-    message.extend_from_slice(&len);
-    let body = (u32::from_be_bytes(len) as usize).checked_sub(4)?;
+    let body = match protocol {
+        Protocol::Postgres => {
+            if !startup {
+                let mut kind = [0u8; 1];
+                stream.read_exact(&mut kind).await.ok()?;
+                message.push(kind[0]);
+            }
+            let mut len = [0u8; 4];
+            stream.read_exact(&mut len).await.ok()?;
+            message.extend_from_slice(&len);
+            (u32::from_be_bytes(len) as usize).checked_sub(4)?
+        }
+        Protocol::Mysql => {
+            let mut header = [0u8; 4];
+            stream.read_exact(&mut header).await.ok()?;
+            message.extend_from_slice(&header);
+            u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize
+        }
+    };
     let start = message.len();
     message.resize(start + body, 0);
     stream.read_exact(&mut message[start..]).await.ok()?;
     Some(message)
 }
 
-/// A simple-query message whose whole text is `COMMIT`.
-fn is_commit(message: &[u8]) -> bool {
-    message.first() == Some(&b'Q')
-        && message
-            .get(5..)
-            .map(|sql| {
-                String::from_utf8_lossy(sql)
-                    .trim_end_matches('\0')
-                    .trim()
-                    .eq_ignore_ascii_case("COMMIT")
-            })
-            .unwrap_or(false)
+/// The SQL a client message carries, and whether it is a simple (text) query: PostgreSQL's
+/// `Q` or the `P`arse of a prepared statement; MariaDB's `COM_QUERY` or `COM_STMT_PREPARE`.
+fn sql_of(protocol: Protocol, message: &[u8]) -> Option<(bool, String)> {
+    let (simple, sql) = match (protocol, message.first()) {
+        (Protocol::Postgres, Some(b'Q')) => (true, message.get(5..)?),
+        (Protocol::Postgres, Some(b'P')) => (false, message.get(5..)?),
+        (Protocol::Mysql, _) => match message.get(4) {
+            Some(0x03) => (true, message.get(5..)?),
+            Some(0x16) => (false, message.get(5..)?),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some((simple, String::from_utf8_lossy(sql).into_owned()))
+}
+
+/// A simple query whose whole text is `COMMIT`.
+fn is_commit(protocol: Protocol, message: &[u8]) -> bool {
+    sql_of(protocol, message).is_some_and(|(simple, sql)| {
+        simple
+            && sql
+                .trim_end_matches('\0')
+                .trim()
+                .eq_ignore_ascii_case("COMMIT")
+    })
 }
 
 /// The `host:port` of a PostgreSQL URL.

@@ -319,8 +319,24 @@ pub async fn spawn_app_behind(
     proxy: &crate::fault_proxy::FaultProxy,
     overrides: &[(&str, &str)],
 ) -> TestApp {
+    spawn_app_behind_on(Server::Postgres, proxy, overrides).await
+}
+
+/// [`spawn_app_behind`] on MariaDB (a proxy started with `FaultProxy::start_mysql`).
+pub async fn spawn_mariadb_app_behind(
+    proxy: &crate::fault_proxy::FaultProxy,
+    overrides: &[(&str, &str)],
+) -> TestApp {
+    spawn_app_behind_on(Server::Mariadb, proxy, overrides).await
+}
+
+async fn spawn_app_behind_on(
+    server: Server,
+    proxy: &crate::fault_proxy::FaultProxy,
+    overrides: &[(&str, &str)],
+) -> TestApp {
     init_logs();
-    let database = TestDatabase::create().await;
+    let database = TestDatabase::create_on(server).await;
     let direct = database.connect().await;
     app::db::migrate(&direct).await.expect("migrations apply");
     let _ = direct.close().await;

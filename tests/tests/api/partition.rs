@@ -6,14 +6,18 @@
 //! check (API.md §4).
 //!
 //! The app has a pool of one connection, so a connection that was not closed, or a permit that
-//! was not given back, makes the request that follows fail.
+//! was not given back, makes the request that follows fail. MariaDB cannot be asked about
+//! another session's transaction: a `COMMIT` without reply is answered 500
+//! `commit_outcome_unknown` there, whether or not the server committed.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::fault_proxy::{FaultProxy, Hold, upstream_of};
-use crate::helpers::{TestApp, admin_url, assert_unavailable, spawn_app_behind};
+use crate::helpers::{
+    Server, TestApp, assert_unavailable, problem, spawn_app_behind, spawn_mariadb_app_behind,
+};
 
 /// `DB_STATEMENT_TIMEOUT_MS` + `DB_CONNECT_TIMEOUT` below: a statement's bound.
 const STATEMENT_BOUND: Duration = Duration::from_millis(1_300);
@@ -29,19 +33,27 @@ struct Receipt {
     product: i64,
 }
 
-async fn app_behind_proxy() -> (FaultProxy, TestApp, Receipt) {
-    let proxy = FaultProxy::start(&upstream_of(&admin_url())).await;
-    let app = spawn_app_behind(
-        &proxy,
-        &[
-            ("DB_POOL_SIZE", "1"),
-            ("DB_MAX_OVERFLOW", "0"),
-            ("DB_POOL_TIMEOUT", "5"),
-            ("DB_CONNECT_TIMEOUT", "1"),
-            ("DB_STATEMENT_TIMEOUT_MS", "300"),
-        ],
-    )
-    .await;
+async fn app_behind_proxy(server: Server) -> (FaultProxy, TestApp, Receipt) {
+    let upstream = upstream_of(&server.admin_url());
+    let overrides = [
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "0"),
+        ("DB_POOL_TIMEOUT", "5"),
+        ("DB_CONNECT_TIMEOUT", "1"),
+        ("DB_STATEMENT_TIMEOUT_MS", "300"),
+    ];
+    let (proxy, app) = match server {
+        Server::Postgres => {
+            let proxy = FaultProxy::start(&upstream).await;
+            let app = spawn_app_behind(&proxy, &overrides).await;
+            (proxy, app)
+        }
+        Server::Mariadb => {
+            let proxy = FaultProxy::start_mysql(&upstream).await;
+            let app = spawn_mariadb_app_behind(&proxy, &overrides).await;
+            (proxy, app)
+        }
+    };
     let warehouse = app.warehouse("W1").await;
     let product = app.product("P1").await;
     let body = json!({"warehouse_id": warehouse, "product_id": product, "quantity": 5});
@@ -82,8 +94,17 @@ async fn assert_connection_closed_and_pool_usable(
 
 #[tokio::test]
 async fn a_statement_without_reply_is_answered_503_within_its_bound_and_its_connection_closed() {
-    let (proxy, app, receipt) = app_behind_proxy().await;
-    proxy.hold_next(Hold::Statement("INSERT INTO \"movement\""));
+    a_statement_without_reply_is_answered_503(Server::Postgres, "INSERT INTO \"movement\"").await;
+}
+
+#[tokio::test]
+async fn on_mariadb_a_statement_without_reply_is_answered_503_within_its_bound() {
+    a_statement_without_reply_is_answered_503(Server::Mariadb, "INSERT INTO `movement`").await;
+}
+
+async fn a_statement_without_reply_is_answered_503(server: Server, insert: &'static str) {
+    let (proxy, app, receipt) = app_behind_proxy(server).await;
+    proxy.hold_next(Hold::Statement(insert));
 
     let (res, elapsed) = post_timed(&app, "/receipts", &receipt.body).await;
 
@@ -107,7 +128,7 @@ async fn a_statement_without_reply_is_answered_503_within_its_bound_and_its_conn
 
 #[tokio::test]
 async fn a_commit_whose_reply_never_comes_is_resolved_and_answered_201_when_the_server_committed() {
-    let (proxy, app, receipt) = app_behind_proxy().await;
+    let (proxy, app, receipt) = app_behind_proxy(Server::Postgres).await;
     proxy.hold_next(Hold::CommitReply);
 
     let (res, elapsed) = post_timed(&app, "/receipts", &receipt.body).await;
@@ -134,7 +155,7 @@ async fn a_commit_whose_reply_never_comes_is_resolved_and_answered_201_when_the_
 
 #[tokio::test]
 async fn a_commit_that_never_reaches_the_server_is_answered_503_and_stores_nothing() {
-    let (proxy, app, receipt) = app_behind_proxy().await;
+    let (proxy, app, receipt) = app_behind_proxy(Server::Postgres).await;
     proxy.hold_next(Hold::Commit);
 
     let (res, elapsed) = post_timed(&app, "/receipts", &receipt.body).await;
@@ -153,4 +174,35 @@ async fn a_commit_that_never_reaches_the_server_is_answered_503_and_stores_nothi
 
     assert_connection_closed_and_pool_usable(&proxy, &app, &receipt).await;
     assert_eq!(movements(&app).await, 1);
+}
+
+#[tokio::test]
+async fn on_mariadb_a_commit_without_reply_is_answered_500_commit_outcome_unknown() {
+    // Held after the server committed, and held before it: the same honest answer.
+    for (hold, stored) in [(Hold::CommitReply, 1), (Hold::Commit, 0)] {
+        let (proxy, app, receipt) = app_behind_proxy(Server::Mariadb).await;
+        proxy.hold_next(hold);
+
+        let (res, elapsed) = post_timed(&app, "/receipts", &receipt.body).await;
+
+        assert!(proxy.held(), "{hold:?}: the proxy held the COMMIT");
+        assert!(
+            elapsed >= CONTROL_BOUND && elapsed < CONTROL_BOUND + MARGIN,
+            "{hold:?}: answered after the COMMIT's bound: {elapsed:?}"
+        );
+        assert!(
+            res.headers().get("retry-after").is_none(),
+            "{hold:?}: no Retry-After"
+        );
+        let (status, body) = problem(res).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (500, Some("commit_outcome_unknown")),
+            "{hold:?}: {body}"
+        );
+        assert_eq!(movements(&app).await, stored, "{hold:?}");
+
+        assert_connection_closed_and_pool_usable(&proxy, &app, &receipt).await;
+        assert_eq!(movements(&app).await, stored + 1, "{hold:?}");
+    }
 }
