@@ -18,8 +18,10 @@ fn repo_root() -> PathBuf {
 }
 
 fn sea_orm_cli(args: &[&str], database_url: &str) {
-    // A target dir of its own: the test's own cargo may still hold the main one's lock.
-    let target = repo_root().join("target").join("sea-orm-cli");
+    // The workspace's own target directory (cargo test has released its lock once the tests
+    // run): the dependencies whose features match the workspace build are reused, instead of
+    // building all of them again in a directory of their own.
+    let target = repo_root().join("target");
     let output = Command::new("sea-orm-cli")
         .args(args)
         .current_dir(repo_root())
