@@ -6,6 +6,7 @@ pub mod availability;
 pub mod cli;
 pub mod db;
 pub mod domain;
+pub mod headers;
 pub mod json;
 pub mod metrics;
 pub mod problem;

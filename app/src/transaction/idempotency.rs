@@ -36,12 +36,13 @@ use chrono::Utc;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, Value};
 use sha2::{Digest, Sha256};
 
+use crate::headers::{IDEMPOTENT_REPLAYED, IdempotencyKey};
 use crate::problem::ApiError;
 
 use super::Tx;
 
-pub const HEADER: &str = "idempotency-key";
-pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+pub const HEADER: &str = IdempotencyKey::NAME;
+pub const REPLAYED_HEADER: &str = IDEMPOTENT_REPLAYED;
 
 /// A stored key is cleaned up after one stored key in this many (on average).
 pub const CLEAN_ONE_IN: u32 = 16;
@@ -95,13 +96,13 @@ impl Idempotency {
             return Ok(None);
         };
         let bytes = value.as_bytes();
-        let valid = values.next().is_none()
-            && (1..=255).contains(&bytes.len())
-            && bytes.iter().all(|b| (0x21..=0x7e).contains(b));
-        if !valid {
-            return Err(ApiError::Validation(
-                "Idempotency-Key: must be one header of 1 to 255 visible ASCII characters".into(),
-            ));
+        if values.next().is_some() || !IdempotencyKey::accepts(bytes) {
+            return Err(ApiError::Validation(format!(
+                "{}: must be one header of {} to {} visible ASCII characters",
+                IdempotencyKey::NAME,
+                IdempotencyKey::MIN_LEN,
+                IdempotencyKey::MAX_LEN
+            )));
         }
         let key = String::from_utf8_lossy(bytes).into_owned();
         let mut hasher = Sha256::new();
@@ -340,7 +341,7 @@ mod tests {
         let mut map = HeaderMap::new();
         for v in values {
             map.append(
-                HeaderName::from_static(HEADER),
+                HeaderName::from_static("idempotency-key"),
                 HeaderValue::from_bytes(v).expect("a header value"),
             );
         }

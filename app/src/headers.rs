@@ -1,0 +1,47 @@
+//! The `Idempotency-Key` header's name and syntax (API.md §4), defined once:
+//! `transaction::idempotency` enforces them and the OpenAPI document (`routes::openapi`)
+//! declares them from the same constants, so the document accepts a key exactly when the
+//! service does. (They live outside `transaction` because its modules are private.)
+
+use std::ops::RangeInclusive;
+
+/// The request header that makes a `POST` safe to repeat.
+pub struct IdempotencyKey;
+
+impl IdempotencyKey {
+    pub const NAME: &'static str = "Idempotency-Key";
+    /// Shortest and longest key, in bytes (= characters: every allowed byte is ASCII).
+    pub const MIN_LEN: usize = 1;
+    pub const MAX_LEN: usize = 255;
+    /// The bytes a key may contain: visible ASCII (RFC 9110 `VCHAR`), no space.
+    pub const BYTES: RangeInclusive<u8> = 0x21..=0x7e;
+
+    /// Whether `value`, one header's value, is a key.
+    pub fn accepts(value: &[u8]) -> bool {
+        (Self::MIN_LEN..=Self::MAX_LEN).contains(&value.len())
+            && value.iter().all(|b| Self::BYTES.contains(b))
+    }
+
+    /// A regular expression (ECMA-262 and Rust `regex` alike) of the strings made of
+    /// [`BYTES`](Self::BYTES); the lengths are the schema's `minLength`/`maxLength`.
+    pub fn pattern() -> String {
+        format!(
+            "^[\\x{:02X}-\\x{:02X}]+$",
+            Self::BYTES.start(),
+            Self::BYTES.end()
+        )
+    }
+}
+
+/// The response header that marks a stored response replayed for a repeated key.
+pub const IDEMPOTENT_REPLAYED: &str = "Idempotent-Replayed";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pattern_names_the_visible_ascii_range() {
+        assert_eq!(IdempotencyKey::pattern(), "^[\\x21-\\x7E]+$");
+    }
+}
