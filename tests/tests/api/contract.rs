@@ -1,15 +1,19 @@
 //! `/openapi.json` against the service it describes, so that the document cannot drift from the
-//! code: every response of a walk over every operation has a status, a content type and a body
-//! the document declares for that operation; every status the document declares is one the walk
-//! provokes (500 and 503 aside, which the transaction tests provoke); the constraints of the
-//! request schemas accept exactly what the handlers accept; an undeclared method is 405 with an
-//! `Allow` header naming the declared ones. schemathesis (`schemathesis.toml`) does the same by
-//! generating requests; this is the deterministic check that runs with the suite.
+//! code: every response of a walk over every operation has a status, a content type, headers
+//! and a body the document declares for that operation (a problem's `code` among the codes its
+//! response declares; a header the document declares anywhere is declared where it is sent, a
+//! `required` one is always sent, and every one matches its schema); every status and problem
+//! code the document declares is one the walk provokes (500 and 503 aside, which the
+//! transaction tests provoke); the constraints of the request schemas accept exactly what the
+//! handlers accept; an undeclared method is 405 with an `Allow` header naming the declared ones.
+//! schemathesis (`schemathesis.toml`) does the same by generating requests; this is the
+//! deterministic check that runs with the suite.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use reqwest::Method;
+use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app};
@@ -19,18 +23,30 @@ use crate::json_schema::Validator;
 /// is down, an exhausted pool, a failed commit).
 const PROVOKED_ELSEWHERE: &[u16] = &[500, 503];
 
-/// The document fetched from the app, and the (method, path, status) triples seen so far.
+const PROBLEM_JSON: &str = "application/problem+json";
+
+/// The document fetched from the app, and the (method, path, status, code) seen so far (the
+/// code of a problem response, else empty).
 struct Contract {
     document: Value,
-    seen: Mutex<BTreeSet<(String, String, u16)>>,
+    /// Every response header the document declares somewhere, lower-case.
+    api_headers: BTreeSet<String>,
+    seen: Mutex<BTreeSet<(String, String, u16, String)>>,
 }
 
 impl Contract {
     async fn of(app: &TestApp) -> Contract {
         let res = app.get("/openapi.json").await;
         assert_eq!(res.status(), 200);
+        let document: Value = res.json().await.expect("the document is JSON");
+        let api_headers = operations(&document)
+            .flat_map(|(_, _, operation)| responses(operation))
+            .flat_map(|(_, response)| response["headers"].as_object().into_iter().flatten())
+            .map(|(name, _)| name.to_ascii_lowercase())
+            .collect();
         Contract {
-            document: res.json().await.expect("the document is JSON"),
+            document,
+            api_headers,
             seen: Mutex::new(BTreeSet::new()),
         }
     }
@@ -55,19 +71,9 @@ impl Contract {
             "{what}: status not declared; the document has {}",
             self.operation(method, template)["responses"]
         );
-        for header in declared["headers"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|h| h.0)
-        {
-            assert!(
-                res.headers().contains_key(header.as_str()),
-                "{what}: declared header {header} missing"
-            );
-        }
-        let media_type = res
-            .headers()
+        let headers = res.headers().clone();
+        self.check_headers(&what, declared, &headers);
+        let media_type = headers
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(';').next())
@@ -94,35 +100,125 @@ impl Contract {
                 errors.join("\n")
             );
         }
+        let code = if media_type == PROBLEM_JSON {
+            body["code"].as_str().unwrap_or_default().to_owned()
+        } else {
+            String::new()
+        };
         self.seen.lock().expect("not poisoned").insert((
             method.to_owned(),
             template.to_owned(),
             status,
+            code,
         ));
         (status, body)
     }
 
-    /// Every (method, path, status) the document declares that the walk did not provoke.
+    /// The headers of an answer against its declared response: the required ones are there,
+    /// every one there matches its schema, and none of the API's own headers is undeclared.
+    fn check_headers(&self, what: &str, declared: &Value, headers: &HeaderMap) {
+        let declared_headers = declared["headers"].as_object();
+        for (name, header) in declared_headers.into_iter().flatten() {
+            let values: Vec<&HeaderValue> = headers.get_all(name.as_str()).iter().collect();
+            if values.is_empty() {
+                assert!(
+                    header["required"] != true,
+                    "{what}: required header {name} missing"
+                );
+                continue;
+            }
+            let schema = &header["schema"];
+            for value in values {
+                let text = value
+                    .to_str()
+                    .unwrap_or_else(|_| panic!("{what}: {name} is not visible ASCII"));
+                let value = match schema["type"].as_str() {
+                    Some("integer") => text
+                        .parse::<i64>()
+                        .map_or_else(|_| Value::from(text), Value::from),
+                    _ => Value::from(text),
+                };
+                let errors = Validator::new(&self.document).errors(schema, &value);
+                assert!(
+                    errors.is_empty(),
+                    "{what}: header {name} breaks its schema:\n{}",
+                    errors.join("\n")
+                );
+            }
+        }
+        for name in headers.keys() {
+            let declared_here = declared_headers
+                .is_some_and(|d| d.keys().any(|n| n.eq_ignore_ascii_case(name.as_str())));
+            assert!(
+                declared_here || !self.api_headers.contains(name.as_str()),
+                "{what}: sends {name}, which the document declares elsewhere but not here"
+            );
+        }
+    }
+
+    /// Every (method, path, status) the document declares that the walk did not provoke, and
+    /// for a problem response, every code it declares that the walk did not receive.
     fn never_seen(&self) -> Vec<String> {
         let seen = self.seen.lock().expect("not poisoned");
         let mut missing = Vec::new();
-        for (template, item) in self.document["paths"].as_object().expect("paths") {
-            for (method, operation) in item.as_object().expect("a path item") {
-                for status in operation["responses"]
-                    .as_object()
-                    .expect("responses")
-                    .keys()
-                {
-                    let status: u16 = status.parse().expect("numeric statuses");
-                    let key = (method.to_uppercase(), template.clone(), status);
-                    if !PROVOKED_ELSEWHERE.contains(&status) && !seen.contains(&key) {
-                        missing.push(format!("{} {} {}", key.0, key.1, key.2));
-                    }
+        for (template, method, operation) in operations(&self.document) {
+            let method = method.to_uppercase();
+            for (status, response) in responses(operation) {
+                let status: u16 = status.parse().expect("numeric statuses");
+                if PROVOKED_ELSEWHERE.contains(&status) {
+                    continue;
+                }
+                let got = |code: Option<&str>| {
+                    seen.iter().any(|(m, t, s, c)| {
+                        (m, t, *s) == (&method, template, status)
+                            && code.is_none_or(|code| c == code)
+                    })
+                };
+                let codes = declared_codes(response);
+                if codes.is_empty() && !got(None) {
+                    missing.push(format!("{method} {template} {status}"));
+                }
+                for code in codes.into_iter().filter(|code| !got(Some(*code))) {
+                    missing.push(format!("{method} {template} {status} {code}"));
                 }
             }
         }
         missing
     }
+}
+
+/// Every operation of the document: (path template, method, operation).
+fn operations(document: &Value) -> impl Iterator<Item = (&String, &String, &Value)> {
+    document["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(template, item)| {
+            item.as_object()
+                .expect("a path item")
+                .iter()
+                .map(move |(method, operation)| (template, method, operation))
+        })
+}
+
+fn responses(operation: &Value) -> impl Iterator<Item = (&String, &Value)> {
+    operation["responses"]
+        .as_object()
+        .expect("responses")
+        .iter()
+}
+
+/// The `code`s a problem response declares: the `enum` of `code` in its schema's `allOf`.
+fn declared_codes(response: &Value) -> Vec<&str> {
+    let schema = &response["content"][PROBLEM_JSON]["schema"];
+    schema["allOf"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|part| part["properties"]["code"]["enum"].as_array())
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
 }
 
 async fn send(app: &TestApp, method: &str, path: &str) -> reqwest::Response {
