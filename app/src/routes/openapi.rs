@@ -3,7 +3,8 @@
 //! its own outcomes (201, 409 `insufficient_stock`, ...); what comes from the layer around it is
 //! added here, once, by the shape of the operation ([`Layer`]): a JSON body can be malformed, too
 //! large, of another media type or of the wrong shape; a query can be invalid; an `{id}` can name
-//! nothing; a transactional route can find the database unavailable.
+//! nothing; a transactional route can find the database unavailable; a `POST` on one takes an
+//! `Idempotency-Key` (API.md §4).
 //!
 //! The `code`s a problem response can carry are the ones its description names in backticks:
 //! each such response's schema narrows `Problem.code` to them. Response headers the service
@@ -13,13 +14,14 @@
 use actix_web::HttpResponse;
 use serde_json::Value;
 use utoipa::openapi::header::HeaderBuilder;
-use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::path::{Operation, Parameter, ParameterBuilder, ParameterIn};
 use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, Schema, Type};
-use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Required, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{List, OUTSIDE_TRANSACTIONS, catalog, health, movements};
 use crate::db::PoolStats;
+use crate::headers::{IDEMPOTENT_REPLAYED, IdempotencyKey};
 use crate::problem::{ERROR_CODES, ErrorCode, PROBLEM_JSON, Problem};
 
 #[derive(OpenApi)]
@@ -84,11 +86,13 @@ pub fn document_json() -> Value {
     document
 }
 
-/// Response headers that only some responses of a status carry (none yet).
-pub const CONDITIONAL_HEADERS: &[&str] = &[];
+/// Response headers that only some responses of a status carry: a replay's
+/// `Idempotent-Replayed`.
+pub const CONDITIONAL_HEADERS: &[&str] = &[IDEMPOTENT_REPLAYED];
 
 /// Declares on every operation what the layer it runs in adds (see the module documentation).
-/// A status the handler declares itself keeps the handler's description.
+/// A status the handler declares itself keeps the handler's description, except that the
+/// idempotency answers are appended to it.
 struct Layer;
 
 impl Modify for Layer {
@@ -96,14 +100,19 @@ impl Modify for Layer {
         for (path, item) in doc.paths.paths.iter_mut() {
             let transactional = !OUTSIDE_TRANSACTIONS.contains(&path.as_str());
             let operations = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
+                ("GET", &mut item.get),
+                ("PUT", &mut item.put),
+                ("POST", &mut item.post),
+                ("DELETE", &mut item.delete),
+                ("PATCH", &mut item.patch),
             ];
-            for operation in operations.into_iter().flatten() {
+            for (method, operation) in operations {
+                let Some(operation) = operation else { continue };
                 declare_layer_errors(operation, transactional);
+                // Keys are read on `POST` only.
+                if transactional && method == "POST" {
+                    declare_idempotency(operation);
+                }
                 narrow_problem_codes(operation);
             }
         }
@@ -169,6 +178,101 @@ fn declare_layer_errors(operation: &mut Operation, transactional: bool) {
             .responses
             .entry(status.to_string())
             .or_insert_with(|| problem_response(status, description));
+    }
+}
+
+/// Statuses the middleware answers before the handler runs, which are therefore never stored
+/// for a key nor replayed: 413 (the body is refused before the key is read).
+const NEVER_REPLAYED: &[u16] = &[413];
+
+/// `Idempotency-Key` on a `POST` of a transactional route (`transaction::idempotency`): the
+/// header, its two answers of its own, a malformed key, and the mark of a replay.
+fn declare_idempotency(operation: &mut Operation) {
+    let (name, min, max) = (
+        IdempotencyKey::NAME,
+        IdempotencyKey::MIN_LEN,
+        IdempotencyKey::MAX_LEN,
+    );
+    let description = format!(
+        "Makes the request safe to repeat (API.md §4). The first response below 500 is stored \
+         with the key for `DB_IDEMPOTENCY_TTL` seconds, atomically with the request's writes, \
+         and a repeat of the same request (method, path and body) gets it again, marked \
+         `{IDEMPOTENT_REPLAYED}: true`, without writing anything. {min} to {max} visible ASCII \
+         characters, in one header; anything else is 422 `validation_failed`."
+    );
+    let parameter = ParameterBuilder::new()
+        .name(name)
+        .parameter_in(ParameterIn::Header)
+        .required(Required::False)
+        .description(Some(description))
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(min))
+                .max_length(Some(max))
+                .pattern(Some(IdempotencyKey::pattern())),
+        ))
+        .build();
+    add_parameter(operation, parameter);
+
+    declare_also(
+        operation,
+        409,
+        "`idempotency_key_in_use`: a request with the same `Idempotency-Key` is still running \
+         (this answer is not stored: retry later with the same key to get the first request's \
+         answer)",
+    );
+    declare_also(
+        operation,
+        422,
+        &format!(
+            "`idempotency_key_reused`: the `{name}` was used before for a different request \
+             (method, path or body). `validation_failed` also when `{name}` is not one header of \
+             {min} to {max} visible ASCII characters (`detail` starts with `{name}`)"
+        ),
+    );
+
+    let replayed = HeaderBuilder::new()
+        .schema(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["true"])),
+        )
+        .description(Some(format!(
+            "`true` on a stored response replayed for a repeated `{name}`; absent otherwise"
+        )))
+        .build();
+    for (status, response) in operation.responses.responses.iter_mut() {
+        let status: u16 = status.parse().unwrap_or(500);
+        if let (true, RefOr::T(response)) =
+            (status < 500 && !NEVER_REPLAYED.contains(&status), response)
+        {
+            response
+                .headers
+                .insert(IDEMPOTENT_REPLAYED.into(), replayed.clone());
+        }
+    }
+}
+
+fn add_parameter(operation: &mut Operation, parameter: Parameter) {
+    operation
+        .parameters
+        .get_or_insert_with(Vec::new)
+        .push(parameter);
+}
+
+/// Adds `description` to the operation's problem response of `status`, or declares that
+/// response with it.
+fn declare_also(operation: &mut Operation, status: u16, description: &str) {
+    let entry = operation.responses.responses.entry(status.to_string());
+    match entry.or_insert_with(|| problem_response(status, "")) {
+        RefOr::T(response) if response.description.is_empty() => {
+            response.description = description.to_owned();
+        }
+        RefOr::T(response) => {
+            response.description = format!("{}. {description}", response.description);
+        }
+        RefOr::Ref(_) => {}
     }
 }
 

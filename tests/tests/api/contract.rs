@@ -4,16 +4,19 @@
 //! response declares; a header the document declares anywhere is declared where it is sent, a
 //! `required` one is always sent, and every one matches its schema); every status and problem
 //! code the document declares is one the walk provokes (500 and 503 aside, which the
-//! transaction tests provoke); the constraints of the request schemas accept exactly what the
-//! handlers accept; an undeclared method is 405 with an `Allow` header naming the declared ones.
-//! schemathesis (`schemathesis.toml`) does the same by generating requests; this is the
-//! deterministic check that runs with the suite.
+//! transaction tests provoke); the walk repeats every `POST` with an `Idempotency-Key` (first
+//! use, replay, the key reused for another body, the key still in use, a malformed key); the
+//! constraints of the request schemas and of the `Idempotency-Key` header accept exactly what the
+//! service accepts; an undeclared method is 405 with an `Allow` header naming the
+//! declared ones. schemathesis (`schemathesis.toml`) does the same by generating requests; this
+//! is the deterministic check that runs with the suite.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderValue};
+use sea_orm::{ConnectionTrait, TransactionTrait};
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app};
@@ -32,6 +35,25 @@ struct Contract {
     /// Every response header the document declares somewhere, lower-case.
     api_headers: BTreeSet<String>,
     seen: Mutex<BTreeSet<(String, String, u16, String)>>,
+}
+
+/// What [`Contract::answer`] checked: the status, headers and JSON body (`Null` when not JSON).
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Answer {
+    fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+
+    fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or_default()
+    }
 }
 
 impl Contract {
@@ -63,6 +85,12 @@ impl Contract {
     /// Asserts that `res`, the answer to `method` on a path of `template`, is one the document
     /// declares, and returns its status and JSON body (`Null` for a body that is not JSON).
     async fn check(&self, method: &str, template: &str, res: reqwest::Response) -> (u16, Value) {
+        let answer = self.answer(method, template, res).await;
+        (answer.status, answer.body)
+    }
+
+    /// [`check`](Self::check), returning the headers too.
+    async fn answer(&self, method: &str, template: &str, res: reqwest::Response) -> Answer {
         let status = res.status().as_u16();
         let what = format!("{method} {template} → {status}");
         let declared = &self.operation(method, template)["responses"][status.to_string()];
@@ -111,7 +139,11 @@ impl Contract {
             status,
             code,
         ));
-        (status, body)
+        Answer {
+            status,
+            headers,
+            body,
+        }
     }
 
     /// The headers of an answer against its declared response: the required ones are there,
@@ -184,6 +216,18 @@ impl Contract {
             }
         }
         missing
+    }
+
+    /// The schema of the `Idempotency-Key` parameter of `POST template`.
+    fn idempotency_key_schema(&self, template: &str) -> &Value {
+        let parameters = self.operation("POST", template)["parameters"].as_array();
+        let parameter = parameters
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == "Idempotency-Key" && p["in"] == "header")
+            .unwrap_or_else(|| panic!("POST {template} declares no Idempotency-Key header"));
+        assert_eq!(parameter["required"], false, "the key is optional");
+        &parameter["schema"]
     }
 }
 
@@ -364,6 +408,32 @@ async fn every_response_of_every_operation_is_declared_by_the_document_and_every
         .await;
     }
 
+    // Every POST again, with an Idempotency-Key.
+    let keyed = vec![
+        (
+            "/warehouses",
+            json!({"code": "K1", "name": "Keyed"}),
+            json!({"code": "K2", "name": "Keyed"}),
+        ),
+        (
+            "/products",
+            json!({"sku": "k-1", "name": "Keyed"}),
+            json!({"sku": "k-2", "name": "Keyed"}),
+        ),
+        (
+            "/receipts",
+            change(w1, p, json!(1)),
+            change(w1, p, json!(2)),
+        ),
+        (
+            "/shipments",
+            change(w1, p, json!(1)),
+            change(w1, p, json!(2)),
+        ),
+        ("/transfers", transfer(w1, w2, 1), transfer(w1, w2, 2)),
+    ];
+    walk_with_keys(&app, &c, keyed).await;
+
     let missing = c.never_seen();
     assert!(
         missing.is_empty(),
@@ -371,6 +441,178 @@ async fn every_response_of_every_operation_is_declared_by_the_document_and_every
          declaration):\n{}",
         missing.join("\n")
     );
+}
+
+async fn post_with_key(app: &TestApp, path: &str, key: &[u8], body: &Value) -> reqwest::Response {
+    app.client
+        .post(app.url(path))
+        .header(
+            "Idempotency-Key",
+            HeaderValue::from_bytes(key).expect("a sendable header value"),
+        )
+        .json(body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+/// For each `POST` (all the document has) with a body it accepts and another: the first use of
+/// a key, its replay, the key reused for the other body, a malformed key, a stored 4xx and its
+/// replay, and a duplicate while the first request is still running, each answer checked
+/// against the document.
+async fn walk_with_keys(app: &TestApp, c: &Contract, cases: Vec<(&str, Value, Value)>) {
+    let posts: BTreeSet<&str> = operations(&c.document)
+        .filter(|(_, method, _)| *method == "post")
+        .map(|(template, _, _)| template.as_str())
+        .collect();
+    let walked: BTreeSet<&str> = cases.iter().map(|(path, _, _)| *path).collect();
+    assert_eq!(walked, posts, "every POST is walked with a key");
+
+    for (path, body, other) in &cases {
+        let path = *path;
+        c.idempotency_key_schema(path);
+        let send = |key: String, body: Value| async move {
+            let res = post_with_key(app, path, key.as_bytes(), &body).await;
+            c.answer("POST", path, res).await
+        };
+
+        let key = format!("first {path}").replace(' ', "-");
+        let first = send(key.clone(), body.clone()).await;
+        assert_eq!((first.status, first.replayed()), (201, false), "{path}");
+        let again = send(key.clone(), body.clone()).await;
+        assert_eq!((again.status, again.replayed()), (201, true), "{path}");
+        assert_eq!(again.body, first.body, "{path}: the stored response");
+        let reused = send(key, other.clone()).await;
+        assert_eq!(
+            (reused.status, reused.code(), reused.replayed()),
+            (422, "idempotency_key_reused", false),
+            "{path}"
+        );
+
+        let malformed = send("two words".into(), body.clone()).await;
+        assert_eq!(
+            (malformed.status, malformed.code()),
+            (422, "validation_failed"),
+            "{path}"
+        );
+        let detail = malformed.body["detail"].as_str().unwrap_or_default();
+        assert!(detail.starts_with("Idempotency-Key"), "{path}: {detail}");
+
+        // A 4xx is stored too, and replayed.
+        let key = format!("invalid-{path}");
+        let refused = send(key.clone(), json!({})).await;
+        assert_eq!(
+            (refused.status, refused.code(), refused.replayed()),
+            (422, "validation_failed", false),
+            "{path}"
+        );
+        let replayed = send(key, json!({})).await;
+        assert_eq!(
+            (replayed.status, replayed.replayed()),
+            (422, true),
+            "{path}"
+        );
+        assert_eq!(replayed.body, refused.body, "{path}: the stored 4xx");
+
+        a_duplicate_of_a_running_request_is_409(app, c, path, other).await;
+    }
+}
+
+/// Holds the first request with a key just before it stores the key (its `INSERT` into the
+/// layer's table waits for this test's table lock), sends the same request again, then lets the
+/// first one finish.
+async fn a_duplicate_of_a_running_request_is_409(
+    app: &TestApp,
+    c: &Contract,
+    path: &str,
+    body: &Value,
+) {
+    let key = format!("held-{path}");
+    let hold = app.db.begin().await.expect("begin");
+    // EXCLUSIVE blocks the INSERT, not the SELECT with which the first request claims the key.
+    hold.execute_unprepared("LOCK TABLE idempotency_key IN EXCLUSIVE MODE")
+        .await
+        .expect("lock the key table");
+    let waiting = "SELECT count(*) FROM pg_locks l JOIN pg_class t ON t.oid = l.relation \
+                   WHERE t.relname = 'idempotency_key' AND NOT l.granted \
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let first = post_with_key(app, path, key.as_bytes(), body);
+    let duplicate = async {
+        app.wait_until("the first request waits to store its key", || async {
+            app.scalar(waiting).await > 0
+        })
+        .await;
+        let duplicate = post_with_key(app, path, key.as_bytes(), body).await;
+        hold.rollback().await.expect("release the key table");
+        duplicate
+    };
+    let (first, duplicate) = tokio::join!(first, duplicate);
+    let duplicate = c.answer("POST", path, duplicate).await;
+    assert_eq!(
+        (duplicate.status, duplicate.code(), duplicate.replayed()),
+        (409, "idempotency_key_in_use", false),
+        "{path}"
+    );
+    let first = c.answer("POST", path, first).await;
+    assert_eq!((first.status, first.replayed()), (201, false), "{path}");
+}
+
+#[tokio::test]
+async fn the_idempotency_key_schema_allows_exactly_the_keys_the_service_accepts() {
+    let app = spawn_app().await;
+    let c = Contract::of(&app).await;
+    let schema = c.idempotency_key_schema("/receipts");
+    for (template, _, _) in operations(&c.document).filter(|(_, m, _)| *m == "post") {
+        assert_eq!(
+            c.idempotency_key_schema(template),
+            schema,
+            "one constraint on every POST"
+        );
+    }
+    let w = app.warehouse("KEYS").await;
+    let p = app.product("keys-1").await;
+    let body = json!({"warehouse_id": w, "product_id": p, "quantity": 1});
+    let every_visible: String = (0x21u8..=0x7e).map(char::from).collect();
+    // Leading and trailing spaces are not in the table: HTTP strips them from a field value
+    // before any server sees it, so " k " arrives as the key "k".
+    let keys = [
+        "a".to_owned(),
+        "!".into(),
+        "~".into(),
+        every_visible,
+        "k".repeat(255),
+        "\"quoted\",{json}".into(),
+        String::new(),
+        "k".repeat(256),
+        "two words".into(),
+        "tab\there".into(),
+        "cl\u{e9}".into(),
+        "\u{a0}nbsp".into(),
+        "\u{5f8c}".into(),
+    ];
+    let validator = Validator::new(&c.document);
+    for key in keys {
+        let allowed = validator
+            .errors(schema, &Value::from(key.as_str()))
+            .is_empty();
+        let res = post_with_key(&app, "/receipts", key.as_bytes(), &body).await;
+        let answer = c.answer("POST", "/receipts", res).await;
+        if allowed {
+            assert_eq!(
+                answer.status, 201,
+                "the document allows the key {key:?}, the service answers {}",
+                answer.body
+            );
+        } else {
+            assert_eq!(
+                (answer.status, answer.code()),
+                (422, "validation_failed"),
+                "the document forbids the key {key:?}"
+            );
+            let detail = answer.body["detail"].as_str().unwrap_or_default();
+            assert!(detail.starts_with("Idempotency-Key"), "{key:?}: {detail}");
+        }
+    }
 }
 
 #[tokio::test]
