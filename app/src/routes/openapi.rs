@@ -4,7 +4,8 @@
 //! added here, once, by the shape of the operation ([`Layer`]): a JSON body can be malformed, too
 //! large, of another media type or of the wrong shape; a query can be invalid; an `{id}` can name
 //! nothing; a transactional route can find the database unavailable; a `POST` on one takes an
-//! `Idempotency-Key` (API.md §4).
+//! `Idempotency-Key` (API.md §4) and answers with a consistency token when a read replica is
+//! configured, and its `GET`s take that token back (API.md §8).
 //!
 //! The `code`s a problem response can carry are the ones its description names in backticks:
 //! each such response's schema narrows `Problem.code` to them. Response headers the service
@@ -13,7 +14,7 @@
 
 use actix_web::HttpResponse;
 use serde_json::Value;
-use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::header::{Header, HeaderBuilder};
 use utoipa::openapi::path::{Operation, Parameter, ParameterBuilder, ParameterIn};
 use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, Schema, Type};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, Required, ResponseBuilder};
@@ -86,9 +87,14 @@ pub fn document_json() -> Value {
     document
 }
 
+/// The consistency token of API.md §8 (`transaction::routing`, a private module, names them
+/// too; the contract test holds these names against a service with a replica).
+const CONSISTENCY_TOKEN: &str = "Consistency-Token";
+const CONSISTENCY_COOKIE: &str = "consistency_token";
+
 /// Response headers that only some responses of a status carry: a replay's
-/// `Idempotent-Replayed`.
-pub const CONDITIONAL_HEADERS: &[&str] = &[IDEMPOTENT_REPLAYED];
+/// `Idempotent-Replayed`, and the consistency token, sent only with a read replica configured.
+pub const CONDITIONAL_HEADERS: &[&str] = &[IDEMPOTENT_REPLAYED, CONSISTENCY_TOKEN, "Set-Cookie"];
 
 /// Declares on every operation what the layer it runs in adds (see the module documentation).
 /// A status the handler declares itself keeps the handler's description, except that the
@@ -109,9 +115,15 @@ impl Modify for Layer {
             for (method, operation) in operations {
                 let Some(operation) = operation else { continue };
                 declare_layer_errors(operation, transactional);
-                // Keys are read on `POST` only.
-                if transactional && method == "POST" {
-                    declare_idempotency(operation);
+                // Keys are read on `POST` only; every other method but `GET` writes.
+                match (transactional, method) {
+                    (false, _) => {}
+                    (true, "GET") => declare_token_accepted(operation),
+                    (true, "POST") => {
+                        declare_idempotency(operation);
+                        declare_token_issued(operation, true);
+                    }
+                    (true, _) => declare_token_issued(operation, false),
                 }
                 narrow_problem_codes(operation);
             }
@@ -185,6 +197,13 @@ fn declare_layer_errors(operation: &mut Operation, transactional: bool) {
 /// for a key nor replayed: 413 (the body is refused before the key is read).
 const NEVER_REPLAYED: &[u16] = &[413];
 
+/// Whether an answer of `status` can be a stored one replayed for a key: below 500 and not one
+/// of [`NEVER_REPLAYED`].
+fn replayable(status: &str) -> bool {
+    let status: u16 = status.parse().unwrap_or(500);
+    status < 500 && !NEVER_REPLAYED.contains(&status)
+}
+
 /// `Idempotency-Key` on a `POST` of a transactional route (`transaction::idempotency`): the
 /// header, its two answers of its own, a malformed key, and the mark of a replay.
 fn declare_idempotency(operation: &mut Operation) {
@@ -243,14 +262,62 @@ fn declare_idempotency(operation: &mut Operation) {
         )))
         .build();
     for (status, response) in operation.responses.responses.iter_mut() {
-        let status: u16 = status.parse().unwrap_or(500);
-        if let (true, RefOr::T(response)) =
-            (status < 500 && !NEVER_REPLAYED.contains(&status), response)
-        {
+        if let (true, RefOr::T(response)) = (replayable(status), response) {
             response
                 .headers
                 .insert(IDEMPOTENT_REPLAYED.into(), replayed.clone());
         }
+    }
+}
+
+/// The consistency token of a write (API.md §8): on its success and, when it takes a key
+/// (`keyed`), on every answer replayed for the key, which carries the primary's position at the
+/// replay (at or after the original write).
+fn declare_token_issued(operation: &mut Operation, keyed: bool) {
+    let only = if keyed {
+        "Only with a read replica configured (`DATABASE_REPLICA_URL`): on the answer to a write \
+         that committed, and on any answer replayed for an `Idempotency-Key`"
+    } else {
+        "Only with a read replica configured (`DATABASE_REPLICA_URL`): on the answer to a write \
+         that committed"
+    };
+    let token = text_header(format!(
+        "{only}. A position at or after the write, opaque: send it back in the \
+         `{CONSISTENCY_TOKEN}` header of later reads so that they see the write."
+    ));
+    let cookie = text_header(format!(
+        "{only}. `{CONSISTENCY_COOKIE}=<the token>; Path=/; HttpOnly; SameSite=Lax`, for \
+         clients that keep cookies."
+    ));
+    for (status, response) in operation.responses.responses.iter_mut() {
+        let carries = status.starts_with('2') || keyed && replayable(status);
+        if let (true, RefOr::T(response)) = (carries, response) {
+            response
+                .headers
+                .insert(CONSISTENCY_TOKEN.into(), token.clone());
+            response.headers.insert("Set-Cookie".into(), cookie.clone());
+        }
+    }
+}
+
+/// The consistency token a read may send back, as a header or a cookie (API.md §8).
+fn declare_token_accepted(operation: &mut Operation) {
+    let description = "The token of the client's last write. With a read replica configured, \
+                       the read runs on the replica once it has replayed that write (waiting at \
+                       most `DB_REPLICA_MAX_WAIT_MS`), else on the primary. Any value that is \
+                       not a token this service issued is ignored.";
+    for (name, place) in [
+        (CONSISTENCY_TOKEN, ParameterIn::Header),
+        (CONSISTENCY_COOKIE, ParameterIn::Cookie),
+    ] {
+        let parameter = ParameterBuilder::new()
+            .name(name)
+            .parameter_in(place)
+            .required(Required::False)
+            .description(Some(description))
+            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+            .build();
+        add_parameter(operation, parameter);
     }
 }
 
@@ -259,6 +326,13 @@ fn add_parameter(operation: &mut Operation, parameter: Parameter) {
         .parameters
         .get_or_insert_with(Vec::new)
         .push(parameter);
+}
+
+fn text_header(description: String) -> Header {
+    HeaderBuilder::new()
+        .schema(ObjectBuilder::new().schema_type(Type::String))
+        .description(Some(description))
+        .build()
 }
 
 /// Adds `description` to the operation's problem response of `status`, or declares that

@@ -7,7 +7,8 @@
 //! transaction tests provoke); the walk repeats every `POST` with an `Idempotency-Key` (first
 //! use, replay, the key reused for another body, the key still in use, a malformed key); the
 //! constraints of the request schemas and of the `Idempotency-Key` header accept exactly what the
-//! service accepts; an undeclared method is 405 with an `Allow` header naming the
+//! service accepts; the consistency-token headers and cookie are the ones a service with a read
+//! replica sends and reads; an undeclared method is 405 with an `Allow` header naming the
 //! declared ones. schemathesis (`schemathesis.toml`) does the same by generating requests; this
 //! is the deterministic check that runs with the suite.
 
@@ -613,6 +614,120 @@ async fn the_idempotency_key_schema_allows_exactly_the_keys_the_service_accepts(
             assert!(detail.starts_with("Idempotency-Key"), "{key:?}: {detail}");
         }
     }
+}
+
+#[tokio::test]
+async fn the_consistency_token_is_sent_and_read_under_the_names_the_document_declares() {
+    let app = crate::replica::ReplicaPair::shared().spawn_app(&[]).await;
+    let c = Contract::of(&app).await;
+    let created = c
+        .answer(
+            "POST",
+            "/warehouses",
+            app.post("/warehouses", &json!({"code": "T1", "name": "Token"}))
+                .await,
+        )
+        .await;
+    assert_eq!(created.status, 201);
+    // With a replica, a committed write carries every header its success declares, except
+    // the mark of a replay.
+    let declared = c.operation("POST", "/warehouses")["responses"]["201"]["headers"]
+        .as_object()
+        .expect("headers");
+    for name in declared.keys().filter(|n| *n != "Idempotent-Replayed") {
+        assert!(
+            created.headers.contains_key(name.as_str()),
+            "with a replica the 201 carries {name}"
+        );
+    }
+    let token = created.headers["consistency-token"]
+        .to_str()
+        .expect("ASCII")
+        .to_owned();
+    let cookie = created.headers["set-cookie"].to_str().expect("ASCII");
+    assert_eq!(
+        cookie,
+        format!("consistency_token={token}; Path=/; HttpOnly; SameSite=Lax")
+    );
+    // A replayed answer carries the token too, a stored 4xx's included: each is checked
+    // against its declared response.
+    for (key, body, status) in [
+        ("token-201", json!({"code": "T2", "name": "Token"}), 201),
+        ("token-422", json!({}), 422),
+    ] {
+        for replay in [false, true] {
+            let res = post_with_key(&app, "/warehouses", key.as_bytes(), &body).await;
+            let answer = c.answer("POST", "/warehouses", res).await;
+            assert_eq!(
+                (answer.status, answer.replayed()),
+                (status, replay),
+                "{key}"
+            );
+            let tokens =
+                ["consistency-token", "set-cookie"].map(|h| answer.headers.contains_key(h));
+            let expected = status < 400 || replay;
+            assert_eq!(tokens, [expected; 2], "{key}, replayed: {replay}");
+        }
+    }
+
+    // Every read declares the token as a header and as a cookie (its only ones); a read
+    // carrying the highest position there is (`Lsn::PRIMARY`) runs on the primary at once, so
+    // the service reading those names shows in `db_reads_total`, while a read without one runs
+    // on the replica.
+    let top = "v1-ffffffffffffffff";
+    let only = |template: &str, place: &str| -> String {
+        let parameters: Vec<&Value> = c.operation("GET", template)["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["in"] == place)
+            .collect();
+        assert_eq!(parameters.len(), 1, "GET {template}: one {place} parameter");
+        assert_eq!(parameters[0]["required"], false, "GET {template}: optional");
+        parameters[0]["name"].as_str().expect("a name").to_owned()
+    };
+    let (header, cookie_name) = (only("/warehouses", "header"), only("/warehouses", "cookie"));
+    assert!(header.eq_ignore_ascii_case("consistency-token"), "{header}");
+    assert!(cookie.starts_with(&format!("{cookie_name}=")), "{cookie}");
+    for (template, _, _) in operations(&c.document)
+        .filter(|(t, m, _)| *m == "get" && !app::routes::OUTSIDE_TRANSACTIONS.contains(&t.as_str()))
+    {
+        assert_eq!(only(template, "header"), header, "GET {template}");
+        assert_eq!(only(template, "cookie"), cookie_name, "GET {template}");
+    }
+    let reads = |target: &'static str| {
+        let app = &app;
+        async move {
+            crate::transactions::metric(app, &format!("db_reads_total{{target=\"{target}\"}}"))
+                .await
+        }
+    };
+    let (replica, primary) = (reads("replica").await, reads("primary").await);
+    let plain = app.get("/warehouses").await;
+    assert_eq!(c.check("GET", "/warehouses", plain).await.0, 200);
+    assert_eq!(
+        reads("replica").await,
+        replica + 1.0,
+        "no token: the replica"
+    );
+    for (name, value) in [
+        (header.clone(), top.to_owned()),
+        ("cookie".to_owned(), format!("{cookie_name}={top}")),
+    ] {
+        let res = app
+            .client
+            .get(app.url("/warehouses"))
+            .header(name.as_str(), value)
+            .send()
+            .await
+            .expect("request sent");
+        assert_eq!(c.check("GET", "/warehouses", res).await.0, 200);
+    }
+    assert_eq!(
+        reads("primary").await,
+        primary + 2.0,
+        "the token is read from the declared header and cookie"
+    );
 }
 
 #[tokio::test]
