@@ -8,8 +8,8 @@
 //! use, replay, the key reused for another body, the key still in use, a malformed key); the
 //! constraints of the request schemas and of the `Idempotency-Key` header accept exactly what the
 //! service accepts; the consistency-token headers and cookie are the ones a service with a read
-//! replica sends and reads; an undeclared method is 405 with an `Allow` header naming the
-//! declared ones. schemathesis (`schemathesis.toml`) does the same by generating requests; this
+//! replica sends and reads; `docs/api.md` names every header, cookie and code of the document;
+//! an undeclared method is 405 with an `Allow` header naming the declared ones. schemathesis (`schemathesis.toml`) does the same by generating requests; this
 //! is the deterministic check that runs with the suite.
 
 use std::collections::BTreeSet;
@@ -728,6 +728,33 @@ async fn the_consistency_token_is_sent_and_read_under_the_names_the_document_dec
         primary + 2.0,
         "the token is read from the declared header and cookie"
     );
+}
+
+/// `docs/api.md`, the reference clients read, names (in backticks) every header, cookie and
+/// problem code the document declares.
+#[test]
+fn the_api_reference_names_every_header_cookie_and_code_of_the_document() {
+    let reference = include_str!("../../../docs/api.md");
+    let document = app::routes::openapi::document_json();
+    let mut names = BTreeSet::new();
+    for (_, _, operation) in operations(&document) {
+        let parameters = operation["parameters"].as_array().into_iter().flatten();
+        names.extend(
+            parameters
+                .filter(|p| p["in"] == "header" || p["in"] == "cookie")
+                .filter_map(|p| p["name"].as_str()),
+        );
+        for (_, response) in responses(operation) {
+            let headers = response["headers"].as_object().into_iter().flatten();
+            names.extend(headers.map(|(name, _)| name.as_str()));
+            names.extend(declared_codes(response));
+        }
+    }
+    let missing: Vec<&str> = names
+        .into_iter()
+        .filter(|name| !reference.contains(&format!("`{name}")))
+        .collect();
+    assert!(missing.is_empty(), "docs/api.md does not name {missing:?}");
 }
 
 #[tokio::test]
