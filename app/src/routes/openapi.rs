@@ -22,7 +22,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::{List, OUTSIDE_TRANSACTIONS, catalog, health, movements};
 use crate::db::PoolStats;
-use crate::headers::{IDEMPOTENT_REPLAYED, IdempotencyKey};
+use crate::headers::{CONSISTENCY_COOKIE, CONSISTENCY_TOKEN, IDEMPOTENT_REPLAYED, IdempotencyKey};
 use crate::problem::{ERROR_CODES, ErrorCode, PROBLEM_JSON, Problem};
 
 #[derive(OpenApi)]
@@ -86,11 +86,6 @@ pub fn document_json() -> Value {
     }
     document
 }
-
-/// The consistency token of API.md §8 (`transaction::routing`, a private module, names them
-/// too; the contract test holds these names against a service with a replica).
-const CONSISTENCY_TOKEN: &str = "Consistency-Token";
-const CONSISTENCY_COOKIE: &str = "consistency_token";
 
 /// Response headers that only some responses of a status carry: a replay's
 /// `Idempotent-Replayed`, and the consistency token, sent only with a read replica configured.

@@ -31,11 +31,13 @@ use sea_orm::sqlx::{self, Row as _};
 use sea_orm::{ConnAcquireErr, DatabaseConnection, DbErr, RuntimeErr};
 
 use crate::availability::Availability;
+use crate::headers;
 
-/// The request and response header that carries the token.
+/// The request and response header that carries the token ([`headers::CONSISTENCY_TOKEN`],
+/// lower-cased as `HeaderName` needs).
 pub const TOKEN_HEADER: HeaderName = HeaderName::from_static("consistency-token");
 /// The cookie that carries the token for clients that keep cookies.
-pub const TOKEN_COOKIE: &str = "consistency_token";
+pub const TOKEN_COOKIE: &str = headers::CONSISTENCY_COOKIE;
 /// How often a read with a token asks the replica how far it has replayed.
 pub const POLL_EVERY: Duration = Duration::from_millis(1);
 /// How often the replica's lag and reachability are checked in the background.
@@ -369,6 +371,15 @@ fn not_a_standby() -> DbErr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_header_is_the_one_the_document_names() {
+        assert!(
+            TOKEN_HEADER
+                .as_str()
+                .eq_ignore_ascii_case(headers::CONSISTENCY_TOKEN)
+        );
+    }
 
     #[test]
     fn a_token_names_the_position_it_was_made_from() {
