@@ -14,6 +14,8 @@ use crate::helpers::{TestApp, spawn_app};
 use crate::replica::{MARGIN, ReplicaPair, text};
 use crate::transactions::metric;
 
+mod pgbouncer;
+
 const TOKEN: &str = "consistency-token";
 
 async fn receipt(app: &TestApp, warehouse: i64, product: i64) -> reqwest::Response {
@@ -336,7 +338,7 @@ async fn a_route_pinned_to_the_primary_never_reads_from_the_replica() {
 async fn reads_your_writes_holds_with_db_pooler_transaction_too() {
     // The session of a transaction-mode pooler (settings inside every BEGIN, no named
     // statements), here on direct connections: the replica's queries are single
-    // simple-protocol messages either way.
+    // simple-protocol messages either way. Through real PgBouncers: `reads::pgbouncer`.
     let app = ReplicaPair::shared()
         .spawn_app(&[("DB_POOLER", "transaction"), ("DB_AUTO_MIGRATE", "false")])
         .await;
