@@ -9,7 +9,7 @@
 //! a PgBouncer in transaction mode in front of each server of the shared pair, once per run.
 
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
@@ -115,16 +115,29 @@ impl ReplicaPair {
 
     /// Waits until the replica has replayed everything the primary has written so far.
     pub async fn wait_for_replay(&self, app: &TestApp) {
-        let target = text(&app.db, "SELECT pg_current_wal_insert_lsn()::text").await;
+        self.wait_for_replay_of(&app.database_name()).await;
+    }
+
+    /// Waits (up to 10 s) until the replica has replayed everything the primary has written so
+    /// far, and answers on `database`: a database created a moment ago on the primary may not
+    /// exist on the replica yet, the more so while other tests create theirs.
+    pub async fn wait_for_replay_of(&self, database: &str) {
+        let primary = connect_to(&self.primary.url("postgres")).await;
+        let target = text(&primary, "SELECT pg_current_wal_insert_lsn()::text").await;
+        let _ = primary.close().await;
         let admin = connect_to(&self.replica.url("postgres")).await;
         let sql = format!("SELECT (pg_last_wal_replay_lsn() >= '{target}')::text");
-        app.wait_until("the replica replays the primary's WAL", || async {
-            text(&admin, &sql).await == "true"
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while text(&admin, &sql).await != "true" {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for the replica to replay the primary's WAL"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let _ = admin.close().await;
         // The database itself answers on the replica.
-        let replica = connect_to(&self.replica.url(&app.database_name())).await;
+        let replica = connect_to(&self.replica.url(database)).await;
         let _ = replica.close().await;
     }
 }
