@@ -114,7 +114,10 @@ async fn behind_pgbouncer_reads_go_to_the_primary_while_the_replica_is_gone_and_
         reads(&app, "replica").await > 0.0
     })
     .await;
-    assert_eq!(ready(&app).await["replica"]["status"], "up");
+    app.wait_until("ready says the replica is up", || async {
+        ready(&app).await["replica"]["status"] == "up"
+    })
+    .await;
 
     bouncer.forward(&database, Some(free_port()));
     let primary_before = reads(&app, "primary").await;
@@ -150,5 +153,8 @@ async fn behind_pgbouncer_reads_go_to_the_primary_while_the_replica_is_gone_and_
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(ready(&app).await["replica"]["status"], "up");
+    app.wait_until("ready says the replica is up again", || async {
+        ready(&app).await["replica"]["status"] == "up"
+    })
+    .await;
 }
