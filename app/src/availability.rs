@@ -20,6 +20,13 @@
 //! * A statement that fails because the connection or the server went away calls
 //!   [`Availability::suspect`], which probes once.
 //!
+//! * [`Availability::answering`] is for a server whose accepted connection proves nothing: the
+//!   read replica, perhaps behind a transaction-mode pooler. While its server is gone, PgBouncer
+//!   logs clients in from its cache and holds their queries (up to `query_wait_timeout`, 120 s),
+//!   or holds the login itself when it has no server parameters cached. That probe also runs
+//!   `SELECT 1`, and a probe that does not get its answer within a short budget counts as down:
+//!   for the replica a wrong "down" only sends reads to the primary for a while.
+//!
 //! At most one probe runs at a time, and while the database is up probes are at least
 //! [`RECHECK_EVERY`] apart, so a busy pool costs one extra, short-lived connection per interval
 //! at most (named `<DB_APPLICATION_NAME>-probe` on PostgreSQL; count it when sizing
@@ -58,6 +65,8 @@ struct Inner {
     /// The pool, to see whether it holds idle connections worth trying while marked down.
     db: DatabaseConnection,
     connect_timeout: Duration,
+    /// Set by [`Availability::answering`]: the probe's budget for connecting and `SELECT 1`.
+    answer_within: Option<Duration>,
     /// `true` while the database is known to be unreachable.
     down: watch::Sender<bool>,
     probing: AtomicBool,
@@ -74,6 +83,24 @@ impl std::fmt::Debug for Availability {
 
 impl Availability {
     pub fn new(db: &DatabaseConnection, connect_timeout: Duration) -> Availability {
+        Availability::build(db, connect_timeout, None)
+    }
+
+    /// Like [`new`](Self::new), but the probe connects and runs `SELECT 1`, and counts the
+    /// database as down unless both are done within `answer_within`.
+    pub fn answering(
+        db: &DatabaseConnection,
+        connect_timeout: Duration,
+        answer_within: Duration,
+    ) -> Availability {
+        Availability::build(db, connect_timeout, Some(answer_within))
+    }
+
+    fn build(
+        db: &DatabaseConnection,
+        connect_timeout: Duration,
+        answer_within: Option<Duration>,
+    ) -> Availability {
         let target = match db.get_database_backend() {
             DbBackend::Postgres => {
                 // The pool's own options, under a name of its own so that `pg_stat_activity`
@@ -94,6 +121,7 @@ impl Availability {
             target,
             db: db.clone(),
             connect_timeout,
+            answer_within,
             down: watch::Sender::new(false),
             probing: AtomicBool::new(false),
             last_probe: Mutex::new(None),
@@ -177,7 +205,7 @@ impl Availability {
 
     async fn probe_until_up(&self, target: &Target) {
         loop {
-            let reachable = probe(target, self.0.connect_timeout).await;
+            let reachable = probe(target, self.0.connect_timeout, self.0.answer_within).await;
             let was_down = self.0.down.send_replace(!reachable);
             match (was_down, reachable) {
                 (false, false) => tracing::warn!(
@@ -201,19 +229,30 @@ impl Availability {
 /// server), a refusal such as too many connections or a bad password, a TLS or local error.
 /// Declaring such a server down would fail every checkout at once although the pool may hold
 /// healthy connections; the pool reports those problems itself.
-async fn probe(target: &Target, within: Duration) -> bool {
+///
+/// With `answer_within` ([`Availability::answering`]) the probe also runs `SELECT 1`, and
+/// connecting and the answer must both fit in `answer_within`, else the server counts as down.
+async fn probe(target: &Target, within: Duration, answer_within: Option<Duration>) -> bool {
+    let query = answer_within.is_some();
+    let budget = answer_within.unwrap_or(within);
     let connected = match target {
         Target::Postgres(options) => {
-            tokio::time::timeout(within, async {
-                let conn: PgConnection = options.connect().await?;
+            tokio::time::timeout(budget, async {
+                let mut conn: PgConnection = options.connect().await?;
+                if query {
+                    sqlx::raw_sql("SELECT 1").execute(&mut conn).await?;
+                }
                 let _ = conn.close().await;
                 Ok::<(), sqlx::Error>(())
             })
             .await
         }
         Target::Mysql(options) => {
-            tokio::time::timeout(within, async {
-                let conn: MySqlConnection = options.connect().await?;
+            tokio::time::timeout(budget, async {
+                let mut conn: MySqlConnection = options.connect().await?;
+                if query {
+                    sqlx::raw_sql("SELECT 1").execute(&mut conn).await?;
+                }
                 let _ = conn.close().await;
                 Ok::<(), sqlx::Error>(())
             })
@@ -238,6 +277,14 @@ async fn probe(target: &Target, within: Duration) -> bool {
                 | std::io::ErrorKind::UnexpectedEof
         ),
         Ok(Err(_)) => true,
+        Err(_) if query => {
+            // Once per probe while it lasts: the change to "down" is logged by the caller.
+            tracing::debug!(
+                within_ms = budget.as_millis() as u64,
+                "the availability probe got no answer to SELECT 1 in time; counting the server as down"
+            );
+            false
+        }
         Err(_) => {
             tracing::warn!(
                 within_ms = within.as_millis() as u64,
@@ -275,7 +322,14 @@ mod tests {
             .map(|a| a.port())
             .expect("a free port");
         // The listener is closed again: nothing listens there.
-        assert!(!probe(&Target::Postgres(options(port)), Duration::from_secs(2)).await);
+        assert!(
+            !probe(
+                &Target::Postgres(options(port)),
+                Duration::from_secs(2),
+                None
+            )
+            .await
+        );
     }
 
     #[tokio::test]
@@ -284,7 +338,37 @@ mod tests {
         // overloaded server.
         let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
         let port = listener.local_addr().expect("address").port();
-        assert!(probe(&Target::Postgres(options(port)), Duration::from_millis(200)).await);
+        assert!(
+            probe(
+                &Target::Postgres(options(port)),
+                Duration::from_millis(200),
+                None
+            )
+            .await
+        );
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_does_not_answer_in_time_counts_as_down_for_an_answering_probe() {
+        // The same silent server, as a pooler holding the login of a client whose server is
+        // gone looks: for the replica's probe it is down.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+        let port = listener.local_addr().expect("address").port();
+        let started = Instant::now();
+        let answering = Some(Duration::from_millis(200));
+        assert!(
+            !probe(
+                &Target::Postgres(options(port)),
+                Duration::from_secs(10),
+                answering
+            )
+            .await
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the budget bounds the probe"
+        );
         drop(listener);
     }
 }

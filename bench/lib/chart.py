@@ -12,13 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
-ORDER = ["W1", "W2", "W3", "W3o", "W4"]
+ORDER = ["W1", "W2", "W3", "W3o", "W4", "W5"]
 SHORT = {
     "W1": "GET /products/{id}",
     "W2": "POST /transfers, random rows",
     "W3": "transfers, 1 product, 2 warehouses, both ways",
     "W3o": "transfers, 1 product, 2 warehouses, one way",
     "W4": "GET /health/ready",
+    "W5": "receipt, then its stock with the token",
 }
 
 
@@ -32,6 +33,7 @@ def main():
     axes = axes.flatten()
     for ax, w in zip(axes, workloads):
         for tool, key, style, label, dy in (("app", "rps", "o-", "app (wrk, req/s)", 6),
+                                            ("app-replica", "rps", "o--", "app with a replica", 6),
                                             ("control", "rps", "^:", "control (bare actix-web + sqlx)", 6),
                                             ("pgbench", "tps", "s--", "pgbench (same SQL, TPS)", -12)):
             ps = sorted((p for p in points if p["workload"] == w and p["tool"] == tool and p.get(key)),

@@ -9,13 +9,14 @@ import os
 import shutil
 import sys
 
-ORDER = ["W1", "W2", "W3", "W3o", "W4"]
+ORDER = ["W1", "W2", "W3", "W3o", "W4", "W5"]
 TITLES = {
     "W1": "GET /products/{id}",
     "W2": "POST /transfers, random product and warehouses",
     "W3": "POST /transfers, one product, two warehouses, both directions",
     "W3o": "POST /transfers, one product, two warehouses, one direction",
     "W4": "GET /health/ready",
+    "W5": "POST /receipts, then GET /products/{id}/stock with its Consistency-Token",
 }
 
 
@@ -39,6 +40,9 @@ def main():
             p["app_retries"] = int(a.get("retries", 0) - b.get("retries", 0))
             p["app_rollbacks"] = int(a.get("rollback", 0) - b.get("rollback", 0))
             p["app_commits"] = int(a.get("commit", 0) - b.get("commit", 0))
+            # Read-only transactions by server (db_reads_total{target}).
+            p["app_reads_replica"] = int(a.get("reads_replica", 0) - b.get("reads_replica", 0))
+            p["app_reads_primary"] = int(a.get("reads_primary", 0) - b.get("reads_primary", 0))
 
     for p in points:
         # CPU time per request: of the HTTP server's process, and of all PostgreSQL processes.
@@ -135,6 +139,35 @@ def main():
                 r["workload"], r["connections"], r["variant"], fmt(r["rate"], 0), fmt(r["non_2xx"]), r["base"],
                 fmt(r["base_rate"], 0), fmt(r["ratio"], 2)))
         lines.append("")
+    # With a replica: where the reads went, against the same point without one.
+    replica_rows = []
+    for (t, w, c), q in sorted(by.items(), key=lambda kv: (
+            ORDER.index(kv[0][1]) if kv[0][1] in ORDER else 99, kv[0][2], str(kv[0][0]))):
+        if t not in ("app", "app-replica") or w not in ("W1", "W5"):
+            continue
+        if t == "app" and ("app-replica", w, c) not in by:
+            continue
+        on_replica, on_primary = q.get("app_reads_replica", 0), q.get("app_reads_primary", 0)
+        replica_rows.append({
+            "workload": w, "connections": c, "tool": t, "rate": rate(t, w, c),
+            "non_2xx": q.get("non_2xx"), "reads_replica": on_replica, "reads_primary": on_primary,
+            "replica_share": ratio_of(on_replica, on_replica + on_primary),
+            "replica_xacts": q.get("replica_xacts"),
+            "ratio_to_app_w1": ratio_of(rate(t, w, c), rate("app", "W1", c)),
+        })
+    if replica_rows:
+        lines += [
+            "| workload | connections | server | req/s | non-2xx | reads on replica | on primary "
+            "| replica share | replica's own xact count | req/s ÷ app W1 (no replica) |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in replica_rows:
+            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                r["workload"], r["connections"], r["tool"], fmt(r["rate"], 0), fmt(r["non_2xx"]),
+                fmt(r["reads_replica"]), fmt(r["reads_primary"]),
+                "–" if r["replica_share"] is None else f"{r['replica_share']:.0%}",
+                fmt(r["replica_xacts"]), fmt(r["ratio_to_app_w1"], 2)))
+        lines.append("")
     lines.append("Workloads: " + "; ".join(f"{k} {v}" for k, v in TITLES.items()) + ".")
     notes = []
     for c in checks:
@@ -157,6 +190,7 @@ def main():
     result["ledger_pass"] = all(c["pass"] for c in checks)
     result["table"] = rows
     result["levers"] = levers
+    result["replica"] = replica_rows
     os.makedirs(results, exist_ok=True)
     out = os.path.join(results, f"{stamp}.json")
     with open(out + ".tmp", "w") as f:

@@ -72,6 +72,9 @@ def metrics(url):
         if m:
             key = "retries" if m.group(2) is None else m.group(2)
             out[key] = float(m.group(3))
+        m = re.match(r'^db_reads_total\{target="(\w+)"\}\s+(\S+)', line)
+        if m:
+            out["reads_" + m.group(1)] = float(m.group(2))
     return out
 
 

@@ -15,7 +15,10 @@
 //!   forged position can only make a read wait up to `DB_REPLICA_MAX_WAIT_MS` and then run on the
 //!   primary, the same as a replica that lags.
 //! * The replica's reachability is an [`Availability`] of its own: while it is down, reads go to
-//!   the primary without trying it, and its probe brings it back. A background check every
+//!   the primary without trying it, and its probe brings it back. The probe must see the server
+//!   answer (`SELECT 1` within [`CHECK_BUDGET`]), not merely log in: a transaction-mode pooler in
+//!   front of the replica logs clients in while its server is gone and holds their queries, so a
+//!   read that waits there is given up and re-run on the primary only once a probe says "down". A background check every
 //!   [`CHECK_EVERY`] measures the lag and notices a replica that went away while no read used it.
 //!
 //! Every query here is a single simple-protocol message outside a transaction, which a
@@ -183,7 +186,7 @@ impl Replica {
     /// check ends when the last clone of the replica is dropped.
     pub fn new(db: DatabaseConnection, connect_timeout: Duration, max_wait: Duration) -> Replica {
         let replica = Replica(Arc::new(Inner {
-            availability: Availability::new(&db, connect_timeout),
+            availability: Availability::answering(&db, connect_timeout, CHECK_BUDGET),
             db,
             max_wait,
             replayed: AtomicU64::new(0),

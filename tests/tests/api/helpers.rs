@@ -286,17 +286,29 @@ pub async fn spawn_pooled_app_with(
     overrides: &[(&str, &str)],
     extra_routes: fn(&mut web::ServiceConfig),
 ) -> TestApp {
-    init_logs();
     let database = TestDatabase::create().await;
+    let pooled_url = crate::pgbouncer::shared().url(&database.name);
+    spawn_pooled_app_over(database, &pooled_url, overrides, extra_routes).await
+}
+
+/// The real application over `database`, migrated here on its direct URL, connected through
+/// the PgBouncer URL `pooled_url` with `DB_POOLER=transaction` and `overrides`.
+/// `TestApp::db` is a direct connection.
+pub async fn spawn_pooled_app_over(
+    database: TestDatabase,
+    pooled_url: &str,
+    overrides: &[(&str, &str)],
+    extra_routes: fn(&mut web::ServiceConfig),
+) -> TestApp {
+    init_logs();
     let direct = database.connect().await;
     app::db::migrate(&direct)
         .await
         .expect("migrations apply on the direct URL");
     let _ = direct.close().await;
-    let pooled_url = crate::pgbouncer::shared().url(&database.name);
     let mut vars = vec![("DB_POOLER", "transaction"), ("DB_AUTO_MIGRATE", "false")];
     vars.extend_from_slice(overrides);
-    let settings = test_settings(&pooled_url, &vars);
+    let settings = test_settings(pooled_url, &vars);
     let pool = app::db::connect(&settings.database)
         .await
         .expect("the app connects through PgBouncer");

@@ -14,6 +14,8 @@ use crate::helpers::{TestApp, spawn_app};
 use crate::replica::{MARGIN, ReplicaPair, text};
 use crate::transactions::metric;
 
+mod pgbouncer;
+
 const TOKEN: &str = "consistency-token";
 
 async fn receipt(app: &TestApp, warehouse: i64, product: i64) -> reqwest::Response {
@@ -336,7 +338,7 @@ async fn a_route_pinned_to_the_primary_never_reads_from_the_replica() {
 async fn reads_your_writes_holds_with_db_pooler_transaction_too() {
     // The session of a transaction-mode pooler (settings inside every BEGIN, no named
     // statements), here on direct connections: the replica's queries are single
-    // simple-protocol messages either way.
+    // simple-protocol messages either way. Through real PgBouncers: `reads::pgbouncer`.
     let app = ReplicaPair::shared()
         .spawn_app(&[("DB_POOLER", "transaction"), ("DB_AUTO_MIGRATE", "false")])
         .await;
@@ -364,6 +366,8 @@ async fn the_served_binary_reads_from_the_replica_and_stops_cleanly() {
         &pair.primary.url("postgres"),
     )
     .await;
+    // The binary's replica pool must find the database there (CREATE DATABASE replayed).
+    pair.wait_for_replay_of(&database.name).await;
     let replica_url = pair.replica.url(&database.name);
     let binary = crate::process::Binary::start(
         &std::env::temp_dir(),
@@ -395,15 +399,24 @@ async fn the_served_binary_reads_from_the_replica_and_stops_cleanly() {
         200,
         "the product is read back with its token"
     );
-    let health: Value = client
-        .get(format!("{base}/health/ready"))
-        .send()
-        .await
-        .expect("request sent")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(health["replica"]["status"], "up", "{health}");
+    // Its replica pool opens lazily: a first check that is slow on a loaded machine may
+    // report it down for a moment, so wait for "up" rather than expect it at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health: Value = client
+            .get(format!("{base}/health/ready"))
+            .send()
+            .await
+            .expect("request sent")
+            .json()
+            .await
+            .expect("json");
+        if health["replica"]["status"] == "up" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, binary) = binary.stop(Duration::from_secs(30)).await;
     assert!(status.success(), "exit {status}:\n{}", binary.output());
 }

@@ -5,19 +5,28 @@
 //! serves every test of a run that only reads and writes ([`ReplicaPair::shared`]; each test
 //! has its own database, created on the primary and replayed on the replica) and is stopped by
 //! a watchdog when the test process exits; a test that stops or pauses the replica starts a
-//! pair of its own ([`ReplicaPair::start`]), dropped with it.
+//! pair of its own ([`ReplicaPair::start`]), dropped with it. [`ReplicaPair::bouncers`] puts
+//! a PgBouncer in transaction mode in front of each server of the shared pair, once per run.
 
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
-use crate::helpers::{TestApp, TestDatabase, connect_to, spawn_app_on};
+use crate::helpers::{TestApp, TestDatabase, connect_to, spawn_app_on, spawn_pooled_app_over};
+use crate::pgbouncer::PgBouncer;
 use crate::process::OwnServer;
 
 pub struct ReplicaPair {
     pub primary: OwnServer,
     pub replica: OwnServer,
+}
+
+/// A PgBouncer (`pool_mode = transaction`, see [`crate::pgbouncer`]) in front of each server of
+/// the shared pair.
+pub struct Bouncers {
+    pub primary: PgBouncer,
+    pub replica: PgBouncer,
 }
 
 impl ReplicaPair {
@@ -37,6 +46,39 @@ impl ReplicaPair {
             pair.replica.stop_when_this_process_exits();
             pair
         })
+    }
+
+    /// The run's PgBouncers in front of the shared pair, started on first use (with the pair).
+    pub fn bouncers() -> &'static Bouncers {
+        static SHARED: OnceLock<Bouncers> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let pair = ReplicaPair::shared();
+            Bouncers {
+                primary: PgBouncer::in_front_of("127.0.0.1", pair.primary.port),
+                replica: PgBouncer::in_front_of("127.0.0.1", pair.replica.port),
+            }
+        })
+    }
+
+    /// The real application over a fresh database of the shared pair, through its
+    /// [`bouncers`](Self::bouncers) with `DB_POOLER=transaction`: `DATABASE_URL` and
+    /// `DATABASE_REPLICA_URL` name the PgBouncer in front of each server. Returns once the
+    /// replica has replayed the migrations. `TestApp::db` is a direct connection to the primary.
+    pub async fn spawn_pooled_app(overrides: &[(&str, &str)]) -> TestApp {
+        let pair = ReplicaPair::shared();
+        let bouncers = ReplicaPair::bouncers();
+        let database = TestDatabase::create_at(
+            crate::helpers::Server::Postgres,
+            &pair.primary.url("postgres"),
+        )
+        .await;
+        let primary_url = bouncers.primary.url(&database.name);
+        let replica_url = bouncers.replica.url(&database.name);
+        let mut vars = vec![("DATABASE_REPLICA_URL", replica_url.as_str())];
+        vars.extend_from_slice(overrides);
+        let app = spawn_pooled_app_over(database, &primary_url, &vars, |_| {}).await;
+        pair.wait_for_replay(&app).await;
+        app
     }
 
     /// The real application over a fresh database of this pair, with `DATABASE_REPLICA_URL`
@@ -73,16 +115,29 @@ impl ReplicaPair {
 
     /// Waits until the replica has replayed everything the primary has written so far.
     pub async fn wait_for_replay(&self, app: &TestApp) {
-        let target = text(&app.db, "SELECT pg_current_wal_insert_lsn()::text").await;
+        self.wait_for_replay_of(&app.database_name()).await;
+    }
+
+    /// Waits (up to 10 s) until the replica has replayed everything the primary has written so
+    /// far, and answers on `database`: a database created a moment ago on the primary may not
+    /// exist on the replica yet, the more so while other tests create theirs.
+    pub async fn wait_for_replay_of(&self, database: &str) {
+        let primary = connect_to(&self.primary.url("postgres")).await;
+        let target = text(&primary, "SELECT pg_current_wal_insert_lsn()::text").await;
+        let _ = primary.close().await;
         let admin = connect_to(&self.replica.url("postgres")).await;
         let sql = format!("SELECT (pg_last_wal_replay_lsn() >= '{target}')::text");
-        app.wait_until("the replica replays the primary's WAL", || async {
-            text(&admin, &sql).await == "true"
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while text(&admin, &sql).await != "true" {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for the replica to replay the primary's WAL"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let _ = admin.close().await;
         // The database itself answers on the replica.
-        let replica = connect_to(&self.replica.url(&app.database_name())).await;
+        let replica = connect_to(&self.replica.url(database)).await;
         let _ = replica.close().await;
     }
 }
