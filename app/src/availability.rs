@@ -209,7 +209,7 @@ impl Availability {
             let was_down = self.0.down.send_replace(!reachable);
             match (was_down, reachable) {
                 (false, false) => tracing::warn!(
-                    "the database cannot be reached; requests fail fast with 503 until it answers"
+                    "the database cannot be reached; checkouts from its pool fail fast until it answers"
                 ),
                 (true, true) => tracing::info!("the database answers again"),
                 _ => {}
