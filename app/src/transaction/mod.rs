@@ -289,6 +289,23 @@ async fn buffer(res: HttpResponse) -> (HttpResponse, Option<Stored>) {
     }
 }
 
+/// The last touches of every transactional reply: the consistency token when `issue_token` (a
+/// committed write, or the replay of one) and a replica is configured, and how the transaction
+/// ended, for the request logger.
+async fn finish_reply(
+    mut reply: ServiceResponse,
+    issue_token: bool,
+    config: &TxConfig,
+    primary: &DatabaseConnection,
+    report: TxReport,
+) -> ServiceResponse {
+    if issue_token && config.replica.is_some() {
+        routing::attach_token(reply.headers_mut(), primary).await;
+    }
+    reply.request().extensions_mut().insert(report);
+    reply
+}
+
 // ---------------------------------------------------------------------------------------------
 // Background jobs and CLI code
 // ---------------------------------------------------------------------------------------------
@@ -516,17 +533,11 @@ where
                                 ApiError::IdempotencyKeyReused.error_response()
                             }
                         };
-                        let mut reply = ServiceResponse::new(http.clone(), answer);
-                        if let (true, Some(_)) = (replay, &config.replica) {
-                            // The replayed writes committed at or before the primary's
-                            // position now: the client reads them back like a first answer's.
-                            routing::attach_token(reply.headers_mut(), &db).await;
-                        }
-                        reply
-                            .request()
-                            .extensions_mut()
-                            .insert(TxReport { outcome, retries });
-                        return Ok(reply);
+                        // The replayed writes committed at or before the primary's position
+                        // now: the client reads them back like a first answer's.
+                        let reply = ServiceResponse::new(http.clone(), answer);
+                        let report = TxReport { outcome, retries };
+                        return Ok(finish_reply(reply, replay, &config, &db, report).await);
                     }
                     // The failure is recorded in the slot: retried or answered below.
                     Some(Err(e)) => Err(ApiError::from(e).error_response()),
@@ -657,15 +668,9 @@ where
                         reply
                     }
                 };
-                let mut reply = reply;
-                if let (TxOutcome::Commit, true, Some(_)) = (outcome, writes, &config.replica) {
-                    routing::attach_token(reply.headers_mut(), &db).await;
-                }
-                reply
-                    .request()
-                    .extensions_mut()
-                    .insert(TxReport { outcome, retries });
-                return Ok(reply);
+                let committed_write = outcome == TxOutcome::Commit && writes;
+                let report = TxReport { outcome, retries };
+                return Ok(finish_reply(reply, committed_write, &config, &db, report).await);
             }
         })
     }
