@@ -300,18 +300,30 @@ pub async fn spawn_pooled_app_over(
     overrides: &[(&str, &str)],
     extra_routes: fn(&mut web::ServiceConfig),
 ) -> TestApp {
+    let mut vars = vec![("DB_POOLER", "transaction"), ("DB_AUTO_MIGRATE", "false")];
+    vars.extend_from_slice(overrides);
+    launch_migrated(database, pooled_url, &vars, extra_routes).await
+}
+
+/// The real application over `database`, migrated here on its direct URL (so that nothing of
+/// the set-up passes a pooler or a proxy), connected to `url` with `vars`; `TestApp::db` is a
+/// direct connection.
+async fn launch_migrated(
+    database: TestDatabase,
+    url: &str,
+    vars: &[(&str, &str)],
+    extra_routes: fn(&mut web::ServiceConfig),
+) -> TestApp {
     init_logs();
     let direct = database.connect().await;
     app::db::migrate(&direct)
         .await
         .expect("migrations apply on the direct URL");
     let _ = direct.close().await;
-    let mut vars = vec![("DB_POOLER", "transaction"), ("DB_AUTO_MIGRATE", "false")];
-    vars.extend_from_slice(overrides);
-    let settings = test_settings(pooled_url, &vars);
+    let settings = test_settings(url, vars);
     let pool = app::db::connect(&settings.database)
         .await
-        .expect("the app connects through PgBouncer");
+        .unwrap_or_else(|e| panic!("the app connects to {url}: {e}"));
     let direct_url = database.url.clone();
     launch(
         settings,
@@ -347,11 +359,7 @@ async fn spawn_app_behind_on(
     proxy: &crate::fault_proxy::FaultProxy,
     overrides: &[(&str, &str)],
 ) -> TestApp {
-    init_logs();
     let database = TestDatabase::create_on(server).await;
-    let direct = database.connect().await;
-    app::db::migrate(&direct).await.expect("migrations apply");
-    let _ = direct.close().await;
     let mut vars = vec![("DB_AUTO_MIGRATE", "false"), ("DB_SSL_MODE", "disable")];
     vars.extend_from_slice(overrides);
     // Behind the run's PgBouncer when the proxy forwards to it (`DB_POOLER=transaction`).
@@ -360,19 +368,7 @@ async fn spawn_app_behind_on(
     } else {
         database.url.clone()
     };
-    let settings = test_settings(&proxy.url(&upstream), &vars);
-    let pool = app::db::connect(&settings.database)
-        .await
-        .expect("the app connects through the proxy");
-    let direct_url = database.url.clone();
-    launch(
-        settings,
-        pool,
-        &direct_url,
-        Some(Box::new(database)),
-        |_| {},
-    )
-    .await
+    launch_migrated(database, &proxy.url(&upstream), &vars, |_| {}).await
 }
 
 /// The `host:port` of the run's shared PgBouncer, for a proxy in front of it.
@@ -621,3 +617,40 @@ pub async fn problem(res: reqwest::Response) -> (u16, Value) {
     );
     (status, body)
 }
+
+/// Enough connections for the concurrent tests [`on_every_backend`] runs (SQLite caps its pool
+/// at 4 writers' worth).
+pub const CONCURRENT_POOL: &[(&str, &str)] = &[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")];
+
+/// Runs each named test function (`async fn name(app: TestApp)` in the calling module) with
+/// [`CONCURRENT_POOL`] once per backend: `postgres::name`, `mariadb::name`, `sqlite::name` and
+/// `pgbouncer::name` (PostgreSQL behind the run's PgBouncer in transaction mode).
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_app_with(crate::helpers::CONCURRENT_POOL, |_| {}).await).await;
+            })*
+        }
+        mod mariadb {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_mariadb_app_with(crate::helpers::CONCURRENT_POOL, |_| {}).await).await;
+            })*
+        }
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_sqlite_app(crate::helpers::CONCURRENT_POOL).await).await;
+            })*
+        }
+        mod pgbouncer {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::spawn_pooled_app_with(crate::helpers::CONCURRENT_POOL, |_| {}).await).await;
+            })*
+        }
+    };
+}
+pub(crate) use on_every_backend;

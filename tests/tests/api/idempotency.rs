@@ -7,43 +7,13 @@ use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 
 use crate::fault_proxy::{Cut, FaultProxy, upstream_of};
-use crate::helpers::{TestApp, admin_url, problem, spawn_app, spawn_app_behind, spawn_app_on};
+use crate::helpers::{
+    TestApp, admin_url, on_every_backend, problem, spawn_app, spawn_app_behind, spawn_app_on,
+};
 use crate::transactions::{create_test_tables, metric, routes};
 
-/// Enough connections for the concurrent test (SQLite caps its pool at 4 writers' worth).
-const POOL: &[(&str, &str)] = &[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")];
-
 // The layer's own statements differ per backend (advisory lock, placeholders, upsert): these
-// run on PostgreSQL, on SQLite and behind PgBouncer in transaction mode.
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(crate::helpers::spawn_app_with(super::POOL, |_| {}).await).await;
-            })*
-        }
-        mod mariadb {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(crate::helpers::spawn_mariadb_app_with(super::POOL, |_| {}).await).await;
-            })*
-        }
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(crate::helpers::spawn_sqlite_app(super::POOL).await).await;
-            })*
-        }
-        mod pgbouncer {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(crate::helpers::spawn_pooled_app_with(super::POOL, |_| {}).await).await;
-            })*
-        }
-    };
-}
-
+// run on PostgreSQL, MariaDB, SQLite and behind PgBouncer in transaction mode.
 on_every_backend!(
     a_repeat_with_the_same_key_gets_the_stored_response_and_writes_nothing,
     without_the_header_every_post_writes_again,

@@ -6,40 +6,8 @@
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, problem};
+use crate::helpers::{TestApp, on_every_backend, problem};
 use sea_orm::{ConnectionTrait, TransactionTrait};
-
-/// Enough connections for the concurrent tests (SQLite caps its pool at 4 writers' worth).
-const POOL: &[(&str, &str)] = &[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")];
-
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(crate::helpers::spawn_app_with(super::POOL, |_| {}).await).await;
-            })*
-        }
-        mod mariadb {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(crate::helpers::spawn_mariadb_app_with(super::POOL, |_| {}).await).await;
-            })*
-        }
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(crate::helpers::spawn_sqlite_app(super::POOL).await).await;
-            })*
-        }
-        mod pgbouncer {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(crate::helpers::spawn_pooled_app_with(super::POOL, |_| {}).await).await;
-            })*
-        }
-    };
-}
 
 on_every_backend!(
     receipts_shipments_and_transfers_move_stock_and_write_the_ledger,
