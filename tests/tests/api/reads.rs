@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use actix_web::{HttpResponse, web};
 use app::problem::ApiError;
 use app::{Transactional, Tx};
-use sea_orm::ConnectionTrait;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app};
@@ -60,12 +60,24 @@ async fn ready(app: &TestApp) -> Value {
 #[tokio::test]
 async fn a_client_that_sends_its_token_back_never_reads_a_stale_stock_from_the_replica() {
     let app = ReplicaPair::shared().spawn_app(&[]).await;
+    let (w, p) = receipts_each_read_back_with_its_token(&app).await;
+
+    // Without the token the same loop may be stale: it is only served.
+    for _ in 0..20 {
+        receipt(&app, w, p).await;
+        total(app.get(&format!("/products/{p}/stock")).await).await;
+    }
+}
+
+/// 200 times: a receipt, then at once its stock read with the receipt's token (half of the
+/// clients send the header, half only keep the cookie); never stale, and some reads ran on the
+/// replica. Returns the warehouse and product.
+pub(super) async fn receipts_each_read_back_with_its_token(app: &TestApp) -> (i64, i64) {
     let w = app.warehouse("W").await;
     let p = app.product("RYW").await;
     for i in 1..=200 {
-        let written = receipt(&app, w, p).await;
+        let written = receipt(app, w, p).await;
         let token = token_of(&written);
-        // Half of the clients send the header, half only keep the cookie.
         let read = app.client.get(app.url(&format!("/products/{p}/stock")));
         let read = if i % 2 == 0 {
             read.header(TOKEN, &token)
@@ -75,15 +87,10 @@ async fn a_client_that_sends_its_token_back_never_reads_a_stale_stock_from_the_r
         let seen = total(read.send().await.expect("request sent")).await;
         assert_eq!(seen, i, "read {i} with its token saw a stale stock");
     }
-    let (replica, primary) = (reads(&app, "replica").await, reads(&app, "primary").await);
+    let (replica, primary) = (reads(app, "replica").await, reads(app, "primary").await);
     assert_eq!(replica + primary, 200.0);
     assert!(replica > 0.0, "no read with a token ran on the replica");
-
-    // Without the token the same loop may be stale: it is only served.
-    for _ in 0..20 {
-        receipt(&app, w, p).await;
-        total(app.get(&format!("/products/{p}/stock")).await).await;
-    }
+    (w, p)
 }
 
 #[tokio::test]
@@ -124,12 +131,20 @@ async fn a_write_answers_its_token_as_a_header_and_a_cookie_for_the_whole_site()
 async fn reads_without_a_token_are_served_by_the_replica() {
     let pair = ReplicaPair::shared();
     let app = pair.spawn_app(&[]).await;
+    tokenless_reads_seen_by_the_replica(pair, &app).await;
+}
+
+/// Reads without a token until the replica's own statistics count them (index scans of
+/// `product`, which only `GET /products/{id}` makes there; backends publish their counts at
+/// most once a second, so keep reading until they show), and every one counted on the
+/// replica by the app. Returns a direct connection to the replica.
+pub(super) async fn tokenless_reads_seen_by_the_replica(
+    pair: &ReplicaPair,
+    app: &TestApp,
+) -> DatabaseConnection {
     let p = app.product("R").await;
-    pair.wait_for_replay(&app).await;
-    let on_replica = pair.on_replica(&app).await;
-    // Index scans of `product` as the replica counts them (its own statistics: a standby
-    // tracks the queries it runs). Backends publish their counts at most once a second, so
-    // keep reading until they show.
+    pair.wait_for_replay(app).await;
+    let on_replica = pair.on_replica(app).await;
     let scans = "SELECT COALESCE(idx_scan, 0)::text FROM pg_stat_user_tables \
                  WHERE relname = 'product'";
     let before: i64 = text(&on_replica, scans).await.parse().expect("a count");
@@ -151,8 +166,9 @@ async fn reads_without_a_token_are_served_by_the_replica() {
             now - before
         );
     }
-    assert_eq!(reads(&app, "replica").await, f64::from(sent));
-    assert_eq!(reads(&app, "primary").await, 0.0);
+    assert_eq!(reads(app, "replica").await, f64::from(sent));
+    assert_eq!(reads(app, "primary").await, 0.0);
+    on_replica
 }
 
 #[tokio::test]

@@ -11,7 +11,9 @@ use crate::helpers::TestApp;
 use crate::process::free_port;
 use crate::replica::{ReplicaPair, text};
 
-use super::{TOKEN, reads, ready, receipt, token_of, total};
+use super::{
+    reads, ready, receipts_each_read_back_with_its_token, tokenless_reads_seen_by_the_replica,
+};
 
 /// Both pools of `app` reach their server through its PgBouncer, not around it.
 fn assert_behind_both_bouncers(app: &TestApp) {
@@ -30,26 +32,7 @@ fn assert_behind_both_bouncers(app: &TestApp) {
 #[tokio::test]
 async fn behind_pgbouncer_a_client_that_sends_its_token_back_never_reads_a_stale_stock() {
     let app = ReplicaPair::spawn_pooled_app(&[]).await;
-    let w = app.warehouse("W").await;
-    let p = app.product("RYW").await;
-    for i in 1..=200 {
-        let token = token_of(&receipt(&app, w, p).await);
-        let read = app
-            .client
-            .get(app.url(&format!("/products/{p}/stock")))
-            .header(TOKEN, token)
-            .send()
-            .await
-            .expect("request sent");
-        assert_eq!(
-            total(read).await,
-            i,
-            "read {i} with its token saw a stale stock"
-        );
-    }
-    let (replica, primary) = (reads(&app, "replica").await, reads(&app, "primary").await);
-    assert_eq!(replica + primary, 200.0);
-    assert!(replica > 0.0, "no read with a token ran on the replica");
+    receipts_each_read_back_with_its_token(&app).await;
     assert_behind_both_bouncers(&app);
 }
 
@@ -57,32 +40,7 @@ async fn behind_pgbouncer_a_client_that_sends_its_token_back_never_reads_a_stale
 async fn behind_pgbouncer_reads_without_a_token_are_served_by_the_replica() {
     let pair = ReplicaPair::shared();
     let app = ReplicaPair::spawn_pooled_app(&[]).await;
-    let p = app.product("R").await;
-    pair.wait_for_replay(&app).await;
-    // The replica's own statistics, read on a direct connection to it: index scans of
-    // `product`, which only the app's `GET /products/{id}` makes there. Backends publish their
-    // counts at most once a second, so keep reading until they show.
-    let on_replica = pair.on_replica(&app).await;
-    let scans = "SELECT COALESCE(idx_scan, 0)::text FROM pg_stat_user_tables \
-                 WHERE relname = 'product'";
-    let before: i64 = text(&on_replica, scans).await.parse().expect("a count");
-    let mut sent = 0;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        for _ in 0..10 {
-            assert_eq!(app.get(&format!("/products/{p}")).await.status(), 200);
-            sent += 1;
-        }
-        let now: i64 = text(&on_replica, scans).await.parse().expect("a count");
-        if now - before >= 10 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the replica saw {} product lookups after {sent} reads",
-            now - before
-        );
-    }
+    let on_replica = tokenless_reads_seen_by_the_replica(pair, &app).await;
     // Its sessions: the app's server connections to this database come from PgBouncer.
     let sessions = text(
         &on_replica,
@@ -94,15 +52,9 @@ async fn behind_pgbouncer_reads_without_a_token_are_served_by_the_replica() {
     )
     .await;
     assert_ne!(sessions, "0", "no app session on the replica");
-    assert_eq!(reads(&app, "replica").await, f64::from(sent as u32));
-    assert_eq!(reads(&app, "primary").await, 0.0);
     assert_behind_both_bouncers(&app);
 }
 
-/// The replica's server gone behind its PgBouncer, which still logs clients in and holds
-/// their queries (PgBouncer 1.18 waits `query_wait_timeout`, 120 s, retrying the server every
-/// `server_login_retry`, 15 s): for this test's database only, the replica's PgBouncer is
-/// pointed at a port where nothing listens, the way a stopped server looks to it.
 #[tokio::test]
 async fn behind_pgbouncer_reads_go_to_the_primary_while_the_replica_is_gone_and_come_back() {
     let app = ReplicaPair::spawn_pooled_app(&[]).await;
