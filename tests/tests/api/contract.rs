@@ -90,6 +90,11 @@ impl Contract {
         (answer.status, answer.body)
     }
 
+    /// POSTs `body` to `path` (a route with no parameters) and checks the answer.
+    async fn post(&self, app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
+        self.check("POST", path, app.post(path, body).await).await
+    }
+
     /// [`check`](Self::check), returning the headers too.
     async fn answer(&self, method: &str, template: &str, res: reqwest::Response) -> Answer {
         let status = res.status().as_u16();
@@ -287,28 +292,13 @@ async fn every_response_of_every_operation_is_declared_by_the_document_and_every
 
     // Catalog: created, taken, invalid, not JSON, not sent as JSON, too large.
     let (_, w1) = c
-        .check(
-            "POST",
-            "/warehouses",
-            app.post("/warehouses", &json!({"code": "W1", "name": "One"}))
-                .await,
-        )
+        .post(&app, "/warehouses", &json!({"code": "W1", "name": "One"}))
         .await;
     let (_, w2) = c
-        .check(
-            "POST",
-            "/warehouses",
-            app.post("/warehouses", &json!({"code": "W2", "name": "Two"}))
-                .await,
-        )
+        .post(&app, "/warehouses", &json!({"code": "W2", "name": "Two"}))
         .await;
     let (_, p) = c
-        .check(
-            "POST",
-            "/products",
-            app.post("/products", &json!({"sku": "p-1", "name": "P"}))
-                .await,
-        )
+        .post(&app, "/products", &json!({"sku": "p-1", "name": "P"}))
         .await;
     let (w1, w2, p) = (&w1["id"], &w2["id"], &p["id"]);
     for (path, taken, invalid) in [
@@ -323,8 +313,8 @@ async fn every_response_of_every_operation_is_declared_by_the_document_and_every
             json!({"sku": "", "name": "x"}),
         ),
     ] {
-        c.check("POST", path, app.post(path, &taken).await).await;
-        c.check("POST", path, app.post(path, &invalid).await).await;
+        c.post(&app, path, &taken).await;
+        c.post(&app, path, &invalid).await;
         c.check(
             "POST",
             path,
@@ -375,11 +365,10 @@ async fn every_response_of_every_operation_is_declared_by_the_document_and_every
         ("/transfers", transfer(w1, w1, 1)),
     ];
     for (path, body) in cases {
-        c.check("POST", path, app.post(path, &body).await).await;
+        c.post(&app, path, &body).await;
     }
     for path in ["/receipts", "/shipments", "/transfers"] {
-        c.check("POST", path, app.post(path, &json!({"quantity": 1})).await)
-            .await;
+        c.post(&app, path, &json!({"quantity": 1})).await;
         c.check(
             "POST",
             path,
@@ -796,7 +785,7 @@ async fn agree(app: &TestApp, c: &Contract, path: &str, schema: &str, bodies: Ve
     let schema = validator.component(schema);
     for (body, field) in bodies {
         let valid = validator.errors(schema, &body).is_empty();
-        let (status, answer) = c.check("POST", path, app.post(path, &body).await).await;
+        let (status, answer) = c.post(app, path, &body).await;
         if valid {
             assert_ne!(
                 status, 422,
