@@ -303,6 +303,22 @@ impl DatabaseUrl {
         })
     }
 
+    /// Which database this is, for a person and never with a password: `database "inv" on
+    /// db.internal:5432 (postgres)`, or `SQLite file "inventory.db"`.
+    pub fn describe(&self) -> String {
+        match (&self.location, self.server_parts()) {
+            (Location::Server(backend, _), Some(parts)) => format!(
+                "database {:?} on {}:{} ({backend})",
+                parts.database, parts.host, parts.port
+            ),
+            _ if self.is_in_memory() => "the in-memory SQLite database".to_owned(),
+            _ => format!(
+                "SQLite file {:?}",
+                self.database_name().unwrap_or_default()
+            ),
+        }
+    }
+
     /// The URL with `password_text` (already percent-encoded) as its password.
     fn render(&self, password_text: Option<&str>) -> String {
         match &self.location {
@@ -548,6 +564,30 @@ mod tests {
 
     fn secret(url: &DatabaseUrl) -> Option<&str> {
         url.password().map(ExposeSecret::expose_secret)
+    }
+
+    #[test]
+    fn describe_names_the_database_and_server_and_never_the_password() {
+        let cases = [
+            (
+                "postgres://u:hunter2@db.internal/inv",
+                r#"database "inv" on db.internal:5432 (postgres)"#,
+            ),
+            (
+                "mysql://root:hunter2@127.0.0.1:3307/shop",
+                r#"database "shop" on 127.0.0.1:3307 (mysql)"#,
+            ),
+            (
+                "sqlite://data/inventory.db?mode=rwc",
+                r#"SQLite file "data/inventory.db""#,
+            ),
+            ("sqlite::memory:", "the in-memory SQLite database"),
+        ];
+        for (raw, described) in cases {
+            let url = parsed(raw);
+            assert_eq!(url.describe(), described, "{raw}");
+            assert!(!url.describe().contains("hunter2"), "{raw}");
+        }
     }
 
     #[test]

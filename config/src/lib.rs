@@ -92,7 +92,7 @@ impl Settings {
 
     /// The effective settings as `NAME=value` lines, one per variable of API.md §6 in the
     /// table's order, the password shown as `***` (in `DATABASE_URL` and `DB_PASSWORD`). The
-    /// `DB_HOST`…`DB_NAME` lines show the parts of the effective Postgres URL (empty for
+    /// `DB_HOST`…`DB_NAME` lines show the parts of the effective PostgreSQL or MariaDB URL (empty for
     /// SQLite); unset optional values are empty. For `app check-config`.
     pub fn report(&self) -> String {
         let db = &self.database;
