@@ -24,13 +24,45 @@ use crate::transaction::{TxOutcome, TxReport};
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// Sets the global subscriber: `RUST_LOG` filters (default `info`), `format` picks the layout.
-/// Fails if a global subscriber is already set.
-pub fn init<W>(format: LogFormat, writer: W) -> Result<(), String>
+/// What `RUST_LOG` is when it is unset or empty: `info`, with PostgreSQL's NOTICE messages (such
+/// as "relation … already exists, skipping" from every migration run) kept to WARN.
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx::postgres::notice=warn";
+
+/// `RUST_LOG` is set but is not a valid filter.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid RUST_LOG={value:?}: {reason} (e.g. RUST_LOG=info or RUST_LOG=app=debug,info)")]
+pub struct LogFilterError {
+    value: String,
+    reason: String,
+}
+
+/// The filter `RUST_LOG` asks for, or [`DEFAULT_LOG_FILTER`] when it is unset or empty. An
+/// invalid one is an error (bad configuration), never silently replaced.
+pub fn log_filter() -> Result<EnvFilter, LogFilterError> {
+    let value = std::env::var("RUST_LOG").unwrap_or_default();
+    parse_log_filter(&value)
+}
+
+fn parse_log_filter(value: &str) -> Result<EnvFilter, LogFilterError> {
+    let directives = if value.trim().is_empty() {
+        DEFAULT_LOG_FILTER
+    } else {
+        value
+    };
+    EnvFilter::builder()
+        .parse(directives)
+        .map_err(|e| LogFilterError {
+            value: value.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+/// Sets the global subscriber: `filter` (from [`log_filter`]) filters, `format` picks the
+/// layout. Fails if a global subscriber is already set.
+pub fn init<W>(format: LogFormat, filter: EnvFilter, writer: W) -> Result<(), String>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
@@ -146,5 +178,34 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unset_or_empty_rust_log_is_the_default_filter() {
+        for value in ["", "  "] {
+            let filter = parse_log_filter(value).expect("the default parses");
+            assert_eq!(filter.to_string(), parse_log_filter(DEFAULT_LOG_FILTER).unwrap().to_string());
+        }
+    }
+
+    #[test]
+    fn a_valid_rust_log_is_taken_as_written() {
+        let filter = parse_log_filter("app=debug,warn").expect("valid");
+        let shown = filter.to_string();
+        assert!(shown.contains("app=debug") && shown.contains("warn"), "{shown}");
+    }
+
+    #[test]
+    fn an_invalid_rust_log_is_an_error_naming_it_and_the_value() {
+        for value in ["nonsense::[", "app=loud"] {
+            let error = parse_log_filter(value).expect_err(value).to_string();
+            assert!(error.starts_with("invalid RUST_LOG="), "{error}");
+            assert!(error.contains(value), "{error}");
+        }
     }
 }
