@@ -7,7 +7,7 @@ use config::DatabaseSettings;
 
 use crate::availability::Availability;
 use migration::{Migrator, MigratorTrait};
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement};
 
 /// Start-up failures of the database layer.
 #[derive(Debug, thiserror::Error)]
@@ -20,10 +20,22 @@ pub enum DbSetupError {
     },
     #[error("migration failed: {0}")]
     Migrate(DbErr),
+    #[error("{found} is older than the oldest version supported, {needed} (docs/requirements.md)")]
+    UnsupportedVersion { found: String, needed: &'static str },
+    #[error("cannot read the server's version: {0}")]
+    Version(String),
 }
 
+/// The oldest PostgreSQL every feature works on: 13, for `pg_current_xact_id_if_assigned()` and
+/// `pg_xact_status(xid8)`, which resolve a `COMMIT` whose reply was lost.
+pub const MIN_POSTGRES: (u32, u32) = (13, 0);
+/// The oldest MariaDB supported: 10.6, the first with atomic DDL (a migration interrupted by a
+/// crash leaves no half-made table). CI tests 10.11.
+pub const MIN_MARIADB: (u32, u32) = (10, 6);
+
 /// Connects, trying `DB_CONNECT_RETRIES` times `DB_CONNECT_RETRY_DELAY_MS` apart, each attempt
-/// bounded by `DB_CONNECT_TIMEOUT`. Logs one line per failed attempt. The URL in messages never
+/// bounded by `DB_CONNECT_TIMEOUT`, then refuses a server that is too old
+/// ([`check_server_version`]). Logs one line per failed attempt. The URL in messages never
 /// carries the password.
 pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, DbSetupError> {
     let attempts = settings.connect_retries.max(1);
@@ -33,6 +45,7 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
         match tokio::time::timeout(settings.connect_timeout, Database::connect(options)).await {
             Ok(Ok(db)) => {
                 tracing::info!(url = %settings.url, attempt, "connected to the database");
+                check_server_version(&db).await?;
                 return Ok(db);
             }
             Ok(Err(e)) => {
@@ -84,6 +97,95 @@ pub async fn connect_replica(
             attempts: 1,
             reason: e.to_string(),
         }),
+    }
+}
+
+/// Refuses a server older than [`MIN_POSTGRES`] or [`MIN_MARIADB`]. PostgreSQL's version comes
+/// from the `server_version` it reports at login (no round trip); MariaDB's from `SELECT
+/// VERSION()`. MySQL itself is let through with a warning: only MariaDB is tested.
+pub async fn check_server_version(db: &DatabaseConnection) -> Result<(), DbSetupError> {
+    let version = match db.get_database_backend() {
+        DbBackend::Postgres => {
+            let conn = db
+                .get_postgres_connection_pool()
+                .acquire()
+                .await
+                .map_err(|e| DbSetupError::Version(e.to_string()))?;
+            match conn.server_version_num() {
+                Some(num) => ServerVersion::Postgres(num / 10000, num / 100 % 100),
+                None => return Ok(()),
+            }
+        }
+        DbBackend::MySql => {
+            let row = db
+                .query_one_raw(Statement::from_string(DbBackend::MySql, "SELECT VERSION()"))
+                .await
+                .map_err(|e| DbSetupError::Version(e.to_string()))?;
+            let text: String = row
+                .ok_or_else(|| DbSetupError::Version("SELECT VERSION() returned no row".into()))?
+                .try_get_by_index(0)
+                .map_err(|e| DbSetupError::Version(e.to_string()))?;
+            ServerVersion::parse_mysql(&text)
+        }
+        _ => return Ok(()),
+    };
+    if let ServerVersion::Mysql(..) = version {
+        tracing::warn!(version = %version, "MySQL is not tested: MariaDB is the supported server of this protocol");
+    }
+    version.supported()
+}
+
+/// A server's version, as far as the minimum versions need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ServerVersion {
+    Postgres(u32, u32),
+    Mariadb(u32, u32),
+    Mysql(u32, u32),
+}
+
+impl ServerVersion {
+    /// `10.11.6-MariaDB-0+deb12u1`, `5.5.5-10.11.6-MariaDB` (the prefix older clients need) or
+    /// MySQL's `8.0.36`.
+    fn parse_mysql(text: &str) -> ServerVersion {
+        let mariadb = text.contains("MariaDB");
+        let text = text.strip_prefix("5.5.5-").unwrap_or(text);
+        let mut numbers = text
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse().unwrap_or(0));
+        let major = numbers.next().unwrap_or(0);
+        let minor = numbers.next().unwrap_or(0);
+        if mariadb {
+            ServerVersion::Mariadb(major, minor)
+        } else {
+            ServerVersion::Mysql(major, minor)
+        }
+    }
+
+    fn supported(&self) -> Result<(), DbSetupError> {
+        let (found, needed, label) = match *self {
+            ServerVersion::Postgres(major, minor) => ((major, minor), MIN_POSTGRES, "PostgreSQL 13"),
+            ServerVersion::Mariadb(major, minor) => ((major, minor), MIN_MARIADB, "MariaDB 10.6"),
+            ServerVersion::Mysql(..) => return Ok(()),
+        };
+        if found >= needed {
+            Ok(())
+        } else {
+            Err(DbSetupError::UnsupportedVersion {
+                found: self.to_string(),
+                needed: label,
+            })
+        }
+    }
+}
+
+impl std::fmt::Display for ServerVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // PostgreSQL 10 and later number their releases major.minor.
+            ServerVersion::Postgres(major, minor) => write!(f, "PostgreSQL {major}.{minor}"),
+            ServerVersion::Mariadb(major, minor) => write!(f, "MariaDB {major}.{minor}"),
+            ServerVersion::Mysql(major, minor) => write!(f, "MySQL {major}.{minor}"),
+        }
     }
 }
 
@@ -166,5 +268,46 @@ pub async fn ping(
             "no answer within {} ms (database down or pool exhausted)",
             within.as_millis()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mariadb_and_mysql_version_strings_are_read() {
+        let cases = [
+            ("10.11.19-MariaDB-0+deb12u1", ServerVersion::Mariadb(10, 11)),
+            ("5.5.5-10.6.18-MariaDB", ServerVersion::Mariadb(10, 6)),
+            ("11.4.2-MariaDB-ubu2404", ServerVersion::Mariadb(11, 4)),
+            ("8.0.36", ServerVersion::Mysql(8, 0)),
+        ];
+        for (text, version) in cases {
+            assert_eq!(ServerVersion::parse_mysql(text), version, "{text}");
+        }
+    }
+
+    #[test]
+    fn servers_older_than_the_minimum_are_refused_naming_both_versions() {
+        for old in [
+            ServerVersion::Postgres(12, 19),
+            ServerVersion::Postgres(9, 6),
+            ServerVersion::Mariadb(10, 5),
+            ServerVersion::Mariadb(5, 5),
+        ] {
+            let error = old.supported().expect_err("too old").to_string();
+            assert!(error.contains(&old.to_string()), "{error}");
+            assert!(error.contains("PostgreSQL 13") || error.contains("MariaDB 10.6"), "{error}");
+        }
+        for new in [
+            ServerVersion::Postgres(13, 0),
+            ServerVersion::Postgres(17, 2),
+            ServerVersion::Mariadb(10, 6),
+            ServerVersion::Mariadb(11, 4),
+            ServerVersion::Mysql(8, 0),
+        ] {
+            assert!(new.supported().is_ok(), "{new}");
+        }
     }
 }

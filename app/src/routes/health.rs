@@ -38,7 +38,7 @@ pub async fn live() -> web::Json<Live> {
 pub struct DatabaseHealth {
     /// `up` or `down`
     pub status: &'static str,
-    /// `postgres` or `sqlite`
+    /// `postgres`, `mysql` (MariaDB) or `sqlite`
     pub backend: &'static str,
     /// Round trip of `SELECT 1`, when it answered.
     pub latency_ms: Option<f64>,
