@@ -1,11 +1,16 @@
-//! The command line of API.md §7: `serve` (the default), `migrate [up|down|status|fresh]`,
-//! `check-config` and `ping`. Exit codes: 0 success, 1 failure, 2 bad configuration.
+//! The command line (docs/cli.md): `serve` (the default), `migrate`, `check-config` and `ping`.
+//!
+//! Exit codes: 0 success, 1 a failure at run time, 2 bad configuration or usage (clap's own
+//! usage errors, an invalid setting or `RUST_LOG`, a destructive command without `--yes`).
+//! A fatal error is printed once: one line on stderr with `LOG_FORMAT=pretty`, one JSON event on
+//! the log stream (stdout) with `LOG_FORMAT=json`. Errors found before logging is set up (bad
+//! settings, usage) always go to stderr.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use config::{Pooler, Settings};
+use clap::{Args, Parser, Subcommand};
+use config::{LogFormat, Pooler, Settings};
 use migration::{Migrator, MigratorTrait};
 
 use crate::{Application, TxConfig, db, telemetry};
@@ -14,6 +19,8 @@ use crate::{Application, TxConfig, db, telemetry};
 pub const POOLER_MIGRATE: &str = "migrations cannot run through a transaction-mode pooler \
     (DB_POOLER=transaction): run `app migrate` with DATABASE_URL set to the database's direct URL \
     and DB_POOLER unset";
+
+const USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -30,10 +37,10 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API (the default).
     Serve,
-    /// Apply or inspect migrations on DATABASE_URL.
+    /// Apply, revert or inspect migrations on DATABASE_URL (default: `up`).
     Migrate {
-        #[arg(value_enum, default_value_t = MigrateAction::Up)]
-        action: MigrateAction,
+        #[command(subcommand)]
+        action: Option<Migrate>,
     },
     /// Print the effective settings (the password as ***) and exit.
     CheckConfig,
@@ -41,90 +48,186 @@ enum Command {
     Ping,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum MigrateAction {
-    Up,
-    Down,
+#[derive(Clone, Copy, Subcommand)]
+enum Migrate {
+    /// Apply all pending migrations, or only the first N with -n.
+    Up {
+        /// Apply at most N pending migrations.
+        #[arg(short = 'n', long = "num", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        num: Option<u32>,
+    },
+    /// Revert the LAST applied migration only, or the last N with -n.
+    Down {
+        /// Revert the last N applied migrations (default 1).
+        #[arg(short = 'n', long = "num", value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        num: u32,
+    },
+    /// List the migrations and whether each is applied.
     Status,
-    Fresh,
+    /// Drop EVERY table of the database (not only the migrations' own) and apply all migrations
+    /// again. Refuses without --yes.
+    Fresh(Confirm),
+    /// Revert every applied migration, then apply them all again. Refuses without --yes.
+    Refresh(Confirm),
+    /// Revert every applied migration. Refuses without --yes.
+    Reset(Confirm),
+}
+
+#[derive(Clone, Copy, Args)]
+struct Confirm {
+    /// Confirm that the data may be destroyed.
+    #[arg(long)]
+    yes: bool,
+}
+
+impl Migrate {
+    /// What a destructive action would destroy, when it is one and `--yes` was not given.
+    fn unconfirmed_loss(self) -> Option<&'static str> {
+        match self {
+            Migrate::Fresh(Confirm { yes: false }) => Some("drop every table of"),
+            Migrate::Refresh(Confirm { yes: false }) => {
+                Some("revert every migration (dropping their tables and rows) and re-apply them on")
+            }
+            Migrate::Reset(Confirm { yes: false }) => {
+                Some("revert every migration (dropping their tables and rows) on")
+            }
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Migrate::Up { .. } => "up",
+            Migrate::Down { .. } => "down",
+            Migrate::Status => "status",
+            Migrate::Fresh(_) => "fresh",
+            Migrate::Refresh(_) => "refresh",
+            Migrate::Reset(_) => "reset",
+        }
+    }
+}
+
+/// A failure that ends the process, with the exit code it ends with.
+struct Fatal {
+    code: u8,
+    message: String,
+}
+
+impl Fatal {
+    fn usage(message: String) -> Fatal {
+        Fatal {
+            code: USAGE,
+            message,
+        }
+    }
+
+    fn runtime(message: String) -> Fatal {
+        Fatal { code: 1, message }
+    }
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load() {
-        Ok(s) => s,
+    let command = cli.command.unwrap_or(Command::Serve);
+    let (settings, filter) = match Settings::load().map_err(|e| e.to_string()).and_then(|s| {
+        let filter = telemetry::log_filter().map_err(|e| e.to_string())?;
+        Ok((s, filter))
+    }) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("configuration error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(USAGE);
         }
     };
-    let command = cli.command.unwrap_or(Command::Serve);
     if let Command::CheckConfig = command {
         print!("{}", settings.report());
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = telemetry::init(settings.log.format, std::io::stdout) {
+    if let Command::Migrate {
+        action: Some(action),
+    } = command
+        && let Some(loss) = action.unconfirmed_loss()
+    {
+        eprintln!(
+            "refusing `app migrate {}` without --yes: it would {loss} {}",
+            action.name(),
+            settings.database.url.describe()
+        );
+        return ExitCode::from(USAGE);
+    }
+    let format = settings.log.format;
+    if let Err(e) = telemetry::init(format, filter, std::io::stdout) {
         eprintln!("logging: {e}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let result = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Ok(runtime) => runtime.block_on(async move {
+            match command {
+                Command::Serve => serve(settings).await,
+                Command::Migrate { action } => {
+                    migrate(settings, action.unwrap_or(Migrate::Up { num: None })).await
+                }
+                Command::Ping => ping(settings).await,
+                Command::CheckConfig => Ok(()),
+            }
+        }),
+        Err(e) => Err(Fatal::runtime(format!("cannot start the runtime: {e}"))),
     };
-    let result = runtime.block_on(async move {
-        match command {
-            Command::Serve => serve(settings).await,
-            Command::Migrate { action } => migrate(settings, action).await,
-            Command::Ping => ping(settings).await,
-            Command::CheckConfig => Ok(()),
-        }
-    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+        Err(fatal) => {
+            match format {
+                LogFormat::Json => tracing::error!(exit_code = fatal.code, "{}", fatal.message),
+                LogFormat::Pretty => eprintln!("error: {}", fatal.message),
+            }
+            ExitCode::from(fatal.code)
         }
     }
 }
 
-async fn serve(settings: Settings) -> Result<(), String> {
+async fn serve(settings: Settings) -> Result<(), Fatal> {
     let app = Application::build(settings)
         .await
-        .map_err(|e| e.to_string())?;
-    app.run_until_stopped().await.map_err(|e| e.to_string())
+        .map_err(|e| Fatal::runtime(e.to_string()))?;
+    app.run_until_stopped()
+        .await
+        .map_err(|e| Fatal::runtime(e.to_string()))
 }
 
-async fn migrate(settings: Settings, action: MigrateAction) -> Result<(), String> {
+async fn migrate(settings: Settings, action: Migrate) -> Result<(), Fatal> {
     if settings.database.pooler == Pooler::Transaction {
-        return Err(POOLER_MIGRATE.to_owned());
+        return Err(Fatal::usage(POOLER_MIGRATE.to_owned()));
     }
     let mut database = settings.database;
     database.connect_retries = 1;
-    let db = db::connect(&database).await.map_err(|e| e.to_string())?;
+    let db = db::connect(&database)
+        .await
+        .map_err(|e| Fatal::runtime(e.to_string()))?;
     let result = match action {
-        MigrateAction::Up => Migrator::up(&db, None).await,
-        MigrateAction::Down => Migrator::down(&db, None).await,
-        MigrateAction::Status => Migrator::status(&db).await,
-        MigrateAction::Fresh => Migrator::fresh(&db).await,
+        Migrate::Up { num } => Migrator::up(&db, num).await,
+        Migrate::Down { num } => Migrator::down(&db, Some(num)).await,
+        Migrate::Status => Migrator::status(&db).await,
+        Migrate::Fresh(_) => Migrator::fresh(&db).await,
+        Migrate::Refresh(_) => Migrator::refresh(&db).await,
+        Migrate::Reset(_) => Migrator::reset(&db).await,
     };
     let _ = db.close().await;
-    result.map_err(|e| format!("migration failed: {e}"))
+    result.map_err(|e| Fatal::runtime(format!("migration failed: {e}")))
 }
 
-async fn ping(settings: Settings) -> Result<(), String> {
+async fn ping(settings: Settings) -> Result<(), Fatal> {
     let mut database = settings.database;
     database.connect_retries = 1;
     let session = TxConfig::new(&database, settings.server.body_limit).session;
-    let db = db::connect(&database).await.map_err(|e| e.to_string())?;
-    let latency = db::ping(&db, session.ping_sql(), None, Duration::from_secs(5)).await?;
+    let db = db::connect(&database)
+        .await
+        .map_err(|e| Fatal::runtime(e.to_string()))?;
+    let latency = db::ping(&db, session.ping_sql(), None, Duration::from_secs(5))
+        .await
+        .map_err(Fatal::runtime)?;
     println!(
         "ok: {} answered SELECT 1 in {:.2} ms",
         db::backend_name(&db),

@@ -2,7 +2,8 @@ use sea_orm_migration::prelude::*;
 
 /// `sea-orm-cli migrate …` runs this. Migrations prepare named statements outside any request
 /// transaction, which a transaction-mode pooler cannot carry: with `DB_POOLER=transaction` (in
-/// the environment or `.env`) it refuses with one line instead of failing half-way.
+/// the environment or `.env`) it refuses with one line and exit code 2 (bad configuration)
+/// instead of failing half-way.
 #[tokio::main]
 async fn main() {
     match config::pooler_from_env() {
@@ -12,7 +13,7 @@ async fn main() {
                  (DB_POOLER=transaction): run them with DATABASE_URL set to the database's \
                  direct URL and DB_POOLER unset"
             );
-            std::process::exit(1);
+            std::process::exit(2);
         }
         Ok(config::Pooler::None) => {}
         Err(e) => {

@@ -8,7 +8,7 @@ use std::process::Command;
 use serde_json::{Value, json};
 
 use crate::helpers::{Server, TestDatabase};
-use crate::process::{Binary, run_binary};
+use crate::process::{Binary, free_port, run_binary};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -323,4 +323,63 @@ fn libpq_variables_change_neither_the_report_nor_the_connection() {
         "the settings reported are the ones used:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[test]
+fn an_invalid_rust_log_is_bad_configuration_exit_2_naming_it() {
+    for command in ["check-config", "serve", "ping"] {
+        let output = run_binary(&[command], &[("RUST_LOG", "nonsense::[")]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{command}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{command}: {stderr}");
+        assert!(
+            stderr.contains("RUST_LOG") && stderr.contains("nonsense::["),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+/// `app ping` against a port where nothing listens: a failure at run time, exit 1.
+fn ping_nothing(format: &str) -> std::process::Output {
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    run_binary(
+        &["ping"],
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("DB_CONNECT_TIMEOUT", "2"),
+            ("LOG_FORMAT", format),
+        ],
+    )
+}
+
+#[test]
+fn a_fatal_error_in_pretty_format_is_one_line_on_stderr_and_not_logged_again() {
+    let output = ping_nothing("pretty");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: could not connect"), "{stderr}");
+    assert!(
+        !stdout.lines().any(|l| l.contains("ERROR")),
+        "no second copy in the log:\n{stdout}"
+    );
+}
+
+#[test]
+fn a_fatal_error_in_json_format_is_one_json_event_and_nothing_on_stderr() {
+    let output = ping_nothing("json");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert_eq!(stderr.trim(), "", "no plain copy on stderr");
+    let events: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let errors: Vec<&Value> = events.iter().filter(|e| e["level"] == "ERROR").collect();
+    assert_eq!(errors.len(), 1, "{stdout}");
+    let message = errors[0]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("could not connect"), "{stdout}");
+    assert_eq!(errors[0]["exit_code"], 1, "{stdout}");
 }

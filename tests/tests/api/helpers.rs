@@ -186,8 +186,10 @@ fn init_logs() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         // Logs only when asked: TEST_LOG=1 cargo test
-        if std::env::var_os("TEST_LOG").is_some() {
-            let _ = app::telemetry::init(config::LogFormat::Pretty, std::io::stderr);
+        if std::env::var_os("TEST_LOG").is_some()
+            && let Ok(filter) = app::telemetry::log_filter()
+        {
+            let _ = app::telemetry::init(config::LogFormat::Pretty, filter, std::io::stderr);
         }
     });
 }
@@ -256,11 +258,21 @@ impl Drop for SqliteFile {
     }
 }
 
+impl SqliteFile {
+    /// A new file name in the temporary directory (the file is made by its first connection),
+    /// and its `sqlite://…?mode=rwc` URL.
+    pub fn new() -> (SqliteFile, String) {
+        let path =
+            std::env::temp_dir().join(format!("inventory-test-{:016x}.db", fastrand::u64(..)));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        (SqliteFile(path), url)
+    }
+}
+
 /// The real application over a fresh SQLite file: the embedded default's code path.
 pub async fn spawn_sqlite_app(overrides: &[(&str, &str)]) -> TestApp {
-    let path = std::env::temp_dir().join(format!("inventory-test-{:016x}.db", fastrand::u64(..)));
-    let url = format!("sqlite://{}?mode=rwc", path.display());
-    spawn_app_on(&url, Some(Box::new(SqliteFile(path))), overrides, |_| {}).await
+    let (file, url) = SqliteFile::new();
+    spawn_app_on(&url, Some(Box::new(file)), overrides, |_| {}).await
 }
 
 /// The real application over the (empty) database at `url`.

@@ -12,6 +12,7 @@ mod health;
 mod helpers;
 mod idempotency;
 mod json_schema;
+mod migrate;
 mod mariadb;
 mod operations;
 mod partition;

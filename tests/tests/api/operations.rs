@@ -563,9 +563,13 @@ fn start_up_retries_then_exits_non_zero_with_one_line_and_ping_reports_both_ways
         .filter(|l| l.contains("database connection failed"))
         .count();
     assert_eq!(attempts, 3, "one log line per attempt:\n{stdout}");
+    // With LOG_FORMAT=json the fatal error is one ERROR event on the log stream, not a second
+    // plain line on stderr.
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("after 3 attempt(s)"), "{stderr}");
+    assert_eq!(stderr.trim(), "", "{stderr}");
+    let fatal: Vec<&str> = stdout.lines().filter(|l| l.contains("\"ERROR\"")).collect();
+    assert_eq!(fatal.len(), 1, "{stdout}");
+    assert!(fatal[0].contains("after 3 attempt(s)"), "{stdout}");
 
     let output = run_binary(
         &["ping"],

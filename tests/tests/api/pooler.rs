@@ -310,7 +310,7 @@ async fn what_cannot_work_behind_the_pooler_is_refused_with_one_line() {
         (
             &["migrate", "up"],
             &[("DB_POOLER", "transaction")],
-            1,
+            2,
             "direct URL",
         ),
     ];

@@ -49,7 +49,8 @@ fn serve(vars: &[(&str, &str)]) -> Output {
         .envs([
             ("DB_CONNECT_RETRIES", "1"),
             ("APP_PORT", "0"),
-            ("LOG_FORMAT", "json"),
+            // The fatal error as one plain line on stderr.
+            ("LOG_FORMAT", "pretty"),
         ])
         .envs(vars.iter().copied())
         .output()
