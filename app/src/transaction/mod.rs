@@ -59,16 +59,16 @@
 //! route may declare its own level and access mode with [`Transactional::isolation`] /
 //! [`Transactional::read_write`], documented where it is declared.
 //!
-//! Read replica (`DATABASE_REPLICA_URL`, API.md §8; mechanics in [`routing`]): a `READ ONLY`
-//! transaction runs on the replica, and everything else on the primary. After a write commits,
-//! the response carries a consistency token (header `Consistency-Token`, cookie
-//! `consistency_token`) naming the primary's WAL position. A read that sends a token back runs
-//! on the replica only once the replica has replayed that position, waiting at most
-//! `DB_REPLICA_MAX_WAIT_MS`, and otherwise on the primary; a read without a token never waits.
-//! A replica that is down, fails to begin, or lags beyond the wait sends reads to the primary,
-//! never to a 503. A read that failed on the replica (a recovery conflict's 40001, or the replica
-//! going away mid-read) is re-run on the primary. A route that must see the primary's newest
-//! state declares [`Transactional::primary`] with its reason.
+//! Read replica (`DATABASE_REPLICA_URL`, `docs/scale-out.md`; mechanics in [`routing`]): a
+//! `READ ONLY` transaction runs on the replica, and everything else on the primary. After a write
+//! commits, the response carries a consistency token (header `Consistency-Token`, cookie
+//! `consistency_token`) naming the primary's WAL position. A read that sends a token back runs on
+//! the replica only once the replica has replayed that position, waiting at most
+//! `DB_REPLICA_MAX_WAIT_MS`, and otherwise on the primary; a read without a token never waits. A
+//! replica that is down, fails to begin, or lags beyond the wait sends reads to the primary, never
+//! to a 503. A read that failed on the replica (a recovery conflict's 40001, or the replica going
+//! away mid-read) is re-run on the primary. A route that must see the primary's newest state
+//! declares [`Transactional::primary`] with its reason.
 
 mod failure;
 mod idempotency;

@@ -1,6 +1,6 @@
-//! Where a read runs when a streaming replica is configured (`DATABASE_REPLICA_URL`, API.md §8),
-//! and the consistency token that lets every client read its own writes. The rule is stated in
-//! the parent module; this file holds its mechanics.
+//! Where a read runs when a streaming replica is configured (`DATABASE_REPLICA_URL`,
+//! `docs/scale-out.md`), and the consistency token that lets every client read its own writes. The
+//! rule is stated in the parent module; this file holds its mechanics.
 //!
 //! * A token is the primary's WAL insert position read right after a write committed
 //!   (`pg_current_wal_insert_lsn()`, which is past the commit record once `COMMIT` returned). It
