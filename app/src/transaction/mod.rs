@@ -1,5 +1,24 @@
-//! The request's database transaction: every rule about when it begins, commits, rolls back and
-//! is retried lives in this file.
+//! The request's database transaction: when it begins, commits, rolls back and is retried. This
+//! file holds the middleware and the decisions; each mechanism it relies on has a file of its own:
+//!
+//! * `mod.rs` (this file): [`Transactional`] (the body kept for re-runs, admission, the retry
+//!   loop, the commit-or-roll-back decision, a handle that outlived its request, when on-commit
+//!   hooks run, the `Idempotency-Key` steps), [`Admission`], [`TxConfig`] and
+//!   [`with_transaction`].
+//! * `lazy.rs`: [`Tx`] (the extractor, `ConnectionTrait`, [`Tx::on_commit`]) and the transaction
+//!   of one attempt: begun on first use, on the replica or the primary, its statements, its
+//!   first failure, its `COMMIT` (with the transaction id that [`outcome`] needs) or `ROLLBACK`,
+//!   and the warning for a transaction open past `DB_LEAK_DETECTION_MS`.
+//! * `failure.rs`: [`DbFailure`], what a database error means (retry, 503, 500, …).
+//! * `peer.rs`: whether the client is still connected before `COMMIT`.
+//! * `session.rs`: [`Session`], how `BEGIN` is written on a direct connection or behind a
+//!   transaction-mode pooler, and whether statements are prepared by name.
+//! * `routing.rs`: primary or replica for a read, and the consistency token.
+//! * `outcome.rs`: the status of a transaction whose `COMMIT` reply was lost.
+//! * `round_trip.rs`: the transaction's connection and the bound on each round trip on it.
+//! * `idempotency.rs`: `Idempotency-Key`: claiming a key, storing and replaying a response.
+//!
+//! The rules, as a whole:
 //!
 //! * [`Transactional`] is an actix-web middleware wrapped around a route (`web::post().wrap(..)`).
 //!   It buffers the request body (bounded by `APP_BODY_LIMIT`), runs the handler, and then decides:
