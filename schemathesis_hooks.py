@@ -1,6 +1,6 @@
 """schemathesis hooks for this API, loaded by `schemathesis.toml` (`hooks`).
 
-`Idempotency-Key` (API.md §4) is state: a key used once with one request is 422
+`Idempotency-Key` (docs/api.md) is state: a key used once with one request is 422
 `idempotency_key_reused` with any other, which no schema can describe. schemathesis generates
 short keys ("0", "00") and sends them with many bodies, so most of its schema-valid `POST`s
 would be refused that way, reported as valid requests rejected (ST202) and kept from reaching

@@ -1,5 +1,6 @@
-//! The pool: connecting with retries at start-up, migrations, and the pool's numbers for the
-//! health check and metrics.
+//! The pools: the primary's, connected with retries at start-up, and the read replica's,
+//! connected lazily; migrations; the `SELECT 1` ping of `/health/ready` and `app ping`; and the
+//! pool's numbers for the health check and metrics.
 
 use std::time::{Duration, Instant};
 

@@ -1,8 +1,8 @@
 //! The names of the layer's own headers, defined once. The `Idempotency-Key` header's name and
-//! syntax (API.md §4):
-//! `transaction::idempotency` enforces them and the OpenAPI document (`routes::openapi`)
-//! declares them from the same constants, so the document accepts a key exactly when the
-//! service does. (They live outside `transaction` because its modules are private.)
+//! syntax (`docs/api.md`, *Idempotency-Key*): `transaction::idempotency` enforces them and the
+//! OpenAPI document (`routes::openapi`) declares them from the same constants, so the document
+//! accepts a key exactly when the service does. (They live outside `transaction` because its
+//! modules are private.)
 
 use std::ops::RangeInclusive;
 
@@ -37,8 +37,8 @@ impl IdempotencyKey {
 /// The response header that marks a stored response replayed for a repeated key.
 pub const IDEMPOTENT_REPLAYED: &str = "Idempotent-Replayed";
 
-/// The consistency token of API.md §8: the header a write answers with and a read sends back
-/// (`transaction::routing` makes and reads it under these names).
+/// The consistency token (`docs/scale-out.md`, *A read replica*): the header a write answers with
+/// and a read sends back (`transaction::routing` makes and reads it under these names).
 pub const CONSISTENCY_TOKEN: &str = "Consistency-Token";
 /// The cookie that carries the same token for clients that keep cookies.
 pub const CONSISTENCY_COOKIE: &str = "consistency_token";

@@ -21,7 +21,8 @@ use serde::de::{self, DeserializeOwned, Unexpected, Visitor};
 use crate::problem::ApiError;
 use crate::transaction::TxConfig;
 
-/// Default body limit when no `TxConfig` is registered (API.md §6 default).
+/// Default body limit when no `TxConfig` is registered (`APP_BODY_LIMIT`'s default,
+/// `docs/configuration.md`).
 const DEFAULT_LIMIT: usize = 65_536;
 
 /// A request body parsed as `T`, which should `#[serde(deny_unknown_fields)]`.

@@ -1,6 +1,6 @@
-//! The service's Prometheus metrics (API.md §5), one registry per application instance (no
-//! global state, so several apps in one test process never mix their numbers). Every series is
-//! created at start-up, at zero, so dashboards and alerts never see a missing one.
+//! The service's Prometheus metrics (`docs/operations.md`, *Metrics*), one registry per application
+//! instance (no global state, so several apps in one test process never mix their numbers). Every
+//! series is created at start-up, at zero, so dashboards and alerts never see a missing one.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -140,7 +140,7 @@ impl Metrics {
             durations.clone(),
         );
 
-        // Read replica (API.md §8): at zero when none is configured.
+        // Read replica (`docs/scale-out.md`): at zero when none is configured.
         let reads = Family::<TargetLabel, Counter>::default();
         registry.register(
             "db_reads",

@@ -1,7 +1,7 @@
-//! The HTTP face of every failure: one enum whose variants are the error codes of API.md §3, each
-//! rendered as RFC 9457 problem details (`application/problem+json`). Database and unexpected
-//! errors are logged where they are classified and answered here with a generic text, so a body
-//! never carries SQL, a stack trace or a secret. Also the handlers that turn actix's own
+//! The HTTP face of every failure: one enum whose variants are the error codes of `docs/api.md`
+//! (*Errors*), each rendered as RFC 9457 problem details (`application/problem+json`). Database and
+//! unexpected errors are logged where they are classified and answered here with a generic text, so
+//! a body never carries SQL, a stack trace or a secret. Also the handlers that turn actix's own
 //! rejections (unknown route, wrong method, bad path or query) into the same bodies.
 
 use actix_web::http::StatusCode;
@@ -98,8 +98,8 @@ impl ApiError {
 /// The media type of every error response.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-/// Every `code` a client can receive (API.md §3): the values the OpenAPI document allows in
-/// [`Problem::code`]. `client_closed_request` is not among them: nobody receives it.
+/// Every `code` a client can receive (`docs/api.md`, *Errors*): the values the OpenAPI document
+/// allows in [`Problem::code`]. `client_closed_request` is not among them: nobody receives it.
 pub const ERROR_CODES: &[&str] = &[
     "malformed_json",
     "payload_too_large",
@@ -126,7 +126,9 @@ impl utoipa::PartialSchema for ErrorCode {
         utoipa::openapi::ObjectBuilder::new()
             .schema_type(utoipa::openapi::schema::Type::String)
             .enum_values(Some(ERROR_CODES.iter().copied()))
-            .description(Some("Stable machine-readable error code (API.md §3)."))
+            .description(Some(
+                "Stable machine-readable error code: branch on it and the status, never on `detail`.",
+            ))
             .into()
     }
 }

@@ -1,5 +1,5 @@
-//! `DatabaseSettings`: every `DB_*` variable (and `DATABASE_URL`) of API.md §6 parsed,
-//! range-checked and defaulted, with the small enums they use (`Backend`, `PoolMode`,
+//! `DatabaseSettings`: every `DB_*` variable (and `DATABASE_URL`) of `docs/configuration.md`
+//! parsed, range-checked and defaulted, with the small enums they use (`Backend`, `PoolMode`,
 //! `IsolationLevel`, `SslMode`) and the derived pool bounds. Turning these settings into SeaORM's
 //! `ConnectOptions` lives in `connect.rs`.
 
@@ -315,7 +315,8 @@ impl DatabaseSettings {
         })
     }
 
-    /// Reads every database variable, in the order of API.md §6; the first bad one is the error.
+    /// Reads every database variable, in the order of `docs/configuration.md`'s table; the first
+    /// bad one is the error.
     pub(crate) fn from_raw(raw: &RawEnv) -> Result<DatabaseSettings, ConfigError> {
         let (url, source) = database_url::resolve(raw)?;
         let pool_size = number("DB_POOL_SIZE", &raw.db_pool_size, 10, 1..=10_000)?;

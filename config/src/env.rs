@@ -1,8 +1,8 @@
-//! Reading the environment: the flat `RawEnv` that `envy` fills with every variable of API.md §6
-//! as an optional string (flat because `envy` with `#[serde(flatten)]` fails on numbers, and
-//! strings because this crate, not serde, must word the errors), and the parsing helpers that
-//! turn one raw value into a typed one or into a `ConfigError` naming the variable, showing the
-//! value and saying what is allowed. An empty value counts as unset.
+//! Reading the environment: the flat `RawEnv` that `envy` fills with every variable of
+//! `docs/configuration.md` as an optional string (flat because `envy` with `#[serde(flatten)]`
+//! fails on numbers, and strings because this crate, not serde, must word the errors), and the
+//! parsing helpers that turn one raw value into a typed one or into a `ConfigError` naming the
+//! variable, showing the value and saying what is allowed. An empty value counts as unset.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -22,7 +22,8 @@ macro_rules! raw_env {
             $(pub(crate) $field: Option<String>,)*
         }
 
-        /// The names of every variable this crate reads, in the order of API.md §6.
+        /// The names of every variable this crate reads, in the order of `docs/configuration.md`'s
+        /// table (checked by `reference_doc`).
         pub(crate) const VARIABLES: &[&str] = &[$($name,)*];
 
         #[cfg(test)]

@@ -1,9 +1,9 @@
 //! Typed, validated settings for the inventory service, read from the environment (and a `.env`
-//! file) as described in API.md §6. This crate is the only place that reads the environment:
-//! [`Settings::load`] at start-up, [`Settings::from_vars`] in tests. Every value is checked
-//! here, so a bad one stops start-up with one line naming the variable, its value (never a
-//! password) and what is allowed; the rest of the service only ever sees valid settings, and
-//! gets SeaORM's connect options from [`DatabaseSettings::connect_options`].
+//! file) as described in `docs/configuration.md`. This crate is the only place that reads the
+//! environment: [`Settings::load`] at start-up, [`Settings::from_vars`] in tests. Every value is
+//! checked here, so a bad one stops start-up with one line naming the variable, its value (never a
+//! password) and what is allowed; the rest of the service only ever sees valid settings, and gets
+//! SeaORM's connect options from [`DatabaseSettings::connect_options`].
 
 mod connect;
 mod database;
@@ -77,7 +77,8 @@ impl Settings {
     /// wins.
     ///
     /// # Errors
-    /// [`ConfigError`] for the first invalid variable, in the order of API.md §6.
+    /// [`ConfigError`] for the first invalid variable, in the order of `docs/configuration.md`'s
+    /// table.
     pub fn from_vars<I>(vars: I) -> Result<Settings, ConfigError>
     where
         I: IntoIterator<Item = (String, String)>,
@@ -90,10 +91,10 @@ impl Settings {
         })
     }
 
-    /// The effective settings as `NAME=value` lines, one per variable of API.md §6 in the
-    /// table's order, the password shown as `***` (in `DATABASE_URL` and `DB_PASSWORD`). The
-    /// `DB_HOST`…`DB_NAME` lines show the parts of the effective PostgreSQL or MariaDB URL (empty for
-    /// SQLite); unset optional values are empty. For `app check-config`.
+    /// The effective settings as `NAME=value` lines, one per variable of `docs/configuration.md` in
+    /// the table's order, the password shown as `***` (in `DATABASE_URL` and `DB_PASSWORD`). The
+    /// `DB_HOST`…`DB_NAME` lines show the parts of the effective PostgreSQL or MariaDB URL (empty
+    /// for SQLite); unset optional values are empty. For `app check-config`.
     pub fn report(&self) -> String {
         let db = &self.database;
         let server = &self.server;

@@ -1,7 +1,7 @@
-//! Creates the four tables of API.md §1 with their keys, foreign keys, CHECK constraints and the
-//! indexes the API's queries need. The DDL is written per backend so that every constraint has
-//! a stable name the application can recognise (`stock_level_quantity_nonnegative` is mapped to
-//! 409 insufficient_stock, `*_product_fkey` to a missing product).
+//! Creates the four tables of the ledger (`docs/api.md`) with their keys, foreign keys, CHECK
+//! constraints and the indexes the API's queries need. The DDL is written per backend so that every
+//! constraint has a stable name the application can recognise (`stock_level_quantity_nonnegative`
+//! is mapped to 409 insufficient_stock, `*_product_fkey` to a missing product).
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};

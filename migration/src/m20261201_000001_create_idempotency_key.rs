@@ -1,7 +1,8 @@
-//! Creates `idempotency_key`, the transaction layer's own table (API.md §4 `Idempotency-Key`):
-//! one row per key of a completed `POST`, with the request's fingerprint and the response to
-//! replay, written in the same transaction as the request's writes. `expires_at` is indexed for
-//! the clean-up of expired keys. The column is `request_key` (`key` is reserved in MySQL).
+//! Creates `idempotency_key`, the transaction layer's own table (`docs/scale-out.md`,
+//! `Idempotency-Key`): one row per key of a completed `POST`, with the request's fingerprint and
+//! the response to replay, written in the same transaction as the request's writes. `expires_at` is
+//! indexed for the clean-up of expired keys. The column is `request_key` (`key` is reserved in
+//! MySQL).
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};

@@ -98,13 +98,13 @@ async fn debit(
     Ok(result.rows_affected == 1)
 }
 
-/// Locks the stock rows of `product` in both `warehouses`, in warehouse-id order, creating an
-/// empty row (quantity 0) where a warehouse has none yet: one statement, so that every row the
-/// transfer will touch exists and is locked before any change. The no-op `DO UPDATE` is what
-/// locks an existing row, as `SELECT … FOR UPDATE` would; a row another transaction is
-/// inserting at that moment is waited for, in the same order. Only existing warehouses and
-/// products get a row (the `JOIN`), so a transfer to a missing warehouse is still found by its
-/// credit, after the debit (API.md §2).
+/// Locks the stock rows of `product` in both `warehouses`, in warehouse-id order, creating an empty
+/// row (quantity 0) where a warehouse has none yet: one statement, so that every row the transfer
+/// will touch exists and is locked before any change. The no-op `DO UPDATE` is what locks an
+/// existing row, as `SELECT … FOR UPDATE` would; a row another transaction is inserting at that
+/// moment is waited for, in the same order. Only existing warehouses and products get a row (the
+/// `JOIN`), so a transfer to a missing warehouse is still found by its credit, after the debit
+/// (`docs/api.md`, *Movements*).
 async fn lock_stock_rows(
     db: &impl ConnectionTrait,
     warehouses: [Id; 2],

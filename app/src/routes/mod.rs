@@ -1,4 +1,4 @@
-//! The HTTP API of API.md §2: which handler serves which path, and which transaction each route
+//! The HTTP API of `docs/api.md`: which handler serves which path, and which transaction each route
 //! runs in. Handlers are thin: extract, call a domain function with the request's `Tx`, map.
 //!
 //! Transaction declarations (the only places a route departs from the defaults):

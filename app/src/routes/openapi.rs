@@ -1,11 +1,11 @@
-//! `GET /openapi.json`: the OpenAPI 3.1 document, generated from the handlers' annotations and
-//! the request/response types, so it cannot drift from what the server does. A handler declares
-//! its own outcomes (201, 409 `insufficient_stock`, ...); what comes from the layer around it is
-//! added here, once, by the shape of the operation ([`Layer`]): a JSON body can be malformed, too
-//! large, of another media type or of the wrong shape; a query can be invalid; an `{id}` can name
-//! nothing; a transactional route can find the database unavailable; a `POST` on one takes an
-//! `Idempotency-Key` (API.md §4) and answers with a consistency token when a read replica is
-//! configured, and its `GET`s take that token back (API.md §8).
+//! `GET /openapi.json`: the OpenAPI 3.1 document, generated from the handlers' annotations and the
+//! request/response types, so it cannot drift from what the server does. A handler declares its own
+//! outcomes (201, 409 `insufficient_stock`, ...); what comes from the layer around it is added
+//! here, once, by the shape of the operation ([`Layer`]): a JSON body can be malformed, too large,
+//! of another media type or of the wrong shape; a query can be invalid; an `{id}` can name nothing;
+//! a transactional route can find the database unavailable; a `POST` on one takes an
+//! `Idempotency-Key` (`docs/api.md`) and answers with a consistency token when a read replica is
+//! configured, and its `GET`s take that token back (`docs/api.md`, *Consistency token*).
 //!
 //! The `code`s a problem response can carry are the ones its description names in backticks:
 //! each such response's schema narrows `Problem.code` to them. Response headers the service
@@ -208,7 +208,7 @@ fn declare_idempotency(operation: &mut Operation) {
         IdempotencyKey::MAX_LEN,
     );
     let description = format!(
-        "Makes the request safe to repeat (API.md §4). The first response below 500 is stored \
+        "Makes the request safe to repeat. The first response below 500 is stored \
          with the key for `DB_IDEMPOTENCY_TTL` seconds, atomically with the request's writes, \
          and a repeat of the same request (method, path and body) gets it again, marked \
          `{IDEMPOTENT_REPLAYED}: true`, without writing anything. {min} to {max} visible ASCII \
@@ -265,9 +265,9 @@ fn declare_idempotency(operation: &mut Operation) {
     }
 }
 
-/// The consistency token of a write (API.md §8): on its success and, when it takes a key
-/// (`keyed`), on every answer replayed for the key, which carries the primary's position at the
-/// replay (at or after the original write).
+/// The consistency token of a write (`docs/api.md`, *Consistency token*): on its success and, when
+/// it takes a key (`keyed`), on every answer replayed for the key, which carries the primary's
+/// position at the replay (at or after the original write).
 fn declare_token_issued(operation: &mut Operation, keyed: bool) {
     let only = if keyed {
         "Only with a read replica configured (`DATABASE_REPLICA_URL`): on the answer to a write \
@@ -295,7 +295,8 @@ fn declare_token_issued(operation: &mut Operation, keyed: bool) {
     }
 }
 
-/// The consistency token a read may send back, as a header or a cookie (API.md §8).
+/// The consistency token a read may send back, as a header or a cookie (`docs/api.md`,
+/// *Consistency token*).
 fn declare_token_accepted(operation: &mut Operation) {
     let description = "The token of the client's last write. With a read replica configured, \
                        the read runs on the replica once it has replayed that write (waiting at \

@@ -1,6 +1,6 @@
-//! What went wrong in the database, classified once from a `DbErr` (SQLSTATE, MariaDB error
-//! number, SQLite result code, pool timeout, lost connection), and how each kind reaches the
-//! client (API.md §3).
+//! What went wrong in the database, classified once from a `DbErr` (SQLSTATE, MariaDB error number,
+//! SQLite result code, pool timeout, lost connection), and how each kind reaches the client
+//! (`docs/api.md`, *Errors*).
 
 use sea_orm::sqlx;
 use sea_orm::sqlx::mysql::MySqlDatabaseError;

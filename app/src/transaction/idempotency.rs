@@ -1,4 +1,4 @@
-//! `Idempotency-Key` on `POST` (API.md §4, the IETF httpapi idempotency-key draft): the
+//! `Idempotency-Key` on `POST` (`docs/scale-out.md`, the IETF httpapi idempotency-key draft): the
 //! mechanics behind the rule in the parent module. Nothing here knows the inventory: any `POST`
 //! route wrapped in [`Transactional`](super::Transactional) gets it.
 //!

@@ -1,20 +1,31 @@
 //! The transaction of one attempt, begun on first use, and the [`Tx`] extractor through which a
-//! handler uses it. The rules of when to commit are in the parent module; this one only knows how
-//! to begin, run statements, remember the first failure, and end.
+//! handler uses it. When to commit, roll back or re-run is decided in the parent module; this one
+//! begins, runs statements, remembers the first failure, and ends.
 //!
-//! On PostgreSQL the transaction is sqlx's own, begun with one message that carries the
-//! isolation level and access mode (`BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY`, plus the
-//! session's settings behind a pooler: [`Session`](super::Session)): SeaORM's `begin_with_options` would send
-//! `BEGIN` and then `SET TRANSACTION`, one more round trip per request. Statements are bound
-//! exactly as SeaORM binds them (`sea-query-sqlx`) and run on the same pool, statement cache
-//! and statement logging. If the transaction is dropped unfinished
-//! (a cancelled job), sqlx queues its `ROLLBACK` before the connection can be reused, so no
-//! connection ever returns to the pool inside an open transaction. MariaDB likewise uses sqlx's
-//! own transaction, begun with one text message ([`Session::start_transaction`](super::Session):
-//! `START TRANSACTION READ ONLY`, preceded by a `SET TRANSACTION ISOLATION LEVEL …` in the same
-//! message when the level differs from the connection's default), where SeaORM would send a
-//! prepared `SET TRANSACTION` and then `BEGIN`. SQLite uses SeaORM's transaction (`BEGIN
-//! IMMEDIATE` for writers).
+//! * Begin: on the first statement, never before, so a request that never queries takes no
+//!   connection. A read with a replica route ([`ReadRoute`]) begins on the replica when the replica
+//!   is up and has replayed the read's consistency token (at once without one), and on the primary
+//!   otherwise or when the replica fails to begin. The pool checkout gives up at the request's
+//!   deadline (503 `pool_timeout`) and goes through [`Availability`] (a fast 503 while the database
+//!   is down). A `BEGIN` that hits a connection the server had closed (57P01, a restart) is tried
+//!   on another pooled connection.
+//! * On PostgreSQL and MariaDB the transaction is a pooled connection held in a `TxConn`
+//!   ([`round_trip`]) and begun with one simple-query message written by
+//!   [`Session`](super::Session) (`BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY`, plus the
+//!   settings behind a pooler; MariaDB's `START TRANSACTION READ ONLY`, preceded in the same
+//!   message by `SET TRANSACTION ISOLATION LEVEL …` when the level differs from the connection's
+//!   default), where SeaORM's `begin_with_options` would send `BEGIN` and then `SET TRANSACTION`,
+//!   one more round trip. Statements are bound exactly as SeaORM binds them (`sea-query-sqlx`), by
+//!   name and cached unless behind a transaction-mode pooler, and every round trip is bounded
+//!   ([`round_trip`]). Dropped while still open (a cancelled job), the connection is closed rather
+//!   than returned to the pool, and the server rolls back. SQLite uses SeaORM's transaction
+//!   (`BEGIN IMMEDIATE` for writers).
+//! * Every statement's error is recorded ([`DbFailure`]); the first one forbids the commit.
+//! * End: `COMMIT` or `ROLLBACK`, each bounded. On PostgreSQL a writing transaction reads its id
+//!   just before `COMMIT`, so that a `COMMIT` whose reply is lost is resolved ([`outcome`]); on
+//!   MariaDB such a `COMMIT` is answered as unknown.
+//! * A transaction still open after `DB_LEAK_DETECTION_MS` is logged at WARN; the hooks of
+//!   [`Tx::on_commit`] are kept here and run when the parent module says the attempt committed.
 
 use std::future::{Ready, ready};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,10 +59,10 @@ use crate::problem::ApiError;
 
 /// How this attempt's transaction is begun.
 enum Begin {
-    /// The whole `BEGIN …` message, one round trip ([`Session::begin`]).
+    /// The whole `BEGIN …` message, one round trip ([`Session::begin`](super::Session::begin)).
     Postgres(BeginSql),
     /// The whole `START TRANSACTION …` message, one round trip
-    /// ([`Session::start_transaction`]).
+    /// ([`Session::start_transaction`](super::Session::start_transaction)).
     Mysql(BeginSql),
     /// SeaORM's options (SQLite).
     Orm(TransactionOptions),

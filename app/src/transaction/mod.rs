@@ -1,5 +1,24 @@
-//! The request's database transaction: every rule about when it begins, commits, rolls back and
-//! is retried lives in this file.
+//! The request's database transaction: when it begins, commits, rolls back and is retried. This
+//! file holds the middleware and the decisions; each mechanism it relies on has a file of its own:
+//!
+//! * `mod.rs` (this file): [`Transactional`] (the body kept for re-runs, admission, the retry
+//!   loop, the commit-or-roll-back decision, a handle that outlived its request, when on-commit
+//!   hooks run, the `Idempotency-Key` steps), [`Admission`], [`TxConfig`] and
+//!   [`with_transaction`].
+//! * `lazy.rs`: [`Tx`] (the extractor, `ConnectionTrait`, [`Tx::on_commit`]) and the transaction
+//!   of one attempt: begun on first use, on the replica or the primary, its statements, its
+//!   first failure, its `COMMIT` (with the transaction id that [`outcome`] needs) or `ROLLBACK`,
+//!   and the warning for a transaction open past `DB_LEAK_DETECTION_MS`.
+//! * `failure.rs`: [`DbFailure`], what a database error means (retry, 503, 500, …).
+//! * `peer.rs`: whether the client is still connected before `COMMIT`.
+//! * `session.rs`: [`Session`], how `BEGIN` is written on a direct connection or behind a
+//!   transaction-mode pooler, and whether statements are prepared by name.
+//! * `routing.rs`: primary or replica for a read, and the consistency token.
+//! * `outcome.rs`: the status of a transaction whose `COMMIT` reply was lost.
+//! * `round_trip.rs`: the transaction's connection and the bound on each round trip on it.
+//! * `idempotency.rs`: `Idempotency-Key`: claiming a key, storing and replaying a response.
+//!
+//! The rules, as a whole:
 //!
 //! * [`Transactional`] is an actix-web middleware wrapped around a route (`web::post().wrap(..)`).
 //!   It buffers the request body (bounded by `APP_BODY_LIMIT`), runs the handler, and then decides:
@@ -59,16 +78,16 @@
 //! route may declare its own level and access mode with [`Transactional::isolation`] /
 //! [`Transactional::read_write`], documented where it is declared.
 //!
-//! Read replica (`DATABASE_REPLICA_URL`, API.md §8; mechanics in [`routing`]): a `READ ONLY`
-//! transaction runs on the replica, and everything else on the primary. After a write commits,
-//! the response carries a consistency token (header `Consistency-Token`, cookie
-//! `consistency_token`) naming the primary's WAL position. A read that sends a token back runs
-//! on the replica only once the replica has replayed that position, waiting at most
-//! `DB_REPLICA_MAX_WAIT_MS`, and otherwise on the primary; a read without a token never waits.
-//! A replica that is down, fails to begin, or lags beyond the wait sends reads to the primary,
-//! never to a 503. A read that failed on the replica (a recovery conflict's 40001, or the replica
-//! going away mid-read) is re-run on the primary. A route that must see the primary's newest
-//! state declares [`Transactional::primary`] with its reason.
+//! Read replica (`DATABASE_REPLICA_URL`, `docs/scale-out.md`; mechanics in [`routing`]): a
+//! `READ ONLY` transaction runs on the replica, and everything else on the primary. After a write
+//! commits, the response carries a consistency token (header `Consistency-Token`, cookie
+//! `consistency_token`) naming the primary's WAL position. A read that sends a token back runs on
+//! the replica only once the replica has replayed that position, waiting at most
+//! `DB_REPLICA_MAX_WAIT_MS`, and otherwise on the primary; a read without a token never waits. A
+//! replica that is down, fails to begin, or lags beyond the wait sends reads to the primary, never
+//! to a 503. A read that failed on the replica (a recovery conflict's 40001, or the replica going
+//! away mid-read) is re-run on the primary. A route that must see the primary's newest state
+//! declares [`Transactional::primary`] with its reason.
 
 mod failure;
 mod idempotency;

@@ -1,7 +1,7 @@
-//! A `COMMIT` whose reply was lost (PostgreSQL): the connection broke while `COMMIT` was in
-//! flight, so the server may or may not have committed. The rules (API.md §4) are in the parent
-//! module; this file only learns the transaction's id before `COMMIT` and asks for its status
-//! afterwards.
+//! A `COMMIT` whose reply was lost (PostgreSQL): the connection broke while `COMMIT` was in flight,
+//! so the server may or may not have committed. The rules (`docs/transactions.md`) are in the
+//! parent module; this file only learns the transaction's id before `COMMIT` and asks for its
+//! status afterwards.
 //!
 //! * Before `COMMIT`, and only for a `READ WRITE` transaction, one simple query reads
 //!   `pg_current_xact_id_if_assigned()`: NULL when the transaction wrote nothing (then its

@@ -1,12 +1,12 @@
 //! The connection of an open transaction (PostgreSQL, MariaDB) and the bound on every round trip
-//! made on it (API.md §4). The server bounds a statement's own work (`statement_timeout`,
-//! `max_statement_time`), but nothing on the server's side bounds a reply that never arrives:
-//! with the database's packets dropped (a network partition), a request would wait for the
-//! kernel to give up on the socket, many minutes, holding its connection and its admission
-//! permit. So the service bounds each round trip itself ([`Bounds`]), and when a bound passes it
-//! closes the connection at once (never returned to the pool: its state is unknown) and the
-//! attempt fails as the database being unavailable (503), or, at `COMMIT`, goes through the
-//! commit-outcome check of the parent module.
+//! made on it (`docs/transactions.md`, *A database that stops answering*). The server bounds a
+//! statement's own work (`statement_timeout`, `max_statement_time`), but nothing on the server's
+//! side bounds a reply that never arrives: with the database's packets dropped (a network
+//! partition), a request would wait for the kernel to give up on the socket, many minutes, holding
+//! its connection and its admission permit. So the service bounds each round trip itself
+//! ([`Bounds`]), and when a bound passes it closes the connection at once (never returned to the
+//! pool: its state is unknown) and the attempt fails as the database being unavailable (503), or,
+//! at `COMMIT`, goes through the commit-outcome check of the parent module.
 //!
 //! The transaction is held as the pooled connection itself, begun, committed and rolled back
 //! with one simple-query message each (what sqlx's own `Transaction` sends), so that the

@@ -1,11 +1,13 @@
-//! Where a read runs when a streaming replica is configured (`DATABASE_REPLICA_URL`, API.md §8),
-//! and the consistency token that lets every client read its own writes. The rule is stated in
-//! the parent module; this file holds its mechanics.
+//! Where a read runs when a streaming replica is configured (`DATABASE_REPLICA_URL`,
+//! `docs/scale-out.md`), and the consistency token that lets every client read its own writes. The
+//! rule is stated in the parent module; this file holds its mechanics.
 //!
 //! * A token is the primary's WAL insert position read right after a write committed
 //!   (`pg_current_wal_insert_lsn()`, which is past the commit record once `COMMIT` returned). It
 //!   is one more round trip after each committed write, paid only when a replica is configured:
-//!   sqlx ends its transaction with a `COMMIT` message of its own, so the query cannot share it.
+//!   `COMMIT` is a message of its own ([`round_trip`](super::round_trip)), and the position is
+//!   read after it on any pooled primary connection, given up after [`CHECK_BUDGET`] (the
+//!   client's next reads then go to the primary).
 //! * A read carrying a token runs on the replica once `pg_last_wal_replay_lsn()` there has reached
 //!   the token. The last replay position seen is remembered, so most reads with a token decide
 //!   without a query; otherwise the replica is polled every [`POLL_EVERY`] for at most

@@ -1,5 +1,5 @@
 //! What a connection may rely on: session state on a direct connection, nothing behind a
-//! transaction-mode pooler (`DB_POOLER=transaction`, API.md §8).
+//! transaction-mode pooler (`DB_POOLER=transaction`, `docs/scale-out.md`).
 //!
 //! On a direct connection the server settings travel once, as startup parameters (`-c jit=off
 //! -c default_transaction_isolation=…`, see the `config` crate), and statements are prepared by

@@ -1,8 +1,8 @@
 -- W5: write, then read with the token. POST /receipts (1 unit of a random product into a random
 -- warehouse); the product's stock is then read, GET /products/{id}/stock, with the POST's
--- Consistency-Token header (API.md §8). wrk has no per-connection state in Lua: each thread keeps
--- a queue of (product, token) from its answered receipts, and a connection that is ready to send
--- takes the oldest one for its read, or writes when the queue is empty. So every read carries
+-- Consistency-Token header (docs/scale-out.md). wrk has no per-connection state in Lua: each thread
+-- keeps a queue of (product, token) from its answered receipts, and a connection that is ready to
+-- send takes the oldest one for its read, or writes when the queue is empty. So every read carries
 -- the token of a write answered moments before, and reads and writes alternate about 1:1.
 dofile(os.getenv("BENCH_LIB") .. "/wrk/common.lua")
 

@@ -1,7 +1,7 @@
-//! A `COMMIT` whose reply is lost (API.md §4): the connection between the app and PostgreSQL is
-//! cut by the test's own proxy at the `COMMIT` of a receipt, and the answer must match what the
-//! database holds: 201 when the server committed, 503 with `Retry-After` when it did not, 500
-//! `commit_outcome_unknown` without `Retry-After` when the outcome cannot be learned.
+//! A `COMMIT` whose reply is lost (`docs/transactions.md`): the connection between the app and
+//! PostgreSQL is cut by the test's own proxy at the `COMMIT` of a receipt, and the answer must
+//! match what the database holds: 201 when the server committed, 503 with `Retry-After` when it did
+//! not, 500 `commit_outcome_unknown` without `Retry-After` when the outcome cannot be learned.
 
 use serde_json::{Value, json};
 

@@ -1,4 +1,4 @@
-//! Every error code of API.md §3 and a table of malformed inputs that must never yield 5xx.
+//! Every error code of `docs/api.md` and a table of malformed inputs that must never yield 5xx.
 
 use serde_json::{Value, json};
 

@@ -557,7 +557,8 @@ impl TestApp {
         row.map_or(0, |row| row.try_get_by_index::<i64>(0).expect("an integer"))
     }
 
-    /// Asserts API.md §1's invariant over the whole database.
+    /// Asserts the ledger's invariant (`docs/api.md`: the ledger always balances) over the whole
+    /// database.
     pub async fn assert_invariant(&self) {
         let broken = self
             .scalar(

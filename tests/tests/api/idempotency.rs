@@ -1,6 +1,7 @@
-//! `Idempotency-Key` on `POST` (API.md §4): a repeat gets the stored response and writes nothing,
-//! a concurrent duplicate is 409 `idempotency_key_in_use`, a different request with the key is
-//! 422 `idempotency_key_reused`, and the key survives an app restart and a lost `COMMIT` reply.
+//! `Idempotency-Key` on `POST` (`docs/api.md`): a repeat gets the stored response and writes
+//! nothing, a concurrent duplicate is 409 `idempotency_key_in_use`, a different request with the
+//! key is 422 `idempotency_key_reused`, and the key survives an app restart and a lost `COMMIT`
+//! reply.
 
 use futures_util::future::join_all;
 use sea_orm::ConnectionTrait;

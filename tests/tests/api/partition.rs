@@ -1,9 +1,9 @@
 //! A database whose packets stop arriving (a network partition), caused by the tests' own proxy
 //! holding one connection: nothing passes either way and nothing is closed. Every round trip is
 //! bounded on the service side (`DB_CONNECT_TIMEOUT`, plus `DB_STATEMENT_TIMEOUT_MS` for a
-//! statement): the request is answered when the bound passes, the held connection is closed
-//! (never returned to the pool), and a `COMMIT` without reply goes through the commit-outcome
-//! check (API.md §4).
+//! statement): the request is answered when the bound passes, the held connection is closed (never
+//! returned to the pool), and a `COMMIT` without reply goes through the commit-outcome check
+//! (`docs/transactions.md`).
 //!
 //! The app has a pool of one connection, so a connection that was not closed, or a permit that
 //! was not given back, makes the request that follows fail. MariaDB cannot be asked about

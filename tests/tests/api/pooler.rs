@@ -1,6 +1,6 @@
 //! The service behind a real PgBouncer in `pool_mode = transaction` (`DB_POOLER=transaction`,
-//! API.md §8): the API, the transaction rules and settings, serverless mode, several instances
-//! sharing one pooler, and what must refuse to run through it.
+//! `docs/scale-out.md`): the API, the transaction rules and settings, serverless mode, several
+//! instances sharing one pooler, and what must refuse to run through it.
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
-//! Reads from a streaming replica (`DATABASE_REPLICA_URL`, API.md §8): every client reads its
-//! own writes through the consistency token, reads without one are served by the replica, and a
+//! Reads from a streaming replica (`DATABASE_REPLICA_URL`, `docs/scale-out.md`): every client reads
+//! its own writes through the consistency token, reads without one are served by the replica, and a
 //! replica that is down, paused or forged against is never an outage.
 
 use std::time::{Duration, Instant};

@@ -1,12 +1,12 @@
 //! A real PostgreSQL primary and streaming replica for the tests of `DATABASE_REPLICA_URL`
-//! (API.md §8): `initdb` (whose defaults already allow streaming: `wal_level = replica`, WAL
-//! senders, `replication` lines for loopback in `pg_hba.conf`), `pg_basebackup -R -X stream`, a
+//! (`docs/scale-out.md`): `initdb` (whose defaults already allow streaming: `wal_level = replica`,
+//! WAL senders, `replication` lines for loopback in `pg_hba.conf`), `pg_basebackup -R -X stream`, a
 //! second `pg_ctl start`, on free ports, as the `postgres` user (see [`OwnServer`]). One pair
-//! serves every test of a run that only reads and writes ([`ReplicaPair::shared`]; each test
-//! has its own database, created on the primary and replayed on the replica) and is stopped by
-//! a watchdog when the test process exits; a test that stops or pauses the replica starts a
-//! pair of its own ([`ReplicaPair::start`]), dropped with it. [`ReplicaPair::bouncers`] puts
-//! a PgBouncer in transaction mode in front of each server of the shared pair, once per run.
+//! serves every test of a run that only reads and writes ([`ReplicaPair::shared`]; each test has
+//! its own database, created on the primary and replayed on the replica) and is stopped by a
+//! watchdog when the test process exits; a test that stops or pauses the replica starts a pair of
+//! its own ([`ReplicaPair::start`]), dropped with it. [`ReplicaPair::bouncers`] puts a PgBouncer in
+//! transaction mode in front of each server of the shared pair, once per run.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

@@ -1,9 +1,9 @@
 //! Reads from a streaming replica with a PgBouncer in transaction mode in front of each server
-//! (`DB_POOLER=transaction`, API.md §8): the shared pair behind the run's two PgBouncers
-//! ([`ReplicaPair::bouncers`]), each test with a database of its own. Outside a transaction
-//! the app sends the replica `pg_last_wal_replay_lsn()` (the token's wait and the lag check,
-//! every second) and the primary `pg_current_wal_insert_lsn()` after each committed write: one
-//! simple-protocol message each, which PgBouncer runs on whichever server connection it picks.
+//! (`DB_POOLER=transaction`, `docs/scale-out.md`): the shared pair behind the run's two PgBouncers
+//! ([`ReplicaPair::bouncers`]), each test with a database of its own. Outside a transaction the app
+//! sends the replica `pg_last_wal_replay_lsn()` (the token's wait and the lag check, every second)
+//! and the primary `pg_current_wal_insert_lsn()` after each committed write: one simple-protocol
+//! message each, which PgBouncer runs on whichever server connection it picks.
 
 use std::time::{Duration, Instant};
 
