@@ -31,7 +31,7 @@ const MAX_IDEMPOTENCY_TTL: u64 = 30 * 86_400;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Postgres,
-    /// MySQL's protocol: MariaDB (≥ 10.6) is what is supported and tested.
+    /// MySQL's protocol: MariaDB is what is supported and tested (versions: docs/requirements.md).
     Mysql,
     Sqlite,
 }
