@@ -164,7 +164,9 @@ impl ServerVersion {
 
     fn supported(&self) -> Result<(), DbSetupError> {
         let (found, needed, label) = match *self {
-            ServerVersion::Postgres(major, minor) => ((major, minor), MIN_POSTGRES, "PostgreSQL 13"),
+            ServerVersion::Postgres(major, minor) => {
+                ((major, minor), MIN_POSTGRES, "PostgreSQL 13")
+            }
             ServerVersion::Mariadb(major, minor) => ((major, minor), MIN_MARIADB, "MariaDB 10.6"),
             ServerVersion::Mysql(..) => return Ok(()),
         };
@@ -299,7 +301,10 @@ mod tests {
         ] {
             let error = old.supported().expect_err("too old").to_string();
             assert!(error.contains(&old.to_string()), "{error}");
-            assert!(error.contains("PostgreSQL 13") || error.contains("MariaDB 10.6"), "{error}");
+            assert!(
+                error.contains("PostgreSQL 13") || error.contains("MariaDB 10.6"),
+                "{error}"
+            );
         }
         for new in [
             ServerVersion::Postgres(13, 0),

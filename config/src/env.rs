@@ -127,6 +127,7 @@ pub(crate) const LIBPQ_VARIABLES: &[&str] = &[
 /// `PGSSLROOTCERT`, `PGOPTIONS`, …) fill `Option`s of `PgConnectOptions` that no builder can
 /// clear again, so overriding them after the fact is not possible; not letting the driver see
 /// them is.
+#[allow(unsafe_code)] // the workspace denies unsafe code; this is its one exception
 pub(crate) fn forget_libpq_variables() {
     for name in LIBPQ_VARIABLES {
         if std::env::var_os(name).is_some() {
