@@ -189,7 +189,10 @@ mod tests {
     fn an_unset_or_empty_rust_log_is_the_default_filter() {
         for value in ["", "  "] {
             let filter = parse_log_filter(value).expect("the default parses");
-            assert_eq!(filter.to_string(), parse_log_filter(DEFAULT_LOG_FILTER).unwrap().to_string());
+            assert_eq!(
+                filter.to_string(),
+                parse_log_filter(DEFAULT_LOG_FILTER).unwrap().to_string()
+            );
         }
     }
 
@@ -197,7 +200,10 @@ mod tests {
     fn a_valid_rust_log_is_taken_as_written() {
         let filter = parse_log_filter("app=debug,warn").expect("valid");
         let shown = filter.to_string();
-        assert!(shown.contains("app=debug") && shown.contains("warn"), "{shown}");
+        assert!(
+            shown.contains("app=debug") && shown.contains("warn"),
+            "{shown}"
+        );
     }
 
     #[test]

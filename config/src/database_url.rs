@@ -312,10 +312,7 @@ impl DatabaseUrl {
                 parts.database, parts.host, parts.port
             ),
             _ if self.is_in_memory() => "the in-memory SQLite database".to_owned(),
-            _ => format!(
-                "SQLite file {:?}",
-                self.database_name().unwrap_or_default()
-            ),
+            _ => format!("SQLite file {:?}", self.database_name().unwrap_or_default()),
         }
     }
 

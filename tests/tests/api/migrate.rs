@@ -96,8 +96,16 @@ async fn down_reverts_one_migration_and_keeps_the_other_tables_rows(backend: &st
 
     target.run(&["down"]);
     assert_eq!(target.applied().await, 1, "down reverts exactly one");
-    assert_eq!(target.rows("idempotency_key").await, None, "the newest is reverted");
-    assert_eq!(target.rows("warehouse").await, Some(1), "the first's rows survive");
+    assert_eq!(
+        target.rows("idempotency_key").await,
+        None,
+        "the newest is reverted"
+    );
+    assert_eq!(
+        target.rows("warehouse").await,
+        Some(1),
+        "the first's rows survive"
+    );
 
     target.run(&["up", "-n", "1"]);
     assert_eq!(target.applied().await, 2, "up -n 1 applies one");
@@ -139,8 +147,16 @@ async fn destructive_commands_refuse_without_yes_and_change_nothing(backend: &st
     }
 
     target.run(&["fresh", "--yes"]);
-    assert_eq!(target.applied().await, 2, "fresh --yes re-applies everything");
-    assert_eq!(target.rows("warehouse").await, Some(0), "and drops the rows");
+    assert_eq!(
+        target.applied().await,
+        2,
+        "fresh --yes re-applies everything"
+    );
+    assert_eq!(
+        target.rows("warehouse").await,
+        Some(0),
+        "and drops the rows"
+    );
     target.keep_a_warehouse().await;
     target.run(&["reset", "--yes"]);
     assert_eq!(target.applied().await, 0);
@@ -182,10 +198,16 @@ fn migrate_help_says_how_many_down_reverts() {
     let output = run_binary(&["migrate", "--help"], &[]);
     let help = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{help}");
-    assert!(help.contains("LAST applied migration only") && help.contains("-n"), "{help}");
+    assert!(
+        help.contains("LAST applied migration only") && help.contains("-n"),
+        "{help}"
+    );
     let output = run_binary(&["migrate", "down", "--help"], &[]);
     let help = String::from_utf8_lossy(&output.stdout);
-    assert!(help.contains("-n, --num <N>") && help.contains("default: 1"), "{help}");
+    assert!(
+        help.contains("-n, --num <N>") && help.contains("default: 1"),
+        "{help}"
+    );
     let output = run_binary(&["migrate", "down", "-n", "0"], &[]);
     assert_eq!(output.status.code(), Some(2), "-n 0 is a usage error");
 }
