@@ -13,7 +13,9 @@ use clap::{Args, Parser, Subcommand};
 use config::{LogFormat, Pooler, Settings};
 use migration::{Migrator, MigratorTrait};
 
-use crate::{Application, TxConfig, db, telemetry};
+use sea_orm_actix_tx::{TxConfig, db};
+
+use crate::{Application, telemetry};
 
 /// Why `app migrate` refuses to run through a transaction-mode pooler (one line).
 pub const POOLER_MIGRATE: &str = "migrations cannot run through a transaction-mode pooler \
@@ -129,10 +131,12 @@ impl Fatal {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
-    let (settings, filter) = match Settings::load().map_err(|e| e.to_string()).and_then(|s| {
-        let filter = telemetry::log_filter().map_err(|e| e.to_string())?;
-        Ok((s, filter))
-    }) {
+    let (settings, filter) = match Settings::load_with(&crate::DEFAULTS)
+        .map_err(|e| e.to_string())
+        .and_then(|s| {
+            let filter = telemetry::log_filter().map_err(|e| e.to_string())?;
+            Ok((s, filter))
+        }) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("configuration error: {e}");

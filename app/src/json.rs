@@ -12,18 +12,16 @@ use std::pin::Pin;
 
 use actix_web::dev::Payload;
 use actix_web::http::header;
-use actix_web::web::{Bytes, BytesMut};
 use actix_web::{FromRequest, HttpRequest, web};
-use futures_util::StreamExt;
 use serde::Deserializer;
 use serde::de::{self, DeserializeOwned, Unexpected, Visitor};
 
 use crate::problem::ApiError;
-use crate::transaction::TxConfig;
 
-/// Default body limit when no `TxConfig` is registered (`APP_BODY_LIMIT`'s default,
-/// `docs/configuration.md`).
-const DEFAULT_LIMIT: usize = 65_536;
+/// The largest body [`JsonBody`] reads (`APP_BODY_LIMIT`), registered as `web::Data<BodyLimit>`;
+/// without it, `APP_BODY_LIMIT`'s default.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimit(pub usize);
 
 /// A request body parsed as `T`, which should `#[serde(deny_unknown_fields)]`.
 #[derive(Debug)]
@@ -44,14 +42,14 @@ impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
                     && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON))
             });
         let limit = req
-            .app_data::<web::Data<TxConfig>>()
-            .map_or(DEFAULT_LIMIT, |c| c.body_limit);
+            .app_data::<web::Data<BodyLimit>>()
+            .map_or(sea_orm_actix_tx::DEFAULT_BODY_LIMIT, |l| l.0);
         let mut payload = payload.take();
         Box::pin(async move {
             if !is_json {
                 return Err(ApiError::UnsupportedMediaType);
             }
-            let body = read_body(&mut payload, limit).await?;
+            let body = sea_orm_actix_tx::read_body(&mut payload, limit).await?;
             Ok(JsonBody(parse_object(&body)?))
         })
     }
@@ -143,20 +141,6 @@ pub fn integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Err
     }
 
     deserializer.deserialize_any(Integer)
-}
-
-/// Reads the whole body into memory, refusing more than `limit` bytes (413).
-pub async fn read_body(payload: &mut Payload, limit: usize) -> Result<Bytes, ApiError> {
-    let mut body = BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk
-            .map_err(|_| ApiError::MalformedJson("the request body could not be read".into()))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::PayloadTooLarge(limit));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
 }
 
 #[cfg(test)]

@@ -1,19 +1,23 @@
-//! The inventory service: an actix-web application over a SeaORM pool, with a transaction per
-//! request (`transaction`), the inventory API (`routes`, `domain`), and operations
-//! (`telemetry`, `metrics`, health). `startup::Application` builds it for `main` and the tests.
+//! The inventory service: an actix-web application over a SeaORM pool, built on the database
+//! layer `sea-orm-actix-tx` (a transaction per request, replica reads, `Idempotency-Key`,
+//! metrics) exactly as another service would use it. Here: the inventory API (`routes`,
+//! `domain`), its errors (`problem`), and operations (`telemetry`, `metrics`, health).
+//! `startup::Application` builds it for `main` and the tests.
 
-pub mod availability;
 pub mod cli;
-pub mod db;
 pub mod domain;
-pub mod headers;
 pub mod json;
 pub mod metrics;
 pub mod problem;
 pub mod routes;
 pub mod startup;
 pub mod telemetry;
-pub mod transaction;
 
 pub use startup::{Application, StartupError};
-pub use transaction::{Transactional, Tx, TxConfig, TxPolicy, with_transaction};
+
+/// The inventory's own defaults: the name PostgreSQL shows for its connections, and the
+/// embedded SQLite file it serves from when no database is configured.
+pub const DEFAULTS: config::Defaults = config::Defaults {
+    application_name: "inventory-api",
+    database_url: "sqlite://inventory.db?mode=rwc",
+};

@@ -1,35 +1,14 @@
-//! The service's Prometheus metrics (`docs/operations.md`, *Metrics*), one registry per application
-//! instance (no global state, so several apps in one test process never mix their numbers). Every
-//! series is created at start-up, at zero, so dashboards and alerts never see a missing one.
+//! The service's HTTP metrics (`docs/operations.md`, *Metrics*): requests by method and status
+//! class, and latency by route pattern, registered beside the database layer's in the one
+//! registry `/metrics` renders. Every series exists from start-up.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::transaction::TxOutcome;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabel {
-    state: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabel {
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TargetLabel {
-    target: &'static str,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -50,82 +29,19 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
 }
 
-/// Cheap to clone: every field shares its series.
-#[derive(Clone)]
-pub struct Metrics {
-    registry: Arc<Registry>,
-    pool_connections: Family<StateLabel, Gauge>,
-    pool_max: Gauge,
-    pool_min: Gauge,
-    acquire: Histogram,
-    transactions: Family<OutcomeLabel, Counter>,
-    retries: Counter,
-    replays: Counter,
-    leaks: Counter,
-    requests: Family<RequestLabels, Counter>,
-    durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
-    reads: Family<TargetLabel, Counter>,
-    replica_lag: Gauge<f64, AtomicU64>,
-    replica_pool_connections: Family<StateLabel, Gauge>,
-    replica_pool_max: Gauge,
-}
-
 pub const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-impl Metrics {
-    pub fn new(pool_min: u32, pool_max: u32) -> Metrics {
-        let mut registry = Registry::default();
-        let pool_connections = Family::<StateLabel, Gauge>::default();
-        registry.register(
-            "db_pool_connections",
-            "Connections of the database pool by state",
-            pool_connections.clone(),
-        );
-        let max = Gauge::default();
-        max.set(i64::from(pool_max));
-        registry.register(
-            "db_pool_max_connections",
-            "Largest number of connections the pool may open",
-            max.clone(),
-        );
-        let min = Gauge::default();
-        min.set(i64::from(pool_min));
-        registry.register(
-            "db_pool_min_connections",
-            "Connections the pool keeps open",
-            min.clone(),
-        );
-        let acquire = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
-        registry.register(
-            "db_pool_acquire_seconds",
-            "Time to obtain a pooled connection and begin a transaction",
-            acquire.clone(),
-        );
-        let transactions = Family::<OutcomeLabel, Counter>::default();
-        registry.register(
-            "db_transactions",
-            "Database transactions by outcome",
-            transactions.clone(),
-        );
-        let retries = Counter::default();
-        registry.register(
-            "db_transaction_retries",
-            "Re-runs after a serialization failure or deadlock",
-            retries.clone(),
-        );
-        let replays = Counter::default();
-        registry.register(
-            "db_idempotent_replays",
-            "Requests answered with the stored response of their Idempotency-Key",
-            replays.clone(),
-        );
-        let leaks = Counter::default();
-        registry.register(
-            "db_transaction_leaks",
-            "Requests whose transaction handle outlived them (rolled back, answered 500)",
-            leaks.clone(),
-        );
+/// Cheap to clone: every field shares its series.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
+}
+
+impl HttpMetrics {
+    /// Registers `http_requests_total` and `http_request_duration_seconds` in `registry`.
+    pub fn register(registry: &mut Registry) -> HttpMetrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -139,44 +55,6 @@ impl Metrics {
             "HTTP request latency by method and route pattern",
             durations.clone(),
         );
-
-        // Read replica (`docs/scale-out.md`): at zero when none is configured.
-        let reads = Family::<TargetLabel, Counter>::default();
-        registry.register(
-            "db_reads",
-            "Read-only transactions by the server they ran on",
-            reads.clone(),
-        );
-        let replica_lag = Gauge::<f64, AtomicU64>::default();
-        registry.register(
-            "db_replica_lag_seconds",
-            "How far the replica's replay was behind the primary at the last check",
-            replica_lag.clone(),
-        );
-        let replica_pool_connections = Family::<StateLabel, Gauge>::default();
-        registry.register(
-            "db_replica_pool_connections",
-            "Connections of the replica's pool by state",
-            replica_pool_connections.clone(),
-        );
-        let replica_pool_max = Gauge::default();
-        registry.register(
-            "db_replica_pool_max_connections",
-            "Largest number of connections the replica's pool may open (0: no replica)",
-            replica_pool_max.clone(),
-        );
-        for target in ["replica", "primary"] {
-            let _ = reads.get_or_create(&TargetLabel { target });
-        }
-        for state in ["idle", "in_use"] {
-            pool_connections.get_or_create(&StateLabel { state }).set(0);
-            replica_pool_connections
-                .get_or_create(&StateLabel { state })
-                .set(0);
-        }
-        for outcome in ["commit", "rollback", "unknown"] {
-            let _ = transactions.get_or_create(&OutcomeLabel { outcome });
-        }
         for method in ["GET", "POST"] {
             for status in ["2xx", "4xx", "5xx"] {
                 let _ = requests.get_or_create(&RequestLabels { method, status });
@@ -186,83 +64,10 @@ impl Metrics {
             method: "GET",
             route: "/health/ready".to_owned(),
         });
-        Metrics {
-            registry: Arc::new(registry),
-            pool_connections,
-            pool_max: max,
-            pool_min: min,
-            acquire,
-            transactions,
-            retries,
-            replays,
-            leaks,
+        HttpMetrics {
             requests,
             durations,
-            reads,
-            replica_lag,
-            replica_pool_connections,
-            replica_pool_max,
         }
-    }
-
-    /// Counts one read-only transaction on `target` (`replica` or `primary`).
-    pub fn count_read(&self, target: &'static str) {
-        self.reads.get_or_create(&TargetLabel { target }).inc();
-    }
-
-    /// The replica's pool and lag, as of now.
-    pub fn set_replica(&self, pool: &crate::db::PoolStats, lag_seconds: Option<f64>) {
-        self.replica_pool_max.set(i64::from(pool.max));
-        self.replica_pool_connections
-            .get_or_create(&StateLabel { state: "idle" })
-            .set(i64::from(pool.idle));
-        self.replica_pool_connections
-            .get_or_create(&StateLabel { state: "in_use" })
-            .set(i64::from(pool.in_use));
-        if let Some(lag) = lag_seconds {
-            self.replica_lag.set(lag);
-        }
-    }
-
-    pub fn set_pool(&self, idle: u32, in_use: u32) {
-        self.pool_connections
-            .get_or_create(&StateLabel { state: "idle" })
-            .set(i64::from(idle));
-        self.pool_connections
-            .get_or_create(&StateLabel { state: "in_use" })
-            .set(i64::from(in_use));
-    }
-
-    pub fn pool_limits(&self) -> (i64, i64) {
-        (self.pool_min.get(), self.pool_max.get())
-    }
-
-    pub fn observe_acquire(&self, elapsed: Duration) {
-        self.acquire.observe(elapsed.as_secs_f64());
-    }
-
-    pub fn count_transaction(&self, outcome: TxOutcome) {
-        let outcome = match outcome {
-            TxOutcome::Commit => "commit",
-            TxOutcome::Rollback => "rollback",
-            TxOutcome::Unknown => "unknown",
-            TxOutcome::None => return,
-        };
-        self.transactions
-            .get_or_create(&OutcomeLabel { outcome })
-            .inc();
-    }
-
-    pub fn count_retry(&self) {
-        self.retries.inc();
-    }
-
-    pub fn count_replay(&self) {
-        self.replays.inc();
-    }
-
-    pub fn count_leak(&self) {
-        self.leaks.inc();
     }
 
     /// Records one finished request. `method` must be one of [`METHODS`] or `OTHER`.
@@ -289,14 +94,6 @@ impl Metrics {
                 route: route.to_owned(),
             })
             .observe(elapsed.as_secs_f64());
-    }
-
-    /// The exposition in Prometheus text format.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
     }
 }
 

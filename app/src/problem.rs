@@ -7,19 +7,18 @@
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, ResponseError};
+use sea_orm::DbErr;
+use sea_orm_actix_tx::{DbFailure, Error as LayerError, FailureKind, problem_response};
 use serde::Serialize;
 
-/// Seconds a client is told to wait after a 503.
-const RETRY_AFTER_SECONDS: &str = "1";
+pub use sea_orm_actix_tx::PROBLEM_JSON;
 
+/// Every failure of the service: the inventory's own, and the database layer's.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// 400 `malformed_json`: the body is not JSON.
     #[error("{0}")]
     MalformedJson(String),
-    /// 413 `payload_too_large`: the body is over `APP_BODY_LIMIT` bytes.
-    #[error("the request body is larger than {0} bytes")]
-    PayloadTooLarge(usize),
     /// 415 `unsupported_media_type`: a body without a JSON content type.
     #[error("the request body must be sent as application/json")]
     UnsupportedMediaType,
@@ -35,68 +34,62 @@ pub enum ApiError {
     /// 409 `insufficient_stock`: the stock would become negative.
     #[error("{0}")]
     InsufficientStock(String),
-    /// 409 `idempotency_key_in_use`: another request with the same `Idempotency-Key` is
-    /// still running.
-    #[error("another request with this Idempotency-Key is still being processed; retry later")]
-    IdempotencyKeyInUse,
-    /// 422 `idempotency_key_reused`: the `Idempotency-Key` was used for a different request.
-    #[error("this Idempotency-Key was used for a different request (method, path or body)")]
-    IdempotencyKeyReused,
     /// 422 `validation_failed`: the text names the field.
     #[error("{0}")]
     Validation(String),
-    /// 503 `pool_timeout`: no connection within `DB_POOL_TIMEOUT`.
-    #[error("no database connection became free in time; retry later")]
-    PoolTimeout,
-    /// 503 `database_unavailable`: the database cannot be reached.
-    #[error("the database is unavailable; retry later")]
-    DatabaseUnavailable,
-    /// 503 `serialization_failure`: conflicts outlasted `DB_TX_MAX_RETRIES`.
-    #[error("the request kept conflicting with concurrent requests; retry later")]
-    SerializationFailure,
-    /// 500 `commit_outcome_unknown`: the connection broke during `COMMIT` and the outcome
-    /// could not be established. No `Retry-After`: only a retry with the same
-    /// `Idempotency-Key` is safe.
-    #[error(
-        "the connection to the database broke during the commit and its outcome is unknown; \
-         retry only with the same Idempotency-Key"
-    )]
-    CommitOutcomeUnknown,
-    /// 500 `internal`: logged where it happened; the body says nothing more.
-    #[error("an internal error occurred")]
-    Internal,
-    /// 499 `client_closed_request`: the client went away before the commit, so the work was
-    /// rolled back. Nobody receives it; it exists for the request log and metrics (the status
-    /// nginx uses for the same event).
-    #[error("the client closed the connection before the transaction committed")]
-    ClientClosedRequest,
+    /// The database layer's failures (pool, database, transaction rules, `Idempotency-Key`,
+    /// body size), answered as the layer renders them.
+    #[error(transparent)]
+    Layer(#[from] LayerError),
 }
 
 impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::MalformedJson(_) => "malformed_json",
-            ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::AlreadyExists(_) => "already_exists",
             ApiError::InsufficientStock(_) => "insufficient_stock",
-            ApiError::IdempotencyKeyInUse => "idempotency_key_in_use",
-            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::Validation(_) => "validation_failed",
-            ApiError::PoolTimeout => "pool_timeout",
-            ApiError::DatabaseUnavailable => "database_unavailable",
-            ApiError::SerializationFailure => "serialization_failure",
-            ApiError::CommitOutcomeUnknown => "commit_outcome_unknown",
-            ApiError::Internal => "internal",
-            ApiError::ClientClosedRequest => "client_closed_request",
+            ApiError::Layer(e) => e.code(),
         }
+    }
+
+    /// The inventory's meaning of a constraint the database enforced, when it has one: a taken
+    /// unique key, a stock row that would go negative, a missing referenced row, a value out of
+    /// range. `None` for everything the layer answers itself.
+    pub fn of_constraint(failure: &DbFailure) -> Option<ApiError> {
+        Some(match &failure.kind {
+            FailureKind::UniqueViolation(_) => {
+                ApiError::AlreadyExists("a record with the same unique key exists".into())
+            }
+            FailureKind::CheckViolation(Some(c)) if c.contains("quantity") => {
+                ApiError::InsufficientStock("the stock would become negative".into())
+            }
+            FailureKind::ForeignKeyViolation(_) => {
+                ApiError::NotFound("a referenced record does not exist".into())
+            }
+            FailureKind::OutOfRange => {
+                ApiError::Validation("quantity: the result would exceed the supported range".into())
+            }
+            _ => return None,
+        })
     }
 }
 
-/// The media type of every error response.
-pub const PROBLEM_JSON: &str = "application/problem+json";
+impl From<DbFailure> for ApiError {
+    fn from(failure: DbFailure) -> ApiError {
+        ApiError::of_constraint(&failure).unwrap_or_else(|| ApiError::Layer(failure.into()))
+    }
+}
+
+impl From<DbErr> for ApiError {
+    fn from(err: DbErr) -> ApiError {
+        ApiError::from(DbFailure::classify(&err))
+    }
+}
 
 /// Every `code` a client can receive (`docs/api.md`, *Errors*): the values the OpenAPI document
 /// allows in [`Problem::code`]. `client_closed_request` is not among them: nobody receives it.
@@ -112,6 +105,7 @@ pub const ERROR_CODES: &[&str] = &[
     "pool_timeout",
     "database_unavailable",
     "serialization_failure",
+    "statement_timeout",
     "idempotency_key_in_use",
     "idempotency_key_reused",
     "commit_outcome_unknown",
@@ -156,43 +150,20 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::AlreadyExists(_)
-            | ApiError::InsufficientStock(_)
-            | ApiError::IdempotencyKeyInUse => StatusCode::CONFLICT,
-            ApiError::Validation(_) | ApiError::IdempotencyKeyReused => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
-            ApiError::PoolTimeout
-            | ApiError::DatabaseUnavailable
-            | ApiError::SerializationFailure => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::CommitOutcomeUnknown | ApiError::Internal => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-            ApiError::ClientClosedRequest => {
-                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
-            }
+            ApiError::AlreadyExists(_) | ApiError::InsufficientStock(_) => StatusCode::CONFLICT,
+            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Layer(e) => e.status_code(),
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        let status = self.status_code();
-        let problem = Problem {
-            kind: "about:blank",
-            title: status.canonical_reason().unwrap_or("Error").to_owned(),
-            status: status.as_u16(),
-            detail: self.to_string(),
-            code: self.code(),
-        };
-        let mut response = HttpResponse::build(status);
-        response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+        match self {
+            ApiError::Layer(e) => e.error_response(),
+            other => problem_response(other.status_code(), other.code(), other.to_string()),
         }
-        response.json(problem)
     }
 }
 
@@ -227,53 +198,43 @@ mod tests {
 
     #[test]
     fn every_code_a_client_can_receive_is_in_the_documented_list() {
-        let errors = [
+        let own = [
             ApiError::MalformedJson(String::new()),
-            ApiError::PayloadTooLarge(1),
             ApiError::UnsupportedMediaType,
             ApiError::NotFound(String::new()),
             ApiError::MethodNotAllowed,
             ApiError::AlreadyExists(String::new()),
             ApiError::InsufficientStock(String::new()),
             ApiError::Validation(String::new()),
-            ApiError::PoolTimeout,
-            ApiError::DatabaseUnavailable,
-            ApiError::SerializationFailure,
-            ApiError::IdempotencyKeyInUse,
-            ApiError::IdempotencyKeyReused,
-            ApiError::CommitOutcomeUnknown,
-            ApiError::Internal,
-            ApiError::ClientClosedRequest,
         ];
-        for err in &errors {
+        for err in &own {
             // No wildcard on purpose: a new variant does not compile here until it is listed
-            // above and its code in ERROR_CODES (or here, if no client can receive it).
-            let received = match err {
-                ApiError::ClientClosedRequest => false,
+            // above and its code in ERROR_CODES.
+            match err {
                 ApiError::MalformedJson(_)
-                | ApiError::PayloadTooLarge(_)
                 | ApiError::UnsupportedMediaType
                 | ApiError::NotFound(_)
                 | ApiError::MethodNotAllowed
                 | ApiError::AlreadyExists(_)
                 | ApiError::InsufficientStock(_)
                 | ApiError::Validation(_)
-                | ApiError::PoolTimeout
-                | ApiError::DatabaseUnavailable
-                | ApiError::SerializationFailure
-                | ApiError::IdempotencyKeyInUse
-                | ApiError::IdempotencyKeyReused
-                | ApiError::CommitOutcomeUnknown
-                | ApiError::Internal => true,
-            };
-            assert_eq!(
-                ERROR_CODES.contains(&err.code()),
-                received,
-                "{}",
-                err.code()
-            );
+                | ApiError::Layer(_) => {}
+            }
+            assert!(ERROR_CODES.contains(&err.code()), "{}", err.code());
         }
-        assert_eq!(ERROR_CODES.len(), errors.len() - 1, "a code listed twice");
+        for code in LayerError::CODES {
+            assert!(ERROR_CODES.contains(code), "the layer's {code}");
+        }
+        let mut all: Vec<&str> = own.iter().map(ApiError::code).collect();
+        all.extend(LayerError::CODES);
+        all.sort_unstable();
+        all.dedup();
+        let mut listed = ERROR_CODES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(
+            all, listed,
+            "ERROR_CODES lists exactly the codes a client can receive"
+        );
     }
 
     #[test]

@@ -5,23 +5,32 @@
 use std::net::TcpListener;
 
 use actix_web::dev::Server;
-use actix_web::{App, HttpServer, web};
+use actix_web::{App, HttpServer, ResponseError, web};
 use config::Settings;
+use migration::{Migrator, MigratorTrait};
+use prometheus_client::registry::Registry;
 use sea_orm::DatabaseConnection;
+use sea_orm_actix_tx::db::{self, DbSetupError};
+use sea_orm_actix_tx::{Admission, BuildError, Layer};
 
-use crate::availability::Availability;
-use crate::db::{self, DbSetupError};
-use crate::metrics::Metrics;
-use crate::problem::{path_error, query_error, unknown_route};
+use crate::json::BodyLimit;
+use crate::metrics::HttpMetrics;
+use crate::problem::{ApiError, path_error, query_error, unknown_route};
 use crate::routes;
-use crate::routes::health::{READY_BUDGET, ReadyQueue};
+use crate::routes::health::{MetricsRegistry, READY_BUDGET, ReadyQueue};
 use crate::telemetry::RequestTelemetry;
-use crate::transaction::{self, Admission, Replica, TxConfig};
+
+/// Test routes mounted beside the API on the real middleware: `(config, layer)`.
+pub type ExtraRoutes = fn(&mut web::ServiceConfig, &Layer);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error(transparent)]
     Database(#[from] DbSetupError),
+    #[error("migration failed: {0}")]
+    Migrate(sea_orm::DbErr),
+    #[error(transparent)]
+    Layer(#[from] BuildError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -42,11 +51,11 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
         let db = db::connect(&settings.database).await?;
         if settings.database.auto_migrate {
-            db::migrate(&db).await?;
+            migrate(&db).await?;
             tracing::info!("migrations applied");
         }
         let replica = db::connect_replica(&settings.database).await?;
-        Self::build_with_replica(settings, db, replica, |_| {})
+        Self::build_with_replica(settings, db, replica, |_, _| {})
     }
 
     /// Binds the application over an existing pool. `extra_routes` are mounted beside the API
@@ -54,7 +63,7 @@ impl Application {
     pub fn build_with(
         settings: Settings,
         db: DatabaseConnection,
-        extra_routes: fn(&mut web::ServiceConfig),
+        extra_routes: ExtraRoutes,
     ) -> Result<Application, StartupError> {
         Self::build_with_replica(settings, db, None, extra_routes)
     }
@@ -66,7 +75,7 @@ impl Application {
         settings: Settings,
         db: DatabaseConnection,
         replica: Option<DatabaseConnection>,
-        extra_routes: fn(&mut web::ServiceConfig),
+        extra_routes: ExtraRoutes,
     ) -> Result<Application, StartupError> {
         let addr = format!("{}:{}", settings.server.host, settings.server.port);
         let listener = TcpListener::bind(&addr).map_err(|source| StartupError::Bind {
@@ -118,55 +127,56 @@ impl Application {
     }
 }
 
+/// Applies every pending migration of the inventory (the layer's own included).
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), StartupError> {
+    Migrator::up(db, None).await.map_err(StartupError::Migrate)
+}
+
 fn server(
     settings: &Settings,
     db: DatabaseConnection,
     replica: Option<DatabaseConnection>,
     listener: TcpListener,
-    extra_routes: fn(&mut web::ServiceConfig),
+    extra_routes: ExtraRoutes,
 ) -> Result<Server, StartupError> {
     let database = &settings.database;
-    let availability = Availability::new(&db, database.connect_timeout);
-    let tx_config = web::Data::new(TxConfig {
-        availability: Some(availability.clone()),
-        admission: Some(Admission::new(
-            2 * database.max_connections() as usize,
-            database.pool_timeout,
-        )),
-        replica: replica.map(|replica| {
-            Replica::new(replica, database.connect_timeout, database.replica_max_wait)
-        }),
-        ..TxConfig::new(database, settings.server.body_limit)
-    });
-    let availability = web::Data::new(availability);
+    let mut registry = Registry::default();
+    let layer = Layer::builder(db, database)
+        .replica(replica)
+        .body_limit(settings.server.body_limit)
+        .metrics(&mut registry)
+        .on_failure(|failure| ApiError::of_constraint(failure).map(|e| e.error_response()))
+        .build()?;
+    let http_metrics = HttpMetrics::register(&mut registry);
+    let registry = web::Data::new(MetricsRegistry(registry));
     let ready_queue = web::Data::new(ReadyQueue(Admission::new(
         database.max_connections() as usize,
         READY_BUDGET,
     )));
-    let metrics = web::Data::new(Metrics::new(
-        database.min_connections(),
-        database.max_connections(),
-    ));
-    let db = web::Data::new(db);
+    let body_limit = web::Data::new(BodyLimit(settings.server.body_limit));
+    let shared = web::Data::new(layer.clone());
+    // The pool itself, for handlers and jobs outside a request's transaction.
+    let pool = web::Data::new(layer.db().clone());
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
     let server = HttpServer::new(move || {
+        let layer = layer.clone();
         App::new()
-            .wrap(RequestTelemetry)
-            .app_data(db.clone())
-            .app_data(tx_config.clone())
-            .app_data(metrics.clone())
-            .app_data(availability.clone())
+            .wrap(RequestTelemetry::new(http_metrics.clone()))
+            .app_data(shared.clone())
+            .app_data(pool.clone())
+            .app_data(registry.clone())
             .app_data(ready_queue.clone())
+            .app_data(body_limit.clone())
             .app_data(web::PathConfig::default().error_handler(path_error))
             .app_data(web::QueryConfig::default().error_handler(query_error))
-            .configure(extra_routes)
-            .configure(routes::configure)
+            .configure(|cfg| extra_routes(cfg, &layer))
+            .configure(|cfg| routes::configure(cfg, &layer))
             .default_service(web::to(unknown_route))
     })
-    .on_connect(transaction::on_connect)
+    .on_connect(sea_orm_actix_tx::on_connect)
     .workers(settings.server.workers)
     .shutdown_timeout(settings.server.shutdown_timeout.as_secs())
     .listen(listener)

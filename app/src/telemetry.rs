@@ -12,14 +12,14 @@ use std::time::Instant;
 use actix_web::HttpMessage;
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
 use actix_web::http::header::{HeaderName, HeaderValue};
-use actix_web::web;
 use config::LogFormat;
 use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
-use crate::metrics::{Metrics, method_label};
-use crate::transaction::{TxOutcome, TxReport};
+use sea_orm_actix_tx::{TxOutcome, TxReport};
+
+use crate::metrics::{HttpMetrics, method_label};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -95,8 +95,17 @@ fn request_id(req: &ServiceRequest) -> String {
         .map_or_else(|| format!("{:032x}", fastrand::u128(..)), str::to_owned)
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RequestTelemetry;
+/// The request id, the request's log line and its HTTP metrics; wraps the whole app.
+#[derive(Clone)]
+pub struct RequestTelemetry {
+    metrics: HttpMetrics,
+}
+
+impl RequestTelemetry {
+    pub fn new(metrics: HttpMetrics) -> RequestTelemetry {
+        RequestTelemetry { metrics }
+    }
+}
 
 impl<S, B> Transform<S, ServiceRequest> for RequestTelemetry
 where
@@ -112,12 +121,14 @@ where
     fn new_transform(&self, service: S) -> Self::Future {
         ready(Ok(RequestTelemetryService {
             service: Rc::new(service),
+            metrics: self.metrics.clone(),
         }))
     }
 }
 
 pub struct RequestTelemetryService<S> {
     service: Rc<S>,
+    metrics: HttpMetrics,
 }
 
 impl<S, B> Service<ServiceRequest> for RequestTelemetryService<S>
@@ -135,7 +146,7 @@ where
         let started = Instant::now();
         let id = request_id(&req);
         let method = method_label(req.method());
-        let metrics = req.app_data::<web::Data<Metrics>>().cloned();
+        let metrics = self.metrics.clone();
         let span = tracing::info_span!("request", request_id = %id, method, path = %req.path());
         req.extensions_mut().insert(RequestId(id.clone()));
         let service = Rc::clone(&self.service);
@@ -161,9 +172,7 @@ where
                 if let Ok(value) = HeaderValue::from_str(&id) {
                     res.headers_mut().insert(REQUEST_ID, value);
                 }
-                if let Some(m) = &metrics {
-                    m.observe_request(method, &route, status, elapsed);
-                }
+                metrics.observe_request(method, &route, status, elapsed);
                 tracing::info!(
                     request_id = %id,
                     method,

@@ -465,7 +465,10 @@ mod tests {
         assert!(sqlite.contains("busy_timeout: 5s"), "{sqlite}");
 
         let options = options(&[]);
-        assert_eq!(options.get_url(), crate::DEFAULT_DATABASE_URL);
+        assert_eq!(
+            options.get_url(),
+            crate::test_support::DEFAULTS.database_url
+        );
         assert_eq!(options.get_max_connections(), Some(4));
     }
 

@@ -226,7 +226,8 @@ pub struct DatabaseSettings {
     pub pool_mode: PoolMode,
     /// `DB_ISOLATION_LEVEL` (default `repeatable_read`).
     pub isolation_level: IsolationLevel,
-    /// `DB_APPLICATION_NAME` (1..=63 printable ASCII characters, default `inventory-api`; when
+    /// `DB_APPLICATION_NAME` (1..=63 printable ASCII characters, default the service's
+    /// [`Defaults::application_name`](crate::Defaults); when
     /// unset, an `application_name` parameter of `DATABASE_URL` is used).
     pub application_name: String,
     /// `DB_STATEMENT_TIMEOUT_MS` (0..=86400000, default 0): Postgres `statement_timeout`;
@@ -317,8 +318,11 @@ impl DatabaseSettings {
 
     /// Reads every database variable, in the order of `docs/configuration.md`'s table; the first
     /// bad one is the error.
-    pub(crate) fn from_raw(raw: &RawEnv) -> Result<DatabaseSettings, ConfigError> {
-        let (url, source) = database_url::resolve(raw)?;
+    pub(crate) fn from_raw(
+        raw: &RawEnv,
+        defaults: &crate::Defaults,
+    ) -> Result<DatabaseSettings, ConfigError> {
+        let (url, source) = database_url::resolve(raw, defaults.database_url)?;
         let pool_size = number("DB_POOL_SIZE", &raw.db_pool_size, 10, 1..=10_000)?;
         let max_overflow: u32 = number("DB_MAX_OVERFLOW", &raw.db_max_overflow, 20, 0..=10_000)?;
         if pool_size + max_overflow > MAX_CONNECTIONS {
@@ -340,7 +344,7 @@ impl DatabaseSettings {
             Some(_) => application_name(&raw.db_application_name)?,
             None => url
                 .query_param(&["application_name"])
-                .unwrap_or_else(|| "inventory-api".to_owned()),
+                .unwrap_or_else(|| defaults.application_name.to_owned()),
         };
         let pooler = choice("DB_POOLER", &raw.db_pooler, Pooler::None, Pooler::CHOICES)?;
         let statement_cache = match url.query_param(&["statement-cache-capacity"]) {
@@ -535,7 +539,10 @@ mod tests {
     #[test]
     fn an_empty_environment_gives_the_documented_defaults() {
         let db = settings(&[]).database;
-        assert_eq!(db.url.without_password(), crate::DEFAULT_DATABASE_URL);
+        assert_eq!(
+            db.url.without_password(),
+            crate::test_support::DEFAULTS.database_url
+        );
         assert_eq!(db.backend(), Backend::Sqlite);
         assert_eq!(db.pool_size, 10);
         assert_eq!(db.max_overflow, 20);
@@ -785,7 +792,7 @@ mod tests {
                 "blank values count as unset",
             ),
             (
-                &[("DATABASE_URL", crate::DEFAULT_DATABASE_URL)],
+                &[("DATABASE_URL", crate::test_support::DEFAULTS.database_url)],
                 false,
                 "an explicit URL, even the same",
             ),

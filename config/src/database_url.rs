@@ -16,10 +16,6 @@ use crate::database::{Backend, SslMode};
 use crate::env::{RawEnv, number, present, present_untrimmed};
 use crate::error::ConfigError;
 
-/// The database used when neither `DATABASE_URL` nor `DB_HOST` is set: an embedded SQLite file
-/// in the working directory, created on first use.
-pub const DEFAULT_DATABASE_URL: &str = "sqlite://inventory.db?mode=rwc";
-
 const DATABASE_URL: &str = "DATABASE_URL";
 
 /// The user of a Postgres URL that names none (as `DB_USER`'s default), set explicitly on the
@@ -366,16 +362,16 @@ impl fmt::Debug for DatabaseUrl {
 }
 
 /// The effective database URL: `DATABASE_URL`, else one assembled from `DB_HOST` and friends,
-/// else [`DEFAULT_DATABASE_URL`].
-pub(crate) fn resolve(raw: &RawEnv) -> Result<(DatabaseUrl, UrlSource), ConfigError> {
+/// else the service's default ([`Defaults::database_url`](crate::Defaults)).
+pub(crate) fn resolve(
+    raw: &RawEnv,
+    default_url: &str,
+) -> Result<(DatabaseUrl, UrlSource), ConfigError> {
     if let Some(url) = present(&raw.database_url) {
         return Ok((DatabaseUrl::parse(url)?, UrlSource::DatabaseUrl));
     }
     let Some(host) = present(&raw.db_host) else {
-        return Ok((
-            DatabaseUrl::parse(DEFAULT_DATABASE_URL)?,
-            UrlSource::EmbeddedDefault,
-        ));
+        return Ok((DatabaseUrl::parse(default_url)?, UrlSource::EmbeddedDefault));
     };
     let port = number("DB_PORT", &raw.db_port, 5432_u16, 1..=65535)?;
     let user = present(&raw.db_user).unwrap_or("postgres");

@@ -1,4 +1,4 @@
-//! Typed, validated settings for the inventory service, read from the environment (and a `.env`
+//! Typed, validated settings for a service built on `sea-orm-actix-tx`, read from the environment (and a `.env`
 //! file) as described in `docs/configuration.md`. This crate is the only place that reads the
 //! environment: [`Settings::load`] at start-up, [`Settings::from_vars`] in tests. Every value is
 //! checked here, so a bad one stops start-up with one line naming the variable, its value (never a
@@ -22,11 +22,33 @@ pub use database::{
     Backend, DatabaseSettings, IsolationLevel, MAX_CONNECTIONS, PoolMode, Pooler,
     SQLITE_MAX_CONNECTIONS, SslMode,
 };
-pub use database_url::{DEFAULT_DATABASE_URL, DatabaseUrl};
+pub use database_url::DatabaseUrl;
 pub use error::ConfigError;
 pub use server::{LogFormat, LogSettings, ServerSettings};
 
 use env::RawEnv;
+
+/// What a service sets for itself: the settings when their variables are unset. A library has
+/// no business naming a service, so these come from the service (its binary's `main`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Defaults {
+    /// `DB_APPLICATION_NAME` when unset: the name PostgreSQL shows in `pg_stat_activity`.
+    pub application_name: &'static str,
+    /// `DATABASE_URL` when neither it nor `DB_HOST` is set: usually an embedded SQLite file,
+    /// migrated at start-up unless `DB_AUTO_MIGRATE` says otherwise.
+    pub database_url: &'static str,
+}
+
+impl Default for Defaults {
+    /// A service that sets nothing: `sea-orm-actix-tx` as the application name, an SQLite file
+    /// `app.db` in the working directory.
+    fn default() -> Defaults {
+        Defaults {
+            application_name: "sea-orm-actix-tx",
+            database_url: "sqlite://app.db?mode=rwc",
+        }
+    }
+}
 
 /// Every setting of the service. `Debug` shows the password as `***`.
 #[derive(Clone, Debug)]
@@ -58,8 +80,16 @@ impl Settings {
     /// # Errors
     /// [`ConfigError`] when `.env` exists but cannot be read, or a variable is invalid.
     pub fn load() -> Result<Settings, ConfigError> {
+        Settings::load_with(&Defaults::default())
+    }
+
+    /// [`Settings::load`] with the service's own [`Defaults`].
+    ///
+    /// # Errors
+    /// [`ConfigError`] when `.env` exists but cannot be read, or a variable is invalid.
+    pub fn load_with(defaults: &Defaults) -> Result<Settings, ConfigError> {
         env::load_dotenv()?;
-        let settings = Settings::from_env();
+        let settings = Settings::from_vars_with(env::process_vars()?, defaults);
         env::forget_libpq_variables();
         settings
     }
@@ -83,9 +113,20 @@ impl Settings {
     where
         I: IntoIterator<Item = (String, String)>,
     {
+        Settings::from_vars_with(vars, &Defaults::default())
+    }
+
+    /// [`Settings::from_vars`] with the service's own [`Defaults`].
+    ///
+    /// # Errors
+    /// [`ConfigError`] for the first invalid variable.
+    pub fn from_vars_with<I>(vars: I, defaults: &Defaults) -> Result<Settings, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
         let raw = RawEnv::from_vars(vars)?;
         Ok(Settings {
-            database: DatabaseSettings::from_raw(&raw)?,
+            database: DatabaseSettings::from_raw(&raw, defaults)?,
             server: ServerSettings::from_raw(&raw)?,
             log: LogSettings::from_raw(&raw)?,
         })

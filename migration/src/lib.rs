@@ -5,16 +5,16 @@ pub use sea_orm_migration::MigratorTrait;
 use sea_orm_migration::prelude::*;
 
 mod m20261122_000001_create_inventory;
-mod m20261201_000001_create_idempotency_key;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![
-            Box::new(m20261122_000001_create_inventory::Migration),
-            Box::new(m20261201_000001_create_idempotency_key::Migration),
-        ]
+        // The inventory's tables, then the database layer's own (`Idempotency-Key`).
+        let mut all: Vec<Box<dyn MigrationTrait>> =
+            vec![Box::new(m20261122_000001_create_inventory::Migration)];
+        all.extend(sea_orm_actix_tx::migrations::all());
+        all
     }
 }

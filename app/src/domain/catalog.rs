@@ -9,7 +9,7 @@ use sea_orm::{
 
 use super::DomainError;
 use super::values::{Id, Name, Page, Sku, WarehouseCode};
-use crate::transaction::{DbFailure, FailureKind};
+use sea_orm_actix_tx::{DbFailure, FailureKind};
 
 /// One page of a keyset-paginated list.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@ use sea_orm::DbErr;
 
 use super::values::InvalidValue;
 use crate::problem::ApiError;
-use crate::transaction::DbFailure;
+use sea_orm_actix_tx::DbFailure;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DomainError {

@@ -31,7 +31,7 @@ use sea_orm::{
 use super::DomainError;
 use super::catalog::{Paged, get_product, get_warehouse, now};
 use super::values::{Id, Page, Quantity};
-use crate::transaction::{DbFailure, FailureKind};
+use sea_orm_actix_tx::{DbFailure, FailureKind};
 
 /// The name of a movement kind, as stored and as the API shows it.
 pub fn kind_name(kind: MovementKind) -> &'static str {

@@ -12,7 +12,7 @@ use crate::domain::catalog;
 use crate::domain::values::{Id, Name, Page, Sku, WarehouseCode};
 use crate::json::JsonBody;
 use crate::problem::{ApiError, PROBLEM_JSON, Problem};
-use crate::transaction::Tx;
+use sea_orm_actix_tx::Tx;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -7,14 +7,12 @@ use std::time::{Duration, Instant};
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, ContentType};
 use actix_web::{HttpResponse, web};
-use sea_orm::DatabaseConnection;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::registry::Registry;
+use sea_orm_actix_tx::db::{self, PoolStats};
+use sea_orm_actix_tx::{Admission, Layer};
 use serde::Serialize;
 use utoipa::ToSchema;
-
-use crate::availability::Availability;
-use crate::db::{self, PoolStats};
-use crate::metrics::Metrics;
-use crate::transaction::{Admission, TxConfig};
 
 /// How long `/health/ready` may wait for the database: well under the 2 s a probe allows.
 pub const READY_BUDGET: Duration = Duration::from_millis(1500);
@@ -22,6 +20,9 @@ pub const READY_BUDGET: Duration = Duration::from_millis(1500);
 /// At most as many readiness checks query at once as the pool has connections; the others wait
 /// their turn within [`READY_BUDGET`], so a flood of probes queues here instead of in the pool.
 pub struct ReadyQueue(pub Admission);
+
+/// The registry `/metrics` renders: the database layer's series and the service's own.
+pub struct MetricsRegistry(pub Registry);
 
 #[derive(Serialize, ToSchema)]
 pub struct Live {
@@ -70,17 +71,12 @@ pub struct Ready {
 
 #[utoipa::path(get, path = "/health/ready", responses(
     (status = 200, body = Ready), (status = 503, body = Ready)))]
-pub async fn ready(
-    db: web::Data<DatabaseConnection>,
-    config: web::Data<TxConfig>,
-    metrics: web::Data<Metrics>,
-    availability: Option<web::Data<Availability>>,
-    queue: Option<web::Data<ReadyQueue>>,
-) -> HttpResponse {
-    let (min, max) = metrics.pool_limits();
+pub async fn ready(layer: web::Data<Layer>, queue: Option<web::Data<ReadyQueue>>) -> HttpResponse {
+    let (db, config) = (layer.db(), layer.config());
+    let (min, max) = layer.metrics().pool_limits();
     let (min, max) = (min as u32, max as u32);
     let started = Instant::now();
-    let availability = availability.as_ref().map(|a| a.get_ref());
+    let availability = Some(layer.availability());
     // The replica is checked beside the primary, within its own shorter budget.
     let replica_check = async {
         match &config.replica {
@@ -93,16 +89,16 @@ pub async fn ready(
             Some(queue) => match queue.enter().await {
                 Ok(_turn) => {
                     let left = READY_BUDGET.saturating_sub(started.elapsed());
-                    db::ping(&db, config.session.ping_sql(), availability, left).await
+                    db::ping(db, config.session.ping_sql(), availability, left).await
                 }
                 Err(_) => Err("no pooled connection became free in time".to_owned()),
             },
-            None => db::ping(&db, config.session.ping_sql(), availability, READY_BUDGET).await,
+            None => db::ping(db, config.session.ping_sql(), availability, READY_BUDGET).await,
         }
     };
     let (result, replica_state) = tokio::join!(primary_check, replica_check);
-    let pool = db::pool_stats(&db, min, max);
-    let backend = db::backend_name(&db);
+    let pool = db::pool_stats(db, min, max);
+    let backend = db::backend_name(db);
     let replica = match (&config.replica, replica_state) {
         (Some(replica), Some(state)) => Some(ReplicaHealth {
             status: if state.up { "up" } else { "down" },
@@ -151,14 +147,14 @@ pub async fn ready(
 #[utoipa::path(get, path = "/metrics", responses(
     (status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(
-    db: web::Data<DatabaseConnection>,
-    config: Option<web::Data<TxConfig>>,
-    metrics: web::Data<Metrics>,
+    layer: web::Data<Layer>,
+    registry: web::Data<MetricsRegistry>,
 ) -> HttpResponse {
+    let metrics = layer.metrics();
     let (min, max) = metrics.pool_limits();
-    let pool = db::pool_stats(&db, min as u32, max as u32);
+    let pool = db::pool_stats(layer.db(), min as u32, max as u32);
     metrics.set_pool(pool.idle, pool.in_use);
-    if let Some(replica) = config.as_ref().and_then(|c| c.replica.as_ref()) {
+    if let Some(replica) = layer.replica() {
         let replica_pool = db::pool_stats(replica.db(), min as u32, max as u32);
         metrics.set_replica(&replica_pool, replica.state().lag_seconds);
     }
@@ -168,5 +164,13 @@ pub async fn metrics(
                 .parse()
                 .unwrap_or(mime::TEXT_PLAIN_UTF_8),
         ))
-        .body(metrics.render())
+        .body(render(&registry.0))
+}
+
+/// The exposition in Prometheus text format.
+fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, registry);
+    out
 }

@@ -19,8 +19,9 @@ mod schemas;
 use actix_web::{Resource, Route, guard, web};
 use sea_orm::IsolationLevel;
 
+use sea_orm_actix_tx::Layer;
+
 use crate::problem::method_not_allowed;
-use crate::transaction::Transactional;
 
 /// `GET`, and `HEAD` on the same handler (actix sends the headers without the body).
 fn read() -> Route {
@@ -43,9 +44,11 @@ fn resource(path: &str, allow: &'static str) -> Resource {
     web::resource(path).default_service(web::to(move || async move { method_not_allowed(allow) }))
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    let tx = Transactional::new();
-    let stock_tx = Transactional::new().isolation(IsolationLevel::ReadCommitted);
+pub fn configure(cfg: &mut web::ServiceConfig, layer: &Layer) {
+    let tx = layer.transactional();
+    let stock_tx = layer
+        .transactional()
+        .isolation(IsolationLevel::ReadCommitted);
 
     cfg.service(resource("/health/live", READ).route(read().to(health::live)))
         .service(resource("/health/ready", READ).route(read().to(health::ready)))
@@ -53,36 +56,43 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/openapi.json", READ).route(read().to(openapi::document)))
         .service(
             resource("/warehouses", READ_WRITE)
-                .route(read().to(catalog::list_warehouses).wrap(tx))
-                .route(web::post().to(catalog::create_warehouse).wrap(tx)),
+                .route(read().to(catalog::list_warehouses).wrap(tx.clone()))
+                .route(web::post().to(catalog::create_warehouse).wrap(tx.clone())),
         )
         .service(
-            resource("/warehouses/{id}", READ).route(read().to(catalog::get_warehouse).wrap(tx)),
+            resource("/warehouses/{id}", READ)
+                .route(read().to(catalog::get_warehouse).wrap(tx.clone())),
         )
         .service(
             resource("/warehouses/{id}/stock", READ)
-                .route(read().to(movements::warehouse_stock).wrap(tx)),
+                .route(read().to(movements::warehouse_stock).wrap(tx.clone())),
         )
         .service(
             resource("/products", READ_WRITE)
-                .route(read().to(catalog::list_products).wrap(tx))
-                .route(web::post().to(catalog::create_product).wrap(tx)),
+                .route(read().to(catalog::list_products).wrap(tx.clone()))
+                .route(web::post().to(catalog::create_product).wrap(tx.clone())),
         )
-        .service(resource("/products/{id}", READ).route(read().to(catalog::get_product).wrap(tx)))
+        .service(
+            resource("/products/{id}", READ)
+                .route(read().to(catalog::get_product).wrap(tx.clone())),
+        )
         .service(
             resource("/products/{id}/stock", READ)
-                .route(read().to(movements::product_stock).wrap(tx)),
+                .route(read().to(movements::product_stock).wrap(tx.clone())),
         )
         .service(
-            resource("/receipts", WRITE).route(web::post().to(movements::receive).wrap(stock_tx)),
+            resource("/receipts", WRITE)
+                .route(web::post().to(movements::receive).wrap(stock_tx.clone())),
         )
         .service(
-            resource("/shipments", WRITE).route(web::post().to(movements::ship).wrap(stock_tx)),
+            resource("/shipments", WRITE)
+                .route(web::post().to(movements::ship).wrap(stock_tx.clone())),
         )
         .service(
-            resource("/transfers", WRITE).route(web::post().to(movements::transfer).wrap(stock_tx)),
+            resource("/transfers", WRITE)
+                .route(web::post().to(movements::transfer).wrap(stock_tx.clone())),
         )
-        .service(resource("/movements", READ).route(read().to(movements::list).wrap(tx)));
+        .service(resource("/movements", READ).route(read().to(movements::list).wrap(tx.clone())));
 }
 
 /// `?limit=&after=` of every list, kept as text so that errors name the parameter.

@@ -12,7 +12,7 @@ use crate::domain::stock::{self, MovementFilter};
 use crate::domain::values::{Id, Page, Quantity};
 use crate::json::{JsonBody, integer};
 use crate::problem::{ApiError, PROBLEM_JSON, Problem};
-use crate::transaction::Tx;
+use sea_orm_actix_tx::Tx;
 
 /// A receipt or a shipment.
 #[derive(Debug, Deserialize, ToSchema)]

@@ -21,9 +21,11 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, Required, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{List, OUTSIDE_TRANSACTIONS, catalog, health, movements};
-use crate::db::PoolStats;
-use crate::headers::{CONSISTENCY_COOKIE, CONSISTENCY_TOKEN, IDEMPOTENT_REPLAYED, IdempotencyKey};
 use crate::problem::{ERROR_CODES, ErrorCode, PROBLEM_JSON, Problem};
+use sea_orm_actix_tx::db::PoolStats;
+use sea_orm_actix_tx::headers::{
+    CONSISTENCY_COOKIE, CONSISTENCY_TOKEN, IDEMPOTENT_REPLAYED, IdempotencyKey,
+};
 
 #[derive(OpenApi)]
 #[openapi(

@@ -5,10 +5,10 @@ use serde_json::{Value, json};
 
 use crate::helpers::spawn_app_with;
 
-fn hold_route(cfg: &mut actix_web::web::ServiceConfig) {
+fn hold_route(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx::Layer) {
     use actix_web::{HttpResponse, web};
     use sea_orm::ConnectionTrait;
-    async fn hold(tx: app::Tx) -> Result<HttpResponse, app::problem::ApiError> {
+    async fn hold(tx: sea_orm_actix_tx::Tx) -> Result<HttpResponse, app::problem::ApiError> {
         tx.execute_unprepared("SELECT pg_sleep(0.4)").await?;
         let row = tx
             .query_one_raw(sea_orm::Statement::from_string(
@@ -16,15 +16,17 @@ fn hold_route(cfg: &mut actix_web::web::ServiceConfig) {
                 "SELECT current_setting('jit') || ',' || current_setting('statement_timeout')",
             ))
             .await?
-            .ok_or(app::problem::ApiError::Internal)?;
+            .ok_or(app::problem::ApiError::Layer(
+                sea_orm_actix_tx::Error::Internal,
+            ))?;
         let settings: String = row
             .try_get_by_index(0)
-            .map_err(|_| app::problem::ApiError::Internal)?;
+            .map_err(|_| app::problem::ApiError::Layer(sea_orm_actix_tx::Error::Internal))?;
         Ok(HttpResponse::Ok().json(json!({"settings": settings})))
     }
     cfg.route(
         "/test/hold",
-        web::post().to(hold).wrap(app::Transactional::new()),
+        web::post().to(hold).wrap(layer.transactional()),
     );
 }
 
@@ -41,7 +43,7 @@ async fn the_pool_keeps_its_minimum_and_never_exceeds_its_maximum() {
     .await;
     let pool = app.pool.clone();
     app.wait_until("the pool opens its minimum", || {
-        let size = app::db::pool_stats(&pool, 3, 5).size;
+        let size = sea_orm_actix_tx::db::pool_stats(&pool, 3, 5).size;
         async move { size >= 3 }
     })
     .await;
@@ -89,7 +91,7 @@ async fn connections_carry_application_name_jit_and_statement_timeout() {
 async fn a_statement_over_the_statement_timeout_is_cancelled_and_rolled_back() {
     let app = spawn_app_with(&[("DB_STATEMENT_TIMEOUT_MS", "100")], hold_route).await;
     let res = app.send_json("/test/hold", json!({})).await;
-    assert_eq!(res.status(), 500, "pg_sleep(0.4) is cancelled at 100 ms");
+    crate::helpers::assert_statement_timeout(res, "pg_sleep(0.4) is cancelled at 100 ms").await;
 }
 
 #[tokio::test]
@@ -98,7 +100,7 @@ async fn serverless_mode_keeps_no_idle_connections() {
     assert_eq!(app.send_json("/test/hold", json!({})).await.status(), 200);
     let pool = app.pool.clone();
     app.wait_until("every connection is closed after use", || {
-        let stats = app::db::pool_stats(&pool, 0, 10);
+        let stats = sea_orm_actix_tx::db::pool_stats(&pool, 0, 10);
         async move { stats.size == 0 && stats.idle == 0 }
     })
     .await;

@@ -6,7 +6,6 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use actix_web::web;
 use app::Application;
 use config::{DatabaseUrl, Settings};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
@@ -220,14 +219,14 @@ pub fn test_settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
 }
 
 pub async fn spawn_app() -> TestApp {
-    spawn_app_with(&[], |_| {}).await
+    spawn_app_with(&[], |_, _| {}).await
 }
 
 /// The real application over a fresh database, with `overrides` of the test settings and
 /// `extra_routes` mounted beside the API.
 pub async fn spawn_app_with(
     overrides: &[(&str, &str)],
-    extra_routes: fn(&mut web::ServiceConfig),
+    extra_routes: app::startup::ExtraRoutes,
 ) -> TestApp {
     let database = TestDatabase::create().await;
     let url = database.url.clone();
@@ -238,7 +237,7 @@ pub async fn spawn_app_with(
 /// and `extra_routes` mounted beside the API.
 pub async fn spawn_mariadb_app_with(
     overrides: &[(&str, &str)],
-    extra_routes: fn(&mut web::ServiceConfig),
+    extra_routes: app::startup::ExtraRoutes,
 ) -> TestApp {
     let database = TestDatabase::create_on(Server::Mariadb).await;
     let url = database.url.clone();
@@ -272,7 +271,7 @@ impl SqliteFile {
 /// The real application over a fresh SQLite file: the embedded default's code path.
 pub async fn spawn_sqlite_app(overrides: &[(&str, &str)]) -> TestApp {
     let (file, url) = SqliteFile::new();
-    spawn_app_on(&url, Some(Box::new(file)), overrides, |_| {}).await
+    spawn_app_on(&url, Some(Box::new(file)), overrides, |_, _| {}).await
 }
 
 /// The real application over the (empty) database at `url`.
@@ -280,14 +279,16 @@ pub async fn spawn_app_on(
     url: &str,
     database: Option<Box<dyn std::any::Any + Send + Sync>>,
     overrides: &[(&str, &str)],
-    extra_routes: fn(&mut web::ServiceConfig),
+    extra_routes: app::startup::ExtraRoutes,
 ) -> TestApp {
     init_logs();
     let settings = test_settings(url, overrides);
-    let pool = app::db::connect(&settings.database)
+    let pool = sea_orm_actix_tx::db::connect(&settings.database)
         .await
         .expect("the app connects to its test database");
-    app::db::migrate(&pool).await.expect("migrations apply");
+    app::startup::migrate(&pool)
+        .await
+        .expect("migrations apply");
     launch(settings, pool, url, database, extra_routes).await
 }
 
@@ -296,7 +297,7 @@ pub async fn spawn_app_on(
 /// do not run through the pooler). `TestApp::db` stays a direct connection.
 pub async fn spawn_pooled_app_with(
     overrides: &[(&str, &str)],
-    extra_routes: fn(&mut web::ServiceConfig),
+    extra_routes: app::startup::ExtraRoutes,
 ) -> TestApp {
     let database = TestDatabase::create().await;
     let pooled_url = crate::pgbouncer::shared().url(&database.name);
@@ -310,7 +311,7 @@ pub async fn spawn_pooled_app_over(
     database: TestDatabase,
     pooled_url: &str,
     overrides: &[(&str, &str)],
-    extra_routes: fn(&mut web::ServiceConfig),
+    extra_routes: app::startup::ExtraRoutes,
 ) -> TestApp {
     let mut vars = vec![("DB_POOLER", "transaction"), ("DB_AUTO_MIGRATE", "false")];
     vars.extend_from_slice(overrides);
@@ -324,16 +325,16 @@ async fn launch_migrated(
     database: TestDatabase,
     url: &str,
     vars: &[(&str, &str)],
-    extra_routes: fn(&mut web::ServiceConfig),
+    extra_routes: app::startup::ExtraRoutes,
 ) -> TestApp {
     init_logs();
     let direct = database.connect().await;
-    app::db::migrate(&direct)
+    app::startup::migrate(&direct)
         .await
         .expect("migrations apply on the direct URL");
     let _ = direct.close().await;
     let settings = test_settings(url, vars);
-    let pool = app::db::connect(&settings.database)
+    let pool = sea_orm_actix_tx::db::connect(&settings.database)
         .await
         .unwrap_or_else(|e| panic!("the app connects to {url}: {e}"));
     let direct_url = database.url.clone();
@@ -380,7 +381,7 @@ async fn spawn_app_behind_on(
     } else {
         database.url.clone()
     };
-    launch_migrated(database, &proxy.url(&upstream), &vars, |_| {}).await
+    launch_migrated(database, &proxy.url(&upstream), &vars, |_, _| {}).await
 }
 
 /// The `host:port` of the run's shared PgBouncer, for a proxy in front of it.
@@ -393,9 +394,9 @@ async fn launch(
     pool: DatabaseConnection,
     direct_url: &str,
     database: Option<Box<dyn std::any::Any + Send + Sync>>,
-    extra_routes: fn(&mut web::ServiceConfig),
+    extra_routes: app::startup::ExtraRoutes,
 ) -> TestApp {
-    let replica = app::db::connect_replica(&settings.database)
+    let replica = sea_orm_actix_tx::db::connect_replica(&settings.database)
         .await
         .expect("the replica's pool is configured");
     let application =
@@ -599,6 +600,15 @@ impl TestApp {
 /// The `code` of a problem+json response, after checking its content type and shape.
 /// Asserts a 503 `database_unavailable` with `Retry-After: 1` (nothing committed, retry later).
 pub async fn assert_unavailable(res: reqwest::Response, why: &str) {
+    assert_503(res, "database_unavailable", why).await;
+}
+
+/// A statement stopped by `DB_STATEMENT_TIMEOUT_MS`: 503 `statement_timeout` with Retry-After.
+pub async fn assert_statement_timeout(res: reqwest::Response, why: &str) {
+    assert_503(res, "statement_timeout", why).await;
+}
+
+async fn assert_503(res: reqwest::Response, code: &str, why: &str) {
     assert_eq!(
         res.headers().get("retry-after").map(|v| v.as_bytes()),
         Some(&b"1"[..]),
@@ -607,7 +617,7 @@ pub async fn assert_unavailable(res: reqwest::Response, why: &str) {
     let (status, body) = problem(res).await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (503, Some("database_unavailable")),
+        (503, Some(code)),
         "{why}: {body}"
     );
 }
@@ -643,13 +653,13 @@ macro_rules! on_every_backend {
         mod postgres {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::helpers::spawn_app_with(crate::helpers::CONCURRENT_POOL, |_| {}).await).await;
+                super::$name(crate::helpers::spawn_app_with(crate::helpers::CONCURRENT_POOL, |_, _| {}).await).await;
             })*
         }
         mod mariadb {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::helpers::spawn_mariadb_app_with(crate::helpers::CONCURRENT_POOL, |_| {}).await).await;
+                super::$name(crate::helpers::spawn_mariadb_app_with(crate::helpers::CONCURRENT_POOL, |_, _| {}).await).await;
             })*
         }
         mod sqlite {
@@ -661,7 +671,7 @@ macro_rules! on_every_backend {
         mod pgbouncer {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::helpers::spawn_pooled_app_with(crate::helpers::CONCURRENT_POOL, |_| {}).await).await;
+                super::$name(crate::helpers::spawn_pooled_app_with(crate::helpers::CONCURRENT_POOL, |_, _| {}).await).await;
             })*
         }
     };

@@ -232,7 +232,7 @@ async fn a_key_is_replayed_by_a_new_app_over_the_same_database() {
     let database = first_app._database.take();
     drop(first_app);
 
-    let app = spawn_app_on(&url, database, &[], |_| {}).await;
+    let app = spawn_app_on(&url, database, &[], |_, _| {}).await;
     let again = post_with_key(&app, "/receipts", "restart", &body).await;
     assert_eq!(again.status(), 201);
     assert!(replayed(&again));
@@ -312,7 +312,7 @@ async fn expired_keys_are_forgotten_and_cleaned_up() {
         .await
         .expect("expire every key");
     assert_eq!(
-        app::transaction::clean_expired_idempotency_keys(&app.db)
+        sea_orm_actix_tx::transaction::clean_expired_idempotency_keys(&app.db)
             .await
             .expect("clean-up runs"),
         2

@@ -9,33 +9,44 @@ use std::sync::Mutex;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use app::problem::ApiError;
-use app::{Transactional, Tx};
 use sea_orm::{ConnectionTrait, DatabaseConnection, IsolationLevel, Statement, TransactionTrait};
+use sea_orm_actix_tx::{Layer, Tx};
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, problem, spawn_mariadb_app_with};
 use crate::transactions::{get_write, insert, metric, swallow, write_then, write_then_panic};
 
-fn routes(cfg: &mut web::ServiceConfig) {
-    let tx = Transactional::new();
+fn routes(cfg: &mut web::ServiceConfig, layer: &Layer) {
+    let tx = layer.transactional();
     cfg.route(
         "/mdb/write-then/{status}",
-        web::post().to(write_then).wrap(tx),
+        web::post().to(write_then).wrap(tx.clone()),
     )
-    .route("/mdb/panic", web::post().to(write_then_panic).wrap(tx))
-    .route("/mdb/swallow", web::post().to(swallow).wrap(tx))
-    .route("/mdb/get-write", web::get().to(get_write).wrap(tx))
-    .route("/mdb/sees-commits", web::get().to(sees_commits).wrap(tx))
-    .route("/mdb/sees-commits", web::post().to(sees_commits).wrap(tx))
+    .route(
+        "/mdb/panic",
+        web::post().to(write_then_panic).wrap(tx.clone()),
+    )
+    .route("/mdb/swallow", web::post().to(swallow).wrap(tx.clone()))
+    .route("/mdb/get-write", web::get().to(get_write).wrap(tx.clone()))
+    .route(
+        "/mdb/sees-commits",
+        web::get().to(sees_commits).wrap(tx.clone()),
+    )
+    .route(
+        "/mdb/sees-commits",
+        web::post().to(sees_commits).wrap(tx.clone()),
+    )
     .route(
         "/mdb/sees-commits-read-committed",
-        web::post()
-            .to(sees_commits)
-            .wrap(Transactional::new().isolation(IsolationLevel::ReadCommitted)),
+        web::post().to(sees_commits).wrap(
+            layer
+                .transactional()
+                .isolation(IsolationLevel::ReadCommitted),
+        ),
     )
-    .route("/mdb/session", web::get().to(session).wrap(tx))
-    .route("/mdb/signal", web::post().to(signal).wrap(tx))
-    .route("/mdb/sleep", web::post().to(sleep).wrap(tx));
+    .route("/mdb/session", web::get().to(session).wrap(tx.clone()))
+    .route("/mdb/signal", web::post().to(signal).wrap(tx.clone()))
+    .route("/mdb/sleep", web::post().to(sleep).wrap(tx.clone()));
 }
 
 async fn count_warehouses(db: &impl ConnectionTrait) -> Result<i64, ApiError> {
@@ -45,9 +56,9 @@ async fn count_warehouses(db: &impl ConnectionTrait) -> Result<i64, ApiError> {
             "SELECT count(*) FROM warehouse",
         ))
         .await?
-        .ok_or(ApiError::Internal)?;
+        .ok_or(ApiError::Layer(sea_orm_actix_tx::Error::Internal))?;
     row.try_get_by_index::<i64>(0)
-        .map_err(|_| ApiError::Internal)
+        .map_err(|_| ApiError::Layer(sea_orm_actix_tx::Error::Internal))
 }
 
 /// Reads, lets another connection commit a row, reads again: a REPEATABLE READ snapshot does
@@ -74,9 +85,13 @@ async fn session(tx: Tx) -> Result<HttpResponse, ApiError> {
             "SELECT @@session.tx_isolation, CAST(@@session.max_statement_time AS CHAR)",
         ))
         .await?
-        .ok_or(ApiError::Internal)?;
-    let isolation: String = row.try_get_by_index(0).map_err(|_| ApiError::Internal)?;
-    let timeout: String = row.try_get_by_index(1).map_err(|_| ApiError::Internal)?;
+        .ok_or(ApiError::Layer(sea_orm_actix_tx::Error::Internal))?;
+    let isolation: String = row
+        .try_get_by_index(0)
+        .map_err(|_| ApiError::Layer(sea_orm_actix_tx::Error::Internal))?;
+    let timeout: String = row
+        .try_get_by_index(1)
+        .map_err(|_| ApiError::Layer(sea_orm_actix_tx::Error::Internal))?;
     Ok(HttpResponse::Ok().json(json!({"tx_isolation": isolation, "max_statement_time": timeout})))
 }
 
@@ -299,8 +314,8 @@ async fn deadlocks_and_lock_wait_timeouts_are_rerun_until_they_succeed_then_503(
 #[tokio::test]
 async fn a_statement_longer_than_db_statement_timeout_ms_is_stopped_by_max_statement_time() {
     let app = app_with(&[("DB_STATEMENT_TIMEOUT_MS", "200")]).await;
-    let (status, body) = problem(app.post("/mdb/sleep", &json!({})).await).await;
-    assert_eq!((status, body["code"].as_str()), (500, Some("internal")));
+    let res = app.post("/mdb/sleep", &json!({})).await;
+    crate::helpers::assert_statement_timeout(res, "SLEEP(3) is stopped at 200 ms").await;
 
     let unbounded = app_with(&[]).await;
     let res = unbounded.post("/mdb/sleep", &json!({})).await;

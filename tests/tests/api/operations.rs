@@ -84,7 +84,7 @@ async fn an_exhausted_pool_answers_503_pool_timeout_after_about_the_pool_timeout
             ("DB_MAX_OVERFLOW", "0"),
             ("DB_POOL_TIMEOUT", "1"),
         ],
-        |_| {},
+        |_, _| {},
     )
     .await;
     let (lock, held, (w, p)) = hold_the_only_connection(&app).await;
@@ -116,7 +116,7 @@ async fn readiness_answers_503_within_2_s_when_the_pool_is_exhausted_whatever_th
             ("DB_MAX_OVERFLOW", "0"),
             ("DB_POOL_TIMEOUT", "30"),
         ],
-        |_| {},
+        |_, _| {},
     )
     .await;
     let (lock, held, _) = hold_the_only_connection(&app).await;
@@ -205,7 +205,7 @@ async fn a_database_outage_fails_fast_and_the_app_recovers_without_restart_losin
             &server.url("inventory"),
             None,
             &[("DB_POOL_TIMEOUT", "30"), ("DB_CONNECT_TIMEOUT", "2")],
-            |_| {},
+            |_, _| {},
         )
         .await,
     );

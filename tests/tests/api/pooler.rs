@@ -22,7 +22,7 @@ async fn pooled_app_with_test_routes(overrides: &[(&str, &str)]) -> TestApp {
 
 #[tokio::test]
 async fn the_api_works_behind_pgbouncer_as_debian_ships_it() {
-    let app = spawn_pooled_app_with(&[], |_| {}).await;
+    let app = spawn_pooled_app_with(&[], |_, _| {}).await;
 
     let ready = app.get("/health/ready").await;
     assert_eq!(
@@ -73,7 +73,7 @@ async fn without_db_pooler_pgbouncer_refuses_the_connection_and_the_error_says_w
         &pgbouncer::shared().url(&database.name),
         &[("DB_AUTO_MIGRATE", "false")],
     );
-    let err = match app::db::connect(&settings.database).await {
+    let err = match sea_orm_actix_tx::db::connect(&settings.database).await {
         Ok(_) => panic!("PgBouncer 1.18 accepts no `options` startup parameter"),
         Err(e) => e.to_string(),
     };
@@ -130,7 +130,7 @@ async fn every_transaction_behind_pgbouncer_carries_the_configured_isolation_jit
 async fn behind_pgbouncer_the_statement_timeout_cancels_a_slow_statement_and_rolls_back() {
     let app = pooled_app_with_test_routes(&[("DB_STATEMENT_TIMEOUT_MS", "100")]).await;
     let res = app.send_json("/test/hold/400", json!({})).await;
-    assert_eq!(res.status(), 500, "pg_sleep(0.4) is cancelled at 100 ms");
+    crate::helpers::assert_statement_timeout(res, "pg_sleep(0.4) is cancelled at 100 ms").await;
     assert_eq!(app.scalar("SELECT count(*) FROM warehouse").await, 0);
     let quick = app.send_json("/test/hold/10", json!({})).await;
     assert_eq!(quick.status(), 200, "a statement under the timeout runs");
@@ -159,7 +159,7 @@ async fn behind_pgbouncer_real_serialization_failures_are_retried_to_an_exact_co
 #[tokio::test]
 async fn serverless_behind_pgbouncer_keeps_no_client_connection_between_requests() {
     let bouncer = pgbouncer::shared();
-    let app = spawn_pooled_app_with(&[("DB_POOL_MODE", "serverless")], |_| {}).await;
+    let app = spawn_pooled_app_with(&[("DB_POOL_MODE", "serverless")], |_, _| {}).await;
     let name = app.database_name();
     let warehouses = join_all(
         (0..6).map(|i| app.send_json("/warehouses", json!({"code": format!("W{i}"), "name": "w"}))),
@@ -173,7 +173,7 @@ async fn serverless_behind_pgbouncer_keeps_no_client_connection_between_requests
     .await;
 
     // The same app in queue mode keeps its pool's minimum open: the check above can fail.
-    let queued = spawn_pooled_app_with(&[("DB_POOL_SIZE", "2")], |_| {}).await;
+    let queued = spawn_pooled_app_with(&[("DB_POOL_SIZE", "2")], |_, _| {}).await;
     let queued_name = queued.database_name();
     queued
         .wait_until("a queue-mode pool keeps its minimum", || {
@@ -189,7 +189,9 @@ async fn serverless_behind_pgbouncer_keeps_no_client_connection_between_requests
 async fn four_instances_behind_one_pgbouncer_keep_the_invariant_under_400_concurrent_movements() {
     let database = TestDatabase::create().await;
     let direct = database.connect().await;
-    app::db::migrate(&direct).await.expect("migrations apply");
+    app::startup::migrate(&direct)
+        .await
+        .expect("migrations apply");
     let url = pgbouncer::shared().url(&database.name);
     let dir = std::env::temp_dir();
     let instances: Vec<Binary> = (0..4)

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use actix_web::{HttpResponse, web};
 use app::problem::ApiError;
-use app::{Transactional, Tx};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
+use sea_orm_actix_tx::{Layer, Tx};
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app};
@@ -313,19 +313,19 @@ async fn conflict_on_standby(tx: Tx) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().finish())
 }
 
-fn routes(cfg: &mut web::ServiceConfig) {
+fn routes(cfg: &mut web::ServiceConfig, layer: &Layer) {
     cfg.route(
         "/test/conflict-on-standby",
         web::get()
             .to(conflict_on_standby)
-            .wrap(Transactional::new()),
+            .wrap(layer.transactional()),
     )
     // Pinned: the test reads what it must see from the primary.
     .route(
         "/test/pinned",
         web::get()
             .to(conflict_on_standby)
-            .wrap(Transactional::new().primary()),
+            .wrap(layer.transactional().primary()),
     );
 }
 

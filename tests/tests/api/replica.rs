@@ -76,7 +76,7 @@ impl ReplicaPair {
         let replica_url = bouncers.replica.url(&database.name);
         let mut vars = vec![("DATABASE_REPLICA_URL", replica_url.as_str())];
         vars.extend_from_slice(overrides);
-        let app = spawn_pooled_app_over(database, &primary_url, &vars, |_| {}).await;
+        let app = spawn_pooled_app_over(database, &primary_url, &vars, |_, _| {}).await;
         pair.wait_for_replay(&app).await;
         app
     }
@@ -85,14 +85,14 @@ impl ReplicaPair {
     /// pointing at the replica and `overrides` of the test settings. Returns once the replica
     /// has replayed the migrations. `TestApp::db` is a connection to the primary.
     pub async fn spawn_app(&self, overrides: &[(&str, &str)]) -> TestApp {
-        self.spawn_app_with(overrides, |_| {}).await
+        self.spawn_app_with(overrides, |_, _| {}).await
     }
 
     /// [`spawn_app`](Self::spawn_app) with `extra_routes` mounted beside the API.
     pub async fn spawn_app_with(
         &self,
         overrides: &[(&str, &str)],
-        extra_routes: fn(&mut actix_web::web::ServiceConfig),
+        extra_routes: app::startup::ExtraRoutes,
     ) -> TestApp {
         let database = TestDatabase::create_at(
             crate::helpers::Server::Postgres,

@@ -277,7 +277,7 @@ async fn a_transfer_into_a_row_created_meanwhile_never_deadlocks_with_the_opposi
             ("DB_POOL_SIZE", "4"),
             ("DB_APPLICATION_NAME", "deadlock-test"),
         ],
-        |_| {},
+        |_, _| {},
     )
     .await;
     // NEW has the lower id: T2 locks it first, and T1's credit takes it last, out of order.

@@ -8,42 +8,53 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use app::domain::catalog::create_warehouse;
 use app::domain::values::{Name, WarehouseCode};
 use app::problem::ApiError;
-use app::{Transactional, Tx};
 use futures_util::future::join_all;
 use sea_orm::{ConnectionTrait, IsolationLevel, Statement};
+use sea_orm_actix_tx::{Layer, Tx};
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, problem, spawn_app_with};
 
 /// The test-only routes on the real middleware (also mounted behind PgBouncer by `pooler`).
-pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
-    let tx = Transactional::new();
+pub(crate) fn routes(cfg: &mut web::ServiceConfig, layer: &Layer) {
+    let tx = layer.transactional();
     cfg.route(
         "/test/write-then/{status}",
-        web::post().to(write_then).wrap(tx),
+        web::post().to(write_then).wrap(tx.clone()),
     )
-    .route("/test/panic", web::post().to(write_then_panic).wrap(tx))
-    .route("/test/swallow", web::post().to(swallow).wrap(tx))
-    .route("/test/deferred", web::post().to(deferred).wrap(tx))
-    .route("/test/settings", web::get().to(settings).wrap(tx))
-    .route("/test/settings", web::post().to(settings).wrap(tx))
+    .route(
+        "/test/panic",
+        web::post().to(write_then_panic).wrap(tx.clone()),
+    )
+    .route("/test/swallow", web::post().to(swallow).wrap(tx.clone()))
+    .route("/test/deferred", web::post().to(deferred).wrap(tx.clone()))
+    .route("/test/settings", web::get().to(settings).wrap(tx.clone()))
+    .route("/test/settings", web::post().to(settings).wrap(tx.clone()))
     .route(
         "/test/read-committed",
-        web::post()
-            .to(settings)
-            .wrap(Transactional::new().isolation(IsolationLevel::ReadCommitted)),
+        web::post().to(settings).wrap(
+            layer
+                .transactional()
+                .isolation(IsolationLevel::ReadCommitted),
+        ),
     )
-    .route("/test/get-write", web::get().to(get_write).wrap(tx))
-    .route("/test/noop", web::get().to(noop).wrap(tx))
-    .route("/test/hold/{ms}", web::post().to(hold).wrap(tx))
-    .route("/test/conflict", web::post().to(conflict).wrap(tx))
-    .route("/test/increment", web::post().to(increment).wrap(tx))
+    .route("/test/get-write", web::get().to(get_write).wrap(tx.clone()))
+    .route("/test/noop", web::get().to(noop).wrap(tx.clone()))
+    .route("/test/hold/{ms}", web::post().to(hold).wrap(tx.clone()))
+    .route("/test/conflict", web::post().to(conflict).wrap(tx.clone()))
+    .route(
+        "/test/increment",
+        web::post().to(increment).wrap(tx.clone()),
+    )
     .route(
         "/test/write-then-wait",
-        web::post().to(write_then_wait).wrap(tx),
+        web::post().to(write_then_wait).wrap(tx.clone()),
     )
-    .route("/test/leak", web::post().to(leak).wrap(tx))
-    .route("/test/hooked/{status}", web::post().to(hooked).wrap(tx));
+    .route("/test/leak", web::post().to(leak).wrap(tx.clone()))
+    .route(
+        "/test/hooked/{status}",
+        web::post().to(hooked).wrap(tx.clone()),
+    );
 }
 
 static LEAK_GO: tokio::sync::Notify = tokio::sync::Notify::const_new();
@@ -94,7 +105,8 @@ async fn hooked(
             .or_insert(0) += 1;
     });
     let created = conflict(tx, req).await?;
-    let status = actix_web::http::StatusCode::from_u16(*status).map_err(|_| ApiError::Internal)?;
+    let status = actix_web::http::StatusCode::from_u16(*status)
+        .map_err(|_| ApiError::Layer(sea_orm_actix_tx::Error::Internal))?;
     Ok(if status.is_success() {
         created
     } else {
@@ -111,7 +123,8 @@ pub(crate) async fn insert(tx: &Tx, code: &str) -> Result<(), ApiError> {
 
 pub(crate) async fn write_then(tx: Tx, status: web::Path<u16>) -> Result<HttpResponse, ApiError> {
     insert(&tx, "WRITTEN").await?;
-    let status = actix_web::http::StatusCode::from_u16(*status).map_err(|_| ApiError::Internal)?;
+    let status = actix_web::http::StatusCode::from_u16(*status)
+        .map_err(|_| ApiError::Layer(sea_orm_actix_tx::Error::Internal))?;
     Ok(HttpResponse::build(status).json(json!({"written": true})))
 }
 
@@ -141,9 +154,9 @@ async fn show(tx: &Tx, name: &str) -> Result<String, ApiError> {
             format!("SHOW {name}"),
         ))
         .await?
-        .ok_or(ApiError::Internal)?;
+        .ok_or(ApiError::Layer(sea_orm_actix_tx::Error::Internal))?;
     row.try_get_by_index::<String>(0)
-        .map_err(|_| ApiError::Internal)
+        .map_err(|_| ApiError::Layer(sea_orm_actix_tx::Error::Internal))
 }
 
 async fn settings(tx: Tx) -> Result<HttpResponse, ApiError> {
@@ -455,7 +468,7 @@ async fn a_request_that_never_asks_for_the_transaction_takes_no_connection() {
     });
     let pool = app.pool.clone();
     app.wait_until("the only connection is in use", || {
-        let stats = app::db::pool_stats(&pool, 1, 1);
+        let stats = sea_orm_actix_tx::db::pool_stats(&pool, 1, 1);
         async move { stats.size == 1 && stats.in_use == 1 }
     })
     .await;
@@ -551,12 +564,12 @@ async fn a_client_that_disconnects_before_the_commit_gets_a_rollback() {
 
 #[tokio::test]
 async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
-    use app::transaction::TxError;
+    use sea_orm_actix_tx::transaction::TxError;
     use std::sync::atomic::{AtomicU32, Ordering};
     let app = app_with(&[]).await;
-    let config = app::TxConfig {
+    let config = sea_orm_actix_tx::TxConfig {
         isolation: IsolationLevel::RepeatableRead,
-        session: app::transaction::Session::Direct {
+        session: sea_orm_actix_tx::transaction::Session::Direct {
             connection_default: Some(IsolationLevel::RepeatableRead),
         },
         max_retries: 3,
@@ -567,9 +580,12 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
         idempotency_ttl: std::time::Duration::from_secs(3600),
         leak_warning: None,
         replica: None,
-        round_trips: app::transaction::Bounds::new(None, std::time::Duration::from_secs(1)),
+        round_trips: sea_orm_actix_tx::transaction::Bounds::new(
+            None,
+            std::time::Duration::from_secs(1),
+        ),
     };
-    let policy = app::TxPolicy::default();
+    let policy = sea_orm_actix_tx::TxPolicy::default();
     let count = |code: &'static str| {
         let app = &app;
         async move {
@@ -581,7 +597,7 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
     };
 
     let ok: Result<u8, TxError<ApiError>> =
-        app::with_transaction(&app.pool, &config, policy, |tx| {
+        sea_orm_actix_tx::with_transaction(&app.pool, &config, policy, |tx| {
             Box::pin(async move {
                 insert(tx, "JOB-OK").await?;
                 Ok(7)
@@ -592,18 +608,23 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
     assert_eq!(count("JOB-OK").await, 1);
 
     let failed: Result<u8, TxError<ApiError>> =
-        app::with_transaction(&app.pool, &config, policy, |tx| {
+        sea_orm_actix_tx::with_transaction(&app.pool, &config, policy, |tx| {
             Box::pin(async move {
                 insert(tx, "JOB-ERR").await?;
-                Err(ApiError::Internal)
+                Err(ApiError::Layer(sea_orm_actix_tx::Error::Internal))
             })
         })
         .await;
-    assert!(matches!(failed, Err(TxError::Job(ApiError::Internal))));
+    assert!(matches!(
+        failed,
+        Err(TxError::Job(ApiError::Layer(
+            sea_orm_actix_tx::Error::Internal
+        )))
+    ));
     assert_eq!(count("JOB-ERR").await, 0);
 
     let swallowed: Result<u8, TxError<ApiError>> =
-        app::with_transaction(&app.pool, &config, policy, |tx| {
+        sea_orm_actix_tx::with_transaction(&app.pool, &config, policy, |tx| {
             Box::pin(async move {
                 insert(tx, "JOB-SWALLOW").await?;
                 let _ = insert(tx, "JOB-SWALLOW").await;
@@ -616,7 +637,7 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
 
     let attempts = AtomicU32::new(0);
     let retried: Result<u32, TxError<ApiError>> =
-        app::with_transaction(&app.pool, &config, policy, |tx| {
+        sea_orm_actix_tx::with_transaction(&app.pool, &config, policy, |tx| {
             let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
             Box::pin(async move {
                 insert(tx, "JOB-RETRY").await?;
@@ -634,7 +655,7 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
     assert_eq!(count("JOB-RETRY").await, 1, "only the last attempt's write");
 
     let exhausted: Result<u32, TxError<ApiError>> =
-        app::with_transaction(&app.pool, &config, policy, |tx| {
+        sea_orm_actix_tx::with_transaction(&app.pool, &config, policy, |tx| {
             Box::pin(async move {
                 insert(tx, "JOB-NEVER").await?;
                 tx.execute_unprepared(

@@ -53,9 +53,9 @@ use super::round_trip::{self, Bounds, TxConn};
 use super::routing::ReadRoute;
 use super::session::BeginSql;
 use super::{TxConfig, TxOutcome, TxPolicy};
+use crate::Error;
 use crate::availability::Availability;
 use crate::metrics::Metrics;
-use crate::problem::ApiError;
 
 /// How this attempt's transaction is begun.
 enum Begin {
@@ -583,15 +583,15 @@ fn acquire_err(e: sqlx::Error) -> DbErr {
 pub struct Tx(pub(super) Arc<Slot>);
 
 impl FromRequest for Tx {
-    type Error = ApiError;
-    type Future = Ready<Result<Tx, ApiError>>;
+    type Error = Error;
+    type Future = Ready<Result<Tx, Error>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         ready(match req.extensions().get::<Arc<Slot>>() {
             Some(slot) => Ok(Tx(Arc::clone(slot))),
             None => {
                 tracing::error!("a handler asked for Tx on a route without Transactional");
-                Err(ApiError::Internal)
+                Err(Error::Internal)
             }
         })
     }

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use config::DatabaseSettings;
 
 use crate::availability::Availability;
-use migration::{Migrator, MigratorTrait};
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
 
 /// Start-up failures of the database layer.
 #[derive(Debug, thiserror::Error)]
@@ -19,8 +18,6 @@ pub enum DbSetupError {
         attempts: u32,
         reason: String,
     },
-    #[error("migration failed: {0}")]
-    Migrate(DbErr),
     #[error("{found} is older than the oldest version supported, {needed} (docs/requirements.md)")]
     UnsupportedVersion { found: String, needed: &'static str },
     #[error("cannot read the server's version: {0}")]
@@ -192,13 +189,9 @@ impl std::fmt::Display for ServerVersion {
     }
 }
 
-/// Applies every pending migration.
-pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbSetupError> {
-    Migrator::up(db, None).await.map_err(DbSetupError::Migrate)
-}
-
 /// What `/health/ready` and `/metrics` report about the pool.
-#[derive(Clone, Copy, Debug, serde::Serialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PoolStats {
     /// Connections open now.
     pub size: u32,

@@ -1,5 +1,5 @@
 //! `Idempotency-Key` on `POST` (`docs/scale-out.md`, the IETF httpapi idempotency-key draft): the
-//! mechanics behind the rule in the parent module. Nothing here knows the inventory: any `POST`
+//! mechanics behind the rule in the parent module. Nothing here knows the service's domain: any `POST`
 //! route wrapped in [`Transactional`](super::Transactional) gets it.
 //!
 //! * The key (1..=255 visible ASCII characters, else 422 `validation_failed` naming the header)
@@ -36,8 +36,8 @@ use chrono::Utc;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, Value};
 use sha2::{Digest, Sha256};
 
+use crate::Error;
 use crate::headers::{IDEMPOTENT_REPLAYED, IdempotencyKey};
-use crate::problem::ApiError;
 
 use super::Tx;
 
@@ -87,7 +87,7 @@ impl Idempotency {
         path_and_query: &str,
         headers: &HeaderMap,
         body: &[u8],
-    ) -> Result<Option<Idempotency>, ApiError> {
+    ) -> Result<Option<Idempotency>, Error> {
         if method != Method::POST {
             return Ok(None);
         }
@@ -97,7 +97,7 @@ impl Idempotency {
         };
         let bytes = value.as_bytes();
         if values.next().is_some() || !IdempotencyKey::accepts(bytes) {
-            return Err(ApiError::Validation(format!(
+            return Err(Error::MalformedIdempotencyKey(format!(
                 "{}: must be one header of {} to {} visible ASCII characters",
                 IdempotencyKey::NAME,
                 IdempotencyKey::MIN_LEN,
@@ -365,7 +365,7 @@ mod tests {
             let read = Idempotency::read(&Method::POST, "/receipts", &headers(values), b"{}");
             match (read, ok) {
                 (Ok(Some(_)), true) => {}
-                (Err(ApiError::Validation(text)), false) => {
+                (Err(Error::MalformedIdempotencyKey(text)), false) => {
                     assert!(text.starts_with("Idempotency-Key"), "{text}");
                 }
                 (other, _) => panic!("{values:?}: {other:?}"),

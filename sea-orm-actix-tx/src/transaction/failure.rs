@@ -6,8 +6,6 @@ use sea_orm::sqlx;
 use sea_orm::sqlx::mysql::MySqlDatabaseError;
 use sea_orm::{ConnAcquireErr, DbErr, RuntimeErr};
 
-use crate::problem::ApiError;
-
 /// What went wrong in the database, decided once from a `DbErr`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FailureKind {
@@ -142,7 +140,7 @@ fn classify_mysql(err: &MySqlDatabaseError) -> FailureKind {
     match err.number() {
         1213 => FailureKind::Deadlock,
         1205 => FailureKind::LockWaitTimeout,
-        // Duplicate entry 'x' for key 'warehouse_code_key'
+        // Duplicate entry 'x' for key 'account_email_key'
         1062 | 1586 => FailureKind::UniqueViolation(quoted_after(message, "for key '", '\'')),
         // ... a foreign key constraint fails (`db`.`t`, CONSTRAINT `name` FOREIGN KEY ...)
         1216 | 1217 | 1451 | 1452 => {
@@ -172,44 +170,6 @@ fn quoted_after(message: &str, prefix: &str, end: char) -> Option<String> {
     rest.find(end).map(|stop| rest[..stop].to_owned())
 }
 
-impl From<DbFailure> for ApiError {
-    fn from(f: DbFailure) -> ApiError {
-        match f.kind {
-            FailureKind::SerializationFailure
-            | FailureKind::Deadlock
-            | FailureKind::LockWaitTimeout => ApiError::SerializationFailure,
-            FailureKind::UniqueViolation(_) => {
-                ApiError::AlreadyExists("a record with the same unique key exists".into())
-            }
-            FailureKind::CheckViolation(Some(c)) if c.contains("quantity") => {
-                ApiError::InsufficientStock("the stock would become negative".into())
-            }
-            FailureKind::ForeignKeyViolation(_) => {
-                ApiError::NotFound("a referenced record does not exist".into())
-            }
-            FailureKind::PoolTimeout => ApiError::PoolTimeout,
-            FailureKind::Unavailable => ApiError::DatabaseUnavailable,
-            FailureKind::CommitOutcomeUnknown => {
-                tracing::error!(error = %f.message, "the outcome of a COMMIT is unknown");
-                ApiError::CommitOutcomeUnknown
-            }
-            FailureKind::OutOfRange => {
-                ApiError::Validation("quantity: the result would exceed the supported range".into())
-            }
-            FailureKind::StatementTimeout | FailureKind::CheckViolation(_) | FailureKind::Other => {
-                tracing::error!(error = %f.message, "database error");
-                ApiError::Internal
-            }
-        }
-    }
-}
-
-impl From<DbErr> for ApiError {
-    fn from(err: DbErr) -> ApiError {
-        ApiError::from(DbFailure::classify(&err))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,23 +178,23 @@ mod tests {
     fn constraint_names_are_read_from_mariadb_messages() {
         let cases = [
             (
-                "Duplicate entry 'A' for key 'warehouse_code_key'",
+                "Duplicate entry 'a@example.org' for key 'account_email_key'",
                 "for key '",
                 '\'',
-                Some("warehouse_code_key"),
+                Some("account_email_key"),
             ),
             (
-                "Cannot add or update a child row: a foreign key constraint fails (`db`.`stock_level`, \
-                 CONSTRAINT `stock_level_product_fkey` FOREIGN KEY (`product_id`) REFERENCES `product` (`id`))",
+                "Cannot add or update a child row: a foreign key constraint fails (`db`.`payment`, \
+                 CONSTRAINT `payment_account_fkey` FOREIGN KEY (`account_id`) REFERENCES `account` (`id`))",
                 "CONSTRAINT `",
                 '`',
-                Some("stock_level_product_fkey"),
+                Some("payment_account_fkey"),
             ),
             (
-                "CONSTRAINT `stock_level_quantity_nonnegative` failed for `db`.`stock_level`",
+                "CONSTRAINT `account_balance_nonnegative` failed for `db`.`account`",
                 "CONSTRAINT `",
                 '`',
-                Some("stock_level_quantity_nonnegative"),
+                Some("account_balance_nonnegative"),
             ),
             ("Duplicate entry", "for key '", '\'', None),
             ("for key 'unterminated", "for key '", '\'', None),

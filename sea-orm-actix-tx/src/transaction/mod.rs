@@ -108,7 +108,7 @@ use std::time::Duration;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
 use actix_web::http::Method;
-use actix_web::{HttpMessage, HttpResponse, ResponseError, web};
+use actix_web::{HttpMessage, HttpResponse, ResponseError};
 use futures_util::FutureExt;
 use sea_orm::{AccessMode, DatabaseConnection, IsolationLevel};
 
@@ -123,12 +123,13 @@ use routing::ReadRoute;
 pub use routing::{Lsn, Replica, ReplicaState};
 pub use session::Session;
 
+use crate::Error;
 use crate::availability::Availability;
-use crate::json::read_body;
+use crate::body::read_body;
 use crate::metrics::Metrics;
-use crate::problem::ApiError;
 
-/// How the transaction of every request is run; shared as `web::Data<TxConfig>`.
+/// How the transaction of every request is run: the settings' rules, and the parts the
+/// [`Layer`](crate::Layer) adds (availability, admission, the replica).
 #[derive(Clone, Debug)]
 pub struct TxConfig {
     /// Isolation level of a transaction that declares none (`DB_ISOLATION_LEVEL`).
@@ -217,7 +218,7 @@ impl Admission {
     }
 
     /// Waits for a turn, up to the wait given to [`Admission::new`].
-    pub async fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    pub async fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
         self.enter_until(tokio::time::Instant::now() + self.wait)
             .await
     }
@@ -227,10 +228,10 @@ impl Admission {
     pub async fn enter_until(
         &self,
         deadline: tokio::time::Instant,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
         match tokio::time::timeout_at(deadline, Arc::clone(&self.permits).acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) | Err(_) => Err(ApiError::PoolTimeout),
+            Ok(Err(_)) | Err(_) => Err(Error::PoolTimeout),
         }
     }
 
@@ -304,7 +305,7 @@ async fn buffer(res: HttpResponse) -> (HttpResponse, Option<Stored>) {
             let stored = Stored::of(status, &headers, &bytes);
             (res.set_body(BoxBody::new(bytes)), stored)
         }
-        Err(_) => (ApiError::Internal.error_response(), None),
+        Err(_) => (Error::Internal.error_response(), None),
     }
 }
 
@@ -376,17 +377,52 @@ where
 // The middleware
 // ---------------------------------------------------------------------------------------------
 
-/// Runs the wrapped route in a transaction (see the module documentation). Wrap routes, not the
-/// app: the retry loop re-dispatches the request to the route's handler, which is safe only once
-/// routing is done. Needs `web::Data<DatabaseConnection>` and `web::Data<TxConfig>`.
-#[derive(Clone, Copy, Debug, Default)]
+/// Maps a database failure the layer does not answer itself (a constraint violation, a value
+/// out of range) to the service's own response; `None` leaves it to the layer (500 `internal`).
+pub type FailureMap = Arc<dyn Fn(&DbFailure) -> Option<HttpResponse> + Send + Sync>;
+
+/// What every transactional route of one [`Layer`](crate::Layer) shares.
+pub(crate) struct Shared {
+    pub(crate) db: DatabaseConnection,
+    pub(crate) config: TxConfig,
+    pub(crate) metrics: Metrics,
+    pub(crate) on_failure: Option<FailureMap>,
+}
+
+impl Shared {
+    /// The response for a failure that ends the request: the service's mapping first.
+    fn answer(&self, failure: DbFailure) -> HttpResponse {
+        if let Some(response) = self.on_failure.as_ref().and_then(|map| map(&failure)) {
+            return response;
+        }
+        Error::from(failure).error_response()
+    }
+}
+
+/// Runs the wrapped route in a transaction (see the module documentation). Made by
+/// [`Layer::transactional`](crate::Layer::transactional), so it always has the pools and rules
+/// it needs. Wrap routes, not the app: the retry loop re-dispatches the request to the route's
+/// handler, which is safe only once routing is done.
+#[derive(Clone)]
 pub struct Transactional {
     policy: TxPolicy,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Transactional {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transactional")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Transactional {
-    pub fn new() -> Self {
-        Self::default()
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Transactional {
+            policy: TxPolicy::default(),
+            shared,
+        }
     }
 
     /// Run this route at `level` instead of `DB_ISOLATION_LEVEL`.
@@ -424,13 +460,16 @@ where
         ready(Ok(TransactionalService {
             service: Rc::new(service),
             policy: self.policy,
+            shared: Arc::clone(&self.shared),
         }))
     }
 }
 
+/// The service [`Transactional`] wraps around a route.
 pub struct TransactionalService<S> {
     service: Rc<S>,
     policy: TxPolicy,
+    shared: Arc<Shared>,
 }
 
 impl<S, B> Service<ServiceRequest> for TransactionalService<S>
@@ -447,22 +486,11 @@ where
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let service = Rc::clone(&self.service);
         let policy = self.policy;
+        let shared = Arc::clone(&self.shared);
         Box::pin(async move {
-            let (db, config) = match (
-                req.app_data::<web::Data<DatabaseConnection>>(),
-                req.app_data::<web::Data<TxConfig>>(),
-            ) {
-                (Some(db), Some(config)) => (db.clone(), config.clone()),
-                _ => {
-                    tracing::error!(
-                        "Transactional needs Data<DatabaseConnection> and Data<TxConfig>"
-                    );
-                    return Ok(req.error_response(ApiError::Internal));
-                }
-            };
-            let metrics = req
-                .app_data::<web::Data<Metrics>>()
-                .map(|m| m.get_ref().clone());
+            let shared = Arc::clone(&shared);
+            let (db, config) = (&shared.db, &shared.config);
+            let metrics = Some(shared.metrics.clone());
             let (http, mut payload) = req.into_parts();
             let body = match read_body(&mut payload, config.body_limit).await {
                 Ok(body) => body,
@@ -500,8 +528,8 @@ where
             let mut retries = 0;
             loop {
                 let mut slot = Slot::new(
-                    (**db).clone(),
-                    &config,
+                    db.clone(),
+                    config,
                     policy,
                     read_only_default,
                     metrics.clone(),
@@ -530,7 +558,7 @@ where
                             Ok(Err(e)) => Err(e.error_response()),
                             Err(_) => {
                                 tracing::error!("handler panicked; rolling back");
-                                Err(ApiError::Internal.error_response())
+                                Err(Error::Internal.error_response())
                             }
                         }
                     }
@@ -547,19 +575,19 @@ where
                                 }
                                 stored.replay()
                             }
-                            Claim::InUse => ApiError::IdempotencyKeyInUse.error_response(),
+                            Claim::InUse => Error::IdempotencyKeyInUse.error_response(),
                             Claim::Reused | Claim::Proceed => {
-                                ApiError::IdempotencyKeyReused.error_response()
+                                Error::IdempotencyKeyReused.error_response()
                             }
                         };
                         // The replayed writes committed at or before the primary's position
                         // now: the client reads them back like a first answer's.
                         let reply = ServiceResponse::new(http.clone(), answer);
                         let report = TxReport { outcome, retries };
-                        return Ok(finish_reply(reply, replay, &config, &db, report).await);
+                        return Ok(finish_reply(reply, replay, config, db, report).await);
                     }
                     // The failure is recorded in the slot: retried or answered below.
-                    Some(Err(e)) => Err(ApiError::from(e).error_response()),
+                    Some(Err(e)) => Err(shared.answer(DbFailure::classify(&e))),
                 };
                 let mut success = matches!(&response, Ok(res) if res.status().as_u16() < 400);
                 // Every handle the handler was given is dropped by now, unless it kept one
@@ -645,14 +673,13 @@ where
                     // Nothing was committed: whatever the handler answered, the client learns
                     // the truth. A handler that already answered an error keeps its answer.
                     Some(f) if success || f.is_retryable() => {
-                        let err = ApiError::from(f);
-                        ServiceResponse::new(http.clone(), err.error_response())
+                        ServiceResponse::new(http.clone(), shared.answer(f))
                     }
                     _ if leaked => {
-                        ServiceResponse::new(http.clone(), ApiError::Internal.error_response())
+                        ServiceResponse::new(http.clone(), Error::Internal.error_response())
                     }
                     _ if client_gone => {
-                        let err = ApiError::ClientClosedRequest;
+                        let err = Error::ClientClosedRequest;
                         ServiceResponse::new(http.clone(), err.error_response())
                     }
                     _ => {
@@ -664,12 +691,12 @@ where
                             (Some(_), Some(_))
                                 if outcome == TxOutcome::Commit && idempotency::clean_now() =>
                             {
-                                idempotency::spawn_clean((**db).clone(), (**config).clone());
+                                idempotency::spawn_clean(db.clone(), config.clone());
                             }
                             // A 4xx wrote nothing: its key is stored in a transaction of its
                             // own, unless a duplicate stored one first.
                             (Some(idempotency), Some(stored)) if stored.status >= 400 => {
-                                let kept = with_transaction(&db, &config, policy, |tx| {
+                                let kept = with_transaction(db, config, policy, |tx| {
                                     let (idempotency, stored) =
                                         (idempotency.clone(), stored.clone());
                                     let ttl = config.idempotency_ttl;
@@ -689,7 +716,7 @@ where
                 };
                 let committed_write = outcome == TxOutcome::Commit && writes;
                 let report = TxReport { outcome, retries };
-                return Ok(finish_reply(reply, committed_write, &config, &db, report).await);
+                return Ok(finish_reply(reply, committed_write, config, db, report).await);
             }
         })
     }

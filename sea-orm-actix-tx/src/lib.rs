@@ -1,0 +1,208 @@
+//! The database layer of an actix-web + SeaORM service: one transaction per request, committed
+//! exactly when it should be and re-run on serialization failures; a `COMMIT` whose reply was
+//! lost resolved, never guessed; `Idempotency-Key`; reads on a streaming replica with
+//! read-your-writes; a transaction-mode pooler; bounded round trips; fast 503s while the
+//! database is down; Prometheus metrics. Its settings are the `DB_*` environment variables of
+//! the settings crate ([`settings`]).
+//!
+//! One [`Layer`] is built at start-up from the pool (and optionally a replica and the caller's
+//! metrics registry); its [`Layer::transactional`] middleware wraps the routes whose handlers take
+//! a [`Tx`]:
+//!
+//! ```ignore
+//! let layer = Layer::builder(db, &settings.database).metrics(&mut registry).build()?;
+//! let tx = layer.transactional();
+//! App::new().route("/todos", web::post().to(create).wrap(tx.clone()))
+//! ```
+//!
+//! The rules, module by module, are described in [`transaction`].
+
+pub mod availability;
+mod body;
+pub mod db;
+mod error;
+pub mod headers;
+pub mod metrics;
+pub mod migrations;
+pub mod transaction;
+
+use std::sync::Arc;
+
+use actix_web::HttpResponse;
+use prometheus_client::registry::Registry;
+use sea_orm::{DatabaseConnection, DbBackend};
+
+pub use body::read_body;
+pub use config as settings;
+pub use error::{Error, PROBLEM_JSON, Problem, RETRY_AFTER_SECONDS, problem_response};
+pub use transaction::{
+    Admission, DbFailure, FailureKind, FailureMap, Transactional, Tx, TxConfig, TxError, TxOutcome,
+    TxPolicy, TxReport, on_connect, with_transaction,
+};
+
+use availability::Availability;
+use metrics::Metrics;
+use transaction::{Replica, Shared};
+
+/// The layer of one service: its pools, its rules and its metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct Layer {
+    shared: Arc<Shared>,
+    availability: Availability,
+}
+
+/// Why [`LayerBuilder::build`] refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A replica was given for a backend that has none (only PostgreSQL streaming replicas are
+    /// read from).
+    #[error("a read replica is supported on PostgreSQL only, not on {0:?}")]
+    ReplicaBackend(DbBackend),
+}
+
+/// Collects what a [`Layer`] needs; see [`Layer::builder`].
+pub struct LayerBuilder<'r> {
+    db: DatabaseConnection,
+    settings: config::DatabaseSettings,
+    body_limit: usize,
+    replica: Option<DatabaseConnection>,
+    registry: Option<&'r mut Registry>,
+    on_failure: Option<FailureMap>,
+}
+
+/// The body limit when none is given (`APP_BODY_LIMIT`'s default).
+pub const DEFAULT_BODY_LIMIT: usize = 65_536;
+
+impl Layer {
+    /// Starts a layer over `db` (the primary's pool, as [`db::connect`] makes it) with the rules
+    /// of `settings` (isolation, retries, pooler, timeouts, idempotency TTL, …).
+    pub fn builder(
+        db: DatabaseConnection,
+        settings: &config::DatabaseSettings,
+    ) -> LayerBuilder<'static> {
+        LayerBuilder {
+            db,
+            settings: settings.clone(),
+            body_limit: DEFAULT_BODY_LIMIT,
+            replica: None,
+            registry: None,
+            on_failure: None,
+        }
+    }
+
+    /// The middleware to wrap around each route whose handler takes a [`Tx`]. Its builder
+    /// methods declare a route's own isolation level, `READ WRITE` for a `GET`, or no replica.
+    pub fn transactional(&self) -> Transactional {
+        Transactional::new(Arc::clone(&self.shared))
+    }
+
+    /// The primary's pool.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.shared.db
+    }
+
+    /// The transaction rules in force.
+    pub fn config(&self) -> &TxConfig {
+        &self.shared.config
+    }
+
+    /// The layer's metrics (already registered).
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Whether the primary is answering, as the layer's probe last saw it.
+    pub fn availability(&self) -> &Availability {
+        &self.availability
+    }
+
+    /// The read replica, when one was given.
+    pub fn replica(&self) -> Option<&Replica> {
+        self.shared.config.replica.as_ref()
+    }
+}
+
+impl<'r> LayerBuilder<'r> {
+    /// Reads `GET`/`HEAD` transactions from this streaming replica's pool (PostgreSQL only;
+    /// `None` is no replica). Call [`build`](Self::build) inside the Tokio runtime that should
+    /// run the replica's background check.
+    pub fn replica(mut self, replica: Option<DatabaseConnection>) -> Self {
+        self.replica = replica;
+        self
+    }
+
+    /// The largest request body buffered for re-runs (`APP_BODY_LIMIT`); 413 above it.
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// Registers the layer's metrics ([`Metrics`] lists them) in the caller's `registry`.
+    /// Without it they are kept in a registry of their own that nobody renders.
+    pub fn metrics<'a>(self, registry: &'a mut Registry) -> LayerBuilder<'a> {
+        LayerBuilder {
+            db: self.db,
+            settings: self.settings,
+            body_limit: self.body_limit,
+            replica: self.replica,
+            registry: Some(registry),
+            on_failure: self.on_failure,
+        }
+    }
+
+    /// The service's answer to a database failure the layer does not answer itself: a
+    /// constraint violation (unique, foreign key, check, by the constraint's name in
+    /// [`FailureKind`]) or a value out of range. Used when such a failure ends a request after
+    /// the handler swallowed it; `None` (or no mapping) answers 500 `internal`.
+    pub fn on_failure(
+        mut self,
+        map: impl Fn(&DbFailure) -> Option<HttpResponse> + Send + Sync + 'static,
+    ) -> Self {
+        self.on_failure = Some(Arc::new(map));
+        self
+    }
+
+    /// The layer, with its availability probe, admission bound and replica check started.
+    ///
+    /// # Errors
+    /// [`BuildError`] when the pieces do not fit together.
+    pub fn build(self) -> Result<Layer, BuildError> {
+        let settings = &self.settings;
+        if let Some(replica) = &self.replica
+            && replica.get_database_backend() != DbBackend::Postgres
+        {
+            return Err(BuildError::ReplicaBackend(replica.get_database_backend()));
+        }
+        let availability = Availability::new(&self.db, settings.connect_timeout);
+        let config = TxConfig {
+            availability: Some(availability.clone()),
+            admission: Some(Admission::new(
+                2 * settings.max_connections() as usize,
+                settings.pool_timeout,
+            )),
+            replica: self.replica.map(|replica| {
+                Replica::new(replica, settings.connect_timeout, settings.replica_max_wait)
+            }),
+            ..TxConfig::new(settings, self.body_limit)
+        };
+        let mut own = Registry::default();
+        let registry = match self.registry {
+            Some(registry) => registry,
+            None => &mut own,
+        };
+        let metrics = Metrics::register(
+            registry,
+            settings.min_connections(),
+            settings.max_connections(),
+        );
+        Ok(Layer {
+            shared: Arc::new(Shared {
+                db: self.db,
+                config,
+                metrics,
+                on_failure: self.on_failure,
+            }),
+            availability,
+        })
+    }
+}
