@@ -89,6 +89,7 @@
 //! away mid-read) is re-run on the primary. A route that must see the primary's newest state
 //! declares [`Transactional::primary`] with its reason.
 
+mod decision;
 mod failure;
 mod idempotency;
 mod lazy;
@@ -589,7 +590,7 @@ where
                     // The failure is recorded in the slot: retried or answered below.
                     Some(Err(e)) => Err(shared.answer(DbFailure::classify(&e))),
                 };
-                let mut success = matches!(&response, Ok(res) if res.status().as_u16() < 400);
+                let status_ok = matches!(&response, Ok(res) if res.status().as_u16() < 400);
                 // Every handle the handler was given is dropped by now, unless it kept one
                 // (cloned into a spawned task): whatever that task writes would run after the
                 // answer, or fail unseen. Roll back and answer 500.
@@ -602,13 +603,12 @@ where
                     if let Some(m) = &metrics {
                         m.count_leak();
                     }
-                    success = false;
                 }
-                let client_gone = success && peer::client_gone(&http);
+                let client_gone = status_ok && !leaked && peer::client_gone(&http);
                 if client_gone {
                     tracing::warn!("the client went away before the commit; rolling back");
-                    success = false;
                 }
+                let success = decision::may_commit(status_ok, leaked, client_gone);
                 // The response of a request with a key is kept: stored with the writes before
                 // COMMIT when below 400 (so the key is stored if and only if they commit), or
                 // after the rollback when 4xx. A live row found by the store is a duplicate
@@ -650,18 +650,24 @@ where
                     slot.run_on_commit_hooks();
                 }
 
-                let replica_failed = slot.on_replica() && failure.is_some();
-                if let (true, Some(read)) = (replica_failed, &mut read) {
-                    // The re-run reads from the primary: the replica cancelled or lost it.
+                if slot.on_replica()
+                    && failure.is_some()
+                    && let Some(read) = &mut read
+                {
+                    // A re-run reads from the primary: the replica cancelled or lost it.
                     read.replica = None;
                 }
-                let reply = match failure {
-                    Some(f)
-                        if (f.is_retryable()
-                            || replica_failed && f.kind == FailureKind::Unavailable)
-                            && retries < config.max_retries
-                            && !client_gone =>
-                    {
+                let next = decision::next(&decision::Ended {
+                    meant_to_commit: success,
+                    failure: failure.as_ref(),
+                    leaked,
+                    client_gone,
+                    on_replica: slot.on_replica(),
+                    retries,
+                    max_retries: config.max_retries,
+                });
+                let reply = match (next, failure) {
+                    (decision::Next::Rerun { .. }, _) => {
                         drop(response);
                         tokio::time::sleep(backoff(retries)).await;
                         retries += 1;
@@ -670,19 +676,17 @@ where
                         }
                         continue;
                     }
-                    // Nothing was committed: whatever the handler answered, the client learns
-                    // the truth. A handler that already answered an error keeps its answer.
-                    Some(f) if success || f.is_retryable() => {
+                    (decision::Next::Fail, Some(f)) => {
                         ServiceResponse::new(http.clone(), shared.answer(f))
                     }
-                    _ if leaked => {
+                    (decision::Next::Internal | decision::Next::Fail, _) => {
                         ServiceResponse::new(http.clone(), Error::Internal.error_response())
                     }
-                    _ if client_gone => {
+                    (decision::Next::ClientClosed, _) => {
                         let err = Error::ClientClosedRequest;
                         ServiceResponse::new(http.clone(), err.error_response())
                     }
-                    _ => {
+                    (decision::Next::Answer, _) => {
                         let reply = match response {
                             Ok(res) => res,
                             Err(res) => ServiceResponse::new(http.clone(), res),

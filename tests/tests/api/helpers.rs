@@ -215,7 +215,7 @@ pub fn test_settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
     );
-    Settings::from_vars(vars).expect("test settings are valid")
+    Settings::from_vars_with(vars, &app::DEFAULTS).expect("test settings are valid")
 }
 
 pub async fn spawn_app() -> TestApp {
