@@ -15,6 +15,13 @@
 //!   every transaction that takes two stock rows takes them in the same order, so none waits on
 //!   another in a cycle. Locking only the rows that happened to exist was not enough: a
 //!   destination row created meanwhile by a receipt was then taken out of order by the credit;
+//! * on MariaDB a transfer first reads the source's stock without locking it, and answers 404 or
+//!   409 at once when the newest committed stock cannot cover it, before it creates anything.
+//!   A row that a transaction inserted and then rolled back is what makes InnoDB deadlock: every
+//!   transaction waiting on that row in its `ON DUPLICATE KEY UPDATE` is left with a gap lock
+//!   (even under READ COMMITTED), and each one's insert then waits on the other's gap lock
+//!   (`docs/transactions.md`, *Transfers on MariaDB*). PostgreSQL has no gap locks and skips the
+//!   read;
 //! * a transfer debits the source before it credits (and so checks) the destination: a transfer
 //!   to a missing warehouse fails after the debit, and the rollback undoes it.
 
@@ -135,6 +142,25 @@ async fn lock_stock_rows(
     Ok(())
 }
 
+/// Whether the newest committed stock of `product` in `warehouse` is at least `quantity`: a
+/// plain read, which takes no lock and waits for none (the transfer runs at READ COMMITTED). A
+/// "no" is a valid answer for the transfer: at that moment the source could not cover it. A
+/// "yes" is checked again by the debit, under the row's lock.
+async fn source_may_cover(
+    db: &impl ConnectionTrait,
+    warehouse: Id,
+    product: Id,
+    quantity: Quantity,
+) -> Result<bool, DbErr> {
+    let stored: Option<i64> = stock_level::Entity::find_by_id((warehouse.get(), product.get()))
+        .select_only()
+        .column(stock_level::Column::Quantity)
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(stored.is_some_and(|q| q >= quantity.get()))
+}
+
 /// Why a debit found nothing to take: a missing warehouse or product (404), else too little
 /// stock (409). Only called when no statement failed, so the transaction can still be read.
 async fn explain_failed_debit(
@@ -249,7 +275,13 @@ pub async fn transfer(
     quantity: Quantity,
 ) -> Result<movement::Model, DomainError> {
     let at = now();
-    if db.get_database_backend() != DbBackend::Sqlite {
+    let backend = db.get_database_backend();
+    // InnoDB: a transfer that will fail for want of stock must not create the rows it would
+    // then roll back (see the module documentation).
+    if backend == DbBackend::MySql && !source_may_cover(db, from, product, quantity).await? {
+        return Err(explain_failed_debit(db, from, product, quantity).await);
+    }
+    if backend != DbBackend::Sqlite {
         // Every row this transfer touches exists and is locked, in one order, before any
         // change (PostgreSQL and InnoDB). SQLite has one writer and no row locks.
         lock_stock_rows(db, [from, to], product, at).await?;

@@ -22,6 +22,7 @@ mod process;
 mod reads;
 mod replica;
 mod stock;
+mod storm;
 mod tls;
 mod tls_server;
 mod transactions;
