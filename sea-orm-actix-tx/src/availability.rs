@@ -82,6 +82,7 @@ impl std::fmt::Debug for Availability {
 }
 
 impl Availability {
+    /// Probes `db` (each probe bounded by `connect_timeout`) whenever a checkout or a statement finds it unreachable.
     pub fn new(db: &DatabaseConnection, connect_timeout: Duration) -> Availability {
         Availability::build(db, connect_timeout, None)
     }

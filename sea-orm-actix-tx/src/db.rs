@@ -13,14 +13,25 @@ use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statemen
 #[derive(Debug, thiserror::Error)]
 pub enum DbSetupError {
     #[error("could not connect to the database {url} after {attempts} attempt(s): {reason}")]
+    /// No connection after every attempt.
     Connect {
+        /// The URL, without its password.
         url: String,
+        /// How many attempts were made.
         attempts: u32,
+        /// The last attempt's error.
         reason: String,
     },
     #[error("{found} is older than the oldest version supported, {needed} (docs/requirements.md)")]
-    UnsupportedVersion { found: String, needed: &'static str },
+    /// The server is older than the oldest supported version.
+    UnsupportedVersion {
+        /// The server and version found.
+        found: String,
+        /// The oldest version supported.
+        needed: &'static str,
+    },
     #[error("cannot read the server's version: {0}")]
+    /// The server's version could not be read.
     Version(String),
 }
 
@@ -195,7 +206,9 @@ impl std::fmt::Display for ServerVersion {
 pub struct PoolStats {
     /// Connections open now.
     pub size: u32,
+    /// Connections open and idle.
     pub idle: u32,
+    /// Connections checked out.
     pub in_use: u32,
     /// Connections kept open (`DB_POOL_SIZE`; 0 in serverless mode).
     pub min: u32,
@@ -203,6 +216,7 @@ pub struct PoolStats {
     pub max: u32,
 }
 
+/// The pool's numbers now, with its configured bounds `min` and `max`.
 pub fn pool_stats(db: &DatabaseConnection, min: u32, max: u32) -> PoolStats {
     let (size, idle) = match db.get_database_backend() {
         DbBackend::Postgres => {
@@ -229,6 +243,7 @@ pub fn pool_stats(db: &DatabaseConnection, min: u32, max: u32) -> PoolStats {
     }
 }
 
+/// `postgres`, `mysql` (MariaDB) or `sqlite`: the backend of `db`, for health and logs.
 pub fn backend_name(db: &DatabaseConnection) -> &'static str {
     match db.get_database_backend() {
         DbBackend::Postgres => "postgres",

@@ -17,7 +17,23 @@ pub const RETRY_AFTER_SECONDS: &str = "1";
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// A failure of the layer: the pool, the database, the transaction's rules, `Idempotency-Key`,
-/// the request body. Domain errors (a constraint that means "already exists", a missing row) are
+/// the request body. Each is answered as problem+json with a stable `code`, and a 503 tells the
+/// client when to retry:
+///
+/// ```
+/// use actix_web::ResponseError;
+/// use sea_orm_actix_tx::Error;
+///
+/// let busy = Error::StatementTimeout.error_response();
+/// assert_eq!(busy.status().as_u16(), 503);
+/// assert_eq!(busy.headers().get("retry-after").unwrap(), "1");
+/// assert_eq!(Error::StatementTimeout.code(), "statement_timeout");
+/// // Only a retry with the same Idempotency-Key is safe: no Retry-After.
+/// let unknown = Error::CommitOutcomeUnknown.error_response();
+/// assert_eq!(unknown.status().as_u16(), 500);
+/// assert!(unknown.headers().get("retry-after").is_none());
+/// ```
+/// Domain errors (a constraint that means "already exists", a missing row) are
 /// the service's: it maps a [`DbFailure`] to them (see [`Layer::builder`](crate::Layer::builder)'s
 /// `on_failure`).
 #[derive(Debug, thiserror::Error)]

@@ -10,14 +10,24 @@ use std::ops::RangeInclusive;
 pub struct IdempotencyKey;
 
 impl IdempotencyKey {
+    /// The header's name.
     pub const NAME: &'static str = "Idempotency-Key";
     /// Shortest and longest key, in bytes (= characters: every allowed byte is ASCII).
     pub const MIN_LEN: usize = 1;
+    /// The longest key accepted.
     pub const MAX_LEN: usize = 255;
     /// The bytes a key may contain: visible ASCII (RFC 9110 `VCHAR`), no space.
     pub const BYTES: RangeInclusive<u8> = 0x21..=0x7e;
 
     /// Whether `value`, one header's value, is a key.
+    ///
+    /// ```
+    /// use sea_orm_actix_tx::headers::IdempotencyKey;
+    ///
+    /// assert!(IdempotencyKey::accepts(b"order-2026-12-04-0001"));
+    /// assert!(!IdempotencyKey::accepts(b""), "1 to 255 characters");
+    /// assert!(!IdempotencyKey::accepts(b"with space"), "visible ASCII only");
+    /// ```
     pub fn accepts(value: &[u8]) -> bool {
         (Self::MIN_LEN..=Self::MAX_LEN).contains(&value.len())
             && value.iter().all(|b| Self::BYTES.contains(b))

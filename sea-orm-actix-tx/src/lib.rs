@@ -7,15 +7,38 @@
 //!
 //! One [`Layer`] is built at start-up from the pool (and optionally a replica and the caller's
 //! metrics registry); its [`Layer::transactional`] middleware wraps the routes whose handlers take
-//! a [`Tx`]:
+//! a [`Tx`], which is SeaORM's `ConnectionTrait` inside the request's transaction:
 //!
-//! ```ignore
-//! let layer = Layer::builder(db, &settings.database).metrics(&mut registry).build()?;
+//! ```
+//! use actix_web::{App, HttpResponse, web};
+//! use prometheus_client::registry::Registry;
+//! use sea_orm::ConnectionTrait;
+//! use sea_orm_actix_tx::{Error, Layer, Tx, db, settings::Settings};
+//!
+//! async fn create(tx: Tx) -> Result<HttpResponse, Error> {
+//!     tx.execute_unprepared("INSERT INTO note (body) VALUES ('hello')").await?;
+//!     Ok(HttpResponse::Created().finish()) // below 400: the middleware commits
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let settings = Settings::from_vars([("DATABASE_URL".into(), "sqlite::memory:".into())])?;
+//! let pool = db::connect(&settings.database).await?;
+//! # pool.execute_unprepared("CREATE TABLE note (body text)").await?;
+//! let mut registry = Registry::default();
+//! let layer = Layer::builder(pool, &settings.database)
+//!     .metrics(&mut registry)
+//!     .build()?;
 //! let tx = layer.transactional();
-//! App::new().route("/todos", web::post().to(create).wrap(tx.clone()))
+//! let app = App::new().route("/notes", web::post().to(create).wrap(tx.clone()));
+//! # drop(app);
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! The rules, module by module, are described in [`transaction`].
+
+#![deny(missing_docs)]
 
 pub mod availability;
 mod body;

@@ -185,6 +185,7 @@ impl Metrics {
         }
     }
 
+    /// Sets the pool's gauges (`db_pool_connections`).
     pub fn set_pool(&self, idle: u32, in_use: u32) {
         self.pool_connections
             .get_or_create(&StateLabel { state: "idle" })
@@ -194,14 +195,17 @@ impl Metrics {
             .set(i64::from(in_use));
     }
 
+    /// The pool's bounds as registered: `(min, max)`.
     pub fn pool_limits(&self) -> (i64, i64) {
         (self.pool_min.get(), self.pool_max.get())
     }
 
+    /// Observes one checkout-and-begin (`db_pool_acquire_seconds`).
     pub fn observe_acquire(&self, elapsed: Duration) {
         self.acquire.observe(elapsed.as_secs_f64());
     }
 
+    /// Counts one finished transaction by its outcome (`db_transactions_total`).
     pub fn count_transaction(&self, outcome: TxOutcome) {
         let outcome = match outcome {
             TxOutcome::Commit => "commit",
@@ -214,14 +218,17 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one re-run (`db_transaction_retries_total`).
     pub fn count_retry(&self) {
         self.retries.inc();
     }
 
+    /// Counts one replayed answer (`db_idempotent_replays_total`).
     pub fn count_replay(&self) {
         self.replays.inc();
     }
 
+    /// Counts one leaked transaction handle (`db_transaction_leaks_total`).
     pub fn count_leak(&self) {
         self.leaks.inc();
     }

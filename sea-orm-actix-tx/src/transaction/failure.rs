@@ -60,11 +60,26 @@ impl FailureKind {
 /// A classified database error. `message` is for logs only: it may carry SQL and server text.
 #[derive(Clone, Debug)]
 pub struct DbFailure {
+    /// What kind of failure it is.
     pub kind: FailureKind,
+    /// The driver's text: for logs only (it may carry SQL and server text).
     pub message: String,
 }
 
 impl DbFailure {
+    /// A serialization failure, deadlock or lock wait timeout: the whole transaction may be re-run.
+    ///
+    /// ```
+    /// use sea_orm_actix_tx::{DbFailure, FailureKind};
+    ///
+    /// let conflict = DbFailure { kind: FailureKind::Deadlock, message: String::new() };
+    /// assert!(conflict.is_retryable());
+    /// let taken = DbFailure {
+    ///     kind: FailureKind::UniqueViolation(Some("account_email_key".into())),
+    ///     message: String::new(),
+    /// };
+    /// assert!(!taken.is_retryable(), "a constraint is the service's to answer");
+    /// ```
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.kind,
@@ -74,6 +89,7 @@ impl DbFailure {
         )
     }
 
+    /// Classifies a SeaORM error once: SQLSTATE (PostgreSQL, SQLite's result codes), MariaDB's error number, the pool, the connection.
     pub fn classify(err: &DbErr) -> DbFailure {
         let kind = match err {
             DbErr::ConnectionAcquire(ConnAcquireErr::Timeout) => FailureKind::PoolTimeout,

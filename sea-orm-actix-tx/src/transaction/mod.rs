@@ -7,7 +7,7 @@
 //!   [`with_transaction`].
 //! * `lazy.rs`: [`Tx`] (the extractor, `ConnectionTrait`, [`Tx::on_commit`]) and the transaction
 //!   of one attempt: begun on first use, on the replica or the primary, its statements, its
-//!   first failure, its `COMMIT` (with the transaction id that [`outcome`] needs) or `ROLLBACK`,
+//!   first failure, its `COMMIT` (with the transaction id that `outcome.rs` needs) or `ROLLBACK`,
 //!   and the warning for a transaction open past `DB_LEAK_DETECTION_MS`.
 //! * `failure.rs`: [`DbFailure`], what a database error means (retry, 503, 500, …).
 //! * `peer.rs`: whether the client is still connected before `COMMIT`.
@@ -36,22 +36,22 @@
 //!   driver reports success: a request whose statement failed is never answered 2xx.
 //! * A `COMMIT` whose reply is lost (the connection broke while it was in flight) is resolved,
 //!   not guessed: a writing transaction's id is read just before `COMMIT`, and after the break
-//!   its status is asked on another connection ([`outcome`]). Committed → the handler's own
+//!   its status is asked on another connection (`outcome.rs`). Committed → the handler's own
 //!   response; aborted → 503 `database_unavailable`; unknown → 500 `commit_outcome_unknown`
 //!   without `Retry-After`.
 //! * Every round trip on the transaction's connection is bounded on the service's side
-//!   ([`round_trip`]): `BEGIN`, `COMMIT` and `ROLLBACK` by `DB_CONNECT_TIMEOUT`, a statement by
+//!   (`round_trip.rs`): `BEGIN`, `COMMIT` and `ROLLBACK` by `DB_CONNECT_TIMEOUT`, a statement by
 //!   `DB_STATEMENT_TIMEOUT_MS` + `DB_CONNECT_TIMEOUT`. Past its bound (a partition holding the
 //!   packets) the connection is closed and the attempt fails as 503 `database_unavailable`; a
 //!   `COMMIT` past its bound is a lost reply, resolved as above.
-//! * `Idempotency-Key` on `POST` ([`idempotency`]): each attempt first claims the key in its
+//! * `Idempotency-Key` on `POST` (`idempotency.rs`): each attempt first claims the key in its
 //!   transaction (a replay, a duplicate still running (409) or a reused key (422) is answered
 //!   without running the handler); a response below 400 is stored in the same transaction as
 //!   the handler's writes, a 4xx after the rollback, a 5xx never. A store that finds the key
 //!   committed by a duplicate fails the attempt as a serialization failure, and the re-run
 //!   replays.
 //! * A handler that panics is caught: 500 and a rollback. A client that disconnects before the
-//!   commit gets a rollback ([`peer`]; register [`on_connect`] on the server).
+//!   commit gets a rollback (`peer.rs`; register [`on_connect`] on the server).
 //! * Leaks: a [`Tx`] handle still alive when the handler has returned (cloned into a spawned
 //!   task) means writes that would run after the answer: the request is rolled back, answered
 //!   500, logged and counted (`db_transaction_leaks_total`). A transaction open longer than
@@ -78,7 +78,7 @@
 //! route may declare its own level and access mode with [`Transactional::isolation`] /
 //! [`Transactional::read_write`], documented where it is declared.
 //!
-//! Read replica (`DATABASE_REPLICA_URL`, `docs/scale-out.md`; mechanics in [`routing`]): a
+//! Read replica (`DATABASE_REPLICA_URL`, `docs/scale-out.md`; mechanics in `routing.rs`): a
 //! `READ ONLY` transaction runs on the replica, and everything else on the primary. After a write
 //! commits, the response carries a consistency token (header `Consistency-Token`, cookie
 //! `consistency_token`) naming the primary's WAL position. A read that sends a token back runs on
@@ -211,6 +211,7 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// At most `permits` requests run their handlers at once; the others wait up to `wait`.
     pub fn new(permits: usize, wait: Duration) -> Admission {
         Admission {
             permits: Arc::new(tokio::sync::Semaphore::new(permits.max(1))),
@@ -246,7 +247,9 @@ impl Admission {
 /// configured isolation, `READ ONLY` for `GET`/`HEAD`, `READ WRITE` otherwise.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TxPolicy {
+    /// The isolation level; `None` takes `DB_ISOLATION_LEVEL`.
     pub isolation: Option<IsolationLevel>,
+    /// `READ ONLY` or `READ WRITE`; `None` takes the method's (`GET`/`HEAD` read only).
     pub access: Option<AccessMode>,
     /// Never read from the replica.
     pub primary: bool,
@@ -257,13 +260,16 @@ pub struct TxPolicy {
 pub enum TxOutcome {
     /// No statement was run: no transaction was opened.
     None,
+    /// Committed.
     Commit,
+    /// Rolled back (or never committed).
     Rollback,
     /// The `COMMIT` was sent, its reply lost, and its outcome could not be established.
     Unknown,
 }
 
 impl TxOutcome {
+    /// `none`, `commit`, `rollback` or `unknown`, for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             TxOutcome::None => "none",
@@ -277,7 +283,9 @@ impl TxOutcome {
 /// Left in the request's extensions by [`Transactional`] for the request logger.
 #[derive(Clone, Copy, Debug)]
 pub struct TxReport {
+    /// How the request's last transaction ended.
     pub outcome: TxOutcome,
+    /// How many times the request was re-run.
     pub retries: u32,
 }
 

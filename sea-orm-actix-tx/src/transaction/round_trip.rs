@@ -32,6 +32,7 @@ pub struct Bounds {
 }
 
 impl Bounds {
+    /// The bounds of the settings: `DB_CONNECT_TIMEOUT` for `BEGIN`/`COMMIT`/`ROLLBACK`, plus `DB_STATEMENT_TIMEOUT_MS` for a statement.
     pub fn new(statement_timeout: Option<Duration>, connect_timeout: Duration) -> Bounds {
         Bounds {
             control: connect_timeout,

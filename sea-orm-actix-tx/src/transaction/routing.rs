@@ -177,6 +177,7 @@ impl std::fmt::Debug for Replica {
 /// The replica's state for `/health/ready` and `/metrics`.
 #[derive(Clone, Copy, Debug)]
 pub struct ReplicaState {
+    /// The replica answered its last check.
     pub up: bool,
     /// Seconds of replay behind the primary at the last successful check.
     pub lag_seconds: Option<f64>,
@@ -200,14 +201,17 @@ impl Replica {
         replica
     }
 
+    /// The replica's pool.
     pub fn db(&self) -> &DatabaseConnection {
         &self.0.db
     }
 
+    /// Whether the replica answers, as its probe last saw it.
     pub fn availability(&self) -> &Availability {
         &self.0.availability
     }
 
+    /// The replica is down: reads go to the primary.
     pub fn is_down(&self) -> bool {
         self.0.availability.is_down()
     }
@@ -277,7 +281,7 @@ impl Replica {
         Ok(lsn)
     }
 
-    /// Asks the replica for its replay position and lag, within [`CHECK_BUDGET`]. A replica
+    /// Asks the replica for its replay position and lag, within `CHECK_BUDGET` (500 ms). A replica
     /// that does not answer is probed (and marked down if it cannot be reached).
     pub async fn check(&self) -> ReplicaState {
         // The lag is 0 while everything received is replayed (an idle primary writes nothing,

@@ -35,11 +35,14 @@ pub enum Session {
     /// Session state is kept: connections carry `connection_default` as their default
     /// isolation level (a startup parameter; `None` where the backend has none, e.g. SQLite).
     Direct {
+        /// The isolation level the connections start with (`None`: the server's).
         connection_default: Option<IsolationLevel>,
     },
     /// A transaction-mode pooler: nothing outlives a transaction.
     Pooled {
+        /// `DB_JIT`, set inside every transaction.
         jit: bool,
+        /// `DB_STATEMENT_TIMEOUT_MS`, set inside every transaction.
         statement_timeout: Option<Duration>,
     },
 }
