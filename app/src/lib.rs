@@ -16,4 +16,4 @@ pub mod telemetry;
 pub mod transaction;
 
 pub use startup::{Application, StartupError};
-pub use transaction::{Transactional, Tx, TxConfig, TxPolicy, with_transaction};
+pub use transaction::{Transactional, Tx, TxConfig, TxPolicy, TxSavepoint, with_transaction};
