@@ -16,4 +16,6 @@ pub mod telemetry;
 pub mod transaction;
 
 pub use startup::{Application, StartupError};
-pub use transaction::{Transactional, Tx, TxConfig, TxPolicy, TxSavepoint, with_transaction};
+pub use transaction::{
+    Transactional, Tx, TxConfig, TxPolicy, TxSavepoint, TxStream, with_transaction,
+};

@@ -23,7 +23,8 @@
 //! * Every statement's error is recorded ([`DbFailure`]); the first one forbids the commit,
 //!   unless it happened inside a savepoint that was then rolled back ([`ledger`]).
 //! * Nested transactions: SeaORM's `TransactionTrait` on [`Tx`] begins a savepoint
-//!   ([`TxSavepoint`], in [`savepoint`]).
+//!   ([`TxSavepoint`], in [`savepoint`]); `StreamTrait` streams a query's rows on the
+//!   transaction's connection ([`stream`]).
 //! * End: `COMMIT` or `ROLLBACK`, each bounded. On PostgreSQL a writing transaction reads its id
 //!   just before `COMMIT`, so that a `COMMIT` whose reply is lost is resolved ([`outcome`]); on
 //!   MariaDB such a `COMMIT` is answered as unknown.
@@ -110,9 +111,11 @@ macro_rules! on_open {
 
 mod ledger;
 mod savepoint;
+mod stream;
 
 use ledger::Ledger;
 pub use savepoint::TxSavepoint;
+pub use stream::TxStream;
 
 enum State {
     /// Nothing sent yet.

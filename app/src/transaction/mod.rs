@@ -116,7 +116,7 @@ pub use failure::{DbFailure, FailureKind};
 pub use idempotency::clean_expired as clean_expired_idempotency_keys;
 use idempotency::{Claim, Idempotency, Stored};
 use lazy::Slot;
-pub use lazy::{Tx, TxSavepoint};
+pub use lazy::{Tx, TxSavepoint, TxStream};
 pub use peer::on_connect;
 pub use round_trip::Bounds;
 use routing::ReadRoute;
