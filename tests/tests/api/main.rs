@@ -21,6 +21,7 @@ mod pooler;
 mod process;
 mod reads;
 mod replica;
+mod savepoints;
 mod stock;
 mod tls;
 mod tls_server;
