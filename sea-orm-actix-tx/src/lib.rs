@@ -60,7 +60,7 @@ pub use config as settings;
 pub use error::{Error, PROBLEM_JSON, Problem, RETRY_AFTER_SECONDS, problem_response};
 pub use transaction::{
     Admission, DbFailure, FailureKind, FailureMap, Transactional, Tx, TxConfig, TxError, TxOutcome,
-    TxPolicy, TxReport, on_connect, with_transaction,
+    TxPolicy, TxReport, TxSavepoint, TxStream, on_connect, with_transaction,
 };
 
 use availability::Availability;

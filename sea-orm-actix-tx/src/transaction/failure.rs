@@ -89,6 +89,21 @@ impl DbFailure {
         )
     }
 
+    /// Whether the failure is the whole transaction's rather than one statement's: the
+    /// transaction must be re-run (a serialization failure, a deadlock, which MariaDB answers by
+    /// rolling the whole transaction back) or its connection is gone. Rolling back to a
+    /// savepoint does not forgive it.
+    pub fn dooms_transaction(&self) -> bool {
+        matches!(
+            self.kind,
+            FailureKind::SerializationFailure
+                | FailureKind::Deadlock
+                | FailureKind::PoolTimeout
+                | FailureKind::Unavailable
+                | FailureKind::CommitOutcomeUnknown
+        )
+    }
+
     /// Classifies a SeaORM error once: SQLSTATE (PostgreSQL, SQLite's result codes), MariaDB's error number, the pool, the connection.
     pub fn classify(err: &DbErr) -> DbFailure {
         let kind = match err {

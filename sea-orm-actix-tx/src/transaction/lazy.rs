@@ -20,7 +20,11 @@
 //!   ([`round_trip`]). Dropped while still open (a cancelled job), the connection is closed rather
 //!   than returned to the pool, and the server rolls back. SQLite uses SeaORM's transaction
 //!   (`BEGIN IMMEDIATE` for writers).
-//! * Every statement's error is recorded ([`DbFailure`]); the first one forbids the commit.
+//! * Every statement's error is recorded ([`DbFailure`]); the first one forbids the commit,
+//!   unless it happened inside a savepoint that was then rolled back ([`ledger`]).
+//! * Nested transactions: SeaORM's `TransactionTrait` on [`Tx`] begins a savepoint
+//!   ([`TxSavepoint`], in [`savepoint`]); `StreamTrait` streams a query's rows on the
+//!   transaction's connection ([`stream`]).
 //! * End: `COMMIT` or `ROLLBACK`, each bounded. On PostgreSQL a writing transaction reads its id
 //!   just before `COMMIT`, so that a `COMMIT` whose reply is lost is resolved ([`outcome`]); on
 //!   MariaDB such a `COMMIT` is answered as unknown.
@@ -37,8 +41,8 @@ use actix_web::{FromRequest, HttpMessage, HttpRequest};
 use sea_orm::sqlx::{self, Executor as _, MySql, Postgres};
 use sea_orm::{
     AccessMode, ConnAcquireErr, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    DbBackend, DbErr, ExecResult, QueryResult, RuntimeErr, SqliteTransactionMode, Statement,
-    TransactionOptions, TransactionTrait, Values,
+    DbBackend, DbErr, ExecResult, IsolationLevel, QueryResult, RuntimeErr, SqliteTransactionMode,
+    Statement, TransactionOptions, TransactionTrait, Values,
 };
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
@@ -105,6 +109,14 @@ macro_rules! on_open {
     };
 }
 
+mod ledger;
+mod savepoint;
+mod stream;
+
+use ledger::Ledger;
+pub use savepoint::TxSavepoint;
+pub use stream::TxStream;
+
 enum State {
     /// Nothing sent yet.
     Idle,
@@ -138,8 +150,13 @@ pub(super) struct Slot {
     /// Bounds on each round trip on the transaction's connection.
     bounds: Bounds,
     state: Mutex<State>,
-    /// The first statement failure of this attempt (later ones are its consequences).
-    failure: StdMutex<Option<DbFailure>>,
+    /// The open savepoints and the first statement failure of this attempt at each of their
+    /// levels (later ones are its consequences), see [`ledger`].
+    ledger: StdMutex<Ledger>,
+    /// The transaction's isolation level (`None` on SQLite) and access mode, which its
+    /// savepoints share.
+    isolation: Option<IsolationLevel>,
+    access: AccessMode,
     /// A read's choice of server ([`ReadRoute`]); `None` for writes, which use `db`.
     read: Option<ReadRoute>,
     /// Set when the transaction began on the replica.
@@ -172,6 +189,7 @@ impl Slot {
             DbBackend::MySql => Begin::Mysql(config.session.start_transaction(isolation, access)),
             _ => Begin::Postgres(config.session.begin(isolation, access)),
         };
+        let isolation = (db.get_database_backend() != DbBackend::Sqlite).then_some(isolation);
         Slot {
             db,
             begin,
@@ -187,7 +205,9 @@ impl Slot {
             commit_check: config.commit_check,
             bounds: config.round_trips,
             state: Mutex::new(State::Idle),
-            failure: StdMutex::new(None),
+            ledger: StdMutex::new(Ledger::new()),
+            isolation,
+            access,
             read: None,
             on_replica: AtomicBool::new(false),
         }
@@ -267,11 +287,13 @@ impl Slot {
                 }
             }
         }
-        MutexGuard::try_map(state, |s| match s {
+        let mut open = MutexGuard::try_map(state, |s| match s {
             State::Open(open) => Some(open),
             _ => None,
         })
-        .map_err(|_| DbErr::Custom("the request's transaction has already ended".into()))
+        .map_err(|_| DbErr::Custom("the request's transaction has already ended".into()))?;
+        self.roll_back_dropped(&mut open).await?;
+        Ok(open)
     }
 
     /// Begins a read on the replica when its route admits it, falling back to the primary when
@@ -377,24 +399,37 @@ impl Slot {
             .persistent(self.named_statements)
     }
 
+    /// The savepoints and failures of this attempt.
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a statement's failure, at the level of the innermost open savepoint ([`ledger`]).
     fn record(&self, err: DbErr) -> DbErr {
-        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        if failure.is_none() {
-            let classified = DbFailure::classify(&err);
-            self.suspect_if_unavailable(&classified);
-            *failure = Some(classified);
-        }
+        let classified = DbFailure::classify(&err);
+        self.suspect_if_unavailable(&classified);
+        self.ledger().record(classified);
+        err
+    }
+
+    /// Records a failure at `level`, whatever savepoints are open.
+    fn record_at(&self, err: DbErr, level: usize) -> DbErr {
+        let classified = DbFailure::classify(&err);
+        self.suspect_if_unavailable(&classified);
+        self.ledger().record_at(classified, level);
         err
     }
 
     /// Fails the attempt as a serialization failure, so that it is re-run: the layer's own
     /// statements found a concurrent commit they cannot be serialized after.
     pub(super) fn fail_as_conflict(&self, message: &str) {
-        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        failure.get_or_insert_with(|| DbFailure {
-            kind: FailureKind::SerializationFailure,
-            message: message.to_owned(),
-        });
+        self.ledger().record_at(
+            DbFailure {
+                kind: FailureKind::SerializationFailure,
+                message: message.to_owned(),
+            },
+            0,
+        );
     }
 
     fn observe<T>(&self, result: Result<T, DbErr>) -> Result<T, DbErr> {
@@ -415,10 +450,7 @@ impl Slot {
     }
 
     fn failure(&self) -> Option<DbFailure> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.ledger().failure().cloned()
     }
 
     /// Ends the attempt: commits when `commit` is asked and no statement failed, else rolls back.
@@ -433,10 +465,14 @@ impl Slot {
         {
             watch.abort();
         }
-        let failure = self.failure();
-        let State::Open(open) = state else {
-            return (TxOutcome::None, failure);
+        let State::Open(mut open) = state else {
+            return (TxOutcome::None, self.failure());
         };
+        if commit && self.failure().is_none() {
+            // What a savepoint still open or dropped did is not committed.
+            self.roll_back_savepoints(&mut open).await;
+        }
+        let failure = self.failure();
         if commit && failure.is_none() {
             let committed = match open {
                 Open::Postgres(tx) => return self.commit_postgres(tx).await,
@@ -619,54 +655,82 @@ impl ConnectionTrait for Tx {
     }
 
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
-        let mut open = self.0.open().await?;
-        let result = on_open!(
-            &mut *open,
-            self.0.bounds.statement,
-            |conn| self.0.bind(&stmt).execute(conn),
-            |done| done.map(ExecResult::from).map_err(exec_err),
-            |tx| tx.execute_raw(stmt).await
-        );
-        self.0.observe(result)
+        self.0.execute_raw(None, stmt).await
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
-        let mut open = self.0.open().await?;
+        self.0.execute_unprepared(None, sql).await
+    }
+
+    async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
+        self.0.query_one_raw(None, stmt).await
+    }
+
+    async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
+        self.0.query_all_raw(None, stmt).await
+    }
+}
+
+/// The statements of [`ConnectionTrait`], for [`Tx`] (`scope` `None`) and for a savepoint's
+/// handle ([`TxSavepoint`], `scope` its id: it fails once the savepoint has ended).
+impl Slot {
+    async fn execute_raw(&self, scope: Option<u64>, stmt: Statement) -> Result<ExecResult, DbErr> {
+        let mut open = self.open_in(scope).await?;
         let result = on_open!(
             &mut *open,
-            self.0.bounds.statement,
+            self.bounds.statement,
+            |conn| self.bind(&stmt).execute(conn),
+            |done| done.map(ExecResult::from).map_err(exec_err),
+            |tx| tx.execute_raw(stmt).await
+        );
+        self.observe(result)
+    }
+
+    async fn execute_unprepared(&self, scope: Option<u64>, sql: &str) -> Result<ExecResult, DbErr> {
+        let mut open = self.open_in(scope).await?;
+        let result = on_open!(
+            &mut *open,
+            self.bounds.statement,
             |conn| conn.execute(sqlx::AssertSqlSafe(sql.to_owned())),
             |done| done.map(ExecResult::from).map_err(exec_err),
             |tx| tx.execute_unprepared(sql).await
         );
-        self.0.observe(result)
+        self.observe(result)
     }
 
-    async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
-        let mut open = self.0.open().await?;
+    async fn query_one_raw(
+        &self,
+        scope: Option<u64>,
+        stmt: Statement,
+    ) -> Result<Option<QueryResult>, DbErr> {
+        let mut open = self.open_in(scope).await?;
         let result = on_open!(
             &mut *open,
-            self.0.bounds.statement,
-            |conn| self.0.bind(&stmt).fetch_optional(conn),
+            self.bounds.statement,
+            |conn| self.bind(&stmt).fetch_optional(conn),
             |done| done
                 .map(|row| row.map(QueryResult::from))
                 .map_err(query_err),
             |tx| tx.query_one_raw(stmt).await
         );
-        self.0.observe(result)
+        self.observe(result)
     }
 
-    async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
-        let mut open = self.0.open().await?;
+    async fn query_all_raw(
+        &self,
+        scope: Option<u64>,
+        stmt: Statement,
+    ) -> Result<Vec<QueryResult>, DbErr> {
+        let mut open = self.open_in(scope).await?;
         let result = on_open!(
             &mut *open,
-            self.0.bounds.statement,
-            |conn| self.0.bind(&stmt).fetch_all(conn),
+            self.bounds.statement,
+            |conn| self.bind(&stmt).fetch_all(conn),
             |done| done
                 .map(|rows| rows.into_iter().map(QueryResult::from).collect())
                 .map_err(query_err),
             |tx| tx.query_all_raw(stmt).await
         );
-        self.0.observe(result)
+        self.observe(result)
     }
 }

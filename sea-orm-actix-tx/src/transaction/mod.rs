@@ -8,7 +8,10 @@
 //! * `lazy.rs`: [`Tx`] (the extractor, `ConnectionTrait`, [`Tx::on_commit`]) and the transaction
 //!   of one attempt: begun on first use, on the replica or the primary, its statements, its
 //!   first failure, its `COMMIT` (with the transaction id that `outcome.rs` needs) or `ROLLBACK`,
-//!   and the warning for a transaction open past `DB_LEAK_DETECTION_MS`.
+//!   and the warning for a transaction open past `DB_LEAK_DETECTION_MS`. Beside it, in `lazy/`:
+//!   `savepoint.rs` ([`TxSavepoint`], SeaORM's `TransactionTrait`: nested transactions as
+//!   savepoints), `ledger.rs` (the open savepoints and the failures at each level: which ones a
+//!   rollback forgives) and `stream.rs` (`StreamTrait`, [`TxStream`]).
 //! * `failure.rs`: [`DbFailure`], what a database error means (retry, 503, 500, …).
 //! * `peer.rs`: whether the client is still connected before `COMMIT`.
 //! * `session.rs`: [`Session`], how `BEGIN` is written on a direct connection or behind a
@@ -29,7 +32,8 @@
 //!   `serialization_failure`. A commit that fails replaces the handler's response: the client
 //!   never sees a success for work that was not committed.
 //! * [`Tx`] is the extractor through which a handler reaches the transaction. It implements
-//!   SeaORM's `ConnectionTrait`, so domain functions taking `&impl ConnectionTrait` run inside it.
+//!   SeaORM's `ConnectionTrait`, so domain functions taking `&impl ConnectionTrait` run inside it,
+//!   and `TransactionTrait` (a nested `begin` is a savepoint, [`TxSavepoint`]) and `StreamTrait`.
 //!   It is lazy: `BEGIN` is sent with the first statement, so a request that never queries takes
 //!   no connection from the pool. Every statement error passes through it and is recorded,
 //!   because PostgreSQL turns the `COMMIT` of an aborted transaction into a rollback while the
@@ -117,7 +121,7 @@ pub use failure::{DbFailure, FailureKind};
 pub use idempotency::clean_expired as clean_expired_idempotency_keys;
 use idempotency::{Claim, Idempotency, Stored};
 use lazy::Slot;
-pub use lazy::Tx;
+pub use lazy::{Tx, TxSavepoint, TxStream};
 pub use peer::on_connect;
 pub use round_trip::Bounds;
 use routing::ReadRoute;

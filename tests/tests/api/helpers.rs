@@ -268,10 +268,14 @@ impl SqliteFile {
     }
 }
 
-/// The real application over a fresh SQLite file: the embedded default's code path.
-pub async fn spawn_sqlite_app(overrides: &[(&str, &str)]) -> TestApp {
+/// The real application over a fresh SQLite file (the embedded default's code path), with
+/// `extra_routes` mounted beside the API.
+pub async fn spawn_sqlite_app_with(
+    overrides: &[(&str, &str)],
+    extra_routes: app::startup::ExtraRoutes,
+) -> TestApp {
     let (file, url) = SqliteFile::new();
-    spawn_app_on(&url, Some(Box::new(file)), overrides, |_, _| {}).await
+    spawn_app_on(&url, Some(Box::new(file)), overrides, extra_routes).await
 }
 
 /// The real application over the (empty) database at `url`.
@@ -647,33 +651,40 @@ pub const CONCURRENT_POOL: &[(&str, &str)] = &[("DB_POOL_SIZE", "4"), ("DB_MAX_O
 
 /// Runs each named test function (`async fn name(app: TestApp)` in the calling module) with
 /// [`CONCURRENT_POOL`] once per backend: `postgres::name`, `mariadb::name`, `sqlite::name` and
-/// `pgbouncer::name` (PostgreSQL behind the run's PgBouncer in transaction mode).
+/// `pgbouncer::name` (PostgreSQL behind the run's PgBouncer in transaction mode). With
+/// `routes = path;` first, the app mounts `path` (a `fn(&mut web::ServiceConfig)`) beside the API.
 macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
+    (routes = $routes:path; $($name:ident),* $(,)?) => {
         mod postgres {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::helpers::spawn_app_with(crate::helpers::CONCURRENT_POOL, |_, _| {}).await).await;
+                super::$name(crate::helpers::spawn_app_with(crate::helpers::CONCURRENT_POOL, $routes).await).await;
             })*
         }
         mod mariadb {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::helpers::spawn_mariadb_app_with(crate::helpers::CONCURRENT_POOL, |_, _| {}).await).await;
+                super::$name(crate::helpers::spawn_mariadb_app_with(crate::helpers::CONCURRENT_POOL, $routes).await).await;
             })*
         }
         mod sqlite {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::helpers::spawn_sqlite_app(crate::helpers::CONCURRENT_POOL).await).await;
+                super::$name(crate::helpers::spawn_sqlite_app_with(crate::helpers::CONCURRENT_POOL, $routes).await).await;
             })*
         }
         mod pgbouncer {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::helpers::spawn_pooled_app_with(crate::helpers::CONCURRENT_POOL, |_, _| {}).await).await;
+                super::$name(crate::helpers::spawn_pooled_app_with(crate::helpers::CONCURRENT_POOL, $routes).await).await;
             })*
         }
     };
+    ($($name:ident),* $(,)?) => {
+        crate::helpers::on_every_backend!(routes = crate::helpers::no_routes; $($name),*);
+    };
 }
 pub(crate) use on_every_backend;
+
+/// No routes beside the API.
+pub fn no_routes(_: &mut actix_web::web::ServiceConfig, _: &sea_orm_actix_tx::Layer) {}

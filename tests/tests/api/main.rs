@@ -21,6 +21,7 @@ mod pooler;
 mod process;
 mod reads;
 mod replica;
+mod savepoints;
 mod stock;
 mod storm;
 mod tls;

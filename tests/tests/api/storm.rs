@@ -32,12 +32,12 @@ const CLIENTS: usize = 16;
 
 #[tokio::test]
 async fn postgres() {
-    storm(spawn_app_with(CONCURRENT_POOL, |_| {}).await).await;
+    storm(spawn_app_with(CONCURRENT_POOL, |_, _| {}).await).await;
 }
 
 #[tokio::test]
 async fn mariadb() {
-    storm(spawn_mariadb_app_with(CONCURRENT_POOL, |_| {}).await).await;
+    storm(spawn_mariadb_app_with(CONCURRENT_POOL, |_, _| {}).await).await;
 }
 
 async fn storm(app: TestApp) {
