@@ -10,10 +10,15 @@ use std::time::Duration;
 
 use log::LevelFilter;
 use sea_orm::ConnectOptions;
+#[cfg(feature = "mysql")]
 use sea_orm::sqlx::mysql::{MySqlConnectOptions, MySqlSslMode};
+#[cfg(feature = "postgres")]
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
+#[cfg(feature = "sqlite")]
 use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+#[cfg(feature = "mysql")]
 use sea_orm::sqlx::{AssertSqlSafe, Executor as _};
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 use secrecy::ExposeSecret;
 
 use crate::database::{Backend, DatabaseSettings, PoolMode, Pooler, SslMode};
@@ -23,6 +28,7 @@ use crate::database::{Backend, DatabaseSettings, PoolMode, Pooler, SslMode};
 const PRE_PING_IDLE: Duration = Duration::from_secs(1);
 
 /// How long an SQLite statement waits for another connection's write lock before failing.
+#[cfg(feature = "sqlite")]
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl DatabaseSettings {
@@ -63,14 +69,21 @@ impl DatabaseSettings {
         } else {
             options.test_before_acquire(false);
         }
+        // A backend left out of the build never gets here: its URL is refused when parsed.
         match self.backend() {
+            #[cfg(feature = "postgres")]
             Backend::Postgres => self.apply_postgres(&mut options),
+            #[cfg(feature = "mysql")]
             Backend::Mysql => self.apply_mysql(&mut options),
+            #[cfg(feature = "sqlite")]
             Backend::Sqlite => self.apply_sqlite(&mut options),
+            #[allow(unreachable_patterns)]
+            _ => {}
         }
         options
     }
 
+    #[cfg(feature = "postgres")]
     fn apply_postgres(&self, options: &mut ConnectOptions) {
         options.set_application_name(self.application_name.clone());
         if self.pooler == Pooler::Transaction {
@@ -90,6 +103,7 @@ impl DatabaseSettings {
         }
     }
 
+    #[cfg(feature = "postgres")]
     /// The last word on sqlx's `PgConnectOptions`, applied after SeaORM has parsed the URL and
     /// set the application name and statement timeout.
     fn postgres_options(
@@ -135,6 +149,7 @@ impl DatabaseSettings {
         }
     }
 
+    #[cfg(feature = "mysql")]
     /// MariaDB has no startup parameters: the session settings are one `SET` statement sent
     /// when a connection is opened (sqlx's pool `after_connect`: one round trip per physical
     /// connection, none per transaction). `application_name` has no MariaDB twin that other sessions can
@@ -180,6 +195,7 @@ impl DatabaseSettings {
         sql
     }
 
+    #[cfg(feature = "mysql")]
     /// The last word on sqlx's `MySqlConnectOptions`: password, TLS and statement cache.
     fn mysql_options(
         &self,
@@ -202,6 +218,7 @@ impl DatabaseSettings {
         }
     }
 
+    #[cfg(feature = "sqlite")]
     fn apply_sqlite(&self, options: &mut ConnectOptions) {
         options.map_sqlx_sqlite_opts(sqlite_options);
         if self.url.is_in_memory() {
@@ -211,6 +228,7 @@ impl DatabaseSettings {
     }
 }
 
+#[cfg(feature = "sqlite")]
 /// WAL lets readers run while one connection writes; the busy timeout makes a writer wait for
 /// the lock instead of failing at once; foreign keys are off in SQLite unless asked for.
 fn sqlite_options(sqlite: SqliteConnectOptions) -> SqliteConnectOptions {
@@ -220,6 +238,7 @@ fn sqlite_options(sqlite: SqliteConnectOptions) -> SqliteConnectOptions {
         .foreign_keys(true)
 }
 
+#[cfg(feature = "postgres")]
 fn pg_ssl_mode(mode: SslMode) -> PgSslMode {
     match mode {
         SslMode::Disable => PgSslMode::Disable,
@@ -230,6 +249,7 @@ fn pg_ssl_mode(mode: SslMode) -> PgSslMode {
     }
 }
 
+#[cfg(feature = "mysql")]
 fn mysql_ssl_mode(mode: SslMode) -> MySqlSslMode {
     match mode {
         SslMode::Disable => MySqlSslMode::Disabled,
@@ -240,7 +260,7 @@ fn mysql_ssl_mode(mode: SslMode) -> MySqlSslMode {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "postgres", feature = "mysql", feature = "sqlite"))]
 mod tests {
     use super::*;
     use crate::test_support::settings;

@@ -37,6 +37,16 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The Cargo feature this backend needs, when this build was compiled without it.
+    pub fn left_out(&self) -> Option<&'static str> {
+        let (feature, compiled) = match self {
+            Backend::Postgres => ("postgres", cfg!(feature = "postgres")),
+            Backend::Mysql => ("mysql", cfg!(feature = "mysql")),
+            Backend::Sqlite => ("sqlite", cfg!(feature = "sqlite")),
+        };
+        (!compiled).then_some(feature)
+    }
+
     /// `postgres`, `mysql` or `sqlite`.
     pub fn as_str(&self) -> &'static str {
         match self {

@@ -8,6 +8,7 @@
 use std::fmt;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+#[cfg(feature = "mysql")]
 use sea_orm::sqlx::mysql::MySqlSslMode;
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
@@ -96,6 +97,15 @@ impl DatabaseUrl {
         };
         let scheme = scheme.to_ascii_lowercase();
         if scheme == "sqlite" {
+            if let Some(feature) = Backend::Sqlite.left_out() {
+                return Err(ConfigError::invalid(
+                    DATABASE_URL,
+                    "sqlite:…",
+                    format!(
+                        "this build leaves out sqlite: it needs sea-orm-actix-tx's `{feature}` feature"
+                    ),
+                ));
+            }
             return parse_sqlite(&format!("sqlite:{rest}"));
         }
         let driver_suffix = |base: &str| {
@@ -407,6 +417,18 @@ fn parse_sqlite(normalised: &str) -> Result<DatabaseUrl, ConfigError> {
 /// A `postgres:` or `mysql:` URL (already normalised): the password moved out, the TLS mode and
 /// statement cache parameters checked as the backend's driver would.
 fn parse_server(backend: Backend, normalised: &str) -> Result<DatabaseUrl, ConfigError> {
+    if let Some(feature) = backend.left_out() {
+        return Err(ConfigError::invalid(
+            DATABASE_URL,
+            normalised
+                .split_once('@')
+                .map_or(normalised, |(scheme, _)| scheme)
+                .to_owned(),
+            format!(
+                "this build leaves out {backend}: it needs sea-orm-actix-tx's `{feature}` feature"
+            ),
+        ));
+    }
     let mut url = Url::parse(normalised)
         .map_err(|err| ConfigError::withheld(DATABASE_URL, format!("{err}; {EXPECTED_URL}")))?;
     let in_user_info = url.password().map(decode_utf8);
@@ -434,6 +456,7 @@ fn parse_server(backend: Backend, normalised: &str) -> Result<DatabaseUrl, Confi
     if let Some(mode) = parsed.query_param(&["sslmode", "ssl-mode"]) {
         // Each driver reads this parameter itself, with its own spellings.
         let (valid, expected) = match backend {
+            #[cfg(feature = "mysql")]
             Backend::Mysql => (
                 mode.parse::<MySqlSslMode>().is_ok(),
                 "DISABLED, PREFERRED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY",

@@ -38,7 +38,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "mysql")]
 use sea_orm::sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
+#[cfg(feature = "postgres")]
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
 use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr};
@@ -55,7 +57,9 @@ pub struct Availability(Arc<Inner>);
 
 /// Where a probe connects: the pool's own connect options.
 enum Target {
+    #[cfg(feature = "postgres")]
     Postgres(PgConnectOptions),
+    #[cfg(feature = "mysql")]
     Mysql(MySqlConnectOptions),
 }
 
@@ -103,6 +107,7 @@ impl Availability {
         answer_within: Option<Duration>,
     ) -> Availability {
         let target = match db.get_database_backend() {
+            #[cfg(feature = "postgres")]
             DbBackend::Postgres => {
                 // The pool's own options, under a name of its own so that `pg_stat_activity`
                 // tells the probe from the pool's connections.
@@ -112,6 +117,7 @@ impl Availability {
                     (*options).clone().application_name(&name),
                 )))
             }
+            #[cfg(feature = "mysql")]
             DbBackend::MySql => {
                 let options = db.get_mysql_connection_pool().connect_options();
                 Some(Arc::new(Target::Mysql((*options).clone())))
@@ -237,6 +243,7 @@ async fn probe(target: &Target, within: Duration, answer_within: Option<Duration
     let query = answer_within.is_some();
     let budget = answer_within.unwrap_or(within);
     let connected = match target {
+        #[cfg(feature = "postgres")]
         Target::Postgres(options) => {
             tokio::time::timeout(budget, async {
                 let mut conn: PgConnection = options.connect().await?;
@@ -248,6 +255,7 @@ async fn probe(target: &Target, within: Duration, answer_within: Option<Duration
             })
             .await
         }
+        #[cfg(feature = "mysql")]
         Target::Mysql(options) => {
             tokio::time::timeout(budget, async {
                 let mut conn: MySqlConnection = options.connect().await?;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use config::DatabaseSettings;
 
 use crate::availability::Availability;
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+#[cfg(feature = "mysql")]
+use sea_orm::Statement;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend};
 
 /// Start-up failures of the database layer.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +116,7 @@ pub async fn connect_replica(
 /// VERSION()`. MySQL itself is let through with a warning: only MariaDB is tested.
 pub async fn check_server_version(db: &DatabaseConnection) -> Result<(), DbSetupError> {
     let version = match db.get_database_backend() {
+        #[cfg(feature = "postgres")]
         DbBackend::Postgres => {
             let conn = db
                 .get_postgres_connection_pool()
@@ -125,6 +128,7 @@ pub async fn check_server_version(db: &DatabaseConnection) -> Result<(), DbSetup
                 None => return Ok(()),
             }
         }
+        #[cfg(feature = "mysql")]
         DbBackend::MySql => {
             let row = db
                 .query_one_raw(Statement::from_string(DbBackend::MySql, "SELECT VERSION()"))
@@ -146,6 +150,7 @@ pub async fn check_server_version(db: &DatabaseConnection) -> Result<(), DbSetup
 
 /// A server's version, as far as the minimum versions need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "mysql"), allow(dead_code))]
 enum ServerVersion {
     Postgres(u32, u32),
     Mariadb(u32, u32),
@@ -155,6 +160,7 @@ enum ServerVersion {
 impl ServerVersion {
     /// `10.11.6-MariaDB-0+deb12u1`, `5.5.5-10.11.6-MariaDB` (the prefix older clients need) or
     /// MySQL's `8.0.36`.
+    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
     fn parse_mysql(text: &str) -> ServerVersion {
         let mariadb = text.contains("MariaDB");
         let text = text.strip_prefix("5.5.5-").unwrap_or(text);
@@ -219,14 +225,17 @@ pub struct PoolStats {
 /// The pool's numbers now, with its configured bounds `min` and `max`.
 pub fn pool_stats(db: &DatabaseConnection, min: u32, max: u32) -> PoolStats {
     let (size, idle) = match db.get_database_backend() {
+        #[cfg(feature = "postgres")]
         DbBackend::Postgres => {
             let pool = db.get_postgres_connection_pool();
             (pool.size(), pool.num_idle() as u32)
         }
+        #[cfg(feature = "mysql")]
         DbBackend::MySql => {
             let pool = db.get_mysql_connection_pool();
             (pool.size(), pool.num_idle() as u32)
         }
+        #[cfg(feature = "sqlite")]
         DbBackend::Sqlite => {
             let pool = db.get_sqlite_connection_pool();
             (pool.size(), pool.num_idle() as u32)

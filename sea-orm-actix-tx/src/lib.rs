@@ -134,6 +134,20 @@ impl Layer {
         &self.shared.metrics
     }
 
+    /// Sets the pool gauges (`db_pool_connections`, and the replica's with its lag) to the
+    /// pools' numbers now. Call it where the registry is rendered (`GET /metrics`).
+    pub fn refresh_metrics(&self) {
+        let metrics = self.metrics();
+        let (min, max) = metrics.pool_limits();
+        let (min, max) = (min as u32, max as u32);
+        let pool = db::pool_stats(self.db(), min, max);
+        metrics.set_pool(pool.idle, pool.in_use);
+        if let Some(replica) = self.replica() {
+            let replica_pool = db::pool_stats(replica.db(), min, max);
+            metrics.set_replica(&replica_pool, replica.state().lag_seconds);
+        }
+    }
+
     /// Whether the primary is answering, as the layer's probe last saw it.
     pub fn availability(&self) -> &Availability {
         &self.availability

@@ -150,14 +150,7 @@ pub async fn metrics(
     layer: web::Data<Layer>,
     registry: web::Data<MetricsRegistry>,
 ) -> HttpResponse {
-    let metrics = layer.metrics();
-    let (min, max) = metrics.pool_limits();
-    let pool = db::pool_stats(layer.db(), min as u32, max as u32);
-    metrics.set_pool(pool.idle, pool.in_use);
-    if let Some(replica) = layer.replica() {
-        let replica_pool = db::pool_stats(replica.db(), min as u32, max as u32);
-        metrics.set_replica(&replica_pool, replica.state().lag_seconds);
-    }
+    layer.refresh_metrics();
     HttpResponse::Ok()
         .insert_header(ContentType(
             "text/plain; version=0.0.4; charset=utf-8"

@@ -3,6 +3,7 @@
 //! (`docs/api.md`, *Errors*).
 
 use sea_orm::sqlx;
+#[cfg(feature = "mysql")]
 use sea_orm::sqlx::mysql::MySqlDatabaseError;
 use sea_orm::{ConnAcquireErr, DbErr, RuntimeErr};
 
@@ -126,6 +127,7 @@ impl DbFailure {
 
 fn classify_sqlx(err: &sqlx::Error) -> FailureKind {
     match err {
+        #[cfg(feature = "mysql")]
         sqlx::Error::Database(db) if db.try_downcast_ref::<MySqlDatabaseError>().is_some() => db
             .try_downcast_ref::<MySqlDatabaseError>()
             .map_or(FailureKind::Other, classify_mysql),
@@ -163,6 +165,7 @@ fn classify_sqlx(err: &sqlx::Error) -> FailureKind {
     }
 }
 
+#[cfg(feature = "mysql")]
 /// MariaDB (and MySQL): by error number, because one SQLSTATE (23000) covers unique, foreign-key
 /// and CHECK violations; the constraint's name is read from the message, as the server gives
 /// no separate field for it. Numbers without a case of their own fall back to the SQLSTATE.
@@ -195,6 +198,7 @@ fn classify_mysql(err: &MySqlDatabaseError) -> FailureKind {
 }
 
 /// The text between `prefix` and the next `end` in `message`.
+#[cfg_attr(not(feature = "mysql"), allow(dead_code))]
 fn quoted_after(message: &str, prefix: &str, end: char) -> Option<String> {
     let start = message.find(prefix)? + prefix.len();
     let rest = &message[start..];

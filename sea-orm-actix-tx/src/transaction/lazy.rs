@@ -38,7 +38,11 @@ use std::time::{Duration, Instant};
 
 use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpMessage, HttpRequest};
-use sea_orm::sqlx::{self, Executor as _, MySql, Postgres};
+#[cfg(feature = "mysql")]
+use sea_orm::sqlx::MySql;
+#[cfg(feature = "postgres")]
+use sea_orm::sqlx::Postgres;
+use sea_orm::sqlx::{self, Executor as _};
 use sea_orm::{
     AccessMode, ConnAcquireErr, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
     DbBackend, DbErr, ExecResult, IsolationLevel, QueryResult, RuntimeErr, SqliteTransactionMode,
@@ -64,16 +68,20 @@ use crate::metrics::Metrics;
 /// How this attempt's transaction is begun.
 enum Begin {
     /// The whole `BEGIN …` message, one round trip ([`Session::begin`](super::Session::begin)).
+    #[cfg(feature = "postgres")]
     Postgres(BeginSql),
     /// The whole `START TRANSACTION …` message, one round trip
     /// ([`Session::start_transaction`](super::Session::start_transaction)).
+    #[cfg(feature = "mysql")]
     Mysql(BeginSql),
     /// SeaORM's options (SQLite).
     Orm(TransactionOptions),
 }
 
 enum Open {
+    #[cfg(feature = "postgres")]
     Postgres(TxConn<Postgres>),
+    #[cfg(feature = "mysql")]
     Mysql(TxConn<MySql>),
     Orm(DatabaseTransaction),
 }
@@ -96,10 +104,12 @@ macro_rules! bounded {
 macro_rules! on_open {
     ($open:expr, $bound:expr, |$conn:ident| $sqlx:expr, |$done:ident| $map:expr, |$tx:ident| $orm:expr) => {
         match $open {
+            #[cfg(feature = "postgres")]
             Open::Postgres(held) => {
                 let $done = bounded!(held, $bound, |$conn| $sqlx);
                 $map
             }
+            #[cfg(feature = "mysql")]
             Open::Mysql(held) => {
                 let $done = bounded!(held, $bound, |$conn| $sqlx);
                 $map
@@ -178,16 +188,19 @@ impl Slot {
         });
         let isolation = policy.isolation.unwrap_or(config.isolation);
         let begin = match db.get_database_backend() {
+            #[cfg(feature = "postgres")]
+            DbBackend::Postgres => Begin::Postgres(config.session.begin(isolation, access)),
+            #[cfg(feature = "mysql")]
+            DbBackend::MySql => Begin::Mysql(config.session.start_transaction(isolation, access)),
             // SQLite has one writer: take the write lock at BEGIN so that two writers queue on
             // busy_timeout instead of failing when a reader upgrades. Isolation does not apply.
-            DbBackend::Sqlite => Begin::Orm(TransactionOptions {
+            // (A backend the build leaves out never connects: its URL is refused.)
+            _ => Begin::Orm(TransactionOptions {
                 isolation_level: None,
                 access_mode: None,
                 sqlite_transaction_mode: (access == AccessMode::ReadWrite)
                     .then_some(SqliteTransactionMode::Immediate),
             }),
-            DbBackend::MySql => Begin::Mysql(config.session.start_transaction(isolation, access)),
-            _ => Begin::Postgres(config.session.begin(isolation, access)),
         };
         let isolation = (db.get_database_backend() != DbBackend::Sqlite).then_some(isolation);
         Slot {
@@ -342,7 +355,9 @@ impl Slot {
     async fn begin_now(&self, db: &DatabaseConnection) -> Result<Open, DbErr> {
         let attempt = async {
             let mut spare = match self.begin {
+                #[cfg(feature = "postgres")]
                 Begin::Postgres(_) => db.get_postgres_connection_pool().size(),
+                #[cfg(feature = "mysql")]
                 Begin::Mysql(_) => db.get_mysql_connection_pool().size(),
                 Begin::Orm(_) => 0,
             };
@@ -368,6 +383,7 @@ impl Slot {
     async fn begin_once(&self, db: &DatabaseConnection) -> Result<Open, DbErr> {
         let bound = self.bounds.control;
         match &self.begin {
+            #[cfg(feature = "postgres")]
             Begin::Postgres(sql) => {
                 let conn = db.get_postgres_connection_pool().acquire().await;
                 let conn = conn.map_err(acquire_err)?;
@@ -375,6 +391,7 @@ impl Slot {
                     .await
                     .map(Open::Postgres)
             }
+            #[cfg(feature = "mysql")]
             Begin::Mysql(sql) => {
                 let conn = db.get_mysql_connection_pool().acquire().await;
                 let conn = conn.map_err(acquire_err)?;
@@ -475,7 +492,9 @@ impl Slot {
         let failure = self.failure();
         if commit && failure.is_none() {
             let committed = match open {
+                #[cfg(feature = "postgres")]
                 Open::Postgres(tx) => return self.commit_postgres(tx).await,
+                #[cfg(feature = "mysql")]
                 Open::Mysql(tx) => return self.commit_mysql(tx).await,
                 Open::Orm(tx) => tx.commit().await,
             };
@@ -486,7 +505,9 @@ impl Slot {
         } else {
             let bound = self.bounds.control;
             let rolled_back = match open {
+                #[cfg(feature = "postgres")]
                 Open::Postgres(mut tx) => tx.rollback(bound).await.map_err(exec_err),
+                #[cfg(feature = "mysql")]
                 Open::Mysql(mut tx) => tx.rollback(bound).await.map_err(exec_err),
                 Open::Orm(tx) => tx.rollback().await,
             };
@@ -502,6 +523,7 @@ impl Slot {
 impl Slot {
     /// `COMMIT` on PostgreSQL. A writing transaction's id is read first, so that a `COMMIT`
     /// whose reply is lost can be resolved ([`outcome`]) instead of guessed.
+    #[cfg(feature = "postgres")]
     async fn commit_postgres(&self, mut tx: TxConn<Postgres>) -> (TxOutcome, Option<DbFailure>) {
         let bound = Some(self.bounds.control);
         let xid = if self.read_write {
@@ -550,6 +572,7 @@ impl Slot {
     /// `COMMIT` on MariaDB, which has no way to ask about another session's transaction: a
     /// writing transaction whose `COMMIT` got no reply may have committed, and is answered as
     /// unknown rather than as a failure that invites a retry.
+    #[cfg(feature = "mysql")]
     async fn commit_mysql(&self, mut tx: TxConn<MySql>) -> (TxOutcome, Option<DbFailure>) {
         let err = match tx.commit(self.bounds.control).await {
             Ok(()) => return (TxOutcome::Commit, None),

@@ -98,6 +98,7 @@ impl Session {
     /// level cannot be part of `START TRANSACTION`: when it differs from the connection's
     /// default, a `SET TRANSACTION ISOLATION LEVEL …` (which applies to the next transaction
     /// only) goes first in the same message, so it is still one round trip.
+    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
     pub(super) fn start_transaction(
         &self,
         isolation: IsolationLevel,
@@ -145,6 +146,7 @@ fn begin(isolation: Option<IsolationLevel>, access: AccessMode) -> &'static str 
 }
 
 /// MariaDB: `START TRANSACTION`, after a `SET TRANSACTION` for a level other than the default.
+#[cfg_attr(not(feature = "mysql"), allow(dead_code))]
 fn start_transaction(isolation: Option<IsolationLevel>, access: AccessMode) -> &'static str {
     use IsolationLevel::*;
     let read_only = access == AccessMode::ReadOnly;

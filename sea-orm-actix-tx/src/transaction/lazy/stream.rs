@@ -34,7 +34,9 @@ impl Slot {
         let bound = self.bounds.statement;
         Ok(Box::pin(async_stream::stream! {
             let mut rows: TxStream<'_> = match &mut *open {
+                #[cfg(feature = "postgres")]
                 Open::Postgres(held) => Box::pin(sqlx_rows(self, held, stmt, bound)),
+                #[cfg(feature = "mysql")]
                 Open::Mysql(held) => Box::pin(sqlx_rows(self, held, stmt, bound)),
                 Open::Orm(tx) => Box::pin(orm_rows(self, tx, stmt)),
             };
