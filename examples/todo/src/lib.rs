@@ -10,6 +10,12 @@ pub mod migration;
 pub mod routes;
 pub mod todo;
 
+/// `docs/adopting.md`, whose Rust blocks are doc-tests of this crate (its excerpts of this
+/// crate's source are checked by `tests/adopting.rs` instead).
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/adopting.md")]
+pub struct AdoptingGuide;
+
 use std::net::TcpListener;
 
 use actix_web::dev::Server;

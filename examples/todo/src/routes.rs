@@ -34,7 +34,9 @@ pub enum TodoError {
 
 impl TodoError {
     /// What a database failure means to the list, when it means something: the constraints
-    /// it knows by name. `None` leaves the failure to the layer.
+    /// it knows by name. `None` leaves the failure to the layer. Used twice: by the handlers'
+    /// `?` (below), and by the layer's `on_failure` for a failure no handler answered (a
+    /// statement error the handler ignored, a `COMMIT` that failed).
     pub fn of_failure(failure: &DbFailure) -> Option<TodoError> {
         match &failure.kind {
             // SQLite does not name the constraint; `title` is the table's only unique key.
