@@ -2,7 +2,7 @@
 //! layer's public API only. `docs/adopting.md` walks through it; its Rust blocks are compiled as
 //! this crate's doc-tests.
 //!
-//! * [`todo`]: the entity; [`migration`]: its table, then the layer's.
+//! * [`todo`](mod@todo): the entity; [`migration`]: its table, then the layer's.
 //! * [`routes`]: the handlers (each taking the request's `Tx`), the list's errors and metrics.
 //! * [`start`]: connect, migrate, build the layer, bind.
 
