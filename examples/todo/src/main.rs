@@ -1,0 +1,39 @@
+//! `example-todo`: reads the settings from the environment (`DATABASE_URL`, `DB_*`, `APP_*`;
+//! `docs/configuration.md`) and serves the to-do list until SIGTERM or Ctrl-C.
+
+use std::process::ExitCode;
+
+use sea_orm_actix_tx::settings::Settings;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Before the runtime starts its threads: loading removes libpq's PG* variables.
+    let settings = match Settings::load_with(&example_todo::DEFAULTS) {
+        Ok(settings) => settings,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let served = runtime.block_on(async {
+        let (server, port) = example_todo::start(&settings).await?;
+        tracing::info!(port, "listening");
+        Ok::<_, Box<dyn std::error::Error>>(server.await?)
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
