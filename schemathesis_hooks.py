@@ -6,7 +6,8 @@ short keys ("0", "00") and sends them with many bodies, so most of its schema-va
 would be refused that way, reported as valid requests rejected (ST202) and kept from reaching
 the handlers. Before each call, a key the document allows is therefore made unique to this run
 and this request: what was generated (cut to leave room), then "." and 16 hex digits of a
-digest of the run and the request (method, path, query, body). The result is still a key the
+digest of the run and the request (method, path, query, media type, body: the service's
+fingerprint includes the Content-Type). The result is still a key the
 document allows (checked against the document's own schema here), the same request repeated
 keeps its key (so replays still happen), and a key the document forbids is sent as generated,
 so its rejection is still tested. The Rust contract test (tests/tests/api/contract.rs) checks
@@ -36,7 +37,9 @@ def before_call(ctx, case, **kwargs):
     schema = _key_schema(case.operation)
     if not isinstance(key, str) or schema is None or not jsonschema.Draft202012Validator(schema).is_valid(key):
         return
-    request = repr((RUN, case.method, case.formatted_path, sorted((case.query or {}).items()), case.body))
+    content_type = next((v for k, v in (case.headers or {}).items() if k.lower() == "content-type"), None)
+    media_type = content_type or getattr(case, "media_type", None)
+    request = repr((RUN, case.method, case.formatted_path, sorted((case.query or {}).items()), media_type, case.body))
     suffix = "." + hashlib.sha256(request.encode()).hexdigest()[:16]
     room = schema.get("maxLength", len(key) + len(suffix)) - len(suffix)
     unique = key[:room] + suffix

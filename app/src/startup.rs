@@ -11,7 +11,7 @@ use migration::{Migrator, MigratorTrait};
 use prometheus_client::registry::Registry;
 use sea_orm::DatabaseConnection;
 use sea_orm_actix_tx::db::{self, DbSetupError};
-use sea_orm_actix_tx::{Admission, BuildError, Layer};
+use sea_orm_actix_tx::{Admission, BuildError, Layer, LayerBuilder};
 
 use crate::json::BodyLimit;
 use crate::metrics::HttpMetrics;
@@ -22,6 +22,16 @@ use crate::telemetry::RequestTelemetry;
 
 /// Test routes mounted beside the API on the real middleware: `(config, layer)`.
 pub type ExtraRoutes = fn(&mut web::ServiceConfig, &Layer);
+
+/// A test hook: more of the layer's options, given to its builder after the inventory's own
+/// (tests scope `Idempotency-Key` with it; the inventory itself has no authentication and uses
+/// the one default scope).
+pub type LayerOptions = for<'r> fn(LayerBuilder<'r>) -> LayerBuilder<'r>;
+
+/// The inventory's layer as it is: no options added.
+fn no_options(builder: LayerBuilder<'_>) -> LayerBuilder<'_> {
+    builder
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -77,6 +87,18 @@ impl Application {
         replica: Option<DatabaseConnection>,
         extra_routes: ExtraRoutes,
     ) -> Result<Application, StartupError> {
+        Self::build_with_layer(settings, db, replica, extra_routes, no_options)
+    }
+
+    /// [`build_with_replica`](Self::build_with_replica), with `layer_options` added to the
+    /// layer's builder (a test hook).
+    pub fn build_with_layer(
+        settings: Settings,
+        db: DatabaseConnection,
+        replica: Option<DatabaseConnection>,
+        extra_routes: ExtraRoutes,
+        layer_options: LayerOptions,
+    ) -> Result<Application, StartupError> {
         let addr = format!("{}:{}", settings.server.host, settings.server.port);
         let listener = TcpListener::bind(&addr).map_err(|source| StartupError::Bind {
             addr: addr.clone(),
@@ -92,6 +114,7 @@ impl Application {
             replica.clone(),
             listener,
             extra_routes,
+            layer_options,
         )?;
         tracing::info!(port, backend = db::backend_name(&db), "listening");
         Ok(Application {
@@ -138,15 +161,18 @@ fn server(
     replica: Option<DatabaseConnection>,
     listener: TcpListener,
     extra_routes: ExtraRoutes,
+    layer_options: LayerOptions,
 ) -> Result<Server, StartupError> {
     let database = &settings.database;
     let mut registry = Registry::default();
-    let layer = Layer::builder(db, database)
+    // No `idempotency_scope`: the inventory has no authentication, so every `Idempotency-Key`
+    // is in the one default scope.
+    let builder = Layer::builder(db, database)
         .replica(replica)
         .body_limit(settings.server.body_limit)
         .metrics(&mut registry)
-        .on_failure(|failure| ApiError::of_constraint(failure).map(|e| e.error_response()))
-        .build()?;
+        .on_failure(|failure| ApiError::of_constraint(failure).map(|e| e.error_response()));
+    let layer = layer_options(builder).build()?;
     let http_metrics = HttpMetrics::register(&mut registry);
     let registry = web::Data::new(MetricsRegistry(registry));
     let ready_queue = web::Data::new(ReadyQueue(Admission::new(

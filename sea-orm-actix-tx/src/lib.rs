@@ -51,7 +51,7 @@ pub mod transaction;
 
 use std::sync::Arc;
 
-use actix_web::HttpResponse;
+use actix_web::{HttpRequest, HttpResponse};
 use prometheus_client::registry::Registry;
 use sea_orm::{DatabaseConnection, DbBackend};
 
@@ -59,8 +59,8 @@ pub use body::read_body;
 pub use config as settings;
 pub use error::{Error, PROBLEM_JSON, Problem, RETRY_AFTER_SECONDS, problem_response};
 pub use transaction::{
-    Admission, DbFailure, FailureKind, FailureMap, Transactional, Tx, TxConfig, TxError, TxOutcome,
-    TxPolicy, TxReport, TxSavepoint, TxStream, on_connect, with_transaction,
+    Admission, DbFailure, FailureKind, FailureMap, IdempotencyScope, Transactional, Tx, TxConfig,
+    TxError, TxOutcome, TxPolicy, TxReport, TxSavepoint, TxStream, on_connect, with_transaction,
 };
 
 use availability::Availability;
@@ -91,6 +91,7 @@ pub struct LayerBuilder<'r> {
     replica: Option<DatabaseConnection>,
     registry: Option<&'r mut Registry>,
     on_failure: Option<FailureMap>,
+    idempotency_scope: Option<IdempotencyScope>,
 }
 
 /// The body limit when none is given (`APP_BODY_LIMIT`'s default).
@@ -110,6 +111,7 @@ impl Layer {
             replica: None,
             registry: None,
             on_failure: None,
+            idempotency_scope: None,
         }
     }
 
@@ -184,6 +186,7 @@ impl<'r> LayerBuilder<'r> {
             replica: self.replica,
             registry: Some(registry),
             on_failure: self.on_failure,
+            idempotency_scope: self.idempotency_scope,
         }
     }
 
@@ -196,6 +199,30 @@ impl<'r> LayerBuilder<'r> {
         map: impl Fn(&DbFailure) -> Option<HttpResponse> + Send + Sync + 'static,
     ) -> Self {
         self.on_failure = Some(Arc::new(map));
+        self
+    }
+
+    /// The scope of each request's `Idempotency-Key`: whose keys it is among, typically the
+    /// authenticated user or API client id (as the IETF idempotency-key draft and Stripe scope
+    /// keys per client). Keys are stored and looked up by (scope, key), so a client that learns
+    /// another's key never gets that client's stored response: in its own scope the key is new.
+    /// The function runs once per `POST` that carries a key, before the handler; `None` (or no
+    /// function, the default) is the one shared scope
+    /// [`DEFAULT_IDEMPOTENCY_SCOPE`](transaction::DEFAULT_IDEMPOTENCY_SCOPE), the empty string.
+    /// A scope longer than [`MAX_IDEMPOTENCY_SCOPE_LEN`](transaction::MAX_IDEMPOTENCY_SCOPE_LEN)
+    /// (255) bytes is stored as `sha256:` and its hex digest.
+    ///
+    /// ```ignore
+    /// Layer::builder(db, &settings)
+    ///     .idempotency_scope(|req: &HttpRequest| {
+    ///         req.extensions().get::<Authenticated>().map(|user| user.id.to_string())
+    ///     })
+    /// ```
+    pub fn idempotency_scope(
+        mut self,
+        scope: impl Fn(&HttpRequest) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.idempotency_scope = Some(Arc::new(scope));
         self
     }
 
@@ -238,6 +265,7 @@ impl<'r> LayerBuilder<'r> {
                 config,
                 metrics,
                 on_failure: self.on_failure,
+                idempotency_scope: self.idempotency_scope,
             }),
             availability,
         })

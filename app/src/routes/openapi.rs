@@ -212,9 +212,10 @@ fn declare_idempotency(operation: &mut Operation) {
     let description = format!(
         "Makes the request safe to repeat. The first response below 500 is stored \
          with the key for `DB_IDEMPOTENCY_TTL` seconds, atomically with the request's writes, \
-         and a repeat of the same request (method, path and body) gets it again, marked \
-         `{IDEMPOTENT_REPLAYED}: true`, without writing anything. {min} to {max} visible ASCII \
-         characters, in one header; anything else is 422 `validation_failed`."
+         and a repeat of the same request (method, path, body and `Content-Type`) gets it \
+         again, marked `{IDEMPOTENT_REPLAYED}: true`, without writing anything. {min} to {max} \
+         visible ASCII characters, in one header; anything else is 422 `validation_failed`. \
+         This service has one scope of keys, shared by all clients."
     );
     let parameter = ParameterBuilder::new()
         .name(name)
@@ -243,7 +244,7 @@ fn declare_idempotency(operation: &mut Operation) {
         422,
         &format!(
             "`idempotency_key_reused`: the `{name}` was used before for a different request \
-             (method, path or body). `validation_failed` also when `{name}` is not one header of \
+             (method, path, body or `Content-Type`). `validation_failed` also when `{name}` is not one header of \
              {min} to {max} visible ASCII characters (`detail` starts with `{name}`)"
         ),
     );

@@ -24,7 +24,7 @@ CREATE TABLE idempotency_key (
 CREATE INDEX idempotency_key_expires_idx ON idempotency_key (expires_at);
 "#;
 
-const SQLITE_UP: &str = r#"
+pub(super) const SQLITE_UP: &str = r#"
 CREATE TABLE idempotency_key (
     request_key text NOT NULL CONSTRAINT idempotency_key_pkey PRIMARY KEY,
     fingerprint text NOT NULL,

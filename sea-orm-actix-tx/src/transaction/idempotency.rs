@@ -2,11 +2,18 @@
 //! mechanics behind the rule in the parent module. Nothing here knows the service's domain: any `POST`
 //! route wrapped in [`Transactional`](super::Transactional) gets it.
 //!
-//! * The key (1..=255 visible ASCII characters, else 422 `validation_failed` naming the header)
-//!   and a fingerprint of the request (SHA-256 of method, path and query, and body) are read once
-//!   per request.
+//! * The key (1..=255 visible ASCII characters, else 422 `validation_failed` naming the header),
+//!   its scope and a fingerprint of the request (SHA-256 of method, path and query, body and
+//!   `Content-Type`) are read once per request.
+//! * A key belongs to a scope: the string the service's
+//!   [`idempotency_scope`](crate::LayerBuilder::idempotency_scope) function returns for the
+//!   request (the authenticated user or API client), or [`DEFAULT_SCOPE`] (the empty string)
+//!   when it returns `None` or none is given. The row is found by (scope, key): the same key in
+//!   two scopes is two keys, and a client never gets the response stored for another scope's
+//!   key. A scope longer than [`MAX_SCOPE_LEN`] bytes is stored as `sha256:` and its digest
+//!   in hex.
 //! * Every attempt first claims the key inside its own transaction. On PostgreSQL it takes a
-//!   transaction-scoped advisory lock on the key without waiting
+//!   transaction-scoped advisory lock on (scope, key) without waiting
 //!   (`pg_try_advisory_xact_lock`, released by `COMMIT`/`ROLLBACK`, so it also works behind a
 //!   transaction-mode pooler): when another request holds it, the duplicate is answered 409
 //!   `idempotency_key_in_use` at once instead of waiting (it holds no connection while the first
@@ -44,17 +51,27 @@ use super::Tx;
 pub const HEADER: &str = IdempotencyKey::NAME;
 pub const REPLAYED_HEADER: &str = IDEMPOTENT_REPLAYED;
 
+/// The scope of a key when the service gives no scope function, or it returns `None` for the
+/// request: one scope shared by every client (a service without authentication, such as the
+/// inventory).
+pub const DEFAULT_SCOPE: &str = "";
+
+/// The longest scope stored as it is, in bytes (the column is `varbinary(255)` on MariaDB/MySQL);
+/// a longer one is stored as `sha256:` and its hex digest.
+pub const MAX_SCOPE_LEN: usize = 255;
+
 /// A stored key is cleaned up after one stored key in this many (on average).
 pub const CLEAN_ONE_IN: u32 = 16;
 /// Rows deleted per clean-up transaction.
 const CLEAN_BATCH: u64 = 100;
 
-/// The key and fingerprint of one request.
+/// The scope, key and fingerprint of one request.
 #[derive(Clone, Debug)]
 pub(super) struct Idempotency {
+    scope: String,
     key: String,
     fingerprint: String,
-    /// The advisory lock's id: the first 8 bytes of the key's SHA-256.
+    /// The advisory lock's id: the first 8 bytes of the SHA-256 of (scope, key).
     lock_id: i64,
 }
 
@@ -80,13 +97,14 @@ pub(super) enum Claim {
 }
 
 impl Idempotency {
-    /// The request's key and fingerprint; `None` without the header or on a method other than
-    /// `POST`.
+    /// The request's scope, key and fingerprint; `None` without the header or on a method other
+    /// than `POST`. `scope` is asked only when there is a key.
     pub(super) fn read(
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
         body: &[u8],
+        scope: impl FnOnce() -> Option<String>,
     ) -> Result<Option<Idempotency>, Error> {
         if method != Method::POST {
             return Ok(None);
@@ -105,16 +123,23 @@ impl Idempotency {
             )));
         }
         let key = String::from_utf8_lossy(bytes).into_owned();
-        let mut hasher = Sha256::new();
-        for part in [method.as_str().as_bytes(), path_and_query.as_bytes(), body] {
-            hasher.update((part.len() as u64).to_be_bytes());
-            hasher.update(part);
-        }
-        let fingerprint = hex(&hasher.finalize());
-        let digest = Sha256::digest(key.as_bytes());
+        // The Content-Type as sent (none and empty are the same): the same bytes sent as
+        // another media type are another request, answered differently (415, or parsed).
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .map_or(&b""[..], HeaderValue::as_bytes);
+        let fingerprint = hex(&length_prefixed(&[
+            method.as_str().as_bytes(),
+            path_and_query.as_bytes(),
+            body,
+            content_type,
+        ]));
+        let scope = stored_scope(scope().unwrap_or_else(|| DEFAULT_SCOPE.to_owned()));
+        let digest = length_prefixed(&[scope.as_bytes(), key.as_bytes()]);
         let mut id = [0u8; 8];
         id.copy_from_slice(&digest[..8]);
         Ok(Some(Idempotency {
+            scope,
             key,
             fingerprint,
             lock_id: i64::from_be_bytes(id),
@@ -143,8 +168,12 @@ impl Idempotency {
             .query_one_raw(statement(
                 backend,
                 "SELECT fingerprint, status, content_type, location, body FROM idempotency_key \
-                 WHERE request_key = $1 AND expires_at > $2",
-                [Value::from(self.key.clone()), Value::from(Utc::now())],
+                 WHERE scope = $1 AND request_key = $2 AND expires_at > $3",
+                [
+                    Value::from(self.scope.clone()),
+                    Value::from(self.key.clone()),
+                    Value::from(Utc::now()),
+                ],
             ))
             .await?;
         let Some(row) = row else {
@@ -174,6 +203,7 @@ impl Idempotency {
         let expires = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::days(1));
         let backend = db.get_database_backend();
         let row = [
+            Value::from(self.scope.clone()),
             Value::from(self.key.clone()),
             Value::from(self.fingerprint.clone()),
             Value::from(i32::from(response.status)),
@@ -189,19 +219,25 @@ impl Idempotency {
             // exists (InnoDB's locking read waits for a duplicate still uncommitted).
             db.execute_raw(statement(
                 backend,
-                "DELETE FROM idempotency_key WHERE request_key = $1 AND expires_at <= $2",
-                [Value::from(self.key.clone()), Value::from(now)],
+                "DELETE FROM idempotency_key \
+                 WHERE scope = $1 AND request_key = $2 AND expires_at <= $3",
+                [
+                    Value::from(self.scope.clone()),
+                    Value::from(self.key.clone()),
+                    Value::from(now),
+                ],
             ))
             .await?;
             let mut values = row.to_vec();
+            values.push(Value::from(self.scope.clone()));
             values.push(Value::from(self.key.clone()));
             let done = db
                 .execute_raw(statement(
                     backend,
                     "INSERT INTO idempotency_key \
-                     (request_key, fingerprint, status, content_type, location, body, created_at, expires_at) \
-                     SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM DUAL WHERE NOT EXISTS \
-                     (SELECT 1 FROM idempotency_key WHERE request_key = $9)",
+                     (scope, request_key, fingerprint, status, content_type, location, body, created_at, expires_at) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 FROM DUAL WHERE NOT EXISTS \
+                     (SELECT 1 FROM idempotency_key WHERE scope = $10 AND request_key = $11)",
                     values,
                 ))
                 .await?;
@@ -211,9 +247,9 @@ impl Idempotency {
             .execute_raw(statement(
                 backend,
                 "INSERT INTO idempotency_key \
-                 (request_key, fingerprint, status, content_type, location, body, created_at, expires_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (request_key) DO UPDATE SET fingerprint = excluded.fingerprint, \
+                 (scope, request_key, fingerprint, status, content_type, location, body, created_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (scope, request_key) DO UPDATE SET fingerprint = excluded.fingerprint, \
                  status = excluded.status, content_type = excluded.content_type, \
                  location = excluded.location, body = excluded.body, \
                  created_at = excluded.created_at, expires_at = excluded.expires_at \
@@ -273,9 +309,10 @@ pub async fn clean_expired(db: &impl ConnectionTrait) -> Result<u64, DbErr> {
         // MySQL cannot select from the table it deletes from, but has DELETE … LIMIT.
         format!("DELETE FROM idempotency_key WHERE expires_at <= $1 LIMIT {CLEAN_BATCH}")
     } else {
+        // The primary key (scope, request_key) as a row value: PostgreSQL and SQLite ≥ 3.15.
         format!(
-            "DELETE FROM idempotency_key WHERE request_key IN (SELECT request_key FROM \
-             idempotency_key WHERE expires_at <= $1 LIMIT {CLEAN_BATCH}{lock})"
+            "DELETE FROM idempotency_key WHERE (scope, request_key) IN (SELECT scope, request_key \
+             FROM idempotency_key WHERE expires_at <= $1 LIMIT {CLEAN_BATCH}{lock})"
         )
     };
     let done = db
@@ -328,6 +365,26 @@ fn statement<I: IntoIterator<Item = Value>>(backend: DbBackend, sql: &str, value
     Statement::from_sql_and_values(backend, sql, values)
 }
 
+/// The SHA-256 of `parts`, each preceded by its length (so no boundary between two parts can
+/// move).
+fn length_prefixed(parts: &[&[u8]]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
+/// The scope as stored: itself up to [`MAX_SCOPE_LEN`] bytes, else `sha256:` and its digest.
+fn stored_scope(scope: String) -> String {
+    if scope.len() <= MAX_SCOPE_LEN {
+        scope
+    } else {
+        format!("sha256:{}", hex(&Sha256::digest(scope.as_bytes())))
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -362,7 +419,8 @@ mod tests {
             (&[b"a", b"b"], false),
         ];
         for (values, ok) in cases {
-            let read = Idempotency::read(&Method::POST, "/receipts", &headers(values), b"{}");
+            let read =
+                Idempotency::read(&Method::POST, "/receipts", &headers(values), b"{}", || None);
             match (read, ok) {
                 (Ok(Some(_)), true) => {}
                 (Err(Error::MalformedIdempotencyKey(text)), false) => {
@@ -375,24 +433,77 @@ mod tests {
 
     #[test]
     fn only_a_post_with_the_header_has_a_key() {
-        let get = Idempotency::read(&Method::GET, "/x", &headers(&[b"k"]), b"");
+        let get = Idempotency::read(&Method::GET, "/x", &headers(&[b"k"]), b"", || None);
         assert!(matches!(get, Ok(None)));
-        let none = Idempotency::read(&Method::POST, "/x", &HeaderMap::new(), b"");
+        let none = Idempotency::read(&Method::POST, "/x", &HeaderMap::new(), b"", || None);
         assert!(matches!(none, Ok(None)));
     }
 
+    fn read(
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+        scope: Option<&str>,
+    ) -> Idempotency {
+        let mut headers = headers(&[b"k"]);
+        if let Some(content_type) = content_type {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(content_type).expect("a header value"),
+            );
+        }
+        Idempotency::read(&Method::POST, path, &headers, body, || {
+            scope.map(str::to_owned)
+        })
+        .expect("valid")
+        .expect("a key")
+    }
+
     #[test]
-    fn the_fingerprint_covers_method_path_and_body() {
-        let fp = |path: &str, body: &[u8]| {
-            Idempotency::read(&Method::POST, path, &headers(&[b"k"]), body)
-                .expect("valid")
-                .expect("a key")
-                .fingerprint
-        };
+    fn the_fingerprint_covers_method_path_body_and_content_type() {
+        let json = Some("application/json");
+        let fp = |path: &str, body: &[u8]| read(path, json, body, None).fingerprint;
         assert_eq!(fp("/a", b"1"), fp("/a", b"1"));
         assert_ne!(fp("/a", b"1"), fp("/a", b"2"));
         assert_ne!(fp("/a", b"1"), fp("/b", b"1"));
         // Lengths are hashed too: the boundary between path and body cannot move.
         assert_ne!(fp("/a1", b""), fp("/a", b"1"));
+        let typed = |content_type| read("/a", content_type, b"{}", None).fingerprint;
+        assert_ne!(typed(json), typed(Some("text/plain")));
+        assert_ne!(typed(json), typed(None));
+        assert_eq!(
+            typed(None),
+            typed(Some("")),
+            "no Content-Type is an empty one"
+        );
+        // The scope is not part of the request: it picks the row, not the fingerprint.
+        assert_eq!(
+            read("/a", json, b"1", Some("alice")).fingerprint,
+            read("/a", json, b"1", Some("bob")).fingerprint
+        );
+    }
+
+    #[test]
+    fn the_scope_is_the_functions_or_the_default_and_a_long_one_is_hashed() {
+        assert_eq!(read("/a", None, b"", None).scope, DEFAULT_SCOPE);
+        assert_eq!(read("/a", None, b"", Some("alice")).scope, "alice");
+        let longest = "s".repeat(MAX_SCOPE_LEN);
+        assert_eq!(read("/a", None, b"", Some(&longest)).scope, longest);
+        let long = "s".repeat(MAX_SCOPE_LEN + 1);
+        let stored = read("/a", None, b"", Some(&long)).scope;
+        assert!(
+            stored.starts_with("sha256:") && stored.len() == 71,
+            "{stored}"
+        );
+        let other = read("/a", None, b"", Some(&"t".repeat(MAX_SCOPE_LEN + 1))).scope;
+        assert_ne!(stored, other);
+    }
+
+    #[test]
+    fn the_advisory_lock_is_per_scope_and_key() {
+        let lock = |scope| read("/a", None, b"", scope).lock_id;
+        assert_eq!(lock(Some("alice")), lock(Some("alice")));
+        assert_ne!(lock(Some("alice")), lock(Some("bob")));
+        assert_ne!(lock(None), lock(Some("alice")));
     }
 }

@@ -48,7 +48,9 @@
 //!   `DB_STATEMENT_TIMEOUT_MS` + `DB_CONNECT_TIMEOUT`. Past its bound (a partition holding the
 //!   packets) the connection is closed and the attempt fails as 503 `database_unavailable`; a
 //!   `COMMIT` past its bound is a lost reply, resolved as above.
-//! * `Idempotency-Key` on `POST` (`idempotency.rs`): each attempt first claims the key in its
+//! * `Idempotency-Key` on `POST` (`idempotency.rs`): a key belongs to the request's scope (the
+//!   service's [`idempotency_scope`](crate::LayerBuilder::idempotency_scope) function, else
+//!   [`DEFAULT_IDEMPOTENCY_SCOPE`]); each attempt first claims (scope, key) in its
 //!   transaction (a replay, a duplicate still running (409) or a reused key (422) is answered
 //!   without running the handler); a response below 400 is stored in the same transaction as
 //!   the handler's writes, a 4xx after the rollback, a 5xx never. A store that finds the key
@@ -113,12 +115,16 @@ use std::time::Duration;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
 use actix_web::http::Method;
-use actix_web::{HttpMessage, HttpResponse, ResponseError};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use futures_util::FutureExt;
 use sea_orm::{AccessMode, DatabaseConnection, IsolationLevel};
 
 pub use failure::{DbFailure, FailureKind};
 pub use idempotency::clean_expired as clean_expired_idempotency_keys;
+pub use idempotency::{
+    CLEAN_ONE_IN, DEFAULT_SCOPE as DEFAULT_IDEMPOTENCY_SCOPE,
+    MAX_SCOPE_LEN as MAX_IDEMPOTENCY_SCOPE_LEN,
+};
 use idempotency::{Claim, Idempotency, Stored};
 use lazy::Slot;
 pub use lazy::{Tx, TxSavepoint, TxStream};
@@ -394,12 +400,18 @@ where
 /// out of range) to the service's own response; `None` leaves it to the layer (500 `internal`).
 pub type FailureMap = Arc<dyn Fn(&DbFailure) -> Option<HttpResponse> + Send + Sync>;
 
+/// The scope of a request's `Idempotency-Key` (the authenticated user or API client); `None`
+/// is [`DEFAULT_IDEMPOTENCY_SCOPE`]. See
+/// [`LayerBuilder::idempotency_scope`](crate::LayerBuilder::idempotency_scope).
+pub type IdempotencyScope = Arc<dyn Fn(&HttpRequest) -> Option<String> + Send + Sync>;
+
 /// What every transactional route of one [`Layer`](crate::Layer) shares.
 pub(crate) struct Shared {
     pub(crate) db: DatabaseConnection,
     pub(crate) config: TxConfig,
     pub(crate) metrics: Metrics,
     pub(crate) on_failure: Option<FailureMap>,
+    pub(crate) idempotency_scope: Option<IdempotencyScope>,
 }
 
 impl Shared {
@@ -523,7 +535,14 @@ where
                 _ => None,
             };
             let key = http.uri().path_and_query().map_or("", |p| p.as_str());
-            let idempotency = match Idempotency::read(http.method(), key, http.headers(), &body) {
+            let scope = || {
+                shared
+                    .idempotency_scope
+                    .as_ref()
+                    .and_then(|scope| scope(&http))
+            };
+            let read = Idempotency::read(http.method(), key, http.headers(), &body, scope);
+            let idempotency = match read {
                 Ok(idempotency) => idempotency,
                 Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
             };

@@ -78,7 +78,10 @@ async fn sea_orm_cli_migrates_up_and_down(server: Server) {
     assert_eq!(count(&db).await, 0);
     sea_orm_cli(&["migrate", "up"], &database.url);
     assert_eq!(count(&db).await, 5);
-    // `down` undoes one migration at a time, the newest first.
+    // `down` undoes one migration at a time, the newest first: the scope of idempotency_key,
+    // then the table, then the inventory's.
+    sea_orm_cli(&["migrate", "down"], &database.url);
+    assert_eq!(count(&db).await, 5, "idempotency_key unscoped, still there");
     sea_orm_cli(&["migrate", "down"], &database.url);
     assert_eq!(count(&db).await, 4, "idempotency_key dropped");
     sea_orm_cli(&["migrate", "down"], &database.url);

@@ -285,6 +285,18 @@ pub async fn spawn_app_on(
     overrides: &[(&str, &str)],
     extra_routes: app::startup::ExtraRoutes,
 ) -> TestApp {
+    spawn_app_on_with_layer(url, database, overrides, extra_routes, |layer| layer).await
+}
+
+/// [`spawn_app_on`], with `layer_options` given to the layer's builder (e.g. an
+/// `Idempotency-Key` scope).
+pub async fn spawn_app_on_with_layer(
+    url: &str,
+    database: Option<Box<dyn std::any::Any + Send + Sync>>,
+    overrides: &[(&str, &str)],
+    extra_routes: app::startup::ExtraRoutes,
+    layer_options: app::startup::LayerOptions,
+) -> TestApp {
     init_logs();
     let settings = test_settings(url, overrides);
     let pool = sea_orm_actix_tx::db::connect(&settings.database)
@@ -293,7 +305,7 @@ pub async fn spawn_app_on(
     app::startup::migrate(&pool)
         .await
         .expect("migrations apply");
-    launch(settings, pool, url, database, extra_routes).await
+    launch(settings, pool, url, database, extra_routes, layer_options).await
 }
 
 /// The real application behind the run's shared PgBouncer (`pool_mode = transaction`) with
@@ -348,6 +360,7 @@ async fn launch_migrated(
         &direct_url,
         Some(Box::new(database)),
         extra_routes,
+        |layer| layer,
     )
     .await
 }
@@ -399,12 +412,13 @@ async fn launch(
     direct_url: &str,
     database: Option<Box<dyn std::any::Any + Send + Sync>>,
     extra_routes: app::startup::ExtraRoutes,
+    layer_options: app::startup::LayerOptions,
 ) -> TestApp {
     let replica = sea_orm_actix_tx::db::connect_replica(&settings.database)
         .await
         .expect("the replica's pool is configured");
     let application =
-        Application::build_with_replica(settings, pool.clone(), replica, extra_routes)
+        Application::build_with_layer(settings, pool.clone(), replica, extra_routes, layer_options)
             .expect("the app binds");
     let port = application.port();
     let server = tokio::spawn(application.run_until_stopped());

@@ -1,15 +1,18 @@
 //! `Idempotency-Key` on `POST` (`docs/api.md`): a repeat gets the stored response and writes
 //! nothing, a concurrent duplicate is 409 `idempotency_key_in_use`, a different request with the
-//! key is 422 `idempotency_key_reused`, and the key survives an app restart and a lost `COMMIT`
-//! reply.
+//! key (another body, path or `Content-Type`) is 422 `idempotency_key_reused`, a key is scoped
+//! (the same key from two scopes is two keys), and the key survives an app restart and a lost
+//! `COMMIT` reply.
 
 use futures_util::future::join_all;
 use sea_orm::ConnectionTrait;
+use sea_orm_actix_tx::LayerBuilder;
 use serde_json::{Value, json};
 
 use crate::fault_proxy::{Cut, FaultProxy, upstream_of};
 use crate::helpers::{
-    TestApp, admin_url, on_every_backend, problem, spawn_app, spawn_app_behind, spawn_app_on,
+    CONCURRENT_POOL, Server, SqliteFile, TestApp, TestDatabase, admin_url, on_every_backend,
+    problem, spawn_app, spawn_app_behind, spawn_app_on, spawn_app_on_with_layer,
 };
 use crate::transactions::{create_test_tables, metric, routes};
 
@@ -21,6 +24,7 @@ on_every_backend!(
     fifty_concurrent_identical_posts_with_one_key_make_one_movement,
     the_same_key_for_a_different_request_is_422_idempotency_key_reused,
     a_4xx_is_stored_and_replayed_although_its_writes_were_rolled_back,
+    the_same_key_and_body_with_another_content_type_is_a_different_request,
 );
 
 async fn post_with_key(app: &TestApp, path: &str, key: &str, body: &Value) -> reqwest::Response {
@@ -165,6 +169,202 @@ async fn an_invalid_key_is_422_validation_failed_naming_the_header() {
         assert!(detail.starts_with("Idempotency-Key"), "{what}: {detail}");
     }
     assert_eq!(movements(&app).await, 0);
+}
+
+async fn the_same_key_and_body_with_another_content_type_is_a_different_request(app: TestApp) {
+    let body = serde_json::to_vec(&receipt(&app).await).expect("json");
+    let send = |key: &'static str, content_type: &'static str| {
+        app.client
+            .post(app.url("/receipts"))
+            .header("Idempotency-Key", key)
+            .header("content-type", content_type)
+            .body(body.clone())
+            .send()
+    };
+
+    // A 415 is stored and replayed for the same request; the same bytes sent as JSON are
+    // another request, not a replay of the 415.
+    let first = send("typed", "text/plain").await.expect("sent");
+    assert!(!replayed(&first));
+    let (status, rejected) = problem(first).await;
+    assert_eq!(
+        (status, rejected["code"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
+    let again = send("typed", "text/plain").await.expect("sent");
+    assert!(replayed(&again), "the same request replays its 415");
+    let as_json = send("typed", "application/json").await.expect("sent");
+    assert!(!replayed(&as_json), "a stored 415 is not replayed for JSON");
+    let (status, reused) = problem(as_json).await;
+    assert_eq!(
+        (status, reused["code"].as_str()),
+        (422, Some("idempotency_key_reused"))
+    );
+    assert_eq!(movements(&app).await, 0);
+
+    // And the other way round: a stored 201 is not replayed for the body sent as text.
+    let created = send("typed-2", "application/json").await.expect("sent");
+    assert_eq!(created.status(), 201);
+    let as_text = send("typed-2", "text/plain").await.expect("sent");
+    let (status, reused) = problem(as_text).await;
+    assert_eq!(
+        (status, reused["code"].as_str()),
+        (422, Some("idempotency_key_reused"))
+    );
+    let replay = send("typed-2", "application/json").await.expect("sent");
+    assert_eq!(replay.status(), 201);
+    assert!(replayed(&replay));
+    assert_eq!(movements(&app).await, 1);
+}
+
+/// The header the scoped test app takes its `Idempotency-Key` scope from (a stand-in for the
+/// authenticated client: the inventory itself has no authentication and one scope).
+const CLIENT: &str = "x-client";
+
+fn scope_by_client(layer: LayerBuilder<'_>) -> LayerBuilder<'_> {
+    layer.idempotency_scope(|req| {
+        req.headers()
+            .get(CLIENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    })
+}
+
+/// The inventory on `backend` ("postgres", "mariadb", "sqlite") with its layer scoping keys by
+/// [`CLIENT`].
+async fn spawn_scoped_app(backend: &str) -> TestApp {
+    let (url, database): (String, Box<dyn std::any::Any + Send + Sync>) = match backend {
+        "postgres" | "mariadb" => {
+            let server = if backend == "postgres" {
+                Server::Postgres
+            } else {
+                Server::Mariadb
+            };
+            let database = TestDatabase::create_on(server).await;
+            (database.url.clone(), Box::new(database))
+        }
+        _ => {
+            let (file, url) = SqliteFile::new();
+            (url, Box::new(file))
+        }
+    };
+    spawn_app_on_with_layer(
+        &url,
+        Some(database),
+        CONCURRENT_POOL,
+        |_, _| {},
+        scope_by_client,
+    )
+    .await
+}
+
+async fn post_as(
+    app: &TestApp,
+    client: Option<&str>,
+    key: &str,
+    body: &Value,
+) -> reqwest::Response {
+    let mut request = app
+        .client
+        .post(app.url("/receipts"))
+        .header("Idempotency-Key", key)
+        .json(body);
+    if let Some(client) = client {
+        request = request.header(CLIENT, client);
+    }
+    request.send().await.expect("request sent")
+}
+
+async fn the_same_key_from_two_scopes_runs_twice_and_never_replays_across(backend: &str) {
+    let app = spawn_scoped_app(backend).await;
+    let body = receipt(&app).await;
+
+    // "Alice" differs from "alice" in one letter's case only: another scope on every backend.
+    let scopes = [Some("alice"), Some("bob"), Some("Alice"), None];
+    let mut originals = Vec::new();
+    for scope in scopes {
+        let first = post_as(&app, scope, "shared-key", &body).await;
+        assert_eq!(first.status(), 201, "{scope:?}");
+        assert!(!replayed(&first), "{scope:?}: a new key in its own scope");
+        originals.push(first.json::<Value>().await.expect("json"));
+    }
+    assert_eq!(movements(&app).await, 4, "the handler ran once per scope");
+    for (i, a) in originals.iter().enumerate() {
+        for b in &originals[i + 1..] {
+            assert_ne!(a["id"], b["id"], "four movements, four answers");
+        }
+    }
+
+    // Each scope replays its own answer, never another's.
+    for (scope, original) in scopes.iter().zip(&originals) {
+        let again = post_as(&app, *scope, "shared-key", &body).await;
+        assert_eq!(again.status(), 201, "{scope:?}");
+        assert!(replayed(&again), "{scope:?}");
+        assert_eq!(
+            &again.json::<Value>().await.expect("json"),
+            original,
+            "{scope:?}"
+        );
+    }
+    assert_eq!(movements(&app).await, 4);
+
+    // Within its scope the key is still bound to its request.
+    let mut other = body.clone();
+    other["quantity"] = json!(6);
+    let (status, reused) = problem(post_as(&app, Some("bob"), "shared-key", &other).await).await;
+    assert_eq!(
+        (status, reused["code"].as_str()),
+        (422, Some("idempotency_key_reused"))
+    );
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM idempotency_key WHERE request_key = 'shared-key'")
+            .await,
+        4,
+        "one row per scope"
+    );
+    assert_eq!(
+        app.scalar(
+            "SELECT count(*) FROM idempotency_key WHERE request_key = 'shared-key' AND scope = ''"
+        )
+        .await,
+        1,
+        "a request without a scope is in the default scope, the empty string"
+    );
+    app.assert_invariant().await;
+}
+
+#[tokio::test]
+async fn the_same_key_from_two_scopes_runs_twice_on_postgres() {
+    the_same_key_from_two_scopes_runs_twice_and_never_replays_across("postgres").await;
+}
+
+#[tokio::test]
+async fn the_same_key_from_two_scopes_runs_twice_on_mariadb() {
+    the_same_key_from_two_scopes_runs_twice_and_never_replays_across("mariadb").await;
+}
+
+#[tokio::test]
+async fn the_same_key_from_two_scopes_runs_twice_on_sqlite() {
+    the_same_key_from_two_scopes_runs_twice_and_never_replays_across("sqlite").await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_with_one_key_in_two_scopes_are_not_duplicates() {
+    let app = spawn_scoped_app("postgres").await;
+    let body = receipt(&app).await;
+    let clients = ["alice", "bob"];
+    let answers =
+        join_all((0..20).map(|i| post_as(&app, Some(clients[i % 2]), "burst", &body))).await;
+    let mut originals = 0;
+    for res in answers {
+        match res.status().as_u16() {
+            201 => originals += usize::from(!replayed(&res)),
+            409 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(originals, 2, "one run per scope");
+    assert_eq!(movements(&app).await, 2);
 }
 
 async fn a_4xx_is_stored_and_replayed_although_its_writes_were_rolled_back(app: TestApp) {

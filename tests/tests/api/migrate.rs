@@ -1,8 +1,11 @@
 //! `app migrate` on PostgreSQL, MariaDB and SQLite with rows in the tables: `down` reverts one
 //! migration unless `-n` says more, `up -n` applies that many, and the commands that destroy
-//! data (`fresh`, `refresh`, `reset`) refuse without `--yes`, exit 2 and change nothing.
+//! data (`fresh`, `refresh`, `reset`) refuse without `--yes`, exit 2 and change nothing. The
+//! inventory has three migrations: its own tables, the layer's `idempotency_key`, and the
+//! layer's scoping of that table.
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use chrono::Utc;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Value};
 
 use crate::helpers::{Server, SqliteFile, TestDatabase, connect_to};
 use crate::process::run_binary;
@@ -71,6 +74,59 @@ impl Target {
         self.rows("seaql_migrations").await.unwrap_or(0)
     }
 
+    /// Whether `table` has `column`.
+    async fn has_column(&self, table: &str, column: &str) -> bool {
+        let sql = format!("SELECT count({column}) FROM {table}");
+        let statement = Statement::from_string(self.db.get_database_backend(), sql);
+        self.db.query_one_raw(statement).await.is_ok()
+    }
+
+    /// Stores a live `Idempotency-Key` row for `key` in `scope` (`None`: before the scope
+    /// migration, without the column).
+    async fn store_key(&self, scope: Option<&str>, key: &str) {
+        let backend = self.db.get_database_backend();
+        let now = Utc::now();
+        let mut values = vec![
+            Value::from(key.to_owned()),
+            Value::from("0".repeat(64)),
+            Value::from(201),
+            Value::from("application/json".to_owned()),
+            Value::from(b"{}".to_vec()),
+            Value::from(now),
+            Value::from(now + chrono::Duration::hours(1)),
+        ];
+        let columns =
+            "request_key, fingerprint, status, content_type, body, created_at, expires_at";
+        let (columns, count) = match scope {
+            Some(scope) => {
+                values.insert(0, Value::from(scope.to_owned()));
+                (format!("scope, {columns}"), 8)
+            }
+            None => (columns.to_owned(), 7),
+        };
+        let placeholders: Vec<String> = (1..=count)
+            .map(|i| {
+                if backend == DbBackend::Postgres {
+                    format!("${i}")
+                } else {
+                    "?".to_owned()
+                }
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO idempotency_key ({columns}) VALUES ({})",
+            placeholders.join(", ")
+        );
+        self.db
+            .execute_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await
+            .expect("insert a key");
+    }
+
+    fn is_sqlite(&self) -> bool {
+        self.db.get_database_backend() == DbBackend::Sqlite
+    }
+
     async fn keep_a_warehouse(&self) {
         let statement = Statement::from_string(
             self.db.get_database_backend(),
@@ -91,16 +147,41 @@ impl Target {
 async fn down_reverts_one_migration_and_keeps_the_other_tables_rows(backend: &str) {
     let target = Target::new(backend).await;
     target.run(&["up"]);
-    assert_eq!(target.applied().await, 2);
+    assert_eq!(target.applied().await, 3);
+    assert!(target.has_column("idempotency_key", "scope").await);
     target.keep_a_warehouse().await;
+    // One key in two scopes: the unscoped table cannot hold both.
+    target.store_key(Some(""), "kept").await;
+    target.store_key(Some("alice"), "kept").await;
 
     target.run(&["down"]);
-    assert_eq!(target.applied().await, 1, "down reverts exactly one");
+    assert_eq!(target.applied().await, 2, "down reverts exactly one");
+    assert!(
+        !target.has_column("idempotency_key", "scope").await,
+        "the newest (the scope) is reverted"
+    );
+    let kept = if target.is_sqlite() { 0 } else { 1 };
     assert_eq!(
         target.rows("idempotency_key").await,
-        None,
-        "the newest is reverted"
+        Some(kept),
+        "the default scope's key is kept (SQLite's table is created again, empty)"
     );
+    // The unscoped primary key is back: the same key again is refused.
+    target.store_key(None, "other").await;
+    let again = Statement::from_string(
+        target.db.get_database_backend(),
+        "INSERT INTO idempotency_key (request_key, fingerprint, status, content_type, body, \
+         created_at, expires_at) SELECT request_key, fingerprint, status, content_type, body, \
+         created_at, expires_at FROM idempotency_key WHERE request_key = 'other'",
+    );
+    assert!(
+        target.db.execute_raw(again).await.is_err(),
+        "request_key alone is the primary key again"
+    );
+
+    target.run(&["down"]);
+    assert_eq!(target.applied().await, 1);
+    assert_eq!(target.rows("idempotency_key").await, None);
     assert_eq!(
         target.rows("warehouse").await,
         Some(1),
@@ -110,15 +191,29 @@ async fn down_reverts_one_migration_and_keeps_the_other_tables_rows(backend: &st
     target.run(&["up", "-n", "1"]);
     assert_eq!(target.applied().await, 2, "up -n 1 applies one");
     assert_eq!(target.rows("idempotency_key").await, Some(0));
+    assert!(!target.has_column("idempotency_key", "scope").await);
+    target.store_key(None, "before-the-scope").await;
 
-    target.run(&["down", "-n", "2"]);
-    assert_eq!(target.applied().await, 0, "down -n 2 reverts two");
+    target.run(&["up", "-n", "1"]);
+    assert_eq!(target.applied().await, 3);
+    assert!(target.has_column("idempotency_key", "scope").await);
+    let kept = if target.is_sqlite() { 0 } else { 1 };
+    assert_eq!(
+        target.rows("idempotency_key").await,
+        Some(kept),
+        "a stored key moves to the default scope (SQLite's table is created again, empty)"
+    );
+    target.store_key(Some("alice"), "before-the-scope").await;
+    target.store_key(Some("bob"), "before-the-scope").await;
+
+    target.run(&["down", "-n", "3"]);
+    assert_eq!(target.applied().await, 0, "down -n 3 reverts three");
     assert_eq!(target.rows("warehouse").await, None);
 
     target.run(&["up", "-n", "1"]);
     assert_eq!(target.applied().await, 1, "up -n 1 applies only the first");
     target.run(&[]);
-    assert_eq!(target.applied().await, 2, "migrate alone applies the rest");
+    assert_eq!(target.applied().await, 3, "migrate alone applies the rest");
 }
 
 async fn destructive_commands_refuse_without_yes_and_change_nothing(backend: &str) {
@@ -142,14 +237,14 @@ async fn destructive_commands_refuse_without_yes_and_change_nothing(backend: &st
             _ => stderr.contains("inventory_test_") && stderr.contains(":"),
         };
         assert!(names_the_database, "{stderr}");
-        assert_eq!(target.applied().await, 2, "{command} changed nothing");
+        assert_eq!(target.applied().await, 3, "{command} changed nothing");
         assert_eq!(target.rows("warehouse").await, Some(1), "{command}");
     }
 
     target.run(&["fresh", "--yes"]);
     assert_eq!(
         target.applied().await,
-        2,
+        3,
         "fresh --yes re-applies everything"
     );
     assert_eq!(
