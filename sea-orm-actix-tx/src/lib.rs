@@ -192,8 +192,11 @@ impl<'r> LayerBuilder<'r> {
 
     /// The service's answer to a database failure the layer does not answer itself: a
     /// constraint violation (unique, foreign key, check, by the constraint's name in
-    /// [`FailureKind`]) or a value out of range. Used when such a failure ends a request after
-    /// the handler swallowed it; `None` (or no mapping) answers 500 `internal`.
+    /// [`FailureKind`]) or a value out of range. Used when such a failure ends a request: after
+    /// the handler swallowed it, or when the handler returned it as the layer's own
+    /// [`Error::Database`] (`?` on a SeaORM error in a handler returning `Result<_, Error>`);
+    /// `None` (or no mapping) answers 500 `internal`. A handler with an error type of its own
+    /// maps the failure there (e.g. with the same function).
     pub fn on_failure(
         mut self,
         map: impl Fn(&DbFailure) -> Option<HttpResponse> + Send + Sync + 'static,

@@ -11,7 +11,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use sea_orm::{ActiveModelTrait, ActiveValue::Set, ConnectionTrait, DbErr, EntityTrait};
-use sea_orm_actix_tx::{DbFailure, FailureKind, Layer, Tx, db, problem_response};
+use sea_orm_actix_tx::{DbFailure, FailureKind, Layer, Tx, problem_response};
 use serde::Deserialize;
 
 use crate::todo;
@@ -156,15 +156,7 @@ pub async fn insert(db: &impl ConnectionTrait, title: &str) -> Result<todo::Mode
 
 /// Prometheus text: the layer's series (the pool's refreshed first) and the service's.
 pub async fn metrics(layer: web::Data<Layer>, registry: web::Data<Registry>) -> HttpResponse {
-    let (min, max) = layer.metrics().pool_limits();
-    let pool = db::pool_stats(layer.db(), min as u32, max as u32);
-    layer.metrics().set_pool(pool.idle, pool.in_use);
-    if let Some(replica) = layer.replica() {
-        let replica_pool = db::pool_stats(replica.db(), min as u32, max as u32);
-        layer
-            .metrics()
-            .set_replica(&replica_pool, replica.state().lag_seconds);
-    }
+    layer.refresh_metrics();
     let mut body = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut body, &registry);

@@ -509,184 +509,39 @@ where
     forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
-        let service = Rc::clone(&self.service);
-        let policy = self.policy;
+        let (service, policy) = (Rc::clone(&self.service), self.policy);
         let shared = Arc::clone(&self.shared);
         Box::pin(async move {
-            let shared = Arc::clone(&shared);
-            let (db, config) = (&shared.db, &shared.config);
-            let metrics = Some(shared.metrics.clone());
             let (http, mut payload) = req.into_parts();
-            let body = match read_body(&mut payload, config.body_limit).await {
-                Ok(body) => body,
-                Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
+            let request = match Request::read(service, shared, policy, http, &mut payload).await {
+                Ok(request) => request,
+                Err(refused) => return Ok(refused),
             };
-            // One `DB_POOL_TIMEOUT` per request: the admission queue and the pool checkout
-            // share it, so a request is answered 503 `pool_timeout` after it at the latest.
-            let deadline = config
-                .admission
-                .as_ref()
-                .map(|a| tokio::time::Instant::now() + a.wait());
-            let _admitted = match (&config.admission, deadline) {
-                (Some(admission), Some(deadline)) => match admission.enter_until(deadline).await {
-                    Ok(permit) => Some(permit),
-                    Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
-                },
-                _ => None,
+            // One `DB_POOL_TIMEOUT` per request: the admission queue and the pool checkout share
+            // it, so a request is answered 503 `pool_timeout` after it at the latest.
+            let _admitted = match request.admit().await {
+                Ok(permit) => permit,
+                Err(e) => return Ok(request.reply_with(e.error_response())),
             };
-            let key = http.uri().path_and_query().map_or("", |p| p.as_str());
-            let scope = || {
-                shared
-                    .idempotency_scope
-                    .as_ref()
-                    .and_then(|scope| scope(&http))
-            };
-            let read = Idempotency::read(http.method(), key, http.headers(), &body, scope);
-            let idempotency = match read {
-                Ok(idempotency) => idempotency,
-                Err(e) => return Ok(ServiceResponse::new(http.clone(), e.error_response())),
-            };
-            let read_only_default = is_read_only_method(http.method());
-            let route = http
-                .match_pattern()
-                .unwrap_or_else(|| http.path().to_owned());
-            let writes = policy
-                .access
-                .map_or(!read_only_default, |a| a == AccessMode::ReadWrite);
-            let mut read = (!writes).then(|| ReadRoute {
-                replica: config.replica.clone().filter(|_| !policy.primary),
-                token: routing::token_of(&http),
-            });
+            let mut read = request.read_route();
             let mut retries = 0;
             loop {
-                let mut slot = Slot::new(
-                    db.clone(),
-                    config,
-                    policy,
-                    read_only_default,
-                    metrics.clone(),
-                )
-                .checkout_until(deadline)
-                .labelled(route.clone());
-                if let Some(read) = &read {
-                    slot = slot.reading(read.clone());
-                }
-                let slot = Arc::new(slot);
-                // An Idempotency-Key is claimed first: a replay, a duplicate still running or a
-                // reused key is answered without running the handler, and rolled back.
-                let claim = match &idempotency {
-                    Some(idempotency) => Some(idempotency.claim(&Tx(Arc::clone(&slot))).await),
-                    None => None,
+                let slot = Arc::new(request.slot(read.as_ref()));
+                let response = match request.claim_and_run(&slot, retries).await {
+                    Ran::Handler(response) => response,
+                    Ran::Answered(reply) => return Ok(reply),
                 };
-                let response = match claim {
-                    None | Some(Ok(Claim::Proceed)) => {
-                        http.extensions_mut().insert(Arc::clone(&slot));
-                        let attempt =
-                            ServiceRequest::from_parts(http.clone(), Payload::from(body.clone()));
-                        let result = AssertUnwindSafe(service.call(attempt)).catch_unwind().await;
-                        http.extensions_mut().remove::<Arc<Slot>>();
-                        match result {
-                            Ok(Ok(res)) => Ok(res.map_into_boxed_body()),
-                            Ok(Err(e)) => Err(e.error_response()),
-                            Err(_) => {
-                                tracing::error!("handler panicked; rolling back");
-                                Err(Error::Internal.error_response())
-                            }
-                        }
-                    }
-                    Some(Ok(early)) => {
-                        let (outcome, _) = slot.finish(false).await;
-                        if let Some(m) = &metrics {
-                            m.count_transaction(outcome);
-                        }
-                        let replay = matches!(early, Claim::Replay(_));
-                        let answer = match early {
-                            Claim::Replay(stored) => {
-                                if let Some(m) = &metrics {
-                                    m.count_replay();
-                                }
-                                stored.replay()
-                            }
-                            Claim::InUse => Error::IdempotencyKeyInUse.error_response(),
-                            Claim::Reused | Claim::Proceed => {
-                                Error::IdempotencyKeyReused.error_response()
-                            }
-                        };
-                        // The replayed writes committed at or before the primary's position
-                        // now: the client reads them back like a first answer's.
-                        let reply = ServiceResponse::new(http.clone(), answer);
-                        let report = TxReport { outcome, retries };
-                        return Ok(finish_reply(reply, replay, config, db, report).await);
-                    }
-                    // The failure is recorded in the slot: retried or answered below.
-                    Some(Err(e)) => Err(shared.answer(DbFailure::classify(&e))),
-                };
-                let status_ok = matches!(&response, Ok(res) if res.status().as_u16() < 400);
-                // Every handle the handler was given is dropped by now, unless it kept one
-                // (cloned into a spawned task): whatever that task writes would run after the
-                // answer, or fail unseen. Roll back and answer 500.
-                let leaked = Arc::strong_count(&slot) > 1;
-                if leaked {
-                    tracing::error!(
-                        route = %route,
-                        "a transaction handle outlived its request (cloned into a task?); rolling back"
-                    );
-                    if let Some(m) = &metrics {
-                        m.count_leak();
-                    }
-                }
-                let client_gone = status_ok && !leaked && peer::client_gone(&http);
-                if client_gone {
-                    tracing::warn!("the client went away before the commit; rolling back");
-                }
-                let success = decision::may_commit(status_ok, leaked, client_gone);
-                // The response of a request with a key is kept: stored with the writes before
-                // COMMIT when below 400 (so the key is stored if and only if they commit), or
-                // after the rollback when 4xx. A live row found by the store is a duplicate
-                // that committed first: the attempt is re-run, and the re-run replays it.
-                let (response, stored) = match (&idempotency, response) {
-                    (Some(idempotency), response) if !client_gone => {
-                        let (res, stored) = match response {
-                            Ok(res) => {
-                                let (req, res) = res.into_parts();
-                                let (res, stored) = buffer(res).await;
-                                (Ok(ServiceResponse::new(req, res)), stored)
-                            }
-                            Err(res) => {
-                                let (res, stored) = buffer(res).await;
-                                (Err(res), stored)
-                            }
-                        };
-                        if let (true, Some(stored)) = (success, &stored) {
-                            let tx = Tx(Arc::clone(&slot));
-                            let ttl = config.idempotency_ttl;
-                            if let Ok(false) = idempotency.store(&tx, stored, ttl).await {
-                                slot.fail_as_conflict(
-                                    "the Idempotency-Key was stored concurrently",
-                                );
-                            }
-                        }
-                        (res, stored)
-                    }
-                    (_, response) => (response, None),
-                };
-                let (outcome, failure) = slot.finish(success).await;
-                if let (Some(m), TxOutcome::Commit | TxOutcome::Rollback | TxOutcome::Unknown) =
-                    (&metrics, outcome)
-                {
-                    m.count_transaction(outcome);
-                }
-                if failure.is_none() && success {
-                    // Only the attempt that committed (or never needed to) runs its hooks.
-                    slot.run_on_commit_hooks();
-                }
-
-                if slot.on_replica()
-                    && failure.is_some()
-                    && let Some(read) = &mut read
-                {
+                let (leaked, client_gone) = request.handles_and_peer(&slot, &response);
+                let success = decision::may_commit(is_ok(&response), leaked, client_gone);
+                let (response, stored) = request
+                    .keep_for_key(&slot, response, success, client_gone)
+                    .await;
+                let (outcome, failure) = request.end(&slot, success).await;
+                if slot.on_replica() && failure.is_some() {
                     // A re-run reads from the primary: the replica cancelled or lost it.
-                    read.replica = None;
+                    if let Some(read) = &mut read {
+                        read.replica = None;
+                    }
                 }
                 let next = decision::next(&decision::Ended {
                     meant_to_commit: success,
@@ -695,64 +550,337 @@ where
                     client_gone,
                     on_replica: slot.on_replica(),
                     retries,
-                    max_retries: config.max_retries,
+                    max_retries: request.shared.config.max_retries,
                 });
-                let reply = match (next, failure) {
-                    (decision::Next::Rerun { .. }, _) => {
-                        drop(response);
-                        tokio::time::sleep(backoff(retries)).await;
-                        retries += 1;
-                        if let Some(m) = &metrics {
-                            m.count_retry();
-                        }
-                        continue;
-                    }
-                    (decision::Next::Fail, Some(f)) => {
-                        ServiceResponse::new(http.clone(), shared.answer(f))
-                    }
-                    (decision::Next::Internal | decision::Next::Fail, _) => {
-                        ServiceResponse::new(http.clone(), Error::Internal.error_response())
-                    }
-                    (decision::Next::ClientClosed, _) => {
-                        let err = Error::ClientClosedRequest;
-                        ServiceResponse::new(http.clone(), err.error_response())
-                    }
-                    (decision::Next::Answer, _) => {
-                        let reply = match response {
-                            Ok(res) => res,
-                            Err(res) => ServiceResponse::new(http.clone(), res),
-                        };
-                        match (&idempotency, stored) {
-                            (Some(_), Some(_))
-                                if outcome == TxOutcome::Commit && idempotency::clean_now() =>
-                            {
-                                idempotency::spawn_clean(db.clone(), config.clone());
-                            }
-                            // A 4xx wrote nothing: its key is stored in a transaction of its
-                            // own, unless a duplicate stored one first.
-                            (Some(idempotency), Some(stored)) if stored.status >= 400 => {
-                                let kept = with_transaction(db, config, policy, |tx| {
-                                    let (idempotency, stored) =
-                                        (idempotency.clone(), stored.clone());
-                                    let ttl = config.idempotency_ttl;
-                                    Box::pin(
-                                        async move { idempotency.store(tx, &stored, ttl).await },
-                                    )
-                                })
-                                .await;
-                                if let Err(e) = kept {
-                                    tracing::warn!(error = %e, "storing a 4xx for its Idempotency-Key failed");
-                                }
-                            }
-                            _ => {}
-                        }
-                        reply
-                    }
-                };
-                let committed_write = outcome == TxOutcome::Commit && writes;
+                if let decision::Next::Rerun { .. } = next {
+                    drop(response);
+                    tokio::time::sleep(backoff(retries)).await;
+                    retries += 1;
+                    request.shared.metrics.count_retry();
+                    continue;
+                }
+                let reply = request
+                    .answer(next, failure, response, stored, outcome)
+                    .await;
                 let report = TxReport { outcome, retries };
-                return Ok(finish_reply(reply, committed_write, config, db, report).await);
+                let committed_write = outcome == TxOutcome::Commit && request.writes;
+                return Ok(request.finish(reply, committed_write, report).await);
             }
         })
+    }
+}
+
+/// What the handler gave, before the decision: its response, or an error response.
+type Response = Result<ServiceResponse<BoxBody>, HttpResponse>;
+
+fn is_ok(response: &Response) -> bool {
+    matches!(response, Ok(res) if res.status().as_u16() < 400)
+}
+
+/// What an attempt came to before the decision.
+enum Ran {
+    /// The handler ran (or the key's claim failed, recorded in the slot).
+    Handler(Response),
+    /// The `Idempotency-Key` answered without running the handler: a replay, 409 or 422.
+    Answered(ServiceResponse),
+}
+
+/// One request through [`Transactional`]: what stays the same across its attempts.
+struct Request<S> {
+    service: Rc<S>,
+    shared: Arc<Shared>,
+    policy: TxPolicy,
+    http: HttpRequest,
+    /// The body, kept for re-runs.
+    body: actix_web::web::Bytes,
+    deadline: Option<tokio::time::Instant>,
+    idempotency: Option<Idempotency>,
+    read_only_default: bool,
+    writes: bool,
+    route: String,
+}
+
+impl<S, B> Request<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    /// Buffers the body and reads the `Idempotency-Key`; a refusal (413, a malformed key) is
+    /// the reply.
+    async fn read(
+        service: Rc<S>,
+        shared: Arc<Shared>,
+        policy: TxPolicy,
+        http: HttpRequest,
+        payload: &mut Payload,
+    ) -> Result<Self, ServiceResponse> {
+        let config = &shared.config;
+        let refuse = |e: Error| ServiceResponse::new(http.clone(), e.error_response());
+        let body = read_body(payload, config.body_limit)
+            .await
+            .map_err(refuse)?;
+        let key = http.uri().path_and_query().map_or("", |p| p.as_str());
+        let scope = || {
+            shared
+                .idempotency_scope
+                .as_ref()
+                .and_then(|scope| scope(&http))
+        };
+        let idempotency =
+            Idempotency::read(http.method(), key, http.headers(), &body, scope).map_err(refuse)?;
+        let read_only_default = is_read_only_method(http.method());
+        let writes = policy
+            .access
+            .map_or(!read_only_default, |a| a == AccessMode::ReadWrite);
+        let route = http
+            .match_pattern()
+            .unwrap_or_else(|| http.path().to_owned());
+        let deadline = config
+            .admission
+            .as_ref()
+            .map(|a| tokio::time::Instant::now() + a.wait());
+        Ok(Request {
+            service,
+            shared,
+            policy,
+            http,
+            body,
+            deadline,
+            idempotency,
+            read_only_default,
+            writes,
+            route,
+        })
+    }
+
+    async fn admit(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Error> {
+        match (&self.shared.config.admission, self.deadline) {
+            (Some(admission), Some(deadline)) => admission.enter_until(deadline).await.map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn read_route(&self) -> Option<ReadRoute> {
+        let replica = self.shared.config.replica.clone();
+        (!self.writes).then(|| ReadRoute {
+            replica: replica.filter(|_| !self.policy.primary),
+            token: routing::token_of(&self.http),
+        })
+    }
+
+    /// The transaction of one attempt, not yet begun.
+    fn slot(&self, read: Option<&ReadRoute>) -> Slot {
+        let shared = &self.shared;
+        let metrics = Some(shared.metrics.clone());
+        let slot = Slot::new(
+            shared.db.clone(),
+            &shared.config,
+            self.policy,
+            self.read_only_default,
+            metrics,
+        )
+        .checkout_until(self.deadline)
+        .labelled(self.route.clone());
+        match read {
+            Some(read) => slot.reading(read.clone()),
+            None => slot,
+        }
+    }
+
+    /// Claims the `Idempotency-Key` first (a replay, a duplicate still running or a reused key
+    /// is answered without the handler, and rolled back), then runs the handler with the
+    /// attempt's transaction in the request's extensions, catching a panic.
+    async fn claim_and_run(&self, slot: &Arc<Slot>, retries: u32) -> Ran {
+        let claim = match &self.idempotency {
+            Some(idempotency) => Some(idempotency.claim(&Tx(Arc::clone(slot))).await),
+            None => None,
+        };
+        match claim {
+            None | Some(Ok(Claim::Proceed)) => Ran::Handler(self.run_handler(slot).await),
+            Some(Ok(early)) => Ran::Answered(self.answer_early(slot, early, retries).await),
+            // The failure is recorded in the slot: retried or answered by the decision.
+            Some(Err(e)) => Ran::Handler(Err(self.shared.answer(DbFailure::classify(&e)))),
+        }
+    }
+
+    async fn run_handler(&self, slot: &Arc<Slot>) -> Response {
+        self.http.extensions_mut().insert(Arc::clone(slot));
+        let attempt =
+            ServiceRequest::from_parts(self.http.clone(), Payload::from(self.body.clone()));
+        let result = AssertUnwindSafe(self.service.call(attempt))
+            .catch_unwind()
+            .await;
+        self.http.extensions_mut().remove::<Arc<Slot>>();
+        match result {
+            Ok(Ok(res)) => {
+                // A handler that returned the layer's own `Error::Database` (`?` on a `DbErr`;
+                // actix made it a response that keeps the error) gets the service's mapping of
+                // it, as a failure it swallowed would.
+                let failure = match res.response().error().map(|e| e.as_error::<Error>()) {
+                    Some(Some(Error::Database(failure))) => Some(failure.clone()),
+                    _ => None,
+                };
+                match failure {
+                    Some(failure) => Err(self.shared.answer(failure)),
+                    None => Ok(res.map_into_boxed_body()),
+                }
+            }
+            Ok(Err(e)) => Err(e.error_response()),
+            Err(_) => {
+                tracing::error!("handler panicked; rolling back");
+                Err(Error::Internal.error_response())
+            }
+        }
+    }
+
+    async fn answer_early(&self, slot: &Slot, early: Claim, retries: u32) -> ServiceResponse {
+        let metrics = &self.shared.metrics;
+        let (outcome, _) = slot.finish(false).await;
+        metrics.count_transaction(outcome);
+        let replay = matches!(early, Claim::Replay(_));
+        let answer = match early {
+            Claim::Replay(stored) => {
+                metrics.count_replay();
+                stored.replay()
+            }
+            Claim::InUse => Error::IdempotencyKeyInUse.error_response(),
+            Claim::Reused | Claim::Proceed => Error::IdempotencyKeyReused.error_response(),
+        };
+        // The replayed writes committed at or before the primary's position now: the client
+        // reads them back like a first answer's.
+        let report = TxReport { outcome, retries };
+        self.finish(self.reply_with(answer), replay, report).await
+    }
+
+    /// Whether a handle to the transaction outlived the handler (cloned into a spawned task:
+    /// whatever it writes would run after the answer, or fail unseen), and whether the client
+    /// left before the commit of a successful answer. Both mean a rollback.
+    fn handles_and_peer(&self, slot: &Arc<Slot>, response: &Response) -> (bool, bool) {
+        let leaked = Arc::strong_count(slot) > 1;
+        if leaked {
+            tracing::error!(
+                route = %self.route,
+                "a transaction handle outlived its request (cloned into a task?); rolling back"
+            );
+            self.shared.metrics.count_leak();
+        }
+        let client_gone = is_ok(response) && !leaked && peer::client_gone(&self.http);
+        if client_gone {
+            tracing::warn!("the client went away before the commit; rolling back");
+        }
+        (leaked, client_gone)
+    }
+
+    /// The response of a request with a key is kept: stored with the writes before `COMMIT`
+    /// when below 400 (so the key is stored if and only if they commit), or after the rollback
+    /// when 4xx. A live row found by the store is a duplicate that committed first: the attempt
+    /// fails as a conflict, is re-run, and the re-run replays it.
+    async fn keep_for_key(
+        &self,
+        slot: &Arc<Slot>,
+        response: Response,
+        success: bool,
+        client_gone: bool,
+    ) -> (Response, Option<Stored>) {
+        let Some(idempotency) = self.idempotency.as_ref().filter(|_| !client_gone) else {
+            return (response, None);
+        };
+        let (response, stored) = match response {
+            Ok(res) => {
+                let (req, res) = res.into_parts();
+                let (res, stored) = buffer(res).await;
+                (Ok(ServiceResponse::new(req, res)), stored)
+            }
+            Err(res) => {
+                let (res, stored) = buffer(res).await;
+                (Err(res), stored)
+            }
+        };
+        if let (true, Some(stored)) = (success, &stored) {
+            let ttl = self.shared.config.idempotency_ttl;
+            if let Ok(false) = idempotency.store(&Tx(Arc::clone(slot)), stored, ttl).await {
+                slot.fail_as_conflict("the Idempotency-Key was stored concurrently");
+            }
+        }
+        (response, stored)
+    }
+
+    /// Commits or rolls back, counts it, and runs the on-commit hooks of the attempt that
+    /// committed (or never needed to).
+    async fn end(&self, slot: &Slot, success: bool) -> (TxOutcome, Option<DbFailure>) {
+        let (outcome, failure) = slot.finish(success).await;
+        self.shared.metrics.count_transaction(outcome);
+        if failure.is_none() && success {
+            slot.run_on_commit_hooks();
+        }
+        (outcome, failure)
+    }
+
+    /// The reply the decision calls for. Nothing was committed on `Fail`: whatever the handler
+    /// answered, the client learns the truth.
+    async fn answer(
+        &self,
+        next: decision::Next,
+        failure: Option<DbFailure>,
+        response: Response,
+        stored: Option<Stored>,
+        outcome: TxOutcome,
+    ) -> ServiceResponse {
+        let error = match (next, failure) {
+            (decision::Next::Fail, Some(f)) => self.shared.answer(f),
+            (decision::Next::ClientClosed, _) => Error::ClientClosedRequest.error_response(),
+            (decision::Next::Answer, _) => {
+                self.after_answer(stored, outcome).await;
+                return match response {
+                    Ok(res) => res,
+                    Err(res) => self.reply_with(res),
+                };
+            }
+            _ => Error::Internal.error_response(),
+        };
+        self.reply_with(error)
+    }
+
+    /// After a handler's own answer with a key: expired keys are cleaned now and then, and a
+    /// 4xx (which wrote nothing) is stored in a transaction of its own, unless a duplicate
+    /// stored one first.
+    async fn after_answer(&self, stored: Option<Stored>, outcome: TxOutcome) {
+        let (Some(idempotency), Some(stored)) = (&self.idempotency, stored) else {
+            return;
+        };
+        let (db, config) = (&self.shared.db, &self.shared.config);
+        if outcome == TxOutcome::Commit && idempotency::clean_now() {
+            idempotency::spawn_clean(db.clone(), config.clone());
+        } else if stored.status >= 400 {
+            let kept = with_transaction(db, config, self.policy, |tx| {
+                let (idempotency, stored) = (idempotency.clone(), stored.clone());
+                let ttl = config.idempotency_ttl;
+                Box::pin(async move { idempotency.store(tx, &stored, ttl).await })
+            })
+            .await;
+            if let Err(e) = kept {
+                tracing::warn!(error = %e, "storing a 4xx for its Idempotency-Key failed");
+            }
+        }
+    }
+
+    fn reply_with(&self, response: HttpResponse) -> ServiceResponse {
+        ServiceResponse::new(self.http.clone(), response)
+    }
+
+    async fn finish(
+        &self,
+        reply: ServiceResponse,
+        issue_token: bool,
+        report: TxReport,
+    ) -> ServiceResponse {
+        finish_reply(
+            reply,
+            issue_token,
+            &self.shared.config,
+            &self.shared.db,
+            report,
+        )
+        .await
     }
 }

@@ -338,7 +338,8 @@ async fn what_cannot_work_behind_the_pooler_is_refused_with_one_line() {
         .current_dir(root)
         .env("DATABASE_URL", url)
         .env("DB_POOLER", "transaction")
-        .env("CARGO_TARGET_DIR", root.join("target").join("sea-orm-cli"))
+        // The workspace's own target directory, as in cli.rs: what the workspace built is reused.
+        .env("CARGO_TARGET_DIR", root.join("target"))
         .output()
         .expect("sea-orm-cli is installed (scripts/test installs it)");
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -27,6 +27,10 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, layer: &Layer) {
         web::post().to(write_then_panic).wrap(tx.clone()),
     )
     .route("/test/swallow", web::post().to(swallow).wrap(tx.clone()))
+    .route(
+        "/test/layer-error",
+        web::post().to(layer_error).wrap(tx.clone()),
+    )
     .route("/test/deferred", web::post().to(deferred).wrap(tx.clone()))
     .route("/test/settings", web::get().to(settings).wrap(tx.clone()))
     .route("/test/settings", web::post().to(settings).wrap(tx.clone()))
@@ -138,6 +142,15 @@ pub(crate) async fn swallow(tx: Tx) -> Result<HttpResponse, ApiError> {
     // The second insert violates the unique key; the handler ignores the error and answers 200.
     let _ = insert(&tx, "SWALLOW").await;
     Ok(HttpResponse::Ok().json(json!({"ok": true})))
+}
+
+/// A handler written against the layer's own error type: `?` on a unique violation.
+async fn layer_error(tx: Tx) -> Result<HttpResponse, sea_orm_actix_tx::Error> {
+    tx.execute_unprepared("INSERT INTO warehouse (code, name) VALUES ('TWICE', 'x')")
+        .await?;
+    tx.execute_unprepared("INSERT INTO warehouse (code, name) VALUES ('TWICE', 'x')")
+        .await?;
+    Ok(HttpResponse::Created().finish())
 }
 
 async fn deferred(tx: Tx) -> Result<HttpResponse, ApiError> {
@@ -311,6 +324,18 @@ async fn a_swallowed_statement_error_never_yields_2xx_and_commits_nothing() {
     assert_eq!(
         (status, body["code"].as_str()),
         (409, Some("already_exists"))
+    );
+    assert_eq!(app.scalar("SELECT count(*) FROM warehouse").await, 0);
+}
+
+#[tokio::test]
+async fn a_handler_returning_the_layers_database_error_gets_the_services_mapping() {
+    let app = app_with(&[]).await;
+    let (status, body) = problem(app.send_json("/test/layer-error", json!({})).await).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("already_exists")),
+        "the on_failure hook, not 500 internal: {body}"
     );
     assert_eq!(app.scalar("SELECT count(*) FROM warehouse").await, 0);
 }
