@@ -56,6 +56,7 @@ use tracing::Instrument as _;
 type OnCommit = Box<dyn FnOnce() + Send>;
 
 use super::failure::{DbFailure, FailureKind};
+#[cfg(feature = "postgres")]
 use super::outcome::{self, Resolved};
 use super::round_trip::{self, Bounds, TxConn};
 use super::routing::ReadRoute;
@@ -382,7 +383,7 @@ impl Slot {
     /// Takes a connection from `db`'s pool and begins, the `BEGIN` bounded like any round trip.
     async fn begin_once(&self, db: &DatabaseConnection) -> Result<Open, DbErr> {
         let bound = self.bounds.control;
-        match &self.begin {
+        let begun: Result<Open, sqlx::Error> = match &self.begin {
             #[cfg(feature = "postgres")]
             Begin::Postgres(sql) => {
                 let conn = db.get_postgres_connection_pool().acquire().await;
@@ -400,8 +401,9 @@ impl Slot {
             Begin::Orm(options) => {
                 return db.begin_with_options(*options).await.map(Open::Orm);
             }
-        }
-        .map_err(acquire_err)
+        };
+        #[allow(unreachable_code)]
+        begun.map_err(acquire_err)
     }
 
     /// A statement bound as SeaORM binds it: by name and cached on the connection where

@@ -99,6 +99,7 @@ mod decision;
 mod failure;
 mod idempotency;
 mod lazy;
+#[cfg(feature = "postgres")]
 mod outcome;
 mod peer;
 mod round_trip;

@@ -354,23 +354,36 @@ pub async fn position_after_commit(primary: &DatabaseConnection) -> Lsn {
     }
 }
 
-/// One row of a simple-protocol query (no prepared statement, any pooler).
+/// One row of a simple-protocol query (no prepared statement, any pooler), its columns as text.
+#[cfg(feature = "postgres")]
 async fn fetch_one(
     db: &DatabaseConnection,
     sql: &'static str,
-) -> Result<sqlx::postgres::PgRow, DbErr> {
-    sqlx::raw_sql(sql)
+) -> Result<Vec<Option<String>>, DbErr> {
+    let row = sqlx::raw_sql(sql)
         .fetch_one(db.get_postgres_connection_pool())
         .await
         .map_err(|e| match e {
             sqlx::Error::PoolTimedOut => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
             sqlx::Error::PoolClosed => DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed),
             e => DbErr::Query(RuntimeErr::SqlxError(Arc::new(e))),
-        })
+        })?;
+    Ok((0..row.len())
+        .map(|i| row.try_get::<Option<String>, _>(i).ok().flatten())
+        .collect())
 }
 
-fn text_at(row: &sqlx::postgres::PgRow, index: usize) -> Option<String> {
-    row.try_get::<Option<String>, _>(index).ok().flatten()
+/// Replicas and WAL positions are PostgreSQL's: without its driver there is nothing to ask
+/// (the builder refuses a replica of another backend, so this is never reached).
+#[cfg(not(feature = "postgres"))]
+async fn fetch_one(_: &DatabaseConnection, _: &'static str) -> Result<Vec<Option<String>>, DbErr> {
+    Err(DbErr::Custom(
+        "read replicas need the layer's postgres feature".into(),
+    ))
+}
+
+fn text_at(row: &[Option<String>], index: usize) -> Option<String> {
+    row.get(index).cloned().flatten()
 }
 
 fn not_a_standby() -> DbErr {
