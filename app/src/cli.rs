@@ -27,7 +27,7 @@ const USAGE: u8 = 2;
 #[derive(Parser)]
 #[command(
     name = "app",
-    about = "Inventory service over actix-web and SeaORM",
+    about = "Inventory service over actix-web and SeaORM, on PostgreSQL, MariaDB or SQLite",
     version
 )]
 struct Cli {
@@ -44,9 +44,10 @@ enum Command {
         #[command(subcommand)]
         action: Option<Migrate>,
     },
-    /// Print the effective settings (the password as ***) and exit.
+    /// Print the effective settings (the password as ***), whichever the backend, and exit.
     CheckConfig,
-    /// Connect, run SELECT 1, print the latency; exit 0 or 1.
+    /// Connect to the database (PostgreSQL, MariaDB or SQLite), run SELECT 1, print the
+    /// latency; exit 0 or 1.
     Ping,
 }
 
@@ -60,7 +61,7 @@ enum Migrate {
     },
     /// Revert the LAST applied migration only, or the last N with -n.
     Down {
-        /// Revert the last N applied migrations (default 1).
+        /// Revert the last N applied migrations.
         #[arg(short = 'n', long = "num", value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         num: u32,
     },
