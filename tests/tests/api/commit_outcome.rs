@@ -5,8 +5,8 @@
 
 use serde_json::{Value, json};
 
-use crate::fault_proxy::{Cut, FaultProxy, upstream_of};
-use crate::helpers::{
+use crate::support::fault_proxy::{Cut, FaultProxy, upstream_of};
+use crate::support::{
     TestApp, admin_url, assert_unavailable, pooled_upstream, problem, spawn_app_behind,
 };
 

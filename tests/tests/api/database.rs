@@ -3,7 +3,7 @@
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use crate::helpers::spawn_app_with;
+use crate::support::spawn_app_with;
 
 fn hold_route(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx::Layer) {
     use actix_web::{HttpResponse, web};
@@ -91,7 +91,7 @@ async fn connections_carry_application_name_jit_and_statement_timeout() {
 async fn a_statement_over_the_statement_timeout_is_cancelled_and_rolled_back() {
     let app = spawn_app_with(&[("DB_STATEMENT_TIMEOUT_MS", "100")], hold_route).await;
     let res = app.send_json("/test/hold", json!({})).await;
-    crate::helpers::assert_statement_timeout(res, "pg_sleep(0.4) is cancelled at 100 ms").await;
+    crate::support::assert_statement_timeout(res, "pg_sleep(0.4) is cancelled at 100 ms").await;
 }
 
 #[tokio::test]

@@ -9,8 +9,8 @@ use sea_orm::ConnectionTrait;
 use sea_orm_actix_tx::LayerBuilder;
 use serde_json::{Value, json};
 
-use crate::fault_proxy::{Cut, FaultProxy, upstream_of};
-use crate::helpers::{
+use crate::support::fault_proxy::{Cut, FaultProxy, upstream_of};
+use crate::support::{
     CONCURRENT_POOL, Server, SqliteFile, TestApp, TestDatabase, admin_url, on_every_backend,
     problem, spawn_app, spawn_app_behind, spawn_app_on, spawn_app_on_with_layer,
 };
@@ -413,7 +413,7 @@ async fn a_rerun_after_a_serialization_failure_is_the_same_attempt_not_a_replay(
 }
 
 async fn spawn_app_on_test_routes() -> TestApp {
-    let app = crate::helpers::spawn_app_with(&[], routes).await;
+    let app = crate::support::spawn_app_with(&[], routes).await;
     create_test_tables(&app).await;
     app
 }
@@ -522,7 +522,9 @@ async fn expired_keys_are_forgotten_and_cleaned_up() {
 
 #[tokio::test]
 async fn with_a_replica_a_replay_carries_a_consistency_token_that_reads_the_replayed_write() {
-    let app = crate::replica::ReplicaPair::shared().spawn_app(&[]).await;
+    let app = crate::support::replica::ReplicaPair::shared()
+        .spawn_app(&[])
+        .await;
     let body = receipt(&app).await;
     let product = body["product_id"].as_i64().expect("product id");
     let token = |res: &reqwest::Response| {

@@ -11,10 +11,10 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::helpers::{
+use crate::support::process::{Binary, OwnServer, free_port, run_binary};
+use crate::support::{
     TestApp, TestDatabase, assert_unavailable, connect_to, problem, spawn_app_on, spawn_app_with,
 };
-use crate::process::{Binary, OwnServer, free_port, run_binary};
 
 /// Rows of the app's sessions waiting for a lock, seen from `db`.
 async fn sessions_waiting_for_a_lock(db: &DatabaseConnection) -> i64 {
@@ -577,7 +577,7 @@ fn start_up_retries_then_exits_non_zero_with_one_line_and_ping_reports_both_ways
     );
     assert_eq!(output.status.code(), Some(1));
 
-    let admin = crate::helpers::admin_url();
+    let admin = crate::support::admin_url();
     let output = run_binary(&["ping"], &[("DATABASE_URL", &admin)]);
     assert_eq!(output.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&output.stdout);

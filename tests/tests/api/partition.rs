@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::fault_proxy::{FaultProxy, Hold, upstream_of};
-use crate::helpers::{
+use crate::support::fault_proxy::{FaultProxy, Hold, upstream_of};
+use crate::support::{
     Server, TestApp, assert_unavailable, problem, spawn_app_behind, spawn_mariadb_app_behind,
 };
 

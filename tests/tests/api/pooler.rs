@@ -7,9 +7,9 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, TestDatabase, problem, spawn_pooled_app_with, test_settings};
-use crate::pgbouncer;
-use crate::process::{Binary, run_binary};
+use crate::support::pgbouncer;
+use crate::support::process::{Binary, run_binary};
+use crate::support::{TestApp, TestDatabase, problem, spawn_pooled_app_with, test_settings};
 use crate::transactions::{
     CONFLICTING, create_test_tables, forty_conflicting_increments_end_exact, routes,
 };
@@ -130,7 +130,7 @@ async fn every_transaction_behind_pgbouncer_carries_the_configured_isolation_jit
 async fn behind_pgbouncer_the_statement_timeout_cancels_a_slow_statement_and_rolls_back() {
     let app = pooled_app_with_test_routes(&[("DB_STATEMENT_TIMEOUT_MS", "100")]).await;
     let res = app.send_json("/test/hold/400", json!({})).await;
-    crate::helpers::assert_statement_timeout(res, "pg_sleep(0.4) is cancelled at 100 ms").await;
+    crate::support::assert_statement_timeout(res, "pg_sleep(0.4) is cancelled at 100 ms").await;
     assert_eq!(app.scalar("SELECT count(*) FROM warehouse").await, 0);
     let quick = app.send_json("/test/hold/10", json!({})).await;
     assert_eq!(quick.status(), 200, "a statement under the timeout runs");

@@ -10,8 +10,8 @@ use sea_orm::{ConnectionTrait, DatabaseConnection};
 use sea_orm_actix_tx::{Layer, Tx};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, spawn_app};
-use crate::replica::{MARGIN, ReplicaPair, text};
+use crate::support::replica::{MARGIN, ReplicaPair, text};
+use crate::support::{TestApp, spawn_app};
 use crate::transactions::metric;
 
 mod pgbouncer;
@@ -253,7 +253,7 @@ async fn with_replay_paused_a_read_with_a_fresh_token_answers_from_the_primary_w
     let w = app.warehouse("P").await;
     let p = app.product("PAUSE").await;
     pair.wait_for_replay(&app).await;
-    let admin = crate::helpers::connect_to(&pair.replica.url("postgres")).await;
+    let admin = crate::support::connect_to(&pair.replica.url("postgres")).await;
     let _ = text(&admin, "SELECT pg_wal_replay_pause()::text").await;
     app.wait_until("replay is paused", || async {
         text(&admin, "SELECT pg_get_wal_replay_pause_state()").await == "paused"
@@ -377,15 +377,15 @@ async fn reads_your_writes_holds_with_db_pooler_transaction_too() {
 #[tokio::test]
 async fn the_served_binary_reads_from_the_replica_and_stops_cleanly() {
     let pair = ReplicaPair::shared();
-    let database = crate::helpers::TestDatabase::create_at(
-        crate::helpers::Server::Postgres,
+    let database = crate::support::TestDatabase::create_at(
+        crate::support::Server::Postgres,
         &pair.primary.url("postgres"),
     )
     .await;
     // The binary's replica pool must find the database there (CREATE DATABASE replayed).
     pair.wait_for_replay_of(&database.name).await;
     let replica_url = pair.replica.url(&database.name);
-    let binary = crate::process::Binary::start(
+    let binary = crate::support::process::Binary::start(
         &std::env::temp_dir(),
         &[
             ("DATABASE_URL", database.url.as_str()),

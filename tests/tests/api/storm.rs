@@ -24,7 +24,7 @@ use std::time::Instant;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use crate::helpers::{CONCURRENT_POOL, TestApp, spawn_app_with, spawn_mariadb_app_with};
+use crate::support::{CONCURRENT_POOL, TestApp, spawn_app_with, spawn_mariadb_app_with};
 use crate::transactions::metric;
 
 const TRANSFERS: usize = 400;

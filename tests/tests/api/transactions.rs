@@ -13,7 +13,7 @@ use sea_orm::{ConnectionTrait, IsolationLevel, Statement};
 use sea_orm_actix_tx::{Layer, Tx};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, problem, spawn_app_with};
+use crate::support::{TestApp, problem, spawn_app_with};
 
 /// The test-only routes on the real middleware (also mounted behind PgBouncer by `pooler`).
 pub(crate) fn routes(cfg: &mut web::ServiceConfig, layer: &Layer) {

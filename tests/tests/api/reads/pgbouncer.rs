@@ -7,9 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::helpers::TestApp;
-use crate::process::free_port;
-use crate::replica::{ReplicaPair, text};
+use crate::support::TestApp;
+use crate::support::process::free_port;
+use crate::support::replica::{ReplicaPair, text};
 
 use super::{
     reads, ready, receipts_each_read_back_with_its_token, tokenless_reads_seen_by_the_replica,

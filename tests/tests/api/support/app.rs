@@ -1,166 +1,15 @@
-//! The harness: every test gets its own database (on PostgreSQL from `TEST_DATABASE_URL`, on
-//! MariaDB from `TEST_MARIADB_URL`, or an SQLite file; migrated by the app at start-up, dropped
-//! when the test ends) and the real application on a random port, so tests run in parallel and
-//! never see each other's rows.
+//! The service under test: [`TestApp`], the real application on a random port over a database
+//! of the test's own, and the helpers tests assert with.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use app::Application;
-use config::{DatabaseUrl, Settings};
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use config::Settings;
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+
+use super::database::{Server, SqliteFile, TestDatabase, connect_to};
 use serde_json::{Value, json};
-
-pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-pub const DEFAULT_MARIADB_ADMIN_URL: &str = "mysql://root@127.0.0.1:3306/mysql";
-
-/// The server every test database is created on.
-pub fn admin_url() -> String {
-    Server::Postgres.admin_url()
-}
-
-/// A database server the tests create their databases on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Server {
-    Postgres,
-    Mariadb,
-}
-
-impl Server {
-    pub fn admin_url(self) -> String {
-        let (variable, default) = match self {
-            Server::Postgres => ("TEST_DATABASE_URL", DEFAULT_ADMIN_URL),
-            Server::Mariadb => ("TEST_MARIADB_URL", DEFAULT_MARIADB_ADMIN_URL),
-        };
-        std::env::var(variable).unwrap_or_else(|_| default.to_owned())
-    }
-
-    fn create_sql(self, name: &str) -> String {
-        match self {
-            Server::Postgres => format!("CREATE DATABASE \"{name}\""),
-            Server::Mariadb => format!("CREATE DATABASE `{name}`"),
-        }
-    }
-
-    fn drop_sql(self, name: &str) -> String {
-        match self {
-            Server::Postgres => format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
-            Server::Mariadb => format!("DROP DATABASE IF EXISTS `{name}`"),
-        }
-    }
-
-    fn unreachable_message(self, url: &str, err: &dyn std::fmt::Display) -> String {
-        match self {
-            Server::Postgres => format!(
-                "PostgreSQL is not reachable at {url} ({err}).\n\
-                 Start it (e.g. `pg_ctlcluster --skip-systemctl-redirect 15 main start`) or point \
-                 TEST_DATABASE_URL at a server where this user may CREATE DATABASE; `.ci/run` \
-                 does both."
-            ),
-            Server::Mariadb => format!(
-                "MariaDB is not reachable at {url} ({err}).\n\
-                 Start it (`start-stop-daemon --start --oknodo --background --exec \
-                 /usr/sbin/mariadbd`) or point TEST_MARIADB_URL at a server where this user may \
-                 CREATE DATABASE; `scripts/test` does both."
-            ),
-        }
-    }
-}
-
-async fn admin_at(server: Server, url: &str) -> DatabaseConnection {
-    let url = url.to_owned();
-    let mut options = sea_orm::ConnectOptions::new(url.clone());
-    options
-        .max_connections(1)
-        .min_connections(0)
-        .acquire_timeout(Duration::from_secs(5))
-        .sqlx_logging(false);
-    match Database::connect(options).await {
-        Ok(db) => db,
-        Err(e) => panic!("{}", server.unreachable_message(&url, &e)),
-    }
-}
-
-/// A fresh, empty database, dropped (with its connections) when this value is dropped.
-pub struct TestDatabase {
-    pub name: String,
-    pub url: String,
-    server: Server,
-    /// The server's maintenance database, where it was created and is dropped.
-    admin: String,
-}
-
-impl TestDatabase {
-    /// On PostgreSQL.
-    pub async fn create() -> TestDatabase {
-        TestDatabase::create_on(Server::Postgres).await
-    }
-
-    /// On the run's server of that kind (`TEST_DATABASE_URL`, `TEST_MARIADB_URL`).
-    pub async fn create_on(server: Server) -> TestDatabase {
-        TestDatabase::create_at(server, &server.admin_url()).await
-    }
-
-    /// On the server of `admin` (a URL of its maintenance database), e.g. a test's own.
-    pub async fn create_at(server: Server, admin: &str) -> TestDatabase {
-        let name = format!("inventory_test_{:016x}", fastrand::u64(..));
-        let db = admin_at(server, admin).await;
-        db.execute_unprepared(&server.create_sql(&name))
-            .await
-            .unwrap_or_else(|e| panic!("{}", server.unreachable_message(admin, &e)));
-        let _ = db.close().await;
-        let url = DatabaseUrl::parse(admin)
-            .expect("the test server's URL is valid")
-            .with_database(&name)
-            .expose_secret();
-        TestDatabase {
-            name,
-            url,
-            server,
-            admin: admin.to_owned(),
-        }
-    }
-
-    /// A small separate pool on the test database, for assertions behind the app's back.
-    pub async fn connect(&self) -> DatabaseConnection {
-        connect_to(&self.url).await
-    }
-}
-
-/// A small pool of the test's own on `url`, for assertions behind the app's back.
-pub async fn connect_to(url: &str) -> DatabaseConnection {
-    let mut options = sea_orm::ConnectOptions::new(url.to_owned());
-    options
-        .max_connections(2)
-        .min_connections(0)
-        .sqlx_logging(false);
-    Database::connect(options)
-        .await
-        .expect("test database reachable")
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let server = self.server;
-        let admin = self.admin.clone();
-        // Drop runs inside a test's runtime, which cannot block on itself: use a thread.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let db = admin_at(server, &admin).await;
-                let _ = db.execute_unprepared(&server.drop_sql(&name)).await;
-                let _ = db.close().await;
-            });
-        })
-        .join();
-    }
-}
 
 pub struct TestApp {
     pub address: String,
@@ -244,30 +93,6 @@ pub async fn spawn_mariadb_app_with(
     spawn_app_on(&url, Some(Box::new(database)), overrides, extra_routes).await
 }
 
-/// An SQLite database file in the temporary directory, deleted (with its WAL) when dropped.
-pub struct SqliteFile(std::path::PathBuf);
-
-impl Drop for SqliteFile {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut path = self.0.clone().into_os_string();
-            path.push(suffix);
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-impl SqliteFile {
-    /// A new file name in the temporary directory (the file is made by its first connection),
-    /// and its `sqlite://…?mode=rwc` URL.
-    pub fn new() -> (SqliteFile, String) {
-        let path =
-            std::env::temp_dir().join(format!("inventory-test-{:016x}.db", fastrand::u64(..)));
-        let url = format!("sqlite://{}?mode=rwc", path.display());
-        (SqliteFile(path), url)
-    }
-}
-
 /// The real application over a fresh SQLite file (the embedded default's code path), with
 /// `extra_routes` mounted beside the API.
 pub async fn spawn_sqlite_app_with(
@@ -316,7 +141,7 @@ pub async fn spawn_pooled_app_with(
     extra_routes: app::startup::ExtraRoutes,
 ) -> TestApp {
     let database = TestDatabase::create().await;
-    let pooled_url = crate::pgbouncer::shared().url(&database.name);
+    let pooled_url = crate::support::pgbouncer::shared().url(&database.name);
     spawn_pooled_app_over(database, &pooled_url, overrides, extra_routes).await
 }
 
@@ -370,7 +195,7 @@ async fn launch_migrated(
 /// direct connection, so assertions work whatever the proxy does. With `DB_POOLER=transaction`
 /// in `overrides` the proxy must forward to the run's PgBouncer ([`pooled_upstream`]).
 pub async fn spawn_app_behind(
-    proxy: &crate::fault_proxy::FaultProxy,
+    proxy: &crate::support::fault_proxy::FaultProxy,
     overrides: &[(&str, &str)],
 ) -> TestApp {
     spawn_app_behind_on(Server::Postgres, proxy, overrides).await
@@ -378,7 +203,7 @@ pub async fn spawn_app_behind(
 
 /// [`spawn_app_behind`] on MariaDB (a proxy started with `FaultProxy::start_mysql`).
 pub async fn spawn_mariadb_app_behind(
-    proxy: &crate::fault_proxy::FaultProxy,
+    proxy: &crate::support::fault_proxy::FaultProxy,
     overrides: &[(&str, &str)],
 ) -> TestApp {
     spawn_app_behind_on(Server::Mariadb, proxy, overrides).await
@@ -386,7 +211,7 @@ pub async fn spawn_mariadb_app_behind(
 
 async fn spawn_app_behind_on(
     server: Server,
-    proxy: &crate::fault_proxy::FaultProxy,
+    proxy: &crate::support::fault_proxy::FaultProxy,
     overrides: &[(&str, &str)],
 ) -> TestApp {
     let database = TestDatabase::create_on(server).await;
@@ -394,7 +219,7 @@ async fn spawn_app_behind_on(
     vars.extend_from_slice(overrides);
     // Behind the run's PgBouncer when the proxy forwards to it (`DB_POOLER=transaction`).
     let upstream = if vars.contains(&("DB_POOLER", "transaction")) {
-        crate::pgbouncer::shared().url(&database.name)
+        crate::support::pgbouncer::shared().url(&database.name)
     } else {
         database.url.clone()
     };
@@ -403,7 +228,7 @@ async fn spawn_app_behind_on(
 
 /// The `host:port` of the run's shared PgBouncer, for a proxy in front of it.
 pub fn pooled_upstream() -> String {
-    crate::fault_proxy::upstream_of(&crate::pgbouncer::shared().url("postgres"))
+    crate::support::fault_proxy::upstream_of(&crate::support::pgbouncer::shared().url("postgres"))
 }
 
 async fn launch(
@@ -614,91 +439,3 @@ impl TestApp {
         }
     }
 }
-
-/// The `code` of a problem+json response, after checking its content type and shape.
-/// Asserts a 503 `database_unavailable` with `Retry-After: 1` (nothing committed, retry later).
-pub async fn assert_unavailable(res: reqwest::Response, why: &str) {
-    assert_503(res, "database_unavailable", why).await;
-}
-
-/// A statement stopped by `DB_STATEMENT_TIMEOUT_MS`: 503 `statement_timeout` with Retry-After.
-pub async fn assert_statement_timeout(res: reqwest::Response, why: &str) {
-    assert_503(res, "statement_timeout", why).await;
-}
-
-async fn assert_503(res: reqwest::Response, code: &str, why: &str) {
-    assert_eq!(
-        res.headers().get("retry-after").map(|v| v.as_bytes()),
-        Some(&b"1"[..]),
-        "{why}: Retry-After"
-    );
-    let (status, body) = problem(res).await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (503, Some(code)),
-        "{why}: {body}"
-    );
-}
-
-pub async fn problem(res: reqwest::Response) -> (u16, Value) {
-    let status = res.status().as_u16();
-    let content_type = res
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    assert_eq!(content_type, "application/problem+json", "status {status}");
-    let body: Value = res.json().await.expect("problem body is JSON");
-    assert_eq!(body["status"], status, "{body}");
-    assert_eq!(body["type"], "about:blank", "{body}");
-    assert!(
-        body["title"].is_string() && body["detail"].is_string(),
-        "{body}"
-    );
-    (status, body)
-}
-
-/// Enough connections for the concurrent tests [`on_every_backend`] runs (SQLite caps its pool
-/// at 4 writers' worth).
-pub const CONCURRENT_POOL: &[(&str, &str)] = &[("DB_POOL_SIZE", "4"), ("DB_MAX_OVERFLOW", "16")];
-
-/// Runs each named test function (`async fn name(app: TestApp)` in the calling module) with
-/// [`CONCURRENT_POOL`] once per backend: `postgres::name`, `mariadb::name`, `sqlite::name` and
-/// `pgbouncer::name` (PostgreSQL behind the run's PgBouncer in transaction mode). With
-/// `routes = path;` first, the app mounts `path` (a `fn(&mut web::ServiceConfig)`) beside the API.
-macro_rules! on_every_backend {
-    (routes = $routes:path; $($name:ident),* $(,)?) => {
-        mod postgres {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(crate::helpers::spawn_app_with(crate::helpers::CONCURRENT_POOL, $routes).await).await;
-            })*
-        }
-        mod mariadb {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(crate::helpers::spawn_mariadb_app_with(crate::helpers::CONCURRENT_POOL, $routes).await).await;
-            })*
-        }
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(crate::helpers::spawn_sqlite_app_with(crate::helpers::CONCURRENT_POOL, $routes).await).await;
-            })*
-        }
-        mod pgbouncer {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(crate::helpers::spawn_pooled_app_with(crate::helpers::CONCURRENT_POOL, $routes).await).await;
-            })*
-        }
-    };
-    ($($name:ident),* $(,)?) => {
-        crate::helpers::on_every_backend!(routes = crate::helpers::no_routes; $($name),*);
-    };
-}
-pub(crate) use on_every_backend;
-
-/// No routes beside the API.
-pub fn no_routes(_: &mut actix_web::web::ServiceConfig, _: &sea_orm_actix_tx::Layer) {}

@@ -13,16 +13,16 @@ use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
-use crate::helpers::{TestApp, TestDatabase, connect_to, spawn_app_on, spawn_pooled_app_over};
-use crate::pgbouncer::PgBouncer;
-use crate::process::OwnServer;
+use crate::support::pgbouncer::PgBouncer;
+use crate::support::process::OwnServer;
+use crate::support::{TestApp, TestDatabase, connect_to, spawn_app_on, spawn_pooled_app_over};
 
 pub struct ReplicaPair {
     pub primary: OwnServer,
     pub replica: OwnServer,
 }
 
-/// A PgBouncer (`pool_mode = transaction`, see [`crate::pgbouncer`]) in front of each server of
+/// A PgBouncer (`pool_mode = transaction`, see [`crate::support::pgbouncer`]) in front of each server of
 /// the shared pair.
 pub struct Bouncers {
     pub primary: PgBouncer,
@@ -68,7 +68,7 @@ impl ReplicaPair {
         let pair = ReplicaPair::shared();
         let bouncers = ReplicaPair::bouncers();
         let database = TestDatabase::create_at(
-            crate::helpers::Server::Postgres,
+            crate::support::Server::Postgres,
             &pair.primary.url("postgres"),
         )
         .await;
@@ -95,7 +95,7 @@ impl ReplicaPair {
         extra_routes: app::startup::ExtraRoutes,
     ) -> TestApp {
         let database = TestDatabase::create_at(
-            crate::helpers::Server::Postgres,
+            crate::support::Server::Postgres,
             &self.primary.url("postgres"),
         )
         .await;
