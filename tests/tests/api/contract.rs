@@ -607,8 +607,9 @@ async fn the_idempotency_key_schema_allows_exactly_the_keys_the_service_accepts(
 
 #[tokio::test]
 async fn the_consistency_token_is_sent_and_read_under_the_names_the_document_declares() {
-    let app = crate::support::replica::ReplicaPair::shared()
-        .spawn_app(&[])
+    let app = TestApp::builder()
+        .replica(crate::support::replica::ReplicaPair::shared())
+        .spawn()
         .await;
     let c = Contract::of(&app).await;
     let created = c

@@ -13,7 +13,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, IsolationLevel, Statement, Tr
 use sea_orm_actix_tx::{Layer, Tx};
 use serde_json::{Value, json};
 
-use crate::support::{TestApp, problem, spawn_mariadb_app_with};
+use crate::support::{Backend, TestApp, problem};
 use crate::transactions::{get_write, insert, metric, swallow, write_then, write_then_panic};
 
 fn routes(cfg: &mut web::ServiceConfig, layer: &Layer) {
@@ -135,7 +135,12 @@ async fn sleep(tx: Tx) -> Result<HttpResponse, ApiError> {
 }
 
 async fn app_with(overrides: &[(&str, &str)]) -> TestApp {
-    spawn_mariadb_app_with(overrides, routes).await
+    TestApp::builder()
+        .backend(Backend::Mariadb)
+        .env(overrides)
+        .routes(routes)
+        .spawn()
+        .await
 }
 
 #[tokio::test]

@@ -9,20 +9,25 @@ use serde_json::{Value, json};
 
 use crate::support::pgbouncer;
 use crate::support::process::{Binary, run_binary};
-use crate::support::{TestApp, TestDatabase, problem, spawn_pooled_app_with, test_settings};
+use crate::support::{TestApp, TestDatabase, problem, test_settings};
 use crate::transactions::{
     CONFLICTING, create_test_tables, forty_conflicting_increments_end_exact, routes,
 };
 
 async fn pooled_app_with_test_routes(overrides: &[(&str, &str)]) -> TestApp {
-    let app = spawn_pooled_app_with(overrides, routes).await;
+    let app = TestApp::builder()
+        .pooled()
+        .env(overrides)
+        .routes(routes)
+        .spawn()
+        .await;
     create_test_tables(&app).await;
     app
 }
 
 #[tokio::test]
 async fn the_api_works_behind_pgbouncer_as_debian_ships_it() {
-    let app = spawn_pooled_app_with(&[], |_, _| {}).await;
+    let app = TestApp::builder().pooled().spawn().await;
 
     let ready = app.get("/health/ready").await;
     assert_eq!(
@@ -159,7 +164,11 @@ async fn behind_pgbouncer_real_serialization_failures_are_retried_to_an_exact_co
 #[tokio::test]
 async fn serverless_behind_pgbouncer_keeps_no_client_connection_between_requests() {
     let bouncer = pgbouncer::shared();
-    let app = spawn_pooled_app_with(&[("DB_POOL_MODE", "serverless")], |_, _| {}).await;
+    let app = TestApp::builder()
+        .pooled()
+        .env(&[("DB_POOL_MODE", "serverless")])
+        .spawn()
+        .await;
     let name = app.database_name();
     let warehouses = join_all(
         (0..6).map(|i| app.send_json("/warehouses", json!({"code": format!("W{i}"), "name": "w"}))),
@@ -173,7 +182,11 @@ async fn serverless_behind_pgbouncer_keeps_no_client_connection_between_requests
     .await;
 
     // The same app in queue mode keeps its pool's minimum open: the check above can fail.
-    let queued = spawn_pooled_app_with(&[("DB_POOL_SIZE", "2")], |_, _| {}).await;
+    let queued = TestApp::builder()
+        .pooled()
+        .env(&[("DB_POOL_SIZE", "2")])
+        .spawn()
+        .await;
     let queued_name = queued.database_name();
     queued
         .wait_until("a queue-mode pool keeps its minimum", || {

@@ -8,8 +8,247 @@ use app::Application;
 use config::Settings;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
+use app::startup::{ExtraRoutes, LayerOptions};
+
 use super::database::{Server, SqliteFile, TestDatabase, connect_to};
+use super::fault_proxy::FaultProxy;
+use super::pgbouncer;
+use super::replica::ReplicaPair;
 use serde_json::{Value, json};
+
+/// The backend of the test's fresh database: on the run's PostgreSQL (`TEST_DATABASE_URL`), on
+/// the run's MariaDB (`TEST_MARIADB_URL`), or an SQLite file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    #[default]
+    Postgres,
+    Mariadb,
+    Sqlite,
+}
+
+/// What a [`TestApp`] keeps alive and drops with it.
+enum Keep {
+    /// A database the test (or nobody) owns: nothing to drop.
+    Nothing,
+    Database(TestDatabase),
+    Sqlite {
+        _file: SqliteFile,
+    },
+}
+
+impl Keep {
+    fn name(&self) -> Option<&str> {
+        match self {
+            Keep::Database(database) => Some(&database.name),
+            Keep::Nothing | Keep::Sqlite { .. } => None,
+        }
+    }
+}
+
+/// Where the app's database comes from when it is not a fresh one.
+enum Given {
+    Database(TestDatabase),
+    Url(String),
+}
+
+/// How a test starts the service: [`TestApp::builder`], options, then [`spawn`](Self::spawn).
+/// Without options: the real application over a fresh PostgreSQL database, migrated at start-up,
+/// with the test settings ([`test_settings`]), the API only and the inventory's layer as it is.
+#[must_use = "the app starts with `.spawn().await`"]
+pub struct TestAppBuilder<'a> {
+    backend: Backend,
+    given: Option<Given>,
+    pooled: bool,
+    replica: Option<&'a ReplicaPair>,
+    proxy: Option<&'a FaultProxy>,
+    env: Vec<(String, String)>,
+    routes: ExtraRoutes,
+    layer: LayerOptions,
+}
+
+impl<'a> TestAppBuilder<'a> {
+    /// A fresh database on `backend` (default: PostgreSQL).
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Over `database` (e.g. one the test created on a server of its own, or the database of an
+    /// app it stopped) instead of a fresh one; dropped with the app.
+    pub fn database(mut self, database: TestDatabase) -> Self {
+        self.given = Some(Given::Database(database));
+        self
+    }
+
+    /// Over the database at `url`, which the test keeps (e.g. on a PostgreSQL server of its own
+    /// that it stops and starts).
+    pub fn url(mut self, url: &str) -> Self {
+        self.given = Some(Given::Url(url.to_owned()));
+        self
+    }
+
+    /// Behind a real PgBouncer in transaction mode with `DB_POOLER=transaction`: the run's shared
+    /// one ([`pgbouncer::shared`]), or with [`replica`](Self::replica) (the shared pair only) one in
+    /// front of each server of the pair ([`ReplicaPair::bouncers`]). The database is migrated on
+    /// its direct URL first (migrations do not run through the pooler); `TestApp::db` stays a
+    /// direct connection. PostgreSQL only.
+    pub fn pooled(mut self) -> Self {
+        self.pooled = true;
+        self
+    }
+
+    /// With a streaming replica: the database is created on `pair`'s primary,
+    /// `DATABASE_REPLICA_URL` names it on the replica, and `spawn` returns once the replica has
+    /// replayed the migrations. `TestApp::db` is a connection to the primary.
+    pub fn replica(mut self, pair: &'a ReplicaPair) -> Self {
+        self.replica = Some(pair);
+        self
+    }
+
+    /// Connected through `proxy` (`FaultProxy::start` in front of the run's PostgreSQL, or of its
+    /// PgBouncer ([`pooled_upstream`]) with [`pooled`](Self::pooled); `FaultProxy::start_mysql`
+    /// in front of MariaDB), with `DB_SSL_MODE=disable`. The database is migrated on its direct
+    /// URL first, so that nothing of the set-up passes the proxy's faults; `TestApp::db` stays a
+    /// direct connection, so assertions work whatever the proxy does.
+    pub fn behind(mut self, proxy: &'a FaultProxy) -> Self {
+        self.proxy = Some(proxy);
+        self
+    }
+
+    /// Overrides of the test settings (after those the options above set; the last one of a
+    /// name wins). May be given more than once.
+    pub fn env(mut self, vars: &[(&str, &str)]) -> Self {
+        self.env
+            .extend(vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        self
+    }
+
+    /// Test routes mounted beside the API (`fn(&mut web::ServiceConfig, &Layer)`).
+    pub fn routes(mut self, routes: ExtraRoutes) -> Self {
+        self.routes = routes;
+        self
+    }
+
+    /// More of the layer's options, given to its builder after the inventory's own (e.g. an
+    /// `Idempotency-Key` scope).
+    pub fn layer(mut self, options: LayerOptions) -> Self {
+        self.layer = options;
+        self
+    }
+
+    /// Creates the database, migrates it, and starts the application on a random port.
+    pub async fn spawn(self) -> TestApp {
+        init_logs();
+        let (keep, direct_url) = match self.given {
+            Some(Given::Database(database)) => {
+                let url = database.url.clone();
+                (Keep::Database(database), url)
+            }
+            Some(Given::Url(url)) => (Keep::Nothing, url),
+            None => match (self.backend, self.replica) {
+                (Backend::Sqlite, None) => {
+                    let (file, url) = SqliteFile::new();
+                    (Keep::Sqlite { _file: file }, url)
+                }
+                (backend, replica) => {
+                    let database = match (backend, replica) {
+                        (Backend::Postgres, Some(pair)) => {
+                            TestDatabase::create_at(Server::Postgres, &pair.primary.url("postgres"))
+                                .await
+                        }
+                        (Backend::Postgres, None) => TestDatabase::create().await,
+                        (Backend::Mariadb, None) => TestDatabase::create_on(Server::Mariadb).await,
+                        (backend, Some(_)) => {
+                            panic!("a replica pair is PostgreSQL, not {backend:?}")
+                        }
+                        (Backend::Sqlite, None) => unreachable!("an SQLite file above"),
+                    };
+                    let url = database.url.clone();
+                    (Keep::Database(database), url)
+                }
+            },
+        };
+        let name = || {
+            keep.name()
+                .expect("a database of the test's own, by name")
+                .to_owned()
+        };
+
+        let mut url = direct_url.clone();
+        let mut vars: Vec<(String, String)> = Vec::new();
+        let mut set = |name: &str, value: &str| vars.push((name.to_owned(), value.to_owned()));
+        if self.pooled {
+            assert_eq!(self.backend, Backend::Postgres, "PgBouncer is PostgreSQL's");
+            url = match self.replica {
+                Some(pair) => {
+                    assert!(
+                        std::ptr::eq(pair, ReplicaPair::shared()),
+                        "the PgBouncers of `ReplicaPair::bouncers` are in front of the shared pair"
+                    );
+                    ReplicaPair::bouncers().primary.url(&name())
+                }
+                None => pgbouncer::shared().url(&name()),
+            };
+            set("DB_POOLER", "transaction");
+            set("DB_AUTO_MIGRATE", "false");
+        }
+        if let Some(pair) = self.replica {
+            let replica_url = if self.pooled {
+                ReplicaPair::bouncers().replica.url(&name())
+            } else {
+                pair.replica.url(&name())
+            };
+            set("DATABASE_REPLICA_URL", &replica_url);
+        }
+        if let Some(proxy) = self.proxy {
+            assert_ne!(
+                self.backend,
+                Backend::Sqlite,
+                "SQLite has no connection to proxy"
+            );
+            url = proxy.url(&url);
+            set("DB_AUTO_MIGRATE", "false");
+            set("DB_SSL_MODE", "disable");
+        }
+        vars.extend(self.env);
+
+        // Behind a pooler or a proxy, the migrations run on the direct URL first; otherwise the
+        // app's own pool runs them, as at start-up.
+        let settings = test_settings(&url, &pairs(&vars));
+        let pool = if self.pooled || self.proxy.is_some() {
+            let direct = connect_to(&direct_url).await;
+            app::startup::migrate(&direct)
+                .await
+                .expect("migrations apply on the direct URL");
+            let _ = direct.close().await;
+            sea_orm_actix_tx::db::connect(&settings.database)
+                .await
+                .unwrap_or_else(|e| panic!("the app connects to {url}: {e}"))
+        } else {
+            let pool = sea_orm_actix_tx::db::connect(&settings.database)
+                .await
+                .expect("the app connects to its test database");
+            app::startup::migrate(&pool)
+                .await
+                .expect("migrations apply");
+            pool
+        };
+        let app = launch(settings, pool, &direct_url, keep, self.routes, self.layer).await;
+        if let Some(pair) = self.replica {
+            pair.wait_for_replay(&app).await;
+        }
+        app
+    }
+}
+
+fn pairs(vars: &[(String, String)]) -> Vec<(&str, &str)> {
+    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// The real application over a fresh PostgreSQL database: `TestApp::builder().spawn()`.
+pub async fn spawn_app() -> TestApp {
+    TestApp::builder().spawn().await
+}
 
 pub struct TestApp {
     pub address: String,
@@ -20,7 +259,7 @@ pub struct TestApp {
     pub db: DatabaseConnection,
     /// Whatever must live as long as the app (its test database, its SQLite file), dropped
     /// with it.
-    pub _database: Option<Box<dyn std::any::Any + Send + Sync>>,
+    database: Keep,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -67,177 +306,18 @@ pub fn test_settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
     Settings::from_vars_with(vars, &app::DEFAULTS).expect("test settings are valid")
 }
 
-pub async fn spawn_app() -> TestApp {
-    spawn_app_with(&[], |_, _| {}).await
-}
-
-/// The real application over a fresh database, with `overrides` of the test settings and
-/// `extra_routes` mounted beside the API.
-pub async fn spawn_app_with(
-    overrides: &[(&str, &str)],
-    extra_routes: app::startup::ExtraRoutes,
-) -> TestApp {
-    let database = TestDatabase::create().await;
-    let url = database.url.clone();
-    spawn_app_on(&url, Some(Box::new(database)), overrides, extra_routes).await
-}
-
-/// The real application over a fresh MariaDB database, with `overrides` of the test settings
-/// and `extra_routes` mounted beside the API.
-pub async fn spawn_mariadb_app_with(
-    overrides: &[(&str, &str)],
-    extra_routes: app::startup::ExtraRoutes,
-) -> TestApp {
-    let database = TestDatabase::create_on(Server::Mariadb).await;
-    let url = database.url.clone();
-    spawn_app_on(&url, Some(Box::new(database)), overrides, extra_routes).await
-}
-
-/// The real application over a fresh SQLite file (the embedded default's code path), with
-/// `extra_routes` mounted beside the API.
-pub async fn spawn_sqlite_app_with(
-    overrides: &[(&str, &str)],
-    extra_routes: app::startup::ExtraRoutes,
-) -> TestApp {
-    let (file, url) = SqliteFile::new();
-    spawn_app_on(&url, Some(Box::new(file)), overrides, extra_routes).await
-}
-
-/// The real application over the (empty) database at `url`.
-pub async fn spawn_app_on(
-    url: &str,
-    database: Option<Box<dyn std::any::Any + Send + Sync>>,
-    overrides: &[(&str, &str)],
-    extra_routes: app::startup::ExtraRoutes,
-) -> TestApp {
-    spawn_app_on_with_layer(url, database, overrides, extra_routes, |layer| layer).await
-}
-
-/// [`spawn_app_on`], with `layer_options` given to the layer's builder (e.g. an
-/// `Idempotency-Key` scope).
-pub async fn spawn_app_on_with_layer(
-    url: &str,
-    database: Option<Box<dyn std::any::Any + Send + Sync>>,
-    overrides: &[(&str, &str)],
-    extra_routes: app::startup::ExtraRoutes,
-    layer_options: app::startup::LayerOptions,
-) -> TestApp {
-    init_logs();
-    let settings = test_settings(url, overrides);
-    let pool = sea_orm_actix_tx::db::connect(&settings.database)
-        .await
-        .expect("the app connects to its test database");
-    app::startup::migrate(&pool)
-        .await
-        .expect("migrations apply");
-    launch(settings, pool, url, database, extra_routes, layer_options).await
-}
-
-/// The real application behind the run's shared PgBouncer (`pool_mode = transaction`) with
-/// `DB_POOLER=transaction`, over a fresh database migrated on the direct URL first (migrations
-/// do not run through the pooler). `TestApp::db` stays a direct connection.
-pub async fn spawn_pooled_app_with(
-    overrides: &[(&str, &str)],
-    extra_routes: app::startup::ExtraRoutes,
-) -> TestApp {
-    let database = TestDatabase::create().await;
-    let pooled_url = crate::support::pgbouncer::shared().url(&database.name);
-    spawn_pooled_app_over(database, &pooled_url, overrides, extra_routes).await
-}
-
-/// The real application over `database`, migrated here on its direct URL, connected through
-/// the PgBouncer URL `pooled_url` with `DB_POOLER=transaction` and `overrides`.
-/// `TestApp::db` is a direct connection.
-pub async fn spawn_pooled_app_over(
-    database: TestDatabase,
-    pooled_url: &str,
-    overrides: &[(&str, &str)],
-    extra_routes: app::startup::ExtraRoutes,
-) -> TestApp {
-    let mut vars = vec![("DB_POOLER", "transaction"), ("DB_AUTO_MIGRATE", "false")];
-    vars.extend_from_slice(overrides);
-    launch_migrated(database, pooled_url, &vars, extra_routes).await
-}
-
-/// The real application over `database`, migrated here on its direct URL (so that nothing of
-/// the set-up passes a pooler or a proxy), connected to `url` with `vars`; `TestApp::db` is a
-/// direct connection.
-async fn launch_migrated(
-    database: TestDatabase,
-    url: &str,
-    vars: &[(&str, &str)],
-    extra_routes: app::startup::ExtraRoutes,
-) -> TestApp {
-    init_logs();
-    let direct = database.connect().await;
-    app::startup::migrate(&direct)
-        .await
-        .expect("migrations apply on the direct URL");
-    let _ = direct.close().await;
-    let settings = test_settings(url, vars);
-    let pool = sea_orm_actix_tx::db::connect(&settings.database)
-        .await
-        .unwrap_or_else(|e| panic!("the app connects to {url}: {e}"));
-    let direct_url = database.url.clone();
-    launch(
-        settings,
-        pool,
-        &direct_url,
-        Some(Box::new(database)),
-        extra_routes,
-        |layer| layer,
-    )
-    .await
-}
-
-/// The real application connected to PostgreSQL through `proxy` (migrated on the direct URL
-/// first, so that nothing of the set-up passes the proxy's faults); `TestApp::db` stays a
-/// direct connection, so assertions work whatever the proxy does. With `DB_POOLER=transaction`
-/// in `overrides` the proxy must forward to the run's PgBouncer ([`pooled_upstream`]).
-pub async fn spawn_app_behind(
-    proxy: &crate::support::fault_proxy::FaultProxy,
-    overrides: &[(&str, &str)],
-) -> TestApp {
-    spawn_app_behind_on(Server::Postgres, proxy, overrides).await
-}
-
-/// [`spawn_app_behind`] on MariaDB (a proxy started with `FaultProxy::start_mysql`).
-pub async fn spawn_mariadb_app_behind(
-    proxy: &crate::support::fault_proxy::FaultProxy,
-    overrides: &[(&str, &str)],
-) -> TestApp {
-    spawn_app_behind_on(Server::Mariadb, proxy, overrides).await
-}
-
-async fn spawn_app_behind_on(
-    server: Server,
-    proxy: &crate::support::fault_proxy::FaultProxy,
-    overrides: &[(&str, &str)],
-) -> TestApp {
-    let database = TestDatabase::create_on(server).await;
-    let mut vars = vec![("DB_AUTO_MIGRATE", "false"), ("DB_SSL_MODE", "disable")];
-    vars.extend_from_slice(overrides);
-    // Behind the run's PgBouncer when the proxy forwards to it (`DB_POOLER=transaction`).
-    let upstream = if vars.contains(&("DB_POOLER", "transaction")) {
-        crate::support::pgbouncer::shared().url(&database.name)
-    } else {
-        database.url.clone()
-    };
-    launch_migrated(database, &proxy.url(&upstream), &vars, |_, _| {}).await
-}
-
 /// The `host:port` of the run's shared PgBouncer, for a proxy in front of it.
 pub fn pooled_upstream() -> String {
-    crate::support::fault_proxy::upstream_of(&crate::support::pgbouncer::shared().url("postgres"))
+    super::fault_proxy::upstream_of(&pgbouncer::shared().url("postgres"))
 }
 
 async fn launch(
     settings: Settings,
     pool: DatabaseConnection,
     direct_url: &str,
-    database: Option<Box<dyn std::any::Any + Send + Sync>>,
-    extra_routes: app::startup::ExtraRoutes,
-    layer_options: app::startup::LayerOptions,
+    database: Keep,
+    extra_routes: ExtraRoutes,
+    layer_options: LayerOptions,
 ) -> TestApp {
     let replica = sea_orm_actix_tx::db::connect_replica(&settings.database)
         .await
@@ -256,12 +336,27 @@ async fn launch(
             .expect("http client"),
         pool,
         db,
-        _database: database,
+        database,
         server,
     }
 }
 
 impl TestApp {
+    /// The one way to start the service in a test (besides the [`spawn_app`] shorthand): see
+    /// [`TestAppBuilder`].
+    pub fn builder<'a>() -> TestAppBuilder<'a> {
+        TestAppBuilder {
+            backend: Backend::Postgres,
+            given: None,
+            pooled: false,
+            replica: None,
+            proxy: None,
+            env: Vec::new(),
+            routes: super::no_routes,
+            layer: |layer| layer,
+        }
+    }
+
     /// Assertions over `db` without an app of the test's own (its requests went to real
     /// binaries): `scalar`, `assert_invariant`, `wait_until`.
     pub fn observer(db: DatabaseConnection) -> TestApp {
@@ -270,18 +365,25 @@ impl TestApp {
             client: reqwest::Client::new(),
             pool: db.clone(),
             db,
-            _database: None,
+            database: Keep::Nothing,
             server: tokio::spawn(async { Ok(()) }),
         }
     }
 
     /// The name of the test's own PostgreSQL database.
     pub fn database_name(&self) -> String {
-        self._database
-            .as_ref()
-            .and_then(|d| d.downcast_ref::<TestDatabase>())
-            .map(|d| d.name.clone())
+        self.database
+            .name()
             .expect("a test database of the test's own")
+            .to_owned()
+    }
+
+    /// Stops the app and hands over its database (e.g. to a new app over the same database).
+    pub fn into_database(mut self) -> TestDatabase {
+        match std::mem::replace(&mut self.database, Keep::Nothing) {
+            Keep::Database(database) => database,
+            Keep::Nothing | Keep::Sqlite { .. } => panic!("a test database of the test's own"),
+        }
     }
 
     pub fn is_postgres(&self) -> bool {

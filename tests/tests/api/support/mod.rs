@@ -29,25 +29,25 @@ macro_rules! on_every_backend {
         mod postgres {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::support::spawn_app_with(crate::support::CONCURRENT_POOL, $routes).await).await;
+                super::$name(crate::support::TestApp::builder().env(crate::support::CONCURRENT_POOL).routes($routes).spawn().await).await;
             })*
         }
         mod mariadb {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::support::spawn_mariadb_app_with(crate::support::CONCURRENT_POOL, $routes).await).await;
+                super::$name(crate::support::TestApp::builder().backend(crate::support::Backend::Mariadb).env(crate::support::CONCURRENT_POOL).routes($routes).spawn().await).await;
             })*
         }
         mod sqlite {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::support::spawn_sqlite_app_with(crate::support::CONCURRENT_POOL, $routes).await).await;
+                super::$name(crate::support::TestApp::builder().backend(crate::support::Backend::Sqlite).env(crate::support::CONCURRENT_POOL).routes($routes).spawn().await).await;
             })*
         }
         mod pgbouncer {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::support::spawn_pooled_app_with(crate::support::CONCURRENT_POOL, $routes).await).await;
+                super::$name(crate::support::TestApp::builder().pooled().env(crate::support::CONCURRENT_POOL).routes($routes).spawn().await).await;
             })*
         }
     };
