@@ -37,6 +37,12 @@ enum Keep {
 }
 
 impl Keep {
+    /// `database`, kept, and its URL.
+    fn database(database: TestDatabase) -> (Keep, String) {
+        let url = database.url.clone();
+        (Keep::Database(database), url)
+    }
+
     fn name(&self) -> Option<&str> {
         match self {
             Keep::Database(database) => Some(&database.name),
@@ -140,32 +146,21 @@ impl<'a> TestAppBuilder<'a> {
     pub async fn spawn(self) -> TestApp {
         init_logs();
         let (keep, direct_url) = match self.given {
-            Some(Given::Database(database)) => {
-                let url = database.url.clone();
-                (Keep::Database(database), url)
-            }
+            Some(Given::Database(database)) => Keep::database(database),
             Some(Given::Url(url)) => (Keep::Nothing, url),
             None => match (self.backend, self.replica) {
+                (Backend::Postgres, None) => Keep::database(TestDatabase::create().await),
+                (Backend::Postgres, Some(pair)) => Keep::database(
+                    TestDatabase::create_at(Server::Postgres, &pair.primary.url("postgres")).await,
+                ),
+                (Backend::Mariadb, None) => {
+                    Keep::database(TestDatabase::create_on(Server::Mariadb).await)
+                }
                 (Backend::Sqlite, None) => {
                     let (file, url) = SqliteFile::new();
                     (Keep::Sqlite { _file: file }, url)
                 }
-                (backend, replica) => {
-                    let database = match (backend, replica) {
-                        (Backend::Postgres, Some(pair)) => {
-                            TestDatabase::create_at(Server::Postgres, &pair.primary.url("postgres"))
-                                .await
-                        }
-                        (Backend::Postgres, None) => TestDatabase::create().await,
-                        (Backend::Mariadb, None) => TestDatabase::create_on(Server::Mariadb).await,
-                        (backend, Some(_)) => {
-                            panic!("a replica pair is PostgreSQL, not {backend:?}")
-                        }
-                        (Backend::Sqlite, None) => unreachable!("an SQLite file above"),
-                    };
-                    let url = database.url.clone();
-                    (Keep::Database(database), url)
-                }
+                (backend, Some(_)) => panic!("a replica pair is PostgreSQL, not {backend:?}"),
             },
         };
         let name = || {
