@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{problem, spawn_app};
+use crate::support::{problem, spawn_app};
 
 #[tokio::test]
 async fn creating_a_warehouse_returns_201_with_location_and_it_can_be_read_back() {

@@ -7,8 +7,8 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Server, TestDatabase};
-use crate::process::{Binary, free_port, run_binary};
+use crate::support::process::{Binary, free_port, run_binary};
+use crate::support::{Server, TestDatabase};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

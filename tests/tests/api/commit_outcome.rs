@@ -5,15 +5,17 @@
 
 use serde_json::{Value, json};
 
-use crate::fault_proxy::{Cut, FaultProxy, upstream_of};
-use crate::helpers::{
-    TestApp, admin_url, assert_unavailable, pooled_upstream, problem, spawn_app_behind,
-};
+use crate::support::fault_proxy::{Cut, FaultProxy, upstream_of};
+use crate::support::{TestApp, admin_url, assert_unavailable, pooled_upstream, problem};
 
 /// An app behind a fresh proxy, with one warehouse and one product (created before any fault).
 async fn app_behind_proxy(overrides: &[(&str, &str)]) -> (FaultProxy, TestApp, Value) {
     let proxy = FaultProxy::start(&upstream_of(&admin_url())).await;
-    let app = spawn_app_behind(&proxy, overrides).await;
+    let app = TestApp::builder()
+        .behind(&proxy)
+        .env(overrides)
+        .spawn()
+        .await;
     let warehouse = app.warehouse("W1").await;
     let product = app.product("P1").await;
     let receipt = json!({"warehouse_id": warehouse, "product_id": product, "quantity": 5});
@@ -84,7 +86,7 @@ async fn a_commit_whose_outcome_cannot_be_learned_answers_500_commit_outcome_unk
 #[tokio::test]
 async fn behind_pgbouncer_a_lost_commit_reply_is_resolved_through_another_checkout() {
     let proxy = FaultProxy::start(&pooled_upstream()).await;
-    let app = spawn_app_behind(&proxy, &[("DB_POOLER", "transaction")]).await;
+    let app = TestApp::builder().pooled().behind(&proxy).spawn().await;
     let warehouse = app.warehouse("W1").await;
     let product = app.product("P1").await;
     let receipt = json!({"warehouse_id": warehouse, "product_id": product, "quantity": 5});

@@ -20,8 +20,8 @@ use reqwest::header::{HeaderMap, HeaderValue};
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, spawn_app};
-use crate::json_schema::Validator;
+use crate::support::json_schema::Validator;
+use crate::support::{TestApp, spawn_app};
 
 /// Statuses the walk does not provoke: the transaction and operations tests do (a database that
 /// is down, an exhausted pool, a failed commit).
@@ -607,7 +607,10 @@ async fn the_idempotency_key_schema_allows_exactly_the_keys_the_service_accepts(
 
 #[tokio::test]
 async fn the_consistency_token_is_sent_and_read_under_the_names_the_document_declares() {
-    let app = crate::replica::ReplicaPair::shared().spawn_app(&[]).await;
+    let app = TestApp::builder()
+        .replica(crate::support::replica::ReplicaPair::shared())
+        .spawn()
+        .await;
     let c = Contract::of(&app).await;
     let created = c
         .answer(
@@ -772,7 +775,7 @@ async fn an_undeclared_method_is_405_with_an_allow_header_naming_the_declared_on
                 .map(|m| m.trim().to_owned())
                 .collect();
             assert_eq!(allow, declared, "Allow of {method} {path}");
-            let (_, body) = crate::helpers::problem(res).await;
+            let (_, body) = crate::support::problem(res).await;
             assert_eq!(body["code"], "method_not_allowed");
         }
     }

@@ -3,7 +3,7 @@
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use crate::helpers::spawn_app_with;
+use crate::support::TestApp;
 
 fn hold_route(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx::Layer) {
     use actix_web::{HttpResponse, web};
@@ -32,15 +32,15 @@ fn hold_route(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx:
 
 #[tokio::test]
 async fn the_pool_keeps_its_minimum_and_never_exceeds_its_maximum() {
-    let app = spawn_app_with(
-        &[
+    let app = TestApp::builder()
+        .env(&[
             ("DB_POOL_SIZE", "3"),
             ("DB_MAX_OVERFLOW", "2"),
             ("DB_APPLICATION_NAME", "pool-bounds-test"),
-        ],
-        hold_route,
-    )
-    .await;
+        ])
+        .routes(hold_route)
+        .spawn()
+        .await;
     let pool = app.pool.clone();
     app.wait_until("the pool opens its minimum", || {
         let size = sea_orm_actix_tx::db::pool_stats(&pool, 3, 5).size;
@@ -66,14 +66,14 @@ async fn the_pool_keeps_its_minimum_and_never_exceeds_its_maximum() {
 
 #[tokio::test]
 async fn connections_carry_application_name_jit_and_statement_timeout() {
-    let app = spawn_app_with(
-        &[
+    let app = TestApp::builder()
+        .env(&[
             ("DB_APPLICATION_NAME", "settings-test"),
             ("DB_STATEMENT_TIMEOUT_MS", "1500"),
-        ],
-        hold_route,
-    )
-    .await;
+        ])
+        .routes(hold_route)
+        .spawn()
+        .await;
     let res: Value = app
         .send_json("/test/hold", json!({}))
         .await
@@ -89,14 +89,22 @@ async fn connections_carry_application_name_jit_and_statement_timeout() {
 
 #[tokio::test]
 async fn a_statement_over_the_statement_timeout_is_cancelled_and_rolled_back() {
-    let app = spawn_app_with(&[("DB_STATEMENT_TIMEOUT_MS", "100")], hold_route).await;
+    let app = TestApp::builder()
+        .env(&[("DB_STATEMENT_TIMEOUT_MS", "100")])
+        .routes(hold_route)
+        .spawn()
+        .await;
     let res = app.send_json("/test/hold", json!({})).await;
-    crate::helpers::assert_statement_timeout(res, "pg_sleep(0.4) is cancelled at 100 ms").await;
+    crate::support::assert_statement_timeout(res, "pg_sleep(0.4) is cancelled at 100 ms").await;
 }
 
 #[tokio::test]
 async fn serverless_mode_keeps_no_idle_connections() {
-    let app = spawn_app_with(&[("DB_POOL_MODE", "serverless")], hold_route).await;
+    let app = TestApp::builder()
+        .env(&[("DB_POOL_MODE", "serverless")])
+        .routes(hold_route)
+        .spawn()
+        .await;
     assert_eq!(app.send_json("/test/hold", json!({})).await.status(), 200);
     let pool = app.pool.clone();
     app.wait_until("every connection is closed after use", || {

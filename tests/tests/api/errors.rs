@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{problem, spawn_app};
+use crate::support::{problem, spawn_app};
 
 #[tokio::test]
 async fn actix_rejections_are_problem_json_with_their_codes() {

@@ -9,10 +9,9 @@ use sea_orm::ConnectionTrait;
 use sea_orm_actix_tx::LayerBuilder;
 use serde_json::{Value, json};
 
-use crate::fault_proxy::{Cut, FaultProxy, upstream_of};
-use crate::helpers::{
-    CONCURRENT_POOL, Server, SqliteFile, TestApp, TestDatabase, admin_url, on_every_backend,
-    problem, spawn_app, spawn_app_behind, spawn_app_on, spawn_app_on_with_layer,
+use crate::support::fault_proxy::{Cut, FaultProxy, upstream_of};
+use crate::support::{
+    Backend, CONCURRENT_POOL, TestApp, admin_url, on_every_backend, problem, spawn_app,
 };
 use crate::transactions::{create_test_tables, metric, routes};
 
@@ -232,30 +231,18 @@ fn scope_by_client(layer: LayerBuilder<'_>) -> LayerBuilder<'_> {
 
 /// The inventory on `backend` ("postgres", "mariadb", "sqlite") with its layer scoping keys by
 /// [`CLIENT`].
-async fn spawn_scoped_app(backend: &str) -> TestApp {
-    let (url, database): (String, Box<dyn std::any::Any + Send + Sync>) = match backend {
-        "postgres" | "mariadb" => {
-            let server = if backend == "postgres" {
-                Server::Postgres
-            } else {
-                Server::Mariadb
-            };
-            let database = TestDatabase::create_on(server).await;
-            (database.url.clone(), Box::new(database))
-        }
-        _ => {
-            let (file, url) = SqliteFile::new();
-            (url, Box::new(file))
-        }
+async fn scoped_app(backend: &str) -> TestApp {
+    let backend = match backend {
+        "postgres" => Backend::Postgres,
+        "mariadb" => Backend::Mariadb,
+        _ => Backend::Sqlite,
     };
-    spawn_app_on_with_layer(
-        &url,
-        Some(database),
-        CONCURRENT_POOL,
-        |_, _| {},
-        scope_by_client,
-    )
-    .await
+    TestApp::builder()
+        .backend(backend)
+        .env(CONCURRENT_POOL)
+        .layer(scope_by_client)
+        .spawn()
+        .await
 }
 
 async fn post_as(
@@ -276,7 +263,7 @@ async fn post_as(
 }
 
 async fn the_same_key_from_two_scopes_runs_twice_and_never_replays_across(backend: &str) {
-    let app = spawn_scoped_app(backend).await;
+    let app = scoped_app(backend).await;
     let body = receipt(&app).await;
 
     // "Alice" differs from "alice" in one letter's case only: another scope on every backend.
@@ -350,7 +337,7 @@ async fn the_same_key_from_two_scopes_runs_twice_on_sqlite() {
 
 #[tokio::test]
 async fn concurrent_requests_with_one_key_in_two_scopes_are_not_duplicates() {
-    let app = spawn_scoped_app("postgres").await;
+    let app = scoped_app("postgres").await;
     let body = receipt(&app).await;
     let clients = ["alice", "bob"];
     let answers =
@@ -390,7 +377,7 @@ async fn a_4xx_is_stored_and_replayed_although_its_writes_were_rolled_back(app: 
 
 #[tokio::test]
 async fn a_rerun_after_a_serialization_failure_is_the_same_attempt_not_a_replay() {
-    let app = spawn_app_on_test_routes().await;
+    let app = app_with_test_routes().await;
     let send = || {
         app.client
             .post(app.url("/test/conflict"))
@@ -412,27 +399,22 @@ async fn a_rerun_after_a_serialization_failure_is_the_same_attempt_not_a_replay(
     assert_eq!(app.scalar("SELECT count(*) FROM warehouse").await, 1);
 }
 
-async fn spawn_app_on_test_routes() -> TestApp {
-    let app = crate::helpers::spawn_app_with(&[], routes).await;
+async fn app_with_test_routes() -> TestApp {
+    let app = TestApp::builder().routes(routes).spawn().await;
     create_test_tables(&app).await;
     app
 }
 
 #[tokio::test]
 async fn a_key_is_replayed_by_a_new_app_over_the_same_database() {
-    let mut first_app = spawn_app().await;
+    let first_app = spawn_app().await;
     let body = receipt(&first_app).await;
     let first = post_with_key(&first_app, "/receipts", "restart", &body).await;
     assert_eq!(first.status(), 201);
     let original: Value = first.json().await.expect("json");
-    let url = config::DatabaseUrl::parse(&admin_url())
-        .expect("a valid URL")
-        .with_database(&first_app.database_name())
-        .expose_secret();
-    let database = first_app._database.take();
-    drop(first_app);
-
-    let app = spawn_app_on(&url, database, &[], |_, _| {}).await;
+    // The first app stops; its database is the new app's.
+    let database = first_app.into_database();
+    let app = TestApp::builder().database(database).spawn().await;
     let again = post_with_key(&app, "/receipts", "restart", &body).await;
     assert_eq!(again.status(), 201);
     assert!(replayed(&again));
@@ -443,7 +425,7 @@ async fn a_key_is_replayed_by_a_new_app_over_the_same_database() {
 #[tokio::test]
 async fn after_a_lost_commit_reply_a_retry_with_the_key_gets_the_original_201_and_one_movement() {
     let proxy = FaultProxy::start(&upstream_of(&admin_url())).await;
-    let app = spawn_app_behind(&proxy, &[]).await;
+    let app = TestApp::builder().behind(&proxy).spawn().await;
     let body = receipt(&app).await;
     proxy.cut_next_commit(Cut::AfterForwarding);
 
@@ -462,7 +444,7 @@ async fn after_a_lost_commit_reply_a_retry_with_the_key_gets_the_original_201_an
 #[tokio::test]
 async fn after_a_commit_that_never_arrived_a_retry_with_the_key_runs_once() {
     let proxy = FaultProxy::start(&upstream_of(&admin_url())).await;
-    let app = spawn_app_behind(&proxy, &[]).await;
+    let app = TestApp::builder().behind(&proxy).spawn().await;
     let body = receipt(&app).await;
     proxy.cut_next_commit(Cut::BeforeForwarding);
 
@@ -522,7 +504,10 @@ async fn expired_keys_are_forgotten_and_cleaned_up() {
 
 #[tokio::test]
 async fn with_a_replica_a_replay_carries_a_consistency_token_that_reads_the_replayed_write() {
-    let app = crate::replica::ReplicaPair::shared().spawn_app(&[]).await;
+    let app = TestApp::builder()
+        .replica(crate::support::replica::ReplicaPair::shared())
+        .spawn()
+        .await;
     let body = receipt(&app).await;
     let product = body["product_id"].as_i64().expect("product id");
     let token = |res: &reqwest::Response| {

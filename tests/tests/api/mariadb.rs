@@ -13,7 +13,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, IsolationLevel, Statement, Tr
 use sea_orm_actix_tx::{Layer, Tx};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, problem, spawn_mariadb_app_with};
+use crate::support::{Backend, TestApp, problem};
 use crate::transactions::{get_write, insert, metric, swallow, write_then, write_then_panic};
 
 fn routes(cfg: &mut web::ServiceConfig, layer: &Layer) {
@@ -135,7 +135,12 @@ async fn sleep(tx: Tx) -> Result<HttpResponse, ApiError> {
 }
 
 async fn app_with(overrides: &[(&str, &str)]) -> TestApp {
-    spawn_mariadb_app_with(overrides, routes).await
+    TestApp::builder()
+        .backend(Backend::Mariadb)
+        .env(overrides)
+        .routes(routes)
+        .spawn()
+        .await
 }
 
 #[tokio::test]
@@ -315,7 +320,7 @@ async fn deadlocks_and_lock_wait_timeouts_are_rerun_until_they_succeed_then_503(
 async fn a_statement_longer_than_db_statement_timeout_ms_is_stopped_by_max_statement_time() {
     let app = app_with(&[("DB_STATEMENT_TIMEOUT_MS", "200")]).await;
     let res = app.post("/mdb/sleep", &json!({})).await;
-    crate::helpers::assert_statement_timeout(res, "SLEEP(3) is stopped at 200 ms").await;
+    crate::support::assert_statement_timeout(res, "SLEEP(3) is stopped at 200 ms").await;
 
     let unbounded = app_with(&[]).await;
     let res = unbounded.post("/mdb/sleep", &json!({})).await;

@@ -7,8 +7,8 @@
 use chrono::Utc;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Value};
 
-use crate::helpers::{Server, SqliteFile, TestDatabase, connect_to};
-use crate::process::run_binary;
+use crate::support::process::run_binary;
+use crate::support::{Server, SqliteFile, TestDatabase, connect_to};
 
 /// A database of one backend, its URL and a pool on it for the assertions.
 struct Target {

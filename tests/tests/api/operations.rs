@@ -11,10 +11,8 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::helpers::{
-    TestApp, TestDatabase, assert_unavailable, connect_to, problem, spawn_app_on, spawn_app_with,
-};
-use crate::process::{Binary, OwnServer, free_port, run_binary};
+use crate::support::process::{Binary, OwnServer, free_port, run_binary};
+use crate::support::{TestApp, TestDatabase, assert_unavailable, connect_to, problem};
 
 /// Rows of the app's sessions waiting for a lock, seen from `db`.
 async fn sessions_waiting_for_a_lock(db: &DatabaseConnection) -> i64 {
@@ -78,15 +76,14 @@ async fn hold_the_only_connection(
 
 #[tokio::test]
 async fn an_exhausted_pool_answers_503_pool_timeout_after_about_the_pool_timeout_and_recovers() {
-    let app = spawn_app_with(
-        &[
+    let app = TestApp::builder()
+        .env(&[
             ("DB_POOL_SIZE", "1"),
             ("DB_MAX_OVERFLOW", "0"),
             ("DB_POOL_TIMEOUT", "1"),
-        ],
-        |_, _| {},
-    )
-    .await;
+        ])
+        .spawn()
+        .await;
     let (lock, held, (w, p)) = hold_the_only_connection(&app).await;
 
     let started = Instant::now();
@@ -110,15 +107,14 @@ async fn an_exhausted_pool_answers_503_pool_timeout_after_about_the_pool_timeout
 
 #[tokio::test]
 async fn readiness_answers_503_within_2_s_when_the_pool_is_exhausted_whatever_the_pool_timeout() {
-    let app = spawn_app_with(
-        &[
+    let app = TestApp::builder()
+        .env(&[
             ("DB_POOL_SIZE", "1"),
             ("DB_MAX_OVERFLOW", "0"),
             ("DB_POOL_TIMEOUT", "30"),
-        ],
-        |_, _| {},
-    )
-    .await;
+        ])
+        .spawn()
+        .await;
     let (lock, held, _) = hold_the_only_connection(&app).await;
     let started = Instant::now();
     let ready = app.get("/health/ready").await;
@@ -201,13 +197,11 @@ async fn a_database_outage_fails_fast_and_the_app_recovers_without_restart_losin
     let _ = admin.close().await;
     // DB_POOL_TIMEOUT stays at its 30 s default: fast failure must not depend on it.
     let app = Arc::new(
-        spawn_app_on(
-            &server.url("inventory"),
-            None,
-            &[("DB_POOL_TIMEOUT", "30"), ("DB_CONNECT_TIMEOUT", "2")],
-            |_, _| {},
-        )
-        .await,
+        TestApp::builder()
+            .url(&server.url("inventory"))
+            .env(&[("DB_POOL_TIMEOUT", "30"), ("DB_CONNECT_TIMEOUT", "2")])
+            .spawn()
+            .await,
     );
     let warehouses = [app.warehouse("A").await, app.warehouse("B").await];
     let products = [app.product("P1").await, app.product("P2").await];
@@ -577,7 +571,7 @@ fn start_up_retries_then_exits_non_zero_with_one_line_and_ping_reports_both_ways
     );
     assert_eq!(output.status.code(), Some(1));
 
-    let admin = crate::helpers::admin_url();
+    let admin = crate::support::admin_url();
     let output = run_binary(&["ping"], &[("DATABASE_URL", &admin)]);
     assert_eq!(output.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -14,10 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::fault_proxy::{FaultProxy, Hold, upstream_of};
-use crate::helpers::{
-    Server, TestApp, assert_unavailable, problem, spawn_app_behind, spawn_mariadb_app_behind,
-};
+use crate::support::fault_proxy::{FaultProxy, Hold, upstream_of};
+use crate::support::{Backend, Server, TestApp, assert_unavailable, problem};
 
 /// `DB_STATEMENT_TIMEOUT_MS` + `DB_CONNECT_TIMEOUT` below: a statement's bound.
 const STATEMENT_BOUND: Duration = Duration::from_millis(1_300);
@@ -45,12 +43,21 @@ async fn app_behind_proxy(server: Server) -> (FaultProxy, TestApp, Receipt) {
     let (proxy, app) = match server {
         Server::Postgres => {
             let proxy = FaultProxy::start(&upstream).await;
-            let app = spawn_app_behind(&proxy, &overrides).await;
+            let app = TestApp::builder()
+                .behind(&proxy)
+                .env(&overrides)
+                .spawn()
+                .await;
             (proxy, app)
         }
         Server::Mariadb => {
             let proxy = FaultProxy::start_mysql(&upstream).await;
-            let app = spawn_mariadb_app_behind(&proxy, &overrides).await;
+            let app = TestApp::builder()
+                .backend(Backend::Mariadb)
+                .behind(&proxy)
+                .env(&overrides)
+                .spawn()
+                .await;
             (proxy, app)
         }
     };

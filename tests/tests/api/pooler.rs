@@ -7,22 +7,27 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, TestDatabase, problem, spawn_pooled_app_with, test_settings};
-use crate::pgbouncer;
-use crate::process::{Binary, run_binary};
+use crate::support::pgbouncer;
+use crate::support::process::{Binary, run_binary};
+use crate::support::{TestApp, TestDatabase, problem, test_settings};
 use crate::transactions::{
     CONFLICTING, create_test_tables, forty_conflicting_increments_end_exact, routes,
 };
 
 async fn pooled_app_with_test_routes(overrides: &[(&str, &str)]) -> TestApp {
-    let app = spawn_pooled_app_with(overrides, routes).await;
+    let app = TestApp::builder()
+        .pooled()
+        .env(overrides)
+        .routes(routes)
+        .spawn()
+        .await;
     create_test_tables(&app).await;
     app
 }
 
 #[tokio::test]
 async fn the_api_works_behind_pgbouncer_as_debian_ships_it() {
-    let app = spawn_pooled_app_with(&[], |_, _| {}).await;
+    let app = TestApp::builder().pooled().spawn().await;
 
     let ready = app.get("/health/ready").await;
     assert_eq!(
@@ -130,7 +135,7 @@ async fn every_transaction_behind_pgbouncer_carries_the_configured_isolation_jit
 async fn behind_pgbouncer_the_statement_timeout_cancels_a_slow_statement_and_rolls_back() {
     let app = pooled_app_with_test_routes(&[("DB_STATEMENT_TIMEOUT_MS", "100")]).await;
     let res = app.send_json("/test/hold/400", json!({})).await;
-    crate::helpers::assert_statement_timeout(res, "pg_sleep(0.4) is cancelled at 100 ms").await;
+    crate::support::assert_statement_timeout(res, "pg_sleep(0.4) is cancelled at 100 ms").await;
     assert_eq!(app.scalar("SELECT count(*) FROM warehouse").await, 0);
     let quick = app.send_json("/test/hold/10", json!({})).await;
     assert_eq!(quick.status(), 200, "a statement under the timeout runs");
@@ -159,7 +164,11 @@ async fn behind_pgbouncer_real_serialization_failures_are_retried_to_an_exact_co
 #[tokio::test]
 async fn serverless_behind_pgbouncer_keeps_no_client_connection_between_requests() {
     let bouncer = pgbouncer::shared();
-    let app = spawn_pooled_app_with(&[("DB_POOL_MODE", "serverless")], |_, _| {}).await;
+    let app = TestApp::builder()
+        .pooled()
+        .env(&[("DB_POOL_MODE", "serverless")])
+        .spawn()
+        .await;
     let name = app.database_name();
     let warehouses = join_all(
         (0..6).map(|i| app.send_json("/warehouses", json!({"code": format!("W{i}"), "name": "w"}))),
@@ -173,7 +182,11 @@ async fn serverless_behind_pgbouncer_keeps_no_client_connection_between_requests
     .await;
 
     // The same app in queue mode keeps its pool's minimum open: the check above can fail.
-    let queued = spawn_pooled_app_with(&[("DB_POOL_SIZE", "2")], |_, _| {}).await;
+    let queued = TestApp::builder()
+        .pooled()
+        .env(&[("DB_POOL_SIZE", "2")])
+        .spawn()
+        .await;
     let queued_name = queued.database_name();
     queued
         .wait_until("a queue-mode pool keeps its minimum", || {

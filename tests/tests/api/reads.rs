@@ -10,8 +10,8 @@ use sea_orm::{ConnectionTrait, DatabaseConnection};
 use sea_orm_actix_tx::{Layer, Tx};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, spawn_app};
-use crate::replica::{MARGIN, ReplicaPair, text};
+use crate::support::replica::{MARGIN, ReplicaPair, text};
+use crate::support::{TestApp, spawn_app};
 use crate::transactions::metric;
 
 mod pgbouncer;
@@ -59,7 +59,10 @@ async fn ready(app: &TestApp) -> Value {
 
 #[tokio::test]
 async fn a_client_that_sends_its_token_back_never_reads_a_stale_stock_from_the_replica() {
-    let app = ReplicaPair::shared().spawn_app(&[]).await;
+    let app = TestApp::builder()
+        .replica(ReplicaPair::shared())
+        .spawn()
+        .await;
     let (w, p) = receipts_each_read_back_with_its_token(&app).await;
 
     // Without the token the same loop may be stale: it is only served.
@@ -95,7 +98,10 @@ pub(super) async fn receipts_each_read_back_with_its_token(app: &TestApp) -> (i6
 
 #[tokio::test]
 async fn a_write_answers_its_token_as_a_header_and_a_cookie_for_the_whole_site() {
-    let app = ReplicaPair::shared().spawn_app(&[]).await;
+    let app = TestApp::builder()
+        .replica(ReplicaPair::shared())
+        .spawn()
+        .await;
     let res = app
         .post("/warehouses", &json!({"code": "T", "name": "Token"}))
         .await;
@@ -130,7 +136,7 @@ async fn a_write_answers_its_token_as_a_header_and_a_cookie_for_the_whole_site()
 #[tokio::test]
 async fn reads_without_a_token_are_served_by_the_replica() {
     let pair = ReplicaPair::shared();
-    let app = pair.spawn_app(&[]).await;
+    let app = TestApp::builder().replica(pair).spawn().await;
     tokenless_reads_seen_by_the_replica(pair, &app).await;
 }
 
@@ -173,7 +179,10 @@ pub(super) async fn tokenless_reads_seen_by_the_replica(
 
 #[tokio::test]
 async fn a_forged_malformed_or_huge_token_is_ignored() {
-    let app = ReplicaPair::shared().spawn_app(&[]).await;
+    let app = TestApp::builder()
+        .replica(ReplicaPair::shared())
+        .spawn()
+        .await;
     let p = app.product("F").await;
     // Once the replica has the product, an old (or forged low) position may be served by it
     // without being stale.
@@ -216,7 +225,7 @@ async fn a_forged_malformed_or_huge_token_is_ignored() {
 async fn with_the_replica_stopped_reads_use_the_primary_and_return_to_the_replica_when_it_is_back()
 {
     let pair = ReplicaPair::start();
-    let app = pair.spawn_app(&[]).await;
+    let app = TestApp::builder().replica(&pair).spawn().await;
     let w = app.warehouse("D").await;
     assert_eq!(ready(&app).await["replica"]["status"], "up");
 
@@ -249,11 +258,15 @@ async fn with_the_replica_stopped_reads_use_the_primary_and_return_to_the_replic
 async fn with_replay_paused_a_read_with_a_fresh_token_answers_from_the_primary_within_the_wait() {
     let pair = ReplicaPair::start();
     let max_wait = Duration::from_millis(300);
-    let app = pair.spawn_app(&[("DB_REPLICA_MAX_WAIT_MS", "300")]).await;
+    let app = TestApp::builder()
+        .replica(&pair)
+        .env(&[("DB_REPLICA_MAX_WAIT_MS", "300")])
+        .spawn()
+        .await;
     let w = app.warehouse("P").await;
     let p = app.product("PAUSE").await;
     pair.wait_for_replay(&app).await;
-    let admin = crate::helpers::connect_to(&pair.replica.url("postgres")).await;
+    let admin = crate::support::connect_to(&pair.replica.url("postgres")).await;
     let _ = text(&admin, "SELECT pg_wal_replay_pause()::text").await;
     app.wait_until("replay is paused", || async {
         text(&admin, "SELECT pg_get_wal_replay_pause_state()").await == "paused"
@@ -331,7 +344,11 @@ fn routes(cfg: &mut web::ServiceConfig, layer: &Layer) {
 
 #[tokio::test]
 async fn a_read_cancelled_on_the_replica_by_a_recovery_conflict_is_re_run_on_the_primary() {
-    let app = ReplicaPair::shared().spawn_app_with(&[], routes).await;
+    let app = TestApp::builder()
+        .replica(ReplicaPair::shared())
+        .routes(routes)
+        .spawn()
+        .await;
     let res = app.get("/test/conflict-on-standby").await;
     assert_eq!(res.status(), 200);
     assert_eq!(reads(&app, "replica").await, 1.0);
@@ -341,7 +358,11 @@ async fn a_read_cancelled_on_the_replica_by_a_recovery_conflict_is_re_run_on_the
 
 #[tokio::test]
 async fn a_route_pinned_to_the_primary_never_reads_from_the_replica() {
-    let app = ReplicaPair::shared().spawn_app_with(&[], routes).await;
+    let app = TestApp::builder()
+        .replica(ReplicaPair::shared())
+        .routes(routes)
+        .spawn()
+        .await;
     for _ in 0..3 {
         assert_eq!(app.get("/test/pinned").await.status(), 200);
     }
@@ -355,8 +376,10 @@ async fn reads_your_writes_holds_with_db_pooler_transaction_too() {
     // The session of a transaction-mode pooler (settings inside every BEGIN, no named
     // statements), here on direct connections: the replica's queries are single
     // simple-protocol messages either way. Through real PgBouncers: `reads::pgbouncer`.
-    let app = ReplicaPair::shared()
-        .spawn_app(&[("DB_POOLER", "transaction"), ("DB_AUTO_MIGRATE", "false")])
+    let app = TestApp::builder()
+        .replica(ReplicaPair::shared())
+        .env(&[("DB_POOLER", "transaction"), ("DB_AUTO_MIGRATE", "false")])
+        .spawn()
         .await;
     let w = app.warehouse("B").await;
     let p = app.product("POOLED").await;
@@ -377,15 +400,15 @@ async fn reads_your_writes_holds_with_db_pooler_transaction_too() {
 #[tokio::test]
 async fn the_served_binary_reads_from_the_replica_and_stops_cleanly() {
     let pair = ReplicaPair::shared();
-    let database = crate::helpers::TestDatabase::create_at(
-        crate::helpers::Server::Postgres,
+    let database = crate::support::TestDatabase::create_at(
+        crate::support::Server::Postgres,
         &pair.primary.url("postgres"),
     )
     .await;
     // The binary's replica pool must find the database there (CREATE DATABASE replayed).
     pair.wait_for_replay_of(&database.name).await;
     let replica_url = pair.replica.url(&database.name);
-    let binary = crate::process::Binary::start(
+    let binary = crate::support::process::Binary::start(
         &std::env::temp_dir(),
         &[
             ("DATABASE_URL", database.url.as_str()),

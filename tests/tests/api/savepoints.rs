@@ -16,7 +16,7 @@ use sea_orm::{
 use sea_orm_actix_tx::{Layer, Tx};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, on_every_backend, problem};
+use crate::support::{TestApp, on_every_backend, problem};
 
 on_every_backend!(
     routes = crate::savepoints::routes;

@@ -6,7 +6,7 @@
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, on_every_backend, problem};
+use crate::support::{TestApp, on_every_backend, problem};
 use sea_orm::{ConnectionTrait, TransactionTrait};
 
 on_every_backend!(
@@ -272,14 +272,13 @@ async fn the_invariant_holds_under_a_few_hundred_concurrent_movements(app: TestA
 /// touches must exist and be locked in one order before any change.
 #[tokio::test]
 async fn a_transfer_into_a_row_created_meanwhile_never_deadlocks_with_the_opposite_transfer() {
-    let app = crate::helpers::spawn_app_with(
-        &[
+    let app = TestApp::builder()
+        .env(&[
             ("DB_POOL_SIZE", "4"),
             ("DB_APPLICATION_NAME", "deadlock-test"),
-        ],
-        |_, _| {},
-    )
-    .await;
+        ])
+        .spawn()
+        .await;
     // NEW has the lower id: T2 locks it first, and T1's credit takes it last, out of order.
     let new = app.warehouse("NEW").await;
     let hot = app.warehouse("HOT").await;

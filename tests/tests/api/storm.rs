@@ -24,7 +24,7 @@ use std::time::Instant;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use crate::helpers::{CONCURRENT_POOL, TestApp, spawn_app_with, spawn_mariadb_app_with};
+use crate::support::{Backend, CONCURRENT_POOL, TestApp};
 use crate::transactions::metric;
 
 const TRANSFERS: usize = 400;
@@ -32,12 +32,19 @@ const CLIENTS: usize = 16;
 
 #[tokio::test]
 async fn postgres() {
-    storm(spawn_app_with(CONCURRENT_POOL, |_, _| {}).await).await;
+    storm(TestApp::builder().env(CONCURRENT_POOL).spawn().await).await;
 }
 
 #[tokio::test]
 async fn mariadb() {
-    storm(spawn_mariadb_app_with(CONCURRENT_POOL, |_, _| {}).await).await;
+    storm(
+        TestApp::builder()
+            .backend(Backend::Mariadb)
+            .env(CONCURRENT_POOL)
+            .spawn()
+            .await,
+    )
+    .await;
 }
 
 async fn storm(app: TestApp) {

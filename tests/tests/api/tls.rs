@@ -7,8 +7,8 @@ use std::process::Output;
 
 use sea_orm::{ConnectionTrait, Statement};
 
-use crate::process::BIN;
-use crate::tls_server::tls_server;
+use crate::support::process::BIN;
+use crate::support::tls_server::tls_server;
 
 /// A case's environment.
 type Vars<'a> = &'a [(&'a str, &'a str)];

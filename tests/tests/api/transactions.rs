@@ -13,7 +13,7 @@ use sea_orm::{ConnectionTrait, IsolationLevel, Statement};
 use sea_orm_actix_tx::{Layer, Tx};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, problem, spawn_app_with};
+use crate::support::{TestApp, problem};
 
 /// The test-only routes on the real middleware (also mounted behind PgBouncer by `pooler`).
 pub(crate) fn routes(cfg: &mut web::ServiceConfig, layer: &Layer) {
@@ -254,7 +254,11 @@ async fn write_then_wait(tx: Tx) -> Result<HttpResponse, ApiError> {
 }
 
 async fn app_with(overrides: &[(&str, &str)]) -> TestApp {
-    let app = spawn_app_with(overrides, routes).await;
+    let app = TestApp::builder()
+        .env(overrides)
+        .routes(routes)
+        .spawn()
+        .await;
     create_test_tables(&app).await;
     app
 }

@@ -7,9 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::helpers::TestApp;
-use crate::process::free_port;
-use crate::replica::{ReplicaPair, text};
+use crate::support::TestApp;
+use crate::support::process::free_port;
+use crate::support::replica::{ReplicaPair, text};
 
 use super::{
     reads, ready, receipts_each_read_back_with_its_token, tokenless_reads_seen_by_the_replica,
@@ -31,7 +31,11 @@ fn assert_behind_both_bouncers(app: &TestApp) {
 
 #[tokio::test]
 async fn behind_pgbouncer_a_client_that_sends_its_token_back_never_reads_a_stale_stock() {
-    let app = ReplicaPair::spawn_pooled_app(&[]).await;
+    let app = TestApp::builder()
+        .replica(ReplicaPair::shared())
+        .pooled()
+        .spawn()
+        .await;
     receipts_each_read_back_with_its_token(&app).await;
     assert_behind_both_bouncers(&app);
 }
@@ -39,7 +43,11 @@ async fn behind_pgbouncer_a_client_that_sends_its_token_back_never_reads_a_stale
 #[tokio::test]
 async fn behind_pgbouncer_reads_without_a_token_are_served_by_the_replica() {
     let pair = ReplicaPair::shared();
-    let app = ReplicaPair::spawn_pooled_app(&[]).await;
+    let app = TestApp::builder()
+        .replica(ReplicaPair::shared())
+        .pooled()
+        .spawn()
+        .await;
     let on_replica = tokenless_reads_seen_by_the_replica(pair, &app).await;
     // Its sessions: the app's server connections to this database come from PgBouncer.
     let sessions = text(
@@ -57,7 +65,11 @@ async fn behind_pgbouncer_reads_without_a_token_are_served_by_the_replica() {
 
 #[tokio::test]
 async fn behind_pgbouncer_reads_go_to_the_primary_while_the_replica_is_gone_and_come_back() {
-    let app = ReplicaPair::spawn_pooled_app(&[]).await;
+    let app = TestApp::builder()
+        .replica(ReplicaPair::shared())
+        .pooled()
+        .spawn()
+        .await;
     let bouncer = &ReplicaPair::bouncers().replica;
     let database = app.database_name();
     let w = app.warehouse("D").await;

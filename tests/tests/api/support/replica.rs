@@ -6,23 +6,25 @@
 //! its own database, created on the primary and replayed on the replica) and is stopped by a
 //! watchdog when the test process exits; a test that stops or pauses the replica starts a pair of
 //! its own ([`ReplicaPair::start`]), dropped with it. [`ReplicaPair::bouncers`] puts a PgBouncer in
-//! transaction mode in front of each server of the shared pair, once per run.
+//! transaction mode in front of each server of the shared pair, once per run. A test starts the
+//! app over a pair with `TestApp::builder().replica(pair)` (and `.pooled()`: through the
+//! bouncers).
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
-use crate::helpers::{TestApp, TestDatabase, connect_to, spawn_app_on, spawn_pooled_app_over};
-use crate::pgbouncer::PgBouncer;
-use crate::process::OwnServer;
+use crate::support::pgbouncer::PgBouncer;
+use crate::support::process::OwnServer;
+use crate::support::{TestApp, connect_to};
 
 pub struct ReplicaPair {
     pub primary: OwnServer,
     pub replica: OwnServer,
 }
 
-/// A PgBouncer (`pool_mode = transaction`, see [`crate::pgbouncer`]) in front of each server of
+/// A PgBouncer (`pool_mode = transaction`, see [`crate::support::pgbouncer`]) in front of each server of
 /// the shared pair.
 pub struct Bouncers {
     pub primary: PgBouncer,
@@ -58,54 +60,6 @@ impl ReplicaPair {
                 replica: PgBouncer::in_front_of("127.0.0.1", pair.replica.port),
             }
         })
-    }
-
-    /// The real application over a fresh database of the shared pair, through its
-    /// [`bouncers`](Self::bouncers) with `DB_POOLER=transaction`: `DATABASE_URL` and
-    /// `DATABASE_REPLICA_URL` name the PgBouncer in front of each server. Returns once the
-    /// replica has replayed the migrations. `TestApp::db` is a direct connection to the primary.
-    pub async fn spawn_pooled_app(overrides: &[(&str, &str)]) -> TestApp {
-        let pair = ReplicaPair::shared();
-        let bouncers = ReplicaPair::bouncers();
-        let database = TestDatabase::create_at(
-            crate::helpers::Server::Postgres,
-            &pair.primary.url("postgres"),
-        )
-        .await;
-        let primary_url = bouncers.primary.url(&database.name);
-        let replica_url = bouncers.replica.url(&database.name);
-        let mut vars = vec![("DATABASE_REPLICA_URL", replica_url.as_str())];
-        vars.extend_from_slice(overrides);
-        let app = spawn_pooled_app_over(database, &primary_url, &vars, |_, _| {}).await;
-        pair.wait_for_replay(&app).await;
-        app
-    }
-
-    /// The real application over a fresh database of this pair, with `DATABASE_REPLICA_URL`
-    /// pointing at the replica and `overrides` of the test settings. Returns once the replica
-    /// has replayed the migrations. `TestApp::db` is a connection to the primary.
-    pub async fn spawn_app(&self, overrides: &[(&str, &str)]) -> TestApp {
-        self.spawn_app_with(overrides, |_, _| {}).await
-    }
-
-    /// [`spawn_app`](Self::spawn_app) with `extra_routes` mounted beside the API.
-    pub async fn spawn_app_with(
-        &self,
-        overrides: &[(&str, &str)],
-        extra_routes: app::startup::ExtraRoutes,
-    ) -> TestApp {
-        let database = TestDatabase::create_at(
-            crate::helpers::Server::Postgres,
-            &self.primary.url("postgres"),
-        )
-        .await;
-        let replica_url = self.replica.url(&database.name);
-        let mut vars = vec![("DATABASE_REPLICA_URL", replica_url.as_str())];
-        vars.extend_from_slice(overrides);
-        let url = database.url.clone();
-        let app = spawn_app_on(&url, Some(Box::new(database)), &vars, extra_routes).await;
-        self.wait_for_replay(&app).await;
-        app
     }
 
     /// A connection to `app`'s database on the replica, for assertions behind the app's back.

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use sea_orm::sqlx::postgres::PgConnectOptions;
 
-use crate::helpers::admin_url;
-use crate::process::{free_port, is_root, on_exit_of_this_process};
+use crate::support::admin_url;
+use crate::support::process::{free_port, is_root, on_exit_of_this_process};
 
 /// Server connections PgBouncer opens per database: fewer than a test app's pool (2 + 8).
 pub const SERVER_POOL_SIZE: u32 = 3;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use crate::process::OwnServer;
+use crate::support::process::OwnServer;
 
 pub struct TlsServer {
     pub server: OwnServer,

@@ -121,7 +121,7 @@ impl<'a> Validator<'a> {
                 "description" | "title" | "examples" | "example" | "default" | "deprecated"
                 | "readOnly" | "writeOnly" => None,
                 other => panic!(
-                    "the document uses the keyword {other:?}, which tests/tests/api/json_schema.rs \
+                    "the document uses the keyword {other:?}, which tests/tests/api/support/json_schema.rs \
                      does not check yet: extend it"
                 ),
             };
@@ -218,7 +218,7 @@ fn format_fault(format: &str, value: &Value) -> Option<String> {
         "date-time" => value
             .as_str()
             .is_none_or(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok()),
-        other => panic!("unknown format {other:?}: extend tests/tests/api/json_schema.rs"),
+        other => panic!("unknown format {other:?}: extend tests/tests/api/support/json_schema.rs"),
     };
     (!ok).then(|| format!("{value} is not a valid {format}"))
 }

@@ -1,0 +1,47 @@
+//! Assertions over the service's answers: problem+json bodies and 503s.
+
+use serde_json::Value;
+
+/// The `code` of a problem+json response, after checking its content type and shape.
+/// Asserts a 503 `database_unavailable` with `Retry-After: 1` (nothing committed, retry later).
+pub async fn assert_unavailable(res: reqwest::Response, why: &str) {
+    assert_503(res, "database_unavailable", why).await;
+}
+
+/// A statement stopped by `DB_STATEMENT_TIMEOUT_MS`: 503 `statement_timeout` with Retry-After.
+pub async fn assert_statement_timeout(res: reqwest::Response, why: &str) {
+    assert_503(res, "statement_timeout", why).await;
+}
+
+async fn assert_503(res: reqwest::Response, code: &str, why: &str) {
+    assert_eq!(
+        res.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..]),
+        "{why}: Retry-After"
+    );
+    let (status, body) = problem(res).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some(code)),
+        "{why}: {body}"
+    );
+}
+
+pub async fn problem(res: reqwest::Response) -> (u16, Value) {
+    let status = res.status().as_u16();
+    let content_type = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json", "status {status}");
+    let body: Value = res.json().await.expect("problem body is JSON");
+    assert_eq!(body["status"], status, "{body}");
+    assert_eq!(body["type"], "about:blank", "{body}");
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
+    (status, body)
+}
