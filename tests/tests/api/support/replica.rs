@@ -72,16 +72,17 @@ impl ReplicaPair {
         self.wait_for_replay_of(&app.database_name()).await;
     }
 
-    /// Waits (up to 10 s) until the replica has replayed everything the primary has written so
+    /// Waits (up to 30 s) until the replica has replayed everything the primary has written so
     /// far, and answers on `database`: a database created a moment ago on the primary may not
-    /// exist on the replica yet, the more so while other tests create theirs.
+    /// exist on the replica yet, the more so while other tests create theirs (replaying a
+    /// `CREATE DATABASE` copies the template: seconds on a loaded machine).
     pub async fn wait_for_replay_of(&self, database: &str) {
         let primary = connect_to(&self.primary.url("postgres")).await;
         let target = text(&primary, "SELECT pg_current_wal_insert_lsn()::text").await;
         let _ = primary.close().await;
         let admin = connect_to(&self.replica.url("postgres")).await;
         let sql = format!("SELECT (pg_last_wal_replay_lsn() >= '{target}')::text");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while text(&admin, &sql).await != "true" {
             assert!(
                 Instant::now() < deadline,
