@@ -52,8 +52,7 @@ pub const HEADER: &str = IdempotencyKey::NAME;
 pub const REPLAYED_HEADER: &str = IDEMPOTENT_REPLAYED;
 
 /// The scope of a key when the service gives no scope function, or it returns `None` for the
-/// request: one scope shared by every client (a service without authentication, such as the
-/// inventory).
+/// request: one scope shared by every client (a service without authentication).
 pub const DEFAULT_SCOPE: &str = "";
 
 /// The longest scope stored as it is, in bytes (the column is `varbinary(255)` on MariaDB/MySQL);
