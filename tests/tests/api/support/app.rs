@@ -428,27 +428,20 @@ impl TestApp {
 
     /// Creates a warehouse and returns its id.
     pub async fn warehouse(&self, code: &str) -> i64 {
-        let res = self
-            .post(
-                "/warehouses",
-                &json!({"code": code, "name": format!("Warehouse {code}")}),
-            )
-            .await;
-        assert_eq!(res.status(), 201, "creating warehouse {code}");
-        res.json::<Value>().await.expect("json")["id"]
-            .as_i64()
-            .expect("id")
+        let body = json!({"code": code, "name": format!("Warehouse {code}")});
+        self.create("/warehouses", &body).await
     }
 
     /// Creates a product and returns its id.
     pub async fn product(&self, sku: &str) -> i64 {
-        let res = self
-            .post(
-                "/products",
-                &json!({"sku": sku, "name": format!("Product {sku}")}),
-            )
-            .await;
-        assert_eq!(res.status(), 201, "creating product {sku}");
+        let body = json!({"sku": sku, "name": format!("Product {sku}")});
+        self.create("/products", &body).await
+    }
+
+    /// POSTs `body` to `path`, expects 201, and returns the new resource's id.
+    async fn create(&self, path: &str, body: &Value) -> i64 {
+        let res = self.post(path, body).await;
+        assert_eq!(res.status(), 201, "creating {body} at {path}");
         res.json::<Value>().await.expect("json")["id"]
             .as_i64()
             .expect("id")
