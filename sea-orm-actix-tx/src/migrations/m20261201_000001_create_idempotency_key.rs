@@ -67,10 +67,7 @@ impl MigrationTrait for Migration {
                 return Err(DbErr::Migration(format!("unsupported backend {other:?}")));
             }
         };
-        for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            db.execute_unprepared(statement).await?;
-        }
-        Ok(())
+        super::execute_script(db, sql).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {

@@ -85,6 +85,13 @@ fn scope_column(backend: DbBackend) -> ColumnDef {
 }
 
 /// Deletes the rows of every scope but the default one.
+fn drop_table() -> TableDropStatement {
+    Table::drop()
+        .table(IdempotencyKey::Table)
+        .if_exists()
+        .to_owned()
+}
+
 fn delete_scoped_rows() -> DeleteStatement {
     Query::delete()
         .from_table(IdempotencyKey::Table)
@@ -122,13 +129,7 @@ impl MigrationTrait for Migration {
             }
             DbBackend::Sqlite => {
                 let tx = manager.begin().await?;
-                tx.drop_table(
-                    Table::drop()
-                        .table(IdempotencyKey::Table)
-                        .if_exists()
-                        .to_owned(),
-                )
-                .await?;
+                tx.drop_table(drop_table()).await?;
                 tx.create_table(scoped_sqlite_table()).await?;
                 tx.create_index(
                     Index::create()
@@ -169,21 +170,9 @@ impl MigrationTrait for Migration {
             }
             DbBackend::Sqlite => {
                 let tx = manager.begin().await?;
-                tx.drop_table(
-                    Table::drop()
-                        .table(IdempotencyKey::Table)
-                        .if_exists()
-                        .to_owned(),
-                )
-                .await?;
+                tx.drop_table(drop_table()).await?;
                 // Exactly the table of the first migration.
-                for statement in SQLITE_UNSCOPED
-                    .split(';')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                {
-                    tx.get_connection().execute_unprepared(statement).await?;
-                }
+                super::execute_script(tx.get_connection(), SQLITE_UNSCOPED).await?;
                 tx.commit().await?;
             }
             other => {

@@ -34,9 +34,18 @@
 //! does one batch on demand. An expired row is never replayed, even before it is deleted.
 
 use sea_orm_migration::MigrationTrait;
+use sea_orm_migration::sea_orm::{ConnectionTrait, DbErr};
 
 mod m20261201_000001_create_idempotency_key;
 mod m20261204_000001_scope_idempotency_key;
+
+/// Runs each `;`-separated statement of `sql` (DDL written per backend) on `db`.
+async fn execute_script(db: &impl ConnectionTrait, sql: &str) -> Result<(), DbErr> {
+    for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        db.execute_unprepared(statement).await?;
+    }
+    Ok(())
+}
 
 /// Every migration of the layer, oldest first. Their names are stable: a database that
 /// recorded one keeps it.

@@ -459,23 +459,24 @@ impl TestApp {
 
     /// One scalar from the test database.
     pub async fn scalar(&self, sql: &str) -> i64 {
-        let row = self
-            .db
-            .query_one_raw(Statement::from_string(self.db.get_database_backend(), sql))
-            .await
-            .expect("query runs")
-            .expect("one row");
-        row.try_get_by_index::<i64>(0).expect("an integer")
+        self.first(sql).await
     }
 
+    /// One text value from the test database.
     pub async fn text(&self, sql: &str) -> String {
+        self.first(sql).await
+    }
+
+    /// The first column of the one row `sql` returns.
+    async fn first<T: sea_orm::TryGetable>(&self, sql: &str) -> T {
         let row = self
             .db
             .query_one_raw(Statement::from_string(self.db.get_database_backend(), sql))
             .await
             .expect("query runs")
             .expect("one row");
-        row.try_get_by_index::<String>(0).expect("text")
+        row.try_get_by_index::<T>(0)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
     /// The quantity of one stock row (0 when there is none).
