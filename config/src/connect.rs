@@ -21,7 +21,13 @@ use sea_orm::sqlx::{AssertSqlSafe, Executor as _};
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 use secrecy::ExposeSecret;
 
-use crate::database::{Backend, DatabaseSettings, PoolMode, Pooler, SslMode};
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+use crate::database::PoolMode;
+#[cfg(feature = "postgres")]
+use crate::database::Pooler;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+use crate::database::SslMode;
+use crate::database::{Backend, DatabaseSettings};
 
 /// A connection used less than this long ago is handed out without a ping (see
 /// `connect_options`).

@@ -5,12 +5,6 @@
 //! password) and what is allowed; the rest of the service only ever sees valid settings, and gets
 //! SeaORM's connect options from [`DatabaseSettings::connect_options`].
 
-// A build without some backend leaves that backend's helpers unused: not worth a warning.
-#![cfg_attr(
-    not(all(feature = "postgres", feature = "mysql", feature = "sqlite")),
-    allow(unused)
-)]
-
 mod connect;
 mod database;
 mod database_url;

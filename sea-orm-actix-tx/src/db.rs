@@ -150,7 +150,7 @@ pub async fn check_server_version(db: &DatabaseConnection) -> Result<(), DbSetup
 
 /// A server's version, as far as the minimum versions need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[cfg_attr(not(feature = "mysql"), allow(dead_code))]
+#[cfg_attr(not(all(feature = "postgres", feature = "mysql")), allow(dead_code))]
 enum ServerVersion {
     Postgres(u32, u32),
     Mariadb(u32, u32),

@@ -156,7 +156,8 @@ pub(super) struct Slot {
     availability: Option<Availability>,
     /// Whether the transaction may write: only then is its outcome worth establishing.
     read_write: bool,
-    /// Bound on establishing the outcome of a `COMMIT` whose reply was lost.
+    /// Bound on establishing the outcome of a `COMMIT` whose reply was lost (PostgreSQL's).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     commit_check: std::time::Duration,
     /// Bounds on each round trip on the transaction's connection.
     bounds: Bounds,

@@ -32,8 +32,11 @@ use std::time::{Duration, Instant};
 
 use actix_web::HttpRequest;
 use actix_web::http::header::{self, HeaderName, HeaderValue};
+#[cfg(feature = "postgres")]
 use sea_orm::sqlx::{self, Row as _};
-use sea_orm::{ConnAcquireErr, DatabaseConnection, DbErr, RuntimeErr};
+#[cfg(feature = "postgres")]
+use sea_orm::{ConnAcquireErr, RuntimeErr};
+use sea_orm::{DatabaseConnection, DbErr};
 
 use crate::availability::Availability;
 use crate::headers;

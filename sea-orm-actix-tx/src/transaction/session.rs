@@ -48,6 +48,7 @@ pub enum Session {
 }
 
 /// The `BEGIN` of one transaction, as sent.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(super) enum BeginSql {
     Static(&'static str),
     Owned(String),
@@ -67,6 +68,7 @@ impl BeginSql {
 
 impl Session {
     /// The statement(s) that begin a transaction at `isolation` with `access`, in one message.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(super) fn begin(&self, isolation: IsolationLevel, access: AccessMode) -> BeginSql {
         match self {
             Session::Direct { connection_default } => {
@@ -128,6 +130,7 @@ impl Session {
 }
 
 /// `BEGIN` with the isolation level and access mode in the statement itself.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 fn begin(isolation: Option<IsolationLevel>, access: AccessMode) -> &'static str {
     use IsolationLevel::*;
     let read_only = access == AccessMode::ReadOnly;
