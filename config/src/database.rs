@@ -285,6 +285,13 @@ pub struct DatabaseSettings {
     /// `DB_LEAK_DETECTION_MS` (0..=86400000, default 10000): a transaction still open after
     /// this long is logged at WARN; `None` when 0 (off).
     pub leak_detection: Option<Duration>,
+    /// `DB_IDLE_IN_TRANSACTION_TIMEOUT_MS` (0..=86400000, default 30000): PostgreSQL
+    /// `idle_in_transaction_session_timeout`, the server's own end to a transaction its client
+    /// abandoned (a partition); `None` when 0 (off).
+    pub idle_in_transaction_timeout: Option<Duration>,
+    /// `DB_FAILOVER_RETRY_MS` (0..=600000, default 5000): how long a request whose primary was
+    /// lost before COMMIT is re-run, waiting for a new primary, before 503.
+    pub failover_retry: Duration,
 }
 
 impl DatabaseSettings {
@@ -510,6 +517,21 @@ impl DatabaseSettings {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
             },
+            idle_in_transaction_timeout: match number(
+                "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+                &raw.db_idle_in_transaction_timeout_ms,
+                30_000u64,
+                0..=MAX_MILLIS,
+            )? {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
+            failover_retry: Duration::from_millis(number(
+                "DB_FAILOVER_RETRY_MS",
+                &raw.db_failover_retry_ms,
+                5000,
+                0..=600_000,
+            )?),
             url,
         })
     }

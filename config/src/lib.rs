@@ -145,7 +145,7 @@ impl Settings {
         };
         let secs = |d: std::time::Duration| d.as_secs().to_string();
         let millis = |d: std::time::Duration| d.as_millis().to_string();
-        let lines: [(&str, String); 38] = [
+        let lines: [(&str, String); 40] = [
             ("DATABASE_URL", db.url.to_string()),
             ("DB_HOST", part(|p| &p.host)),
             ("DB_PORT", part(|p| &p.port)),
@@ -202,6 +202,12 @@ impl Settings {
                 "DB_LEAK_DETECTION_MS",
                 db.leak_detection.map_or_else(|| "0".to_owned(), millis),
             ),
+            (
+                "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+                db.idle_in_transaction_timeout
+                    .map_or_else(|| "0".to_owned(), millis),
+            ),
+            ("DB_FAILOVER_RETRY_MS", millis(db.failover_retry)),
             ("APP_HOST", server.host.clone()),
             ("APP_PORT", server.port.to_string()),
             ("APP_WORKERS", server.workers.to_string()),
@@ -261,6 +267,8 @@ DATABASE_REPLICA_URL=
 DB_REPLICA_MAX_WAIT_MS=100
 DB_IDEMPOTENCY_TTL=86400
 DB_LEAK_DETECTION_MS=10000
+DB_IDLE_IN_TRANSACTION_TIMEOUT_MS=30000
+DB_FAILOVER_RETRY_MS=5000
 APP_HOST=127.0.0.1
 APP_PORT=8080
 APP_WORKERS=2
