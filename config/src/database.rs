@@ -1,15 +1,16 @@
-//! `DatabaseSettings`: every `DB_*` variable (and `DATABASE_URL`) of `docs/configuration.md`
-//! parsed, range-checked and defaulted, with the small enums they use (`Backend`, `PoolMode`,
-//! `IsolationLevel`, `SslMode`) and the derived pool bounds. Turning these settings into SeaORM's
-//! `ConnectOptions` lives in `connect.rs`.
+//! `DatabaseSettings`: every `DB_*` variable (and `DATABASE_URL`) parsed and checked, with the
+//! small enums they use and the rules that tie variables together (a URL parameter kept when
+//! its variable is unset, `DB_STATEMENT_CACHE` deferring to `DB_POOLER`, the per-backend
+//! checks). Turning them into the driver's pool lives in `connect.rs`.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::database_url::{self, DatabaseUrl, UrlSource};
-use crate::env::{RawEnv, boolean, choice, find_choice, number, present, range_text};
+use strum::{Display, EnumString, IntoStaticStr};
+
 use crate::error::ConfigError;
+use crate::url::{DatabaseUrl, assemble};
+use crate::variables::{self as var, Env, parse_word};
 
 /// The most connections a pool may open (`DB_POOL_SIZE + DB_MAX_OVERFLOW`).
 pub const MAX_CONNECTIONS: u32 = 10_000;
@@ -18,17 +19,9 @@ pub const MAX_CONNECTIONS: u32 = 10_000;
 /// writer at a time, and more readers than this only add lock contention.
 pub const SQLITE_MAX_CONNECTIONS: u32 = 4;
 
-/// The longest timeout, in seconds, accepted for any `*_TIMEOUT` or `DB_POOL_RECYCLE`: one day.
-pub(crate) const MAX_SECONDS: u64 = 86_400;
-
-/// The longest duration, in milliseconds, accepted for the `*_MS` variables: one day.
-const MAX_MILLIS: u64 = 86_400_000;
-
-/// The longest `DB_IDEMPOTENCY_TTL`, in seconds: 30 days.
-const MAX_IDEMPOTENCY_TTL: u64 = 30 * 86_400;
-
 /// Which driver a URL is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
 pub enum Backend {
     Postgres,
     /// MySQL's protocol: MariaDB is what is supported and tested (versions: docs/requirements.md).
@@ -39,32 +32,23 @@ pub enum Backend {
 impl Backend {
     /// The Cargo feature this backend needs, when this build was compiled without it.
     pub fn left_out(&self) -> Option<&'static str> {
-        let (feature, compiled) = match self {
-            Backend::Postgres => ("postgres", cfg!(feature = "postgres")),
-            Backend::Mysql => ("mysql", cfg!(feature = "mysql")),
-            Backend::Sqlite => ("sqlite", cfg!(feature = "sqlite")),
+        let compiled = match self {
+            Backend::Postgres => cfg!(feature = "postgres"),
+            Backend::Mysql => cfg!(feature = "mysql"),
+            Backend::Sqlite => cfg!(feature = "sqlite"),
         };
-        (!compiled).then_some(feature)
+        (!compiled).then(|| self.as_str())
     }
 
     /// `postgres`, `mysql` or `sqlite`.
     pub fn as_str(&self) -> &'static str {
-        match self {
-            Backend::Postgres => "postgres",
-            Backend::Mysql => "mysql",
-            Backend::Sqlite => "sqlite",
-        }
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        self.into()
     }
 }
 
 /// `DB_POOL_MODE`: how the pool keeps connections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum PoolMode {
     /// Keep `DB_POOL_SIZE` connections open; requests queue for one when all are busy.
     Queue,
@@ -73,42 +57,21 @@ pub enum PoolMode {
     Serverless,
 }
 
-impl PoolMode {
-    const CHOICES: &[(&str, PoolMode)] = &[
-        ("queue", PoolMode::Queue),
-        ("serverless", PoolMode::Serverless),
-    ];
-
-    /// The variable's spelling: `queue` or `serverless`.
-    pub fn as_str(&self) -> &'static str {
-        name_of(*self, Self::CHOICES)
-    }
-}
-
 /// `DB_POOLER`: what stands between the service and PostgreSQL.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum Pooler {
     /// A direct connection (or a session-mode pooler): session state may be relied on.
     None,
     /// A transaction-mode pooler (PgBouncer `pool_mode = transaction`, RDS Proxy, Supavisor,
     /// Neon's pooler): consecutive transactions of one client connection may run on different
-    /// server connections, so nothing may rely on session state (see the app's
-    /// `transaction/session.rs`).
+    /// server connections, so nothing may rely on session state.
     Transaction,
 }
 
-impl Pooler {
-    pub(crate) const CHOICES: &[(&str, Pooler)] =
-        &[("none", Pooler::None), ("transaction", Pooler::Transaction)];
-
-    /// The variable's spelling: `none` or `transaction`.
-    pub fn as_str(&self) -> &'static str {
-        name_of(*self, Self::CHOICES)
-    }
-}
-
 /// `DB_ISOLATION_LEVEL`: the isolation level of every transaction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum IsolationLevel {
     ReadCommitted,
     RepeatableRead,
@@ -116,17 +79,6 @@ pub enum IsolationLevel {
 }
 
 impl IsolationLevel {
-    const CHOICES: &[(&str, IsolationLevel)] = &[
-        ("read_committed", IsolationLevel::ReadCommitted),
-        ("repeatable_read", IsolationLevel::RepeatableRead),
-        ("serializable", IsolationLevel::Serializable),
-    ];
-
-    /// The variable's spelling: `read_committed`, `repeatable_read` or `serializable`.
-    pub fn as_str(&self) -> &'static str {
-        name_of(*self, Self::CHOICES)
-    }
-
     /// The SQL spelling, as in `SET TRANSACTION ISOLATION LEVEL repeatable read` or Postgres's
     /// `default_transaction_isolation`.
     pub fn as_sql(&self) -> &'static str {
@@ -150,147 +102,97 @@ impl IsolationLevel {
 /// `DB_SSL_MODE`: whether and how the connection uses TLS (libpq's `sslmode`, without `allow`;
 /// MySQL's `ssl-mode` spellings `disabled`, `preferred`, `required`, `verify_identity` are
 /// accepted as their twins).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString, IntoStaticStr)]
 pub enum SslMode {
+    #[strum(to_string = "disable", serialize = "disabled")]
     Disable,
+    #[strum(to_string = "prefer", serialize = "preferred")]
     Prefer,
+    #[strum(to_string = "require", serialize = "required")]
     Require,
+    #[strum(to_string = "verify-ca", serialize = "verify_ca")]
     VerifyCa,
+    #[strum(
+        to_string = "verify-full",
+        serialize = "verify_full",
+        serialize = "verify_identity"
+    )]
     VerifyFull,
 }
 
-impl SslMode {
-    const CHOICES: &[(&str, SslMode)] = &[
-        ("disable", SslMode::Disable),
-        ("prefer", SslMode::Prefer),
-        ("require", SslMode::Require),
-        ("verify-ca", SslMode::VerifyCa),
-        ("verify-full", SslMode::VerifyFull),
-        ("disabled", SslMode::Disable),
-        ("preferred", SslMode::Prefer),
-        ("required", SslMode::Require),
-        ("verify-identity", SslMode::VerifyFull),
-    ];
-
-    /// The accepted spellings, for messages.
-    pub(crate) const EXPECTED: &str = "disable, prefer, require, verify-ca, verify-full";
-
-    /// The variable's spelling: `disable`, `prefer`, `require`, `verify-ca` or `verify-full`.
-    pub fn as_str(&self) -> &'static str {
-        name_of(*self, Self::CHOICES)
-    }
-
-    /// Parses one of the accepted spellings (any case, `verify_ca` as well as `verify-ca`).
-    pub(crate) fn parse(value: &str) -> Option<SslMode> {
-        find_choice(value, Self::CHOICES)
-    }
-}
-
-macro_rules! display_as_str {
+macro_rules! as_str {
     ($($ty:ty),*) => {$(
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
+        impl $ty {
+            /// The variable's spelling, as `check-config` shows it.
+            pub fn as_str(&self) -> &'static str {
+                self.into()
             }
         }
     )*};
 }
-display_as_str!(PoolMode, Pooler, IsolationLevel, SslMode);
+as_str!(PoolMode, Pooler, IsolationLevel, SslMode);
 
-fn name_of<T: Copy + PartialEq>(value: T, choices: &[(&'static str, T)]) -> &'static str {
-    choices
-        .iter()
-        .find(|(_, choice)| *choice == value)
-        .map_or("", |(name, _)| name)
-}
-
-/// The database and pool settings. `Debug` shows the password as `***`.
+/// The database and pool settings, each documented with its variable in `docs/configuration.md`
+/// (declared in `variables.rs`). `Debug` shows the password as `***`.
 #[derive(Clone, Debug)]
 pub struct DatabaseSettings {
-    /// `DATABASE_URL`, or assembled from `DB_HOST`, `DB_PORT`, `DB_USER`, `DB_PASSWORD`,
-    /// `DB_NAME`, or the embedded SQLite default.
+    /// `DATABASE_URL`, or assembled from `DB_HOST`…`DB_NAME`, or the service's default.
     pub url: DatabaseUrl,
-    /// `DB_POOL_SIZE` (1..=10000, default 10): connections kept open, the pool's minimum.
+    /// `DB_POOL_SIZE`.
     pub pool_size: u32,
-    /// `DB_MAX_OVERFLOW` (0..=10000, default 20): extra connections allowed in a burst;
-    /// `pool_size + max_overflow` is at most [`MAX_CONNECTIONS`].
+    /// `DB_MAX_OVERFLOW`.
     pub max_overflow: u32,
-    /// `DB_POOL_TIMEOUT` (seconds, 1..=86400, default 30): how long a request waits for a
-    /// connection before `503 pool_timeout`.
+    /// `DB_POOL_TIMEOUT`.
     pub pool_timeout: Duration,
-    /// `DB_POOL_RECYCLE` (seconds, 1..=86400, default 3600): the longest a connection lives.
+    /// `DB_POOL_RECYCLE`.
     pub pool_recycle: Duration,
-    /// `DB_POOL_PRE_PING` (default true): check a connection that has been idle before handing
-    /// it out.
+    /// `DB_POOL_PRE_PING`.
     pub pool_pre_ping: bool,
-    /// `DB_IDLE_TIMEOUT` (seconds, 1..=86400, default 600): how long an idle connection above
-    /// the pool size is kept.
+    /// `DB_IDLE_TIMEOUT`.
     pub idle_timeout: Duration,
-    /// `DB_CONNECT_TIMEOUT` (seconds, 1..=86400, default 10): the bound on one connection
-    /// attempt. sqlx 0.9 has no per-connection connect timeout (its pool bounds connecting by
-    /// the acquire timeout, and SeaORM's `connect_timeout` is that same knob), so this is not in
-    /// [`DatabaseSettings::connect_options`]: the caller wraps each start-up connection attempt
-    /// in it.
+    /// `DB_CONNECT_TIMEOUT`: the bound on one connection attempt: the caller wraps each start-up attempt in it.
     pub connect_timeout: Duration,
-    /// `DB_POOL_MODE` (default `queue`).
+    /// `DB_POOL_MODE`.
     pub pool_mode: PoolMode,
-    /// `DB_ISOLATION_LEVEL` (default `repeatable_read`).
+    /// `DB_ISOLATION_LEVEL`.
     pub isolation_level: IsolationLevel,
-    /// `DB_APPLICATION_NAME` (1..=63 printable ASCII characters, default the service's
-    /// [`Defaults::application_name`](crate::Defaults); when
-    /// unset, an `application_name` parameter of `DATABASE_URL` is used).
+    /// `DB_APPLICATION_NAME`, else the URL's `application_name`, else the service's default.
     pub application_name: String,
-    /// `DB_STATEMENT_TIMEOUT_MS` (0..=86400000, default 0): Postgres `statement_timeout`;
-    /// `None` when 0 (no limit).
+    /// `DB_STATEMENT_TIMEOUT_MS`, `None` when 0 (no limit).
     pub statement_timeout: Option<Duration>,
-    /// `DB_JIT` (default false): Postgres `jit`.
+    /// `DB_JIT`.
     pub jit: bool,
-    /// `DB_STATEMENT_CACHE` (0..=10000, default 100; when unset, a `statement-cache-capacity`
-    /// parameter of `DATABASE_URL` is used): prepared statements cached per connection; 0
-    /// behind PgBouncer in transaction mode.
+    /// `DB_STATEMENT_CACHE`, else the URL's `statement-cache-capacity`; 0 behind a transaction-mode pooler.
     pub statement_cache: usize,
-    /// `DB_SSL_MODE` (default `prefer`; when unset, an `sslmode` parameter of `DATABASE_URL` is
-    /// used, so that a URL asking for TLS is never downgraded).
+    /// `DB_SSL_MODE`, else the URL's `sslmode`.
     pub ssl_mode: SslMode,
-    /// `DB_SSL_ROOT_CERT` (default none; when unset, an `sslrootcert` parameter of
-    /// `DATABASE_URL`): CA certificate file; its existence is checked when connecting.
+    /// `DB_SSL_ROOT_CERT`, else the URL's `sslrootcert`.
     pub ssl_root_cert: Option<PathBuf>,
-    /// `DB_ECHO` (default false): log every SQL statement at INFO.
+    /// `DB_ECHO`.
     pub echo: bool,
-    /// `DB_SLOW_STATEMENT_MS` (0..=86400000, default 1000): statements slower than this are
-    /// logged at WARN; 0 turns slow-statement logging off.
+    /// `DB_SLOW_STATEMENT_MS`.
     pub slow_statement: Duration,
-    /// `DB_CONNECT_RETRIES` (1..=1000, default 5): the total number of connection attempts at
-    /// start-up, the first one included (so 1 means no retry).
+    /// `DB_CONNECT_RETRIES`: attempts at start-up, the first one included.
     pub connect_retries: u32,
-    /// `DB_CONNECT_RETRY_DELAY_MS` (0..=600000, default 2000): the pause between two attempts.
+    /// `DB_CONNECT_RETRY_DELAY_MS`.
     pub connect_retry_delay: Duration,
-    /// `DB_AUTO_MIGRATE` (default true for the embedded SQLite default, that is when neither
-    /// `DATABASE_URL` nor `DB_HOST` is set, else false): run pending migrations at start-up.
+    /// `DB_AUTO_MIGRATE`.
     pub auto_migrate: bool,
-    /// `DB_TX_MAX_RETRIES` (0..=100, default 3): re-runs of a request after a serialization
-    /// failure or deadlock.
+    /// `DB_TX_MAX_RETRIES`.
     pub tx_max_retries: u32,
-    /// `DB_POOLER` (default `none`).
+    /// `DB_POOLER`.
     pub pooler: Pooler,
-    /// `DATABASE_REPLICA_URL` (default none): a PostgreSQL streaming replica for `GET`/`HEAD`
-    /// transactions, with the same pool settings as the primary.
+    /// `DATABASE_REPLICA_URL`.
     pub replica_url: Option<DatabaseUrl>,
-    /// `DB_REPLICA_MAX_WAIT_MS` (0..=60000, default 100): how long a read carrying a
-    /// consistency token waits for the replica to catch up before it runs on the primary.
+    /// `DB_REPLICA_MAX_WAIT_MS`.
     pub replica_max_wait: Duration,
-    /// `DB_IDEMPOTENCY_TTL` (seconds, 1..=2592000, default 86400): how long an
-    /// `Idempotency-Key` is remembered.
+    /// `DB_IDEMPOTENCY_TTL`.
     pub idempotency_ttl: Duration,
-    /// `DB_LEAK_DETECTION_MS` (0..=86400000, default 10000): a transaction still open after
-    /// this long is logged at WARN; `None` when 0 (off).
+    /// `DB_LEAK_DETECTION_MS`, `None` when 0 (off).
     pub leak_detection: Option<Duration>,
-    /// `DB_IDLE_IN_TRANSACTION_TIMEOUT_MS` (0..=86400000, default 30000): PostgreSQL
-    /// `idle_in_transaction_session_timeout`, the server's own end to a transaction its client
-    /// abandoned (a partition); `None` when 0 (off).
+    /// `DB_IDLE_IN_TRANSACTION_TIMEOUT_MS`, `None` when 0 (off).
     pub idle_in_transaction_timeout: Option<Duration>,
-    /// `DB_FAILOVER_RETRY_MS` (0..=600000, default 5000): how long a request whose primary was
-    /// lost before COMMIT is re-run, waiting for a new primary, before 503.
+    /// `DB_FAILOVER_RETRY_MS`.
     pub failover_retry: Duration,
 }
 
@@ -321,131 +223,113 @@ impl DatabaseSettings {
         }
     }
 
-    /// The same settings pointed at `DATABASE_REPLICA_URL`, for the replica's pool (same pool
-    /// bounds, timeouts and session settings); `None` when no replica is configured.
+    /// The same settings pointed at `DATABASE_REPLICA_URL`, for the replica's pool; `None` when
+    /// no replica is configured.
     pub fn for_replica(&self) -> Option<DatabaseSettings> {
         let url = self.replica_url.clone()?;
+        let (replica_url, auto_migrate) = (None, false);
         Some(DatabaseSettings {
             url,
-            replica_url: None,
-            auto_migrate: false,
+            replica_url,
+            auto_migrate,
             ..self.clone()
         })
     }
 
-    /// Reads every database variable, in the order of `docs/configuration.md`'s table; the first
-    /// bad one is the error.
-    pub(crate) fn from_raw(
-        raw: &RawEnv,
-        defaults: &crate::Defaults,
-    ) -> Result<DatabaseSettings, ConfigError> {
-        let (url, source) = database_url::resolve(raw, defaults.database_url)?;
-        let pool_size = number("DB_POOL_SIZE", &raw.db_pool_size, 10, 1..=10_000)?;
-        let max_overflow: u32 = number("DB_MAX_OVERFLOW", &raw.db_max_overflow, 20, 0..=10_000)?;
+    /// Reads every database variable in table order; the first bad one is the error.
+    pub(crate) fn from_env(env: &Env, defaults: &crate::Defaults) -> Result<Self, ConfigError> {
+        let (url, embedded) = match (env.given(&var::DATABASE_URL), assemble(env)?) {
+            (Some(given), _) => (DatabaseUrl::parse(given)?, false),
+            (None, Some(assembled)) => (assembled, false),
+            (None, None) => (DatabaseUrl::parse(defaults.database_url)?, true),
+        };
+        let pool_size: u32 = env.number(&var::DB_POOL_SIZE)?;
+        let max_overflow: u32 = env.number(&var::DB_MAX_OVERFLOW)?;
         if pool_size + max_overflow > MAX_CONNECTIONS {
+            let expected = format!(
+                "DB_POOL_SIZE + DB_MAX_OVERFLOW = {} exceeds {MAX_CONNECTIONS} connections; \
+                 expected a whole number from 0 to {}",
+                pool_size + max_overflow,
+                MAX_CONNECTIONS - pool_size
+            );
             return Err(ConfigError::invalid(
                 "DB_MAX_OVERFLOW",
                 max_overflow.to_string(),
-                format!(
-                    "DB_POOL_SIZE + DB_MAX_OVERFLOW = {} exceeds {MAX_CONNECTIONS} connections; {}",
-                    pool_size + max_overflow,
-                    range_text(0, MAX_CONNECTIONS - pool_size)
-                ),
+                expected,
             ));
         }
-        // When a variable is unset, a parameter of `DATABASE_URL` for the same setting is kept
-        // (sqlx would apply it, and then this crate's default would silently override it: an
-        // `sslmode=require` URL must not be downgraded to `prefer`). Those parameters were
-        // checked by `DatabaseUrl::parse`.
-        let application_name = match present(&raw.db_application_name) {
-            Some(_) => application_name(&raw.db_application_name)?,
-            None => url
-                .query_param(&["application_name"])
-                .unwrap_or_else(|| defaults.application_name.to_owned()),
+        // A variable that is unset leaves the same setting written in `DATABASE_URL` as it is
+        // (an `sslmode=require` URL is never downgraded to the default `prefer`).
+        let in_url = |names: &[&str]| url.query_param(names);
+        let application_name = match (
+            env.given(&var::DB_APPLICATION_NAME),
+            in_url(&["application_name"]),
+        ) {
+            (Some(name), _) => application_name(name)?,
+            (None, Some(name)) => name,
+            (None, None) => defaults.application_name.to_owned(),
         };
-        let pooler = choice("DB_POOLER", &raw.db_pooler, Pooler::None, Pooler::CHOICES)?;
-        let statement_cache = match url.query_param(&["statement-cache-capacity"]) {
-            // Behind a transaction-mode pooler no statement is ever prepared by name (a named
-            // statement outlives its transaction on a server connection that other clients get
-            // next), so there is nothing to cache.
-            _ if pooler == Pooler::Transaction => {
-                let cache: usize =
-                    number("DB_STATEMENT_CACHE", &raw.db_statement_cache, 0, 0..=10_000)?;
-                if cache != 0 {
-                    return Err(ConfigError::invalid(
-                        "DB_STATEMENT_CACHE",
-                        cache.to_string(),
-                        "must be 0 (or unset) with DB_POOLER=transaction: a named prepared \
-                         statement outlives its transaction and collides on the pooler's shared \
-                         server connections",
-                    ));
+        let pooler: Pooler = env.word(&var::DB_POOLER)?;
+        let statement_cache = match (
+            env.given(&var::DB_STATEMENT_CACHE),
+            in_url(&["statement-cache-capacity"]),
+        ) {
+            // Behind a transaction-mode pooler no statement is prepared by name (it would outlive
+            // its transaction on a server connection other clients get next).
+            (None, _) if pooler == Pooler::Transaction => 0,
+            (Some(_), _) if pooler == Pooler::Transaction => {
+                match env.number(&var::DB_STATEMENT_CACHE)? {
+                    0 => 0,
+                    cache => {
+                        return Err(ConfigError::invalid(
+                            "DB_STATEMENT_CACHE",
+                            cache.to_string(),
+                            "must be 0 (or unset) with DB_POOLER=transaction: a named prepared statement \
+                     outlives its transaction and collides on the pooler's shared server connections",
+                        ));
+                    }
                 }
-                0
             }
-            Some(in_url) if present(&raw.db_statement_cache).is_none() => {
-                in_url.parse().unwrap_or(100)
-            }
-            _ => number(
-                "DB_STATEMENT_CACHE",
-                &raw.db_statement_cache,
-                100,
-                0..=10_000,
-            )?,
+            (None, Some(cache)) => cache.parse().unwrap_or(100),
+            _ => env.number(&var::DB_STATEMENT_CACHE)?,
         };
-        let ssl_mode = match url.query_param(&["sslmode", "ssl-mode"]) {
-            Some(in_url) if present(&raw.db_ssl_mode).is_none() => {
-                SslMode::parse(&in_url).unwrap_or(SslMode::Prefer)
-            }
-            _ => choice(
-                "DB_SSL_MODE",
-                &raw.db_ssl_mode,
-                SslMode::Prefer,
-                SslMode::CHOICES,
-            )?,
+        let ssl_mode = match (
+            env.given(&var::DB_SSL_MODE),
+            in_url(&["sslmode", "ssl-mode"]),
+        ) {
+            (None, Some(mode)) => parse_word(&mode).unwrap_or(SslMode::Prefer),
+            _ => env.word(&var::DB_SSL_MODE)?,
         };
-        let ssl_root_cert = present(&raw.db_ssl_root_cert)
+        let ssl_root_cert = env
+            .given(&var::DB_SSL_ROOT_CERT)
             .map(str::to_owned)
-            .or_else(|| url.query_param(&["sslrootcert", "ssl-root-cert", "ssl-ca"]))
+            .or_else(|| in_url(&["sslrootcert", "ssl-root-cert", "ssl-ca"]))
             .map(PathBuf::from);
-        let statement_timeout_ms: u64 = number(
-            "DB_STATEMENT_TIMEOUT_MS",
-            &raw.db_statement_timeout_ms,
-            0,
-            0..=MAX_MILLIS,
-        )?;
-        let slow_statement_ms = number(
-            "DB_SLOW_STATEMENT_MS",
-            &raw.db_slow_statement_ms,
-            1000,
-            0..=MAX_MILLIS,
-        )?;
-        let auto_migrate = boolean(
-            "DB_AUTO_MIGRATE",
-            &raw.db_auto_migrate,
-            source == UrlSource::EmbeddedDefault,
-        )?;
-        if pooler == Pooler::Transaction {
-            if url.backend() != Backend::Postgres {
-                return Err(ConfigError::invalid(
-                    "DB_POOLER",
-                    pooler.as_str(),
-                    "a transaction-mode pooler needs a PostgreSQL DATABASE_URL (set DB_POOLER=none)",
-                ));
-            }
-            if auto_migrate {
-                return Err(ConfigError::invalid(
-                    "DB_AUTO_MIGRATE",
-                    "true",
-                    "migrations cannot run through a transaction-mode pooler (DB_POOLER=transaction); \
-                     set DB_AUTO_MIGRATE=false and migrate with the direct database URL",
-                ));
-            }
+        let statement_timeout = env.optional_millis(&var::DB_STATEMENT_TIMEOUT_MS)?;
+        let slow_statement = env.millis(&var::DB_SLOW_STATEMENT_MS)?;
+        let auto_migrate = match env.given(&var::DB_AUTO_MIGRATE) {
+            Some(_) => env.flag(&var::DB_AUTO_MIGRATE)?,
+            None => embedded,
+        };
+        if pooler == Pooler::Transaction && url.backend() != Backend::Postgres {
+            return Err(ConfigError::invalid(
+                "DB_POOLER",
+                pooler.as_str(),
+                "a transaction-mode pooler needs a PostgreSQL DATABASE_URL (set DB_POOLER=none)",
+            ));
         }
-        let replica_url = match present(&raw.database_replica_url) {
+        if pooler == Pooler::Transaction && auto_migrate {
+            return Err(ConfigError::invalid(
+                "DB_AUTO_MIGRATE",
+                "true",
+                "migrations cannot run through a transaction-mode pooler (DB_POOLER=transaction); \
+                 set DB_AUTO_MIGRATE=false and migrate with the direct database URL",
+            ));
+        }
+        let replica_url = match env.given(&var::DATABASE_REPLICA_URL) {
             None => None,
             Some(value) => {
-                let replica =
-                    DatabaseUrl::parse(value).map_err(|e| e.renamed("DATABASE_REPLICA_URL"))?;
+                let replica = DatabaseUrl::parse_as("DATABASE_REPLICA_URL", value)?;
                 if replica.backend() != Backend::Postgres || url.backend() != Backend::Postgres {
                     return Err(ConfigError::invalid(
                         "DATABASE_REPLICA_URL",
@@ -459,108 +343,48 @@ impl DatabaseSettings {
         Ok(DatabaseSettings {
             pool_size,
             max_overflow,
-            pool_timeout: seconds("DB_POOL_TIMEOUT", &raw.db_pool_timeout, 30)?,
-            pool_recycle: seconds("DB_POOL_RECYCLE", &raw.db_pool_recycle, 3600)?,
-            pool_pre_ping: boolean("DB_POOL_PRE_PING", &raw.db_pool_pre_ping, true)?,
-            idle_timeout: seconds("DB_IDLE_TIMEOUT", &raw.db_idle_timeout, 600)?,
-            connect_timeout: seconds("DB_CONNECT_TIMEOUT", &raw.db_connect_timeout, 10)?,
-            pool_mode: choice(
-                "DB_POOL_MODE",
-                &raw.db_pool_mode,
-                PoolMode::Queue,
-                PoolMode::CHOICES,
-            )?,
-            isolation_level: choice(
-                "DB_ISOLATION_LEVEL",
-                &raw.db_isolation_level,
-                IsolationLevel::RepeatableRead,
-                IsolationLevel::CHOICES,
-            )?,
+            pool_timeout: env.seconds(&var::DB_POOL_TIMEOUT)?,
+            pool_recycle: env.seconds(&var::DB_POOL_RECYCLE)?,
+            pool_pre_ping: env.flag(&var::DB_POOL_PRE_PING)?,
+            idle_timeout: env.seconds(&var::DB_IDLE_TIMEOUT)?,
+            connect_timeout: env.seconds(&var::DB_CONNECT_TIMEOUT)?,
+            pool_mode: env.word(&var::DB_POOL_MODE)?,
+            isolation_level: env.word(&var::DB_ISOLATION_LEVEL)?,
             application_name,
-            statement_timeout: (statement_timeout_ms > 0)
-                .then(|| Duration::from_millis(statement_timeout_ms)),
-            jit: boolean("DB_JIT", &raw.db_jit, false)?,
+            statement_timeout,
+            jit: env.flag(&var::DB_JIT)?,
             statement_cache,
             ssl_mode,
             ssl_root_cert,
-            echo: boolean("DB_ECHO", &raw.db_echo, false)?,
-            slow_statement: Duration::from_millis(slow_statement_ms),
-            connect_retries: number("DB_CONNECT_RETRIES", &raw.db_connect_retries, 5, 1..=1000)?,
-            connect_retry_delay: Duration::from_millis(number(
-                "DB_CONNECT_RETRY_DELAY_MS",
-                &raw.db_connect_retry_delay_ms,
-                2000,
-                0..=600_000,
-            )?),
+            echo: env.flag(&var::DB_ECHO)?,
+            slow_statement,
+            connect_retries: env.number(&var::DB_CONNECT_RETRIES)?,
+            connect_retry_delay: env.millis(&var::DB_CONNECT_RETRY_DELAY_MS)?,
             auto_migrate,
-            tx_max_retries: number("DB_TX_MAX_RETRIES", &raw.db_tx_max_retries, 3, 0..=100)?,
+            tx_max_retries: env.number(&var::DB_TX_MAX_RETRIES)?,
             pooler,
             replica_url,
-            replica_max_wait: Duration::from_millis(number(
-                "DB_REPLICA_MAX_WAIT_MS",
-                &raw.db_replica_max_wait_ms,
-                100,
-                0..=60_000,
-            )?),
-            idempotency_ttl: Duration::from_secs(number(
-                "DB_IDEMPOTENCY_TTL",
-                &raw.db_idempotency_ttl,
-                86_400,
-                1..=MAX_IDEMPOTENCY_TTL,
-            )?),
-            leak_detection: match number(
-                "DB_LEAK_DETECTION_MS",
-                &raw.db_leak_detection_ms,
-                10_000u64,
-                0..=MAX_MILLIS,
-            )? {
-                0 => None,
-                ms => Some(Duration::from_millis(ms)),
-            },
-            idle_in_transaction_timeout: match number(
-                "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
-                &raw.db_idle_in_transaction_timeout_ms,
-                30_000u64,
-                0..=MAX_MILLIS,
-            )? {
-                0 => None,
-                ms => Some(Duration::from_millis(ms)),
-            },
-            failover_retry: Duration::from_millis(number(
-                "DB_FAILOVER_RETRY_MS",
-                &raw.db_failover_retry_ms,
-                5000,
-                0..=600_000,
-            )?),
+            replica_max_wait: env.millis(&var::DB_REPLICA_MAX_WAIT_MS)?,
+            idempotency_ttl: env.seconds(&var::DB_IDEMPOTENCY_TTL)?,
+            leak_detection: env.optional_millis(&var::DB_LEAK_DETECTION_MS)?,
+            idle_in_transaction_timeout: env
+                .optional_millis(&var::DB_IDLE_IN_TRANSACTION_TIMEOUT_MS)?,
+            failover_retry: env.millis(&var::DB_FAILOVER_RETRY_MS)?,
             url,
         })
     }
 }
 
-/// A whole number of seconds, 1..=86400.
-pub(crate) fn seconds(
-    variable: &'static str,
-    raw: &Option<String>,
-    default: u64,
-) -> Result<Duration, ConfigError> {
-    number(variable, raw, default, 1..=MAX_SECONDS).map(Duration::from_secs)
-}
-
 /// `DB_APPLICATION_NAME`: what Postgres accepts without truncating (63 bytes) and what can go in
 /// a startup packet and a log line unescaped (printable ASCII).
-fn application_name(raw: &Option<String>) -> Result<String, ConfigError> {
-    let value = present(raw).unwrap_or_default();
+fn application_name(value: &str) -> Result<String, ConfigError> {
     let printable = value.bytes().all(|b| (0x20..=0x7e).contains(&b));
-    if value.is_empty() || value.len() > 63 || !printable {
-        return Err(ConfigError::invalid(
-            "DB_APPLICATION_NAME",
-            value,
-            "expected 1 to 63 printable ASCII characters",
-        ));
+    if value.len() > 63 || !printable {
+        let expected = "expected 1 to 63 printable ASCII characters";
+        return Err(ConfigError::invalid("DB_APPLICATION_NAME", value, expected));
     }
     Ok(value.to_owned())
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,7 +396,7 @@ mod tests {
     fn an_empty_environment_gives_the_documented_defaults() {
         let db = settings(&[]).database;
         assert_eq!(
-            db.url.without_password(),
+            db.url.to_string(),
             crate::test_support::DEFAULTS.database_url
         );
         assert_eq!(db.backend(), Backend::Sqlite);
@@ -626,7 +450,8 @@ mod tests {
             ("DB_TX_MAX_RETRIES", "0"),
         ])
         .database;
-        assert_eq!(db.url.without_password(), "postgres://app@db:6543/inv");
+        assert_eq!(db.url.to_string(), "postgres://app:***@db:6543/inv");
+        assert_eq!(db.url.password().as_deref(), Some("pw"));
         assert_eq!(db.backend(), Backend::Postgres);
         assert_eq!((db.pool_size, db.max_overflow), (3, 4));
         assert_eq!(db.pool_timeout, Duration::from_secs(5));
@@ -670,10 +495,10 @@ mod tests {
                 "from 1 to 10000",
                 "absurdly large",
             ),
-            (&[("DB_MAX_OVERFLOW", "-1")], "from 0 to 10000", "negative"),
+            (&[("DB_MAX_OVERFLOW", "-1")], "from 0 to 9999", "negative"),
             (
                 &[("DB_MAX_OVERFLOW", "10001")],
-                "from 0 to 10000",
+                "from 0 to 9999",
                 "absurdly large",
             ),
             (
@@ -854,7 +679,7 @@ mod tests {
     fn the_url_is_assembled_from_db_parts_when_database_url_is_unset() {
         let db = settings(&[("DB_HOST", "db.internal")]).database;
         assert_eq!(
-            db.url.without_password(),
+            db.url.to_string(),
             "postgres://postgres@db.internal:5432/postgres"
         );
         assert!(db.url.password().is_none());
@@ -867,10 +692,7 @@ mod tests {
             ("DB_NAME", "stock"),
         ])
         .database;
-        assert_eq!(
-            db.url.expose_secret(),
-            "postgres://inventory:p%40ss%3Aw%2Frd%25@db.internal:6543/stock"
-        );
+        assert_eq!(db.url.password().as_deref(), Some("p@ss:w/rd%"));
         assert_eq!(
             db.url.to_string(),
             "postgres://inventory:***@db.internal:6543/stock"
@@ -885,7 +707,7 @@ mod tests {
             ("DB_PASSWORD", "ignored"),
         ])
         .database;
-        assert_eq!(db.url.without_password(), "postgres://app@primary/inv");
+        assert_eq!(db.url.to_string(), "postgres://app@primary/inv");
         assert!(db.url.password().is_none());
     }
 

@@ -30,21 +30,6 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// The same error, told of `variable` instead (a second URL parsed like `DATABASE_URL`).
-    pub(crate) fn renamed(self, variable: &'static str) -> Self {
-        match self {
-            ConfigError::Invalid {
-                value, expected, ..
-            } => ConfigError::Invalid {
-                variable,
-                value,
-                expected,
-            },
-            ConfigError::Withheld { expected, .. } => ConfigError::Withheld { variable, expected },
-            other => other,
-        }
-    }
-
     /// The variable at fault, when there is one.
     pub fn variable(&self) -> Option<&'static str> {
         match self {

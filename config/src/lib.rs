@@ -1,32 +1,33 @@
 //! Typed, validated settings for a service built on `sea-orm-actix-tx`, read from the environment (and a `.env`
 //! file) as described in `docs/configuration.md`. This crate is the only place that reads the
-//! environment: [`Settings::load`] at start-up, [`Settings::from_vars`] in tests. Every value is
-//! checked here, so a bad one stops start-up with one line naming the variable, its value (never a
-//! password) and what is allowed; the rest of the service only ever sees valid settings, and gets
-//! SeaORM's connect options from [`DatabaseSettings::connect_options`].
+//! environment: [`Settings::load`] at start-up, [`Settings::from_vars`] in tests. Every variable
+//! is declared once (`variables.rs`), and its parsing, its error, its line in
+//! [`Settings::report`] and its row in the documentation come from that declaration. A bad value
+//! stops start-up with one line naming the variable, its value (never a password) and what is
+//! allowed; the rest of the service only ever sees valid settings, and gets the driver's pool
+//! from [`DatabaseSettings::connect`].
 
 mod connect;
 mod database;
-mod database_url;
-mod env;
 mod error;
 #[cfg(test)]
 mod reference_doc;
 mod server;
 #[cfg(test)]
 mod test_support;
-
-use std::fmt::Write as _;
+mod url;
+mod variables;
 
 pub use database::{
     Backend, DatabaseSettings, IsolationLevel, MAX_CONNECTIONS, PoolMode, Pooler,
     SQLITE_MAX_CONNECTIONS, SslMode,
 };
-pub use database_url::DatabaseUrl;
 pub use error::ConfigError;
 pub use server::{LogFormat, LogSettings, ServerSettings};
+pub use url::DatabaseUrl;
+pub use variables::{env_example, reference_table};
 
-use env::RawEnv;
+use variables::{Env, VARIABLES};
 
 /// What a service sets for itself: the settings when their variables are unset. A library has
 /// no business naming a service, so these come from the service (its binary's `main`).
@@ -53,10 +54,31 @@ impl Default for Defaults {
 /// Every setting of the service. `Debug` shows the password as `***`.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    /// `DATABASE_URL` and the `DB_*` variables.
     pub database: DatabaseSettings,
+    /// The `APP_*` variables.
     pub server: ServerSettings,
+    /// `LOG_FORMAT`.
     pub log: LogSettings,
 }
+
+/// libpq's environment variables, from which sqlx 0.9 fills what a URL leaves out.
+/// `PGPASSFILE` is not among them: it names a file, where a password may come from when none
+/// is configured.
+const LIBPQ_VARIABLES: &[&str] = &[
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGPASSWORD",
+    "PGDATABASE",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGSSLCERT",
+    "PGSSLKEY",
+    "PGAPPNAME",
+    "PGOPTIONS",
+];
 
 /// `DB_POOLER` alone, after reading `./.env` like [`Settings::load`]: for tools that must refuse
 /// to run through a transaction-mode pooler whatever else the environment holds (the
@@ -65,17 +87,16 @@ pub struct Settings {
 /// # Errors
 /// [`ConfigError`] when `.env` cannot be read or `DB_POOLER` is invalid.
 pub fn pooler_from_env() -> Result<Pooler, ConfigError> {
-    env::load_dotenv()?;
-    let raw = RawEnv::from_vars(env::process_vars()?)?;
-    env::choice("DB_POOLER", &raw.db_pooler, Pooler::None, Pooler::CHOICES)
+    load_dotenv()?;
+    Env::from_vars(process_vars()?)?.word(&variables::DB_POOLER)
 }
 
 impl Settings {
     /// Reads `./.env` if present into the process environment (as `dotenvy` does: variables
-    /// already set win), then the settings from the process environment, and removes libpq's
-    /// `PG*` variables from it (docs/configuration.md: the driver would otherwise fill unset
-    /// parts of the URL from them, behind the settings' back). Call it at start-up, before
-    /// other threads read or write the environment.
+    /// already set win), removes libpq's `PG*` variables from it (docs/configuration.md: the
+    /// driver would otherwise fill unset parts of the URL from them, behind the settings'
+    /// back), then reads the settings. Call it at start-up, before other threads read or write
+    /// the environment.
     ///
     /// # Errors
     /// [`ConfigError`] when `.env` exists but cannot be read, or a variable is invalid.
@@ -87,11 +108,16 @@ impl Settings {
     ///
     /// # Errors
     /// [`ConfigError`] when `.env` exists but cannot be read, or a variable is invalid.
+    #[allow(unsafe_code)] // the workspace denies unsafe code; this is its one exception
     pub fn load_with(defaults: &Defaults) -> Result<Settings, ConfigError> {
-        env::load_dotenv()?;
-        let settings = Settings::from_vars_with(env::process_vars()?, defaults);
-        env::forget_libpq_variables();
-        settings
+        load_dotenv()?;
+        for name in LIBPQ_VARIABLES {
+            // SAFETY: called at start-up before the process starts other threads (this
+            // function's documented contract, as for `dotenvy`, which sets variables the same
+            // way), so no other thread reads the environment meanwhile.
+            unsafe { std::env::remove_var(name) };
+        }
+        Settings::from_vars_with(process_vars()?, defaults)
     }
 
     /// Reads the settings from the process environment only (no `.env`).
@@ -99,7 +125,7 @@ impl Settings {
     /// # Errors
     /// [`ConfigError`] when a variable is invalid or, being one of ours, not UTF-8.
     pub fn from_env() -> Result<Settings, ConfigError> {
-        Settings::from_vars(env::process_vars()?)
+        Settings::from_vars(process_vars()?)
     }
 
     /// Reads the settings from explicit `(name, value)` pairs; what tests use. Unrelated
@@ -124,103 +150,60 @@ impl Settings {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let raw = RawEnv::from_vars(vars)?;
+        let env = Env::from_vars(vars)?;
         Ok(Settings {
-            database: DatabaseSettings::from_raw(&raw, defaults)?,
-            server: ServerSettings::from_raw(&raw)?,
-            log: LogSettings::from_raw(&raw)?,
+            database: DatabaseSettings::from_env(&env, defaults)?,
+            server: ServerSettings::from_env(&env)?,
+            log: LogSettings {
+                format: env.word(&variables::LOG_FORMAT)?,
+            },
         })
     }
 
-    /// The effective settings as `NAME=value` lines, one per variable of `docs/configuration.md` in
-    /// the table's order, the password shown as `***` (in `DATABASE_URL` and `DB_PASSWORD`). The
-    /// `DB_HOST`…`DB_NAME` lines show the parts of the effective PostgreSQL or MariaDB URL (empty
+    /// The effective settings as `NAME=value` lines, one per variable of `docs/configuration.md`
+    /// in the table's order, the password shown as `***`. The `DB_HOST`…`DB_NAME` lines show
+    /// the parts of the effective PostgreSQL or MariaDB URL as the driver will use them (empty
     /// for SQLite); unset optional values are empty. For `app check-config`.
     pub fn report(&self) -> String {
-        let db = &self.database;
-        let server = &self.server;
-        let parts = db.url.server_parts();
-        let part = |get: fn(&database_url::ServerParts) -> &String| {
-            parts.as_ref().map(get).cloned().unwrap_or_default()
-        };
-        let secs = |d: std::time::Duration| d.as_secs().to_string();
-        let millis = |d: std::time::Duration| d.as_millis().to_string();
-        let lines: [(&str, String); 40] = [
-            ("DATABASE_URL", db.url.to_string()),
-            ("DB_HOST", part(|p| &p.host)),
-            ("DB_PORT", part(|p| &p.port)),
-            ("DB_USER", part(|p| &p.user)),
-            (
-                "DB_PASSWORD",
-                db.url
-                    .password()
-                    .map(|_| "***".to_owned())
-                    .unwrap_or_default(),
-            ),
-            ("DB_NAME", part(|p| &p.database)),
-            ("DB_POOL_SIZE", db.pool_size.to_string()),
-            ("DB_MAX_OVERFLOW", db.max_overflow.to_string()),
-            ("DB_POOL_TIMEOUT", secs(db.pool_timeout)),
-            ("DB_POOL_RECYCLE", secs(db.pool_recycle)),
-            ("DB_POOL_PRE_PING", db.pool_pre_ping.to_string()),
-            ("DB_IDLE_TIMEOUT", secs(db.idle_timeout)),
-            ("DB_CONNECT_TIMEOUT", secs(db.connect_timeout)),
-            ("DB_POOL_MODE", db.pool_mode.to_string()),
-            ("DB_ISOLATION_LEVEL", db.isolation_level.to_string()),
-            ("DB_APPLICATION_NAME", db.application_name.clone()),
-            (
-                "DB_STATEMENT_TIMEOUT_MS",
-                db.statement_timeout.map_or_else(|| "0".to_owned(), millis),
-            ),
-            ("DB_JIT", db.jit.to_string()),
-            ("DB_STATEMENT_CACHE", db.statement_cache.to_string()),
-            ("DB_SSL_MODE", db.ssl_mode.to_string()),
-            (
-                "DB_SSL_ROOT_CERT",
-                db.ssl_root_cert
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-            ),
-            ("DB_ECHO", db.echo.to_string()),
-            ("DB_SLOW_STATEMENT_MS", millis(db.slow_statement)),
-            ("DB_CONNECT_RETRIES", db.connect_retries.to_string()),
-            ("DB_CONNECT_RETRY_DELAY_MS", millis(db.connect_retry_delay)),
-            ("DB_AUTO_MIGRATE", db.auto_migrate.to_string()),
-            ("DB_TX_MAX_RETRIES", db.tx_max_retries.to_string()),
-            ("DB_POOLER", db.pooler.to_string()),
-            (
-                "DATABASE_REPLICA_URL",
-                db.replica_url
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-            ),
-            ("DB_REPLICA_MAX_WAIT_MS", millis(db.replica_max_wait)),
-            ("DB_IDEMPOTENCY_TTL", secs(db.idempotency_ttl)),
-            (
-                "DB_LEAK_DETECTION_MS",
-                db.leak_detection.map_or_else(|| "0".to_owned(), millis),
-            ),
-            (
-                "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
-                db.idle_in_transaction_timeout
-                    .map_or_else(|| "0".to_owned(), millis),
-            ),
-            ("DB_FAILOVER_RETRY_MS", millis(db.failover_retry)),
-            ("APP_HOST", server.host.clone()),
-            ("APP_PORT", server.port.to_string()),
-            ("APP_WORKERS", server.workers.to_string()),
-            ("APP_BODY_LIMIT", server.body_limit.to_string()),
-            ("APP_SHUTDOWN_TIMEOUT", secs(server.shutdown_timeout)),
-            ("LOG_FORMAT", self.log.format.to_string()),
-        ];
-        let mut report = String::new();
-        for (name, value) in lines {
-            // Writing to a String cannot fail.
-            let _ = writeln!(report, "{name}={value}");
-        }
-        report
+        VARIABLES
+            .iter()
+            .map(|var| format!("{}={}\n", var.name, (var.shown)(self)))
+            .collect()
+    }
+}
+
+/// The process environment's variables of ours. Unrelated variables that are not UTF-8 are
+/// skipped (`std::env::vars` would panic on them); one of ours that is not UTF-8 is an error
+/// naming it, without its value.
+fn process_vars() -> Result<Vec<(String, String)>, ConfigError> {
+    let ours = std::env::vars_os().filter_map(|(name, value)| {
+        let name = name
+            .to_str()
+            .filter(|n| VARIABLES.iter().any(|var| var.name == *n))?;
+        Some((name.to_owned(), value))
+    });
+    ours.map(|(name, value)| match value.into_string() {
+        Ok(value) => Ok((name, value)),
+        Err(_) => Err(ConfigError::Environment(format!(
+            "{name} is not valid UTF-8"
+        ))),
+    })
+    .collect()
+}
+
+/// Loads `./.env` into the process environment without overriding variables already set. A
+/// missing file is fine. Parse errors do not quote the line: it may hold a password.
+fn load_dotenv() -> Result<(), ConfigError> {
+    match dotenvy::from_path(".env") {
+        Ok(()) => Ok(()),
+        Err(err) if err.not_found() => Ok(()),
+        Err(dotenvy::Error::Io(err)) => Err(ConfigError::DotEnv(err.to_string())),
+        Err(dotenvy::Error::LineParse(..)) => Err(ConfigError::DotEnv(
+            "a line is not in NAME=value form (not shown, it may contain a password)".to_owned(),
+        )),
+        Err(_) => Err(ConfigError::DotEnv(
+            "a substituted variable could not be read".to_owned(),
+        )),
     }
 }
 
@@ -284,7 +267,7 @@ LOG_FORMAT=pretty
             .collect();
         assert_eq!(
             names,
-            env::VARIABLES,
+            VARIABLES.iter().map(|v| v.name).collect::<Vec<_>>(),
             "one line per variable, in table order"
         );
     }
@@ -346,20 +329,14 @@ LOG_FORMAT=pretty
         ];
         for pairs in cases {
             let all = settings(pairs);
-            assert_eq!(
-                all.database
-                    .url
-                    .password()
-                    .map(secrecy::ExposeSecret::expose_secret),
-                Some(SECRET)
-            );
+            assert_eq!(all.database.url.password().as_deref(), Some(SECRET));
             for shown in [
                 format!("{all:?}"),
                 format!("{all:#?}"),
                 all.report(),
                 all.database.url.to_string(),
-                all.database.url.without_password(),
-                format!("{:?}", all.database.connect_options()),
+                all.database.url.describe(),
+                format!("{:?}", all.database.url),
             ] {
                 assert!(!shown.contains("s3cret"), "{pairs:?}: {shown}");
                 assert!(!shown.contains(encoded), "{pairs:?}: {shown}");
@@ -438,7 +415,7 @@ LOG_FORMAT=pretty
             set.is_empty(),
             "copied to .env, these lines would override the defaults and the URL: {set:?}"
         );
-        for name in env::VARIABLES {
+        for name in VARIABLES.iter().map(|v| v.name).collect::<Vec<_>>() {
             assert!(
                 example
                     .lines()
@@ -451,7 +428,13 @@ LOG_FORMAT=pretty
             .lines()
             .filter_map(|l| l.strip_prefix("# "))
             .filter_map(|l| l.split_once('='))
-            .filter(|(name, _)| env::VARIABLES.contains(name))
+            .filter(|(name, _)| {
+                VARIABLES
+                    .iter()
+                    .map(|v| v.name)
+                    .collect::<Vec<_>>()
+                    .contains(name)
+            })
             .map(|(name, value)| (name.to_owned(), value.to_owned()))
             .collect();
         let from_example = Settings::from_vars(uncommented).unwrap_or_else(|e| panic!("{e}"));

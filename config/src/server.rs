@@ -1,73 +1,49 @@
 //! `ServerSettings` (the `APP_*` variables: where to listen, how many workers, the body limit
-//! and the shutdown grace period) and `LogSettings` (`LOG_FORMAT`), parsed and range-checked
-//! like the database settings. The log filter itself is `RUST_LOG`, read by the subscriber.
+//! and the shutdown grace period) and `LogSettings` (`LOG_FORMAT`). The log filter itself is
+//! `RUST_LOG`, read by the subscriber.
 
-use std::fmt;
 use std::time::Duration;
 
-use crate::database::seconds;
-use crate::env::{RawEnv, choice, number, present};
+use strum::{Display, EnumString, IntoStaticStr};
+
 use crate::error::ConfigError;
+use crate::variables::{self as var, Env};
 
-/// The most actix workers accepted for `APP_WORKERS`.
-const MAX_WORKERS: u64 = 1024;
-
-/// The largest request body accepted for `APP_BODY_LIMIT`: 1 GiB.
-const MAX_BODY_LIMIT: u64 = 1 << 30;
-
-/// Where and how the HTTP server runs.
+/// Where and how the HTTP server runs (variables: docs/configuration.md).
 #[derive(Clone, Debug)]
 pub struct ServerSettings {
-    /// `APP_HOST` (default `127.0.0.1`): the address to bind.
+    /// `APP_HOST`: the address to bind.
     pub host: String,
-    /// `APP_PORT` (0..=65535, default 8080); 0 lets the OS pick a free port (tests use it).
+    /// `APP_PORT`; 0 lets the OS pick a free port (tests use it).
     pub port: u16,
-    /// `APP_WORKERS` (1..=1024, default the number of CPUs): actix workers.
+    /// `APP_WORKERS` (default the number of CPUs): actix workers.
     pub workers: usize,
-    /// `APP_BODY_LIMIT` (bytes, 1..=1073741824, default 65536): the largest request body.
+    /// `APP_BODY_LIMIT`: the largest request body, in bytes.
     pub body_limit: usize,
-    /// `APP_SHUTDOWN_TIMEOUT` (seconds, 1..=86400, default 30): how long in-flight requests may
-    /// run after SIGTERM or Ctrl-C.
+    /// `APP_SHUTDOWN_TIMEOUT`: how long in-flight requests may run after SIGTERM or Ctrl-C.
     pub shutdown_timeout: Duration,
 }
 
 impl ServerSettings {
-    pub(crate) fn from_raw(raw: &RawEnv) -> Result<ServerSettings, ConfigError> {
+    pub(crate) fn from_env(env: &Env) -> Result<ServerSettings, ConfigError> {
+        let host = env.value(&var::APP_HOST).unwrap_or_default();
+        // Whether it can be bound is only known when binding.
+        if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            let expected = "expected a host name or an IP address, such as 127.0.0.1 or 0.0.0.0";
+            return Err(ConfigError::invalid("APP_HOST", host, expected));
+        }
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         Ok(ServerSettings {
-            host: host(&raw.app_host)?,
-            port: number("APP_PORT", &raw.app_port, 8080, 0..=65_535)?,
-            workers: number(
-                "APP_WORKERS",
-                &raw.app_workers,
-                cpus.clamp(1, MAX_WORKERS as usize),
-                1..=MAX_WORKERS,
-            )?,
-            body_limit: number(
-                "APP_BODY_LIMIT",
-                &raw.app_body_limit,
-                65_536,
-                1..=MAX_BODY_LIMIT,
-            )?,
-            shutdown_timeout: seconds("APP_SHUTDOWN_TIMEOUT", &raw.app_shutdown_timeout, 30)?,
+            host: host.to_owned(),
+            port: env.number(&var::APP_PORT)?,
+            workers: match env.given(&var::APP_WORKERS) {
+                Some(_) => env.number(&var::APP_WORKERS)?,
+                None => cpus.clamp(1, 1024),
+            },
+            body_limit: env.number(&var::APP_BODY_LIMIT)?,
+            shutdown_timeout: env.seconds(&var::APP_SHUTDOWN_TIMEOUT)?,
         })
     }
-}
-
-/// `APP_HOST`: any non-empty name or address without whitespace (whether it can be bound is
-/// only known when binding).
-fn host(raw: &Option<String>) -> Result<String, ConfigError> {
-    let Some(value) = present(raw) else {
-        return Ok("127.0.0.1".to_owned());
-    };
-    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(ConfigError::invalid(
-            "APP_HOST",
-            value,
-            "expected a host name or an IP address, such as 127.0.0.1 or 0.0.0.0",
-        ));
-    }
-    Ok(value.to_owned())
 }
 
 /// How log lines are written.
@@ -78,44 +54,21 @@ pub struct LogSettings {
 }
 
 /// `LOG_FORMAT`: human-readable lines or one JSON object per line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum LogFormat {
+    /// Lines for humans.
     Pretty,
+    /// One JSON object per line.
     Json,
 }
 
 impl LogFormat {
-    const CHOICES: &[(&str, LogFormat)] =
-        &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)];
-
     /// `pretty` or `json`.
     pub fn as_str(&self) -> &'static str {
-        match self {
-            LogFormat::Pretty => "pretty",
-            LogFormat::Json => "json",
-        }
+        self.into()
     }
 }
-
-impl fmt::Display for LogFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl LogSettings {
-    pub(crate) fn from_raw(raw: &RawEnv) -> Result<LogSettings, ConfigError> {
-        Ok(LogSettings {
-            format: choice(
-                "LOG_FORMAT",
-                &raw.log_format,
-                LogFormat::Pretty,
-                LogFormat::CHOICES,
-            )?,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use config::DatabaseSettings;
 use crate::availability::Availability;
 #[cfg(feature = "mysql")]
 use sea_orm::Statement;
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
 
 /// Start-up failures of the database layer.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +52,7 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
     let attempts = settings.connect_retries.max(1);
     let mut reason = String::new();
     for attempt in 1..=attempts {
-        let options = settings.connect_options();
-        match tokio::time::timeout(settings.connect_timeout, Database::connect(options)).await {
+        match tokio::time::timeout(settings.connect_timeout, settings.connect(false)).await {
             Ok(Ok(db)) => {
                 tracing::info!(url = %settings.url, attempt, "connected to the database");
                 check_server_version(&db).await?;
@@ -96,9 +95,7 @@ pub async fn connect_replica(
     let Some(replica) = settings.for_replica() else {
         return Ok(None);
     };
-    let mut options = replica.connect_options();
-    options.connect_lazy(true);
-    match Database::connect(options).await {
+    match replica.connect(true).await {
         Ok(db) => {
             tracing::info!(url = %replica.url, "read replica configured");
             Ok(Some(db))

@@ -7,7 +7,7 @@ use std::time::Duration;
 use actix_web::{HttpResponse, web};
 use example_todo::routes::{TodoError, insert};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
-use sea_orm_actix_tx::settings::{DatabaseUrl, Settings};
+use sea_orm_actix_tx::settings::Settings;
 use sea_orm_actix_tx::{Layer, Tx};
 use serde_json::{Value, json};
 
@@ -44,10 +44,9 @@ impl TestDatabase {
             .await
             .expect("CREATE DATABASE");
         let _ = admin.close().await;
-        let url = DatabaseUrl::parse(&admin_url())
-            .expect("TEST_DATABASE_URL is a valid URL")
-            .with_database(&name)
-            .expose_secret();
+        let mut url = url::Url::parse(&admin_url()).expect("TEST_DATABASE_URL is a valid URL");
+        url.set_path(&format!("/{name}"));
+        let url = url.to_string();
         TestDatabase { name, url }
     }
 }

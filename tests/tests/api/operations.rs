@@ -401,10 +401,9 @@ async fn sigterm_stops_accepting_lets_the_in_flight_request_commit_and_exits_0()
 /// The test database's URL with a password in it (trust auth ignores it), and that password.
 fn url_with_password(url: &str) -> (String, String) {
     const SECRET: &str = "Sup3r-Secret-Pw";
-    let parsed = config::DatabaseUrl::parse(url).expect("url");
+    let parsed = url::Url::parse(url).expect("url");
     if let Some(existing) = parsed.password() {
-        use secrecy::ExposeSecret;
-        return (url.to_owned(), existing.expose_secret().to_owned());
+        return (url.to_owned(), existing.to_owned());
     }
     let (scheme, rest) = url.split_once("://").expect("scheme");
     let (user, host) = rest.split_once('@').unwrap_or(("postgres", rest));

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use config::DatabaseUrl;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 
 pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -105,10 +104,9 @@ impl TestDatabase {
             .await
             .unwrap_or_else(|e| panic!("{}", server.unreachable_message(admin, &e)));
         let _ = db.close().await;
-        let url = DatabaseUrl::parse(admin)
-            .expect("the test server's URL is valid")
-            .with_database(&name)
-            .expose_secret();
+        let mut url = url::Url::parse(admin).expect("the test server's URL is valid");
+        url.set_path(&format!("/{name}"));
+        let url = url.to_string();
         TestDatabase {
             name,
             url,

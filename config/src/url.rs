@@ -1,0 +1,358 @@
+//! `DatabaseUrl`: a database URL normalised to what the driver reads (`postgresql://` and
+//! `postgresql+<driver>://` to `postgres://`, `mariadb://` and `mysql+<driver>://` to
+//! `mysql://`; or assembled from `DB_HOST`…`DB_NAME`), then parsed by the driver's own parser
+//! (sqlx's `PgConnectOptions`, `MySqlConnectOptions`, `SqliteConnectOptions`). What is kept as
+//! text is the URL with its password replaced by `***`, for messages and `check-config`: no
+//! `Display`, `Debug` or error of this type can reveal the password.
+
+use std::fmt;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+#[cfg(feature = "mysql")]
+use sea_orm::sqlx::mysql::MySqlConnectOptions;
+#[cfg(feature = "postgres")]
+use sea_orm::sqlx::postgres::PgConnectOptions;
+#[cfg(feature = "sqlite")]
+use sea_orm::sqlx::sqlite::SqliteConnectOptions;
+use url::Url;
+
+use crate::database::Backend;
+use crate::error::ConfigError;
+use crate::variables::{self as var, Env};
+
+const EXPECTED_URL: &str = "expected postgres://user:password@host:port/database \
+     (postgresql:// and postgresql+<driver>:// are accepted too), \
+     mysql://user:password@host:port/database (or mariadb://) or sqlite://<file>?mode=rwc";
+
+/// Characters left as they are in a user name, password or database name put into a URL: the
+/// RFC 3986 unreserved set (`%` included in what is encoded: the `url` crate's setters would
+/// take it as the start of an escape).
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A database URL as the driver parsed it, and its text with the password as `***`.
+#[derive(Clone)]
+pub struct DatabaseUrl {
+    pub(crate) target: Target,
+    shown: String,
+    has_password: bool,
+}
+
+/// The driver's options, per backend.
+#[derive(Clone)]
+pub(crate) enum Target {
+    #[cfg(feature = "postgres")]
+    Postgres(PgConnectOptions),
+    #[cfg(feature = "mysql")]
+    Mysql(MySqlConnectOptions),
+    /// The options and whether the database lives in memory.
+    #[cfg(feature = "sqlite")]
+    Sqlite(SqliteConnectOptions, bool),
+}
+
+/// Host, port, user and database of a server URL as the driver will use them.
+pub(crate) struct ServerParts {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub database: String,
+}
+
+impl DatabaseUrl {
+    /// Parses a `DATABASE_URL`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `DATABASE_URL` when the value is not a URL, uses another scheme or
+    /// a backend this build leaves out, or the driver refuses it (a bad `sslmode`, a password
+    /// that is not UTF-8, …). The message shows the URL with its password as `***`, or no value
+    /// at all when it cannot be parsed far enough to strip the password.
+    pub fn parse(raw: &str) -> Result<DatabaseUrl, ConfigError> {
+        DatabaseUrl::parse_as("DATABASE_URL", raw)
+    }
+
+    /// [`DatabaseUrl::parse`] for another variable.
+    pub(crate) fn parse_as(variable: &'static str, raw: &str) -> Result<DatabaseUrl, ConfigError> {
+        let raw = raw.trim();
+        let withheld = |why: String| ConfigError::withheld(variable, why);
+        let (scheme, rest) = raw
+            .split_once(':')
+            .ok_or_else(|| withheld(EXPECTED_URL.into()))?;
+        let scheme = scheme.to_ascii_lowercase();
+        let (backend, normalised) = match scheme.split('+').next().unwrap_or_default() {
+            "postgres" | "postgresql" => (Backend::Postgres, format!("postgres:{rest}")),
+            "mysql" | "mariadb" => (Backend::Mysql, format!("mysql:{rest}")),
+            "sqlite" if scheme == "sqlite" => (Backend::Sqlite, format!("sqlite:{rest}")),
+            // Shown only when it has an authority that can be stripped of its password: a bare
+            // `word:word` could be a password pasted into the wrong variable.
+            _ => match redact(raw)
+                .ok()
+                .filter(|_| raw.contains("://"))
+                .map(|(shown, _)| shown)
+            {
+                Some(shown) => {
+                    let why = format!("the scheme is not supported; {EXPECTED_URL}");
+                    return Err(ConfigError::invalid(variable, shown, why));
+                }
+                None => return Err(withheld(EXPECTED_URL.into())),
+            },
+        };
+        let (shown, has_password) = match (redact(&normalised), backend) {
+            (Ok(redacted), _) => redacted,
+            (Err(err), Backend::Sqlite) => {
+                let why = format!(
+                    "not a valid URL ({err}); percent-encode special characters in the file name"
+                );
+                return Err(ConfigError::invalid(variable, normalised, why));
+            }
+            (Err(err), _) => return Err(withheld(format!("{err}; {EXPECTED_URL}"))),
+        };
+        let refused = |err: sea_orm::sqlx::Error| {
+            ConfigError::invalid(variable, shown.clone(), err.to_string())
+        };
+        let target = match backend {
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => {
+                let pg: PgConnectOptions = normalised.parse().map_err(refused)?;
+                // A URL without a user means `postgres`, not `PGUSER` nor the OS user's name.
+                let url = Url::parse(&normalised).ok();
+                let named = url.is_some_and(|u| {
+                    !u.username().is_empty() || u.query_pairs().any(|(k, _)| k == "user")
+                });
+                Target::Postgres(if named { pg } else { pg.username("postgres") })
+            }
+            #[cfg(feature = "mysql")]
+            Backend::Mysql => Target::Mysql(normalised.parse().map_err(refused)?),
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite => {
+                let file = normalised
+                    .trim_start_matches("sqlite:")
+                    .trim_start_matches("//");
+                let file = file.split('?').next().unwrap_or_default();
+                let in_memory = file == ":memory:" || normalised.contains("mode=memory");
+                if file.is_empty() && !in_memory {
+                    let why =
+                        "no database file; expected sqlite://<file>?mode=rwc or sqlite::memory:";
+                    return Err(ConfigError::invalid(variable, normalised, why));
+                }
+                Target::Sqlite(normalised.parse().map_err(refused)?, in_memory)
+            }
+            #[allow(unreachable_patterns)]
+            left_out => {
+                let why = format!(
+                    "this build leaves out {left_out}: it needs sea-orm-actix-tx's `{left_out}` feature"
+                );
+                return Err(ConfigError::invalid(variable, format!("{scheme}:…"), why));
+            }
+        };
+        Ok(DatabaseUrl {
+            target,
+            shown,
+            has_password,
+        })
+    }
+
+    /// Which driver this URL is for.
+    pub fn backend(&self) -> Backend {
+        match self.target {
+            #[cfg(feature = "postgres")]
+            Target::Postgres(_) => Backend::Postgres,
+            #[cfg(feature = "mysql")]
+            Target::Mysql(_) => Backend::Mysql,
+            #[cfg(feature = "sqlite")]
+            Target::Sqlite(..) => Backend::Sqlite,
+        }
+    }
+
+    /// True when the URL carries a password (shown as `***`).
+    pub fn has_password(&self) -> bool {
+        self.has_password
+    }
+
+    /// True for an SQLite database that lives in memory: it disappears with its last connection.
+    pub(crate) fn is_in_memory(&self) -> bool {
+        match self.target {
+            #[cfg(feature = "sqlite")]
+            Target::Sqlite(_, in_memory) => in_memory,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The last value of one of the named query parameters.
+    pub(crate) fn query_param(&self, names: &[&str]) -> Option<String> {
+        let url = Url::parse(&self.shown).ok()?;
+        let found = url
+            .query_pairs()
+            .filter(|(key, _)| names.contains(&key.as_ref()))
+            .last();
+        found.map(|(_, value)| value.into_owned())
+    }
+
+    /// Host (or socket directory), port, user and database as the driver will use them; a
+    /// database left out is the user's name. `None` for SQLite.
+    pub(crate) fn server_parts(&self) -> Option<ServerParts> {
+        let (host, socket, port, user, database) = match &self.target {
+            #[cfg(feature = "postgres")]
+            Target::Postgres(pg) => (
+                pg.get_host(),
+                pg.get_socket(),
+                pg.get_port(),
+                pg.get_username(),
+                pg.get_database(),
+            ),
+            #[cfg(feature = "mysql")]
+            Target::Mysql(my) => (
+                my.get_host(),
+                my.get_socket(),
+                my.get_port(),
+                my.get_username(),
+                my.get_database(),
+            ),
+            #[allow(unreachable_patterns)]
+            _ => return None,
+        };
+        let host = socket.map_or_else(|| host.to_owned(), |path| path.display().to_string());
+        let database = database.unwrap_or(user).to_owned();
+        Some(ServerParts {
+            host,
+            port,
+            user: user.to_owned(),
+            database,
+        })
+    }
+
+    /// Which database this is, for a person and never with a password: `database "inv" on
+    /// db.internal:5432 (postgres)`, or `SQLite file "inventory.db"`.
+    pub fn describe(&self) -> String {
+        match &self.target {
+            #[cfg(feature = "sqlite")]
+            Target::Sqlite(_, true) => "the in-memory SQLite database".to_owned(),
+            #[cfg(feature = "sqlite")]
+            Target::Sqlite(sqlite, false) => format!(
+                "SQLite file {:?}",
+                sqlite.get_filename().display().to_string()
+            ),
+            #[allow(unreachable_patterns)]
+            _ => match self.server_parts() {
+                Some(p) => format!(
+                    "database {:?} on {}:{} ({})",
+                    p.database,
+                    p.host,
+                    p.port,
+                    self.backend()
+                ),
+                None => self.shown.clone(),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    /// The URL with the password shown as `***`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    /// Like `Display`: the password as `***`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("DatabaseUrl").field(&self.shown).finish()
+    }
+}
+
+/// The URL with a password (user-info or `password=`) replaced by `***`, and whether it had one.
+fn redact(raw: &str) -> Result<(String, bool), url::ParseError> {
+    let mut url = Url::parse(raw)?;
+    let mut had = url.password().is_some();
+    if had && url.set_password(Some("***")).is_err() {
+        return Err(url::ParseError::EmptyHost);
+    }
+    if url.query_pairs().any(|(key, _)| key == "password") {
+        had = true;
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .into_owned()
+            .map(|(key, value)| {
+                if key == "password" {
+                    (key, "***".into())
+                } else {
+                    (key, value)
+                }
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    Ok((
+        if raw.starts_with("sqlite:") {
+            raw.to_owned()
+        } else {
+            url.into()
+        },
+        had,
+    ))
+}
+
+/// The PostgreSQL URL of `DB_HOST`, `DB_PORT`, `DB_USER`, `DB_PASSWORD` and `DB_NAME` (the
+/// parts percent-encoded), parsed like `DATABASE_URL`; `None` when `DB_HOST` is unset.
+pub(crate) fn assemble(env: &Env) -> Result<Option<DatabaseUrl>, ConfigError> {
+    let Some(host) = env.given(&var::DB_HOST) else {
+        return Ok(None);
+    };
+    let bad_host = || {
+        ConfigError::invalid(
+            "DB_HOST",
+            host,
+            "expected a host name, an IP address or the path of a socket directory",
+        )
+    };
+    let port: u16 = env.number(&var::DB_PORT)?;
+    let encode = |v: &str| utf8_percent_encode(v, COMPONENT).to_string();
+    let mut url = Url::parse("postgres://localhost").map_err(|_| bad_host())?;
+    if host.starts_with('/') {
+        url.query_pairs_mut().append_pair("host", host);
+    } else {
+        let bracketed = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        url.set_host(Some(&bracketed)).map_err(|_| bad_host())?;
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(bad_host());
+        }
+    }
+    url.set_port(Some(port)).map_err(|()| bad_host())?;
+    url.set_username(&encode(env.value(&var::DB_USER).unwrap_or_default()))
+        .map_err(|()| bad_host())?;
+    url.set_path(&format!(
+        "/{}",
+        encode(env.value(&var::DB_NAME).unwrap_or_default())
+    ));
+    if let Some(password) = env.raw(&var::DB_PASSWORD) {
+        url.set_password(Some(&encode(password)))
+            .map_err(|()| bad_host())?;
+    }
+    DatabaseUrl::parse_as("DB_HOST", url.as_str()).map(Some)
+}
+
+#[cfg(test)]
+impl DatabaseUrl {
+    /// The password the driver gets, read back from its options' `Debug`.
+    pub(crate) fn password(&self) -> Option<String> {
+        let debug = match &self.target {
+            Target::Postgres(pg) => format!("{pg:?}"),
+            Target::Mysql(my) => format!("{my:?}"),
+            Target::Sqlite(..) => return None,
+        };
+        let rest = debug.split("password: Some(\"").nth(1)?;
+        rest.split('"').next().map(str::to_owned)
+    }
+}
+
+#[cfg(test)]
+#[path = "url_tests.rs"]
+mod tests;

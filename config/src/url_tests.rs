@@ -1,0 +1,3 @@
+//! Tests of url.rs.
+
+use super::*;

@@ -1,0 +1,3 @@
+//! Tests of variables.rs.
+
+use super::*;
