@@ -175,6 +175,12 @@ impl DatabaseSettings {
         if let Some(timeout) = self.statement_timeout {
             parameters.insert(0, ("statement_timeout", timeout.as_millis().to_string()));
         }
+        // The server's own end to a transaction whose client is gone (a partition), so that
+        // its row locks do not outlive it by more than this.
+        if let Some(timeout) = self.idle_in_transaction_timeout {
+            let millis = timeout.as_millis().to_string();
+            parameters.push(("idle_in_transaction_session_timeout", millis));
+        }
         // `options` appends to what the URL's `options=` already holds.
         pg.options(parameters)
     }
@@ -350,7 +356,7 @@ mod tests {
         assert_eq!(
             pg.get_options(),
             Some(
-                r"-c work_mem=8MB -c statement_timeout=1500 -c jit=on -c default_transaction_isolation=read\ committed"
+                r"-c work_mem=8MB -c statement_timeout=1500 -c jit=on -c default_transaction_isolation=read\ committed -c idle_in_transaction_session_timeout=30000"
             ),
             "ours are appended to the URL's own options"
         );
@@ -366,13 +372,24 @@ mod tests {
 
     #[test]
     fn postgres_defaults_turn_jit_off_and_start_transactions_at_repeatable_read() {
-        let pg = pg(&[("DATABASE_URL", "postgres://app@db/inv")]);
+        let on = pg(&[("DATABASE_URL", "postgres://app@db/inv")]);
         assert_eq!(
-            pg.get_options(),
-            Some(r"-c jit=off -c default_transaction_isolation=repeatable\ read")
+            on.get_options(),
+            Some(
+                r"-c jit=off -c default_transaction_isolation=repeatable\ read -c idle_in_transaction_session_timeout=30000"
+            )
         );
-        assert!(matches!(pg.get_ssl_mode(), PgSslMode::Prefer));
-        assert_eq!(pg.get_application_name(), Some("inventory-api"));
+        let off = pg(&[
+            ("DATABASE_URL", "postgres://app@db/inv"),
+            ("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", "0"),
+        ]);
+        assert!(
+            !off.get_options()
+                .unwrap_or_default()
+                .contains("idle_in_transaction")
+        );
+        assert!(matches!(on.get_ssl_mode(), PgSslMode::Prefer));
+        assert_eq!(on.get_application_name(), Some("inventory-api"));
     }
 
     #[test]

@@ -21,8 +21,9 @@ pub(crate) enum Fallback {
     Unset,
     /// The service's own ([`Defaults`]).
     Service(fn(&Defaults) -> &'static str),
-    /// Worked out from other settings, as the text says.
-    Computed(&'static str),
+    /// Worked out from other settings, as the text says; `.env.example` shows the second value
+    /// (what the service's default database gets, or nothing where it depends on the machine).
+    Computed(&'static str, &'static str),
 }
 
 /// What a variable accepts.
@@ -124,7 +125,7 @@ variables! {
     DB_SLOW_STATEMENT_MS = Value("1000"), Range(0, DAY_MS, ""), |s| millis(s.database.slow_statement), "log statements slower than this at WARN; 0 turns it off";
     DB_CONNECT_RETRIES = Value("5"), Range(1, 1_000, ""), |s| s.database.connect_retries.to_string(), "connection attempts at start-up, the first included";
     DB_CONNECT_RETRY_DELAY_MS = Value("2000"), Range(0, 600_000, ""), |s| millis(s.database.connect_retry_delay), "pause between two start-up attempts";
-    DB_AUTO_MIGRATE = Computed("`true` with the embedded SQLite default, else `false`"), Bool, |s| s.database.auto_migrate.to_string(), "apply pending migrations at start-up";
+    DB_AUTO_MIGRATE = Computed("`true` with the embedded SQLite default, else `false`", "true"), Bool, |s| s.database.auto_migrate.to_string(), "apply pending migrations at start-up";
     DB_TX_MAX_RETRIES = Value("3"), Range(0, 100, ""), |s| s.database.tx_max_retries.to_string(), "re-runs of a request after a serialization failure or deadlock";
     DB_POOLER = Value("none"), Words(&["none", "transaction"]), |s| s.database.pooler.to_string(),
         "`transaction`: PostgreSQL is reached through a transaction-mode pooler ([scale-out](scale-out.md))";
@@ -136,12 +137,12 @@ variables! {
     DB_LEAK_DETECTION_MS = Value("10000"), Range(0, DAY_MS, ""), |s| optional_millis(s.database.leak_detection),
         "log a transaction still open after this many milliseconds at WARN; 0 turns it off";
     DB_IDLE_IN_TRANSACTION_TIMEOUT_MS = Value("30000"), Range(0, DAY_MS, ""), |s| optional_millis(s.database.idle_in_transaction_timeout),
-        "PostgreSQL `idle_in_transaction_session_timeout` on every connection: the server ends a transaction its client abandoned (a partition) after this many milliseconds, releasing its locks; 0 turns it off";
+        "PostgreSQL `idle_in_transaction_session_timeout`, a startup parameter of every direct connection: the server ends a transaction its client abandoned (a partition) after this many milliseconds, releasing its locks; 0 turns it off (behind `DB_POOLER=transaction` use `ALTER ROLE … SET` or PgBouncer's `idle_transaction_timeout`)";
     DB_FAILOVER_RETRY_MS = Value("5000"), Range(0, 600_000, ""), |s| millis(s.database.failover_retry),
         "how long a request whose PostgreSQL primary was lost before `COMMIT` is re-run while a new primary takes over, before 503 `database_unavailable`";
     APP_HOST = Value("127.0.0.1"), Text("a host name or address without spaces"), |s| s.server.host.clone(), "where the HTTP server listens";
     APP_PORT = Value("8080"), Range(0, 65_535, ""), |s| s.server.port.to_string(), "HTTP port; 0 picks a free one (logged in the `listening` line)";
-    APP_WORKERS = Computed("number of CPUs"), Range(1, 1_024, ""), |s| s.server.workers.to_string(), "actix-web worker threads; the pool is shared by all of them";
+    APP_WORKERS = Computed("number of CPUs", ""), Range(1, 1_024, ""), |s| s.server.workers.to_string(), "actix-web worker threads; the pool is shared by all of them";
     APP_BODY_LIMIT = Value("65536"), Range(1, 1 << 30, ""), |s| s.server.body_limit.to_string(), "largest request body in bytes (413 above it)";
     APP_SHUTDOWN_TIMEOUT = Value("30"), Range(1, DAY_SECS, ""), |s| secs(s.server.shutdown_timeout), "seconds in-flight requests get to finish after SIGTERM or Ctrl-C";
     LOG_FORMAT = Value("pretty"), Words(&["pretty", "json"]), |s| s.log.format.to_string(),
@@ -261,7 +262,7 @@ fn default_of(var: &Var, defaults: &Defaults) -> (String, &'static str) {
         Value(value) => (format!("`{value}`"), value),
         Unset => ("unset".to_owned(), ""),
         Service(get) => (format!("`{}`", get(defaults)), get(defaults)),
-        Computed(text) => (text.to_owned(), ""),
+        Computed(text, example) => (text.to_owned(), example),
     }
 }
 

@@ -13,7 +13,8 @@ fn hold_route(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx:
         let row = tx
             .query_one_raw(sea_orm::Statement::from_string(
                 tx.get_database_backend(),
-                "SELECT current_setting('jit') || ',' || current_setting('statement_timeout')",
+                "SELECT current_setting('jit') || ',' || current_setting('statement_timeout') || ',' \
+                 || current_setting('idle_in_transaction_session_timeout')",
             ))
             .await?
             .ok_or(app::problem::ApiError::Layer(
@@ -65,11 +66,12 @@ async fn the_pool_keeps_its_minimum_and_never_exceeds_its_maximum() {
 }
 
 #[tokio::test]
-async fn connections_carry_application_name_jit_and_statement_timeout() {
+async fn connections_carry_application_name_jit_and_the_timeouts() {
     let app = TestApp::builder()
         .env(&[
             ("DB_APPLICATION_NAME", "settings-test"),
             ("DB_STATEMENT_TIMEOUT_MS", "1500"),
+            ("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", "7000"),
         ])
         .routes(hold_route)
         .spawn()
@@ -80,7 +82,7 @@ async fn connections_carry_application_name_jit_and_statement_timeout() {
         .json()
         .await
         .unwrap();
-    assert_eq!(res["settings"], "off,1500ms");
+    assert_eq!(res["settings"], "off,1500ms,7s");
     let seen = app
         .scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'settings-test'")
         .await;
