@@ -10,11 +10,7 @@ use std::time::Duration;
 use log::LevelFilter;
 use sea_orm::DatabaseConnection;
 #[cfg(feature = "mysql")]
-use sea_orm::SqlxMySqlConnector;
-#[cfg(feature = "postgres")]
-use sea_orm::SqlxPostgresConnector;
-#[cfg(feature = "sqlite")]
-use sea_orm::SqlxSqliteConnector;
+use sea_orm::sqlx::Executor as _;
 #[cfg(feature = "mysql")]
 use sea_orm::sqlx::mysql::{MySqlConnectOptions, MySqlSslMode};
 use sea_orm::sqlx::pool::PoolOptions;
@@ -24,7 +20,11 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use sea_orm::sqlx::{self, Connection as _};
 
-use crate::database::{DatabaseSettings, PoolMode, Pooler, SslMode};
+#[cfg(feature = "postgres")]
+use crate::database::Pooler;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+use crate::database::SslMode;
+use crate::database::{DatabaseSettings, PoolMode};
 use crate::url::Target;
 
 /// A connection used less than this long ago is handed out without a ping.
@@ -33,6 +33,22 @@ const PRE_PING_IDLE: Duration = Duration::from_secs(1);
 /// How long an SQLite statement waits for another connection's write lock before failing.
 #[cfg(feature = "sqlite")]
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The pool, handed to SeaORM as it is; connected now (one connection opened, so that a server
+/// that does not answer fails here) or on first use.
+async fn open<DB: sqlx::Database>(
+    pool: PoolOptions<DB>,
+    options: <DB::Connection as sqlx::Connection>::Options,
+    lazy: bool,
+) -> Result<DatabaseConnection, sqlx::Error>
+where
+    DatabaseConnection: From<sqlx::Pool<DB>>,
+{
+    Ok(DatabaseConnection::from(match lazy {
+        true => pool.connect_lazy_with(options),
+        false => pool.connect_with(options).await?,
+    }))
+}
 
 /// Whether a connection idle this long is pinged before it is handed out.
 fn needs_ping(pre_ping: bool, idle_for: Duration) -> bool {
@@ -49,48 +65,33 @@ impl DatabaseSettings {
     /// # Errors
     /// The driver's error when `lazy` is false and the first connection fails.
     pub async fn connect(&self, lazy: bool) -> Result<DatabaseConnection, sqlx::Error> {
-        Ok(match &self.url.target {
+        match &self.url.target {
             #[cfg(feature = "postgres")]
             Target::Postgres(pg) => {
-                let (pool, options) = (self.pool_options(), self.postgres_options(pg.clone()));
-                let pool = if lazy {
-                    pool.connect_lazy_with(options)
-                } else {
-                    pool.connect_with(options).await?
-                };
-                SqlxPostgresConnector::from_sqlx_postgres_pool(pool)
+                open::<sqlx::Postgres>(self.pool_options(), self.postgres_options(pg.clone()), lazy)
+                    .await
             }
             #[cfg(feature = "mysql")]
             Target::Mysql(my) => {
                 let session = self.mysql_session_sql();
-                let pool = self.pool_options().after_connect(move |connection, _| {
-                    let session = session.clone();
-                    Box::pin(async move {
-                        sqlx::Executor::execute(connection, sqlx::AssertSqlSafe(session))
-                            .await
-                            .map(drop)
-                    })
-                });
-                let options = self.mysql_options(my.clone());
-                let pool = if lazy {
-                    pool.connect_lazy_with(options)
-                } else {
-                    pool.connect_with(options).await?
-                };
-                SqlxMySqlConnector::from_sqlx_mysql_pool(pool)
+                let pool =
+                    self.pool_options::<sqlx::MySql>()
+                        .after_connect(move |connection, _| {
+                            let session = sqlx::AssertSqlSafe(session.clone());
+                            Box::pin(async move { connection.execute(session).await.map(drop) })
+                        });
+                open(pool, self.mysql_options(my.clone()), lazy).await
             }
             #[cfg(feature = "sqlite")]
             Target::Sqlite(sqlite, _) => {
-                let pool = self.pool_options();
-                let options = self.sqlite_options(sqlite.clone());
-                let pool = if lazy {
-                    pool.connect_lazy_with(options)
-                } else {
-                    pool.connect_with(options).await?
-                };
-                SqlxSqliteConnector::from_sqlx_sqlite_pool(pool)
+                open::<sqlx::Sqlite>(
+                    self.pool_options(),
+                    self.sqlite_options(sqlite.clone()),
+                    lazy,
+                )
+                .await
             }
-        })
+        }
     }
 
     /// Pool bounds and timeouts, the pre-ping, and serverless mode's closing on release.

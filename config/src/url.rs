@@ -193,6 +193,7 @@ impl DatabaseUrl {
 
     /// Host (or socket directory), port, user and database as the driver will use them; a
     /// database left out is the user's name. `None` for SQLite.
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
     pub(crate) fn server_parts(&self) -> Option<ServerParts> {
         let (host, socket, port, user, database) = match &self.target {
             #[cfg(feature = "postgres")]
@@ -222,6 +223,12 @@ impl DatabaseUrl {
             user: user.to_owned(),
             database,
         })
+    }
+
+    /// No server without a server backend.
+    #[cfg(not(any(feature = "postgres", feature = "mysql")))]
+    pub(crate) fn server_parts(&self) -> Option<ServerParts> {
+        None
     }
 
     /// Which database this is, for a person and never with a password: `database "inv" on
