@@ -110,7 +110,7 @@ impl DatabaseUrl {
             (Err(err), _) => return Err(withheld(format!("{err}; {EXPECTED_URL}"))),
         };
         let refused = |err: sea_orm::sqlx::Error| {
-            ConfigError::invalid(variable, shown.clone(), err.to_string())
+            ConfigError::invalid(variable, shown.clone(), driver_refused(backend, &err))
         };
         let target = match backend {
             #[cfg(feature = "postgres")]
@@ -268,6 +268,24 @@ impl fmt::Debug for DatabaseUrl {
     /// Like `Display`: the password as `***`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("DatabaseUrl").field(&self.shown).finish()
+    }
+}
+
+/// Why the driver refused a URL, with what it accepts where its own message does not say.
+fn driver_refused(backend: Backend, err: &sea_orm::sqlx::Error) -> String {
+    let why = err.to_string().replace("error with configuration: ", "");
+    let accepted = match backend {
+        Backend::Mysql => {
+            "ssl-mode is one of DISABLED, PREFERRED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY"
+        }
+        _ => "sslmode is one of disable, prefer, require, verify-ca, verify-full",
+    };
+    if why.contains("ssl_mode") {
+        format!("{why}; {accepted}")
+    } else if why.contains("invalid digit") {
+        format!("{why}; statement-cache-capacity and port must be whole numbers")
+    } else {
+        why
     }
 }
 

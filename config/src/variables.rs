@@ -307,8 +307,9 @@ pub fn env_example(defaults: &Defaults) -> String {
         let mut line = String::from("\n#");
         for word in sentence.split(' ') {
             if line.len() + word.len() > 98 {
+                // Continuation lines are indented: none can read as a `# NAME=value` line.
                 text.push_str(&line);
-                line = String::from("\n#");
+                line = String::from("\n#  ");
             }
             line.push(' ');
             line.push_str(word);
