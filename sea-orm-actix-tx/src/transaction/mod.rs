@@ -45,7 +45,9 @@
 //!   without `Retry-After`.
 //! * Every round trip on the transaction's connection is bounded on the service's side
 //!   (`round_trip.rs`): `BEGIN`, `COMMIT` and `ROLLBACK` by `DB_CONNECT_TIMEOUT`, a statement by
-//!   `DB_STATEMENT_TIMEOUT_MS` + `DB_CONNECT_TIMEOUT`. Past its bound (a partition holding the
+//!   `DB_STATEMENT_TIMEOUT_MS` + `DB_CONNECT_TIMEOUT`; behind a transaction-mode pooler `BEGIN`
+//!   waits for a server connection, a pool wait bounded by `DB_POOL_TIMEOUT` (503
+//!   `pool_timeout`). Past its bound (a partition holding the
 //!   packets) the connection is closed and the attempt fails as 503 `database_unavailable`; a
 //!   `COMMIT` past its bound is a lost reply, resolved as above.
 //! * `Idempotency-Key` on `POST` (`idempotency.rs`): a key belongs to the request's scope (the
@@ -192,6 +194,10 @@ impl TxConfig {
                 connection_default: None,
             },
         };
+        let mut round_trips = Bounds::new(settings.statement_timeout, settings.connect_timeout);
+        if let Session::Pooled { .. } = session {
+            round_trips = round_trips.behind_pooler(settings.pool_timeout);
+        }
         TxConfig {
             isolation,
             session,
@@ -203,7 +209,7 @@ impl TxConfig {
             replica: None,
             commit_check: settings.connect_timeout,
             idempotency_ttl: settings.idempotency_ttl,
-            round_trips: Bounds::new(settings.statement_timeout, settings.connect_timeout),
+            round_trips,
         }
     }
 }
