@@ -20,6 +20,8 @@
 //! * `outcome.rs`: the status of a transaction whose `COMMIT` reply was lost.
 //! * `round_trip.rs`: the transaction's connection and the bound on each round trip on it.
 //! * `idempotency.rs`: `Idempotency-Key`: claiming a key, storing and replaying a response.
+//! * `side_conn.rs`: the connection of a query outside a request's transaction (WAL position,
+//!   a lost `COMMIT`'s status, the replica's checks), closed when its bound passes.
 //!
 //! The rules, as a whole:
 //!
@@ -107,6 +109,8 @@ mod peer;
 mod round_trip;
 mod routing;
 mod session;
+#[cfg(feature = "postgres")]
+mod side_conn;
 
 use std::future::{Future, Ready, ready};
 use std::panic::AssertUnwindSafe;
