@@ -20,6 +20,19 @@
 //! * A statement that fails because the connection or the server went away calls
 //!   [`Availability::suspect`], which probes once.
 //!
+//! * Every probe runs `SELECT 1` once connected: a database counts as up only when it answers
+//!   a query, not merely a login. On a direct connection a probe slower than
+//!   `DB_CONNECT_TIMEOUT` still does not count as down (an overloaded server).
+//! * [`Availability::behind_pooler`] is the primary behind a transaction-mode pooler
+//!   (`DB_POOLER=transaction`). There a login proves only that the pooler is there: with its
+//!   server gone, PgBouncer logs clients in (or holds the login) and holds their queries. And a
+//!   query that waits is not proof of an outage either: PgBouncer queues clients while all its
+//!   server connections are busy, and a queue is a pool wait (503 `pool_timeout` at
+//!   `DB_POOL_TIMEOUT`). So the probe's `SELECT 1` must be answered within `DB_CONNECT_TIMEOUT`,
+//!   unless a transaction of this pool began meanwhile: a queue moves, a pooler whose server is
+//!   gone hands out nothing. The limit: when every server connection of the pooler is held
+//!   longer than `DB_CONNECT_TIMEOUT` by transactions that are not this pool's (other
+//!   instances), a queue is taken for an outage and answered 503 `database_unavailable`.
 //! * [`Availability::answering`] is for a server whose accepted connection proves nothing: the
 //!   read replica, perhaps behind a transaction-mode pooler. While its server is gone, PgBouncer
 //!   logs clients in from its cache and holds their queries (up to `query_wait_timeout`, 120 s),
@@ -34,7 +47,7 @@
 //! SQLite is embedded: it is never probed and never down.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,12 +82,26 @@ struct Inner {
     /// The pool, to see whether it holds idle connections worth trying while marked down.
     db: DatabaseConnection,
     connect_timeout: Duration,
-    /// Set by [`Availability::answering`]: the probe's budget for connecting and `SELECT 1`.
-    answer_within: Option<Duration>,
+    /// What a probe that gets no answer in time means.
+    silence: Silence,
+    /// Checkouts that succeeded (their `BEGIN` answered, behind a pooler): a pooler that hands
+    /// out server connections is a queue, not an outage.
+    progress: AtomicU64,
     /// `true` while the database is known to be unreachable.
     down: watch::Sender<bool>,
     probing: AtomicBool,
     last_probe: Mutex<Option<Instant>>,
+}
+
+/// What a probe that gets no answer to its login and `SELECT 1` in time means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Silence {
+    /// A slow server, not a gone one (a direct connection to the primary): up.
+    Slow,
+    /// Down, for a probe bounded by this budget (the replica: a wrong "down" costs little).
+    Down(Duration),
+    /// Down unless a checkout of the pool succeeded meanwhile (the primary behind a pooler).
+    DownUnlessQueueMoved,
 }
 
 impl std::fmt::Debug for Availability {
@@ -88,7 +115,14 @@ impl std::fmt::Debug for Availability {
 impl Availability {
     /// Probes `db` (each probe bounded by `connect_timeout`) whenever a checkout or a statement finds it unreachable.
     pub fn new(db: &DatabaseConnection, connect_timeout: Duration) -> Availability {
-        Availability::build(db, connect_timeout, None)
+        Availability::build(db, connect_timeout, Silence::Slow)
+    }
+
+    /// Like [`new`](Self::new), for a database reached through a transaction-mode pooler: a
+    /// probe whose `SELECT 1` is not answered within `connect_timeout` counts as down, unless a
+    /// checkout through [`guard`](Self::guard) succeeded meanwhile (the pooler's queue moves).
+    pub fn behind_pooler(db: &DatabaseConnection, connect_timeout: Duration) -> Availability {
+        Availability::build(db, connect_timeout, Silence::DownUnlessQueueMoved)
     }
 
     /// Like [`new`](Self::new), but the probe connects and runs `SELECT 1`, and counts the
@@ -98,14 +132,10 @@ impl Availability {
         connect_timeout: Duration,
         answer_within: Duration,
     ) -> Availability {
-        Availability::build(db, connect_timeout, Some(answer_within))
+        Availability::build(db, connect_timeout, Silence::Down(answer_within))
     }
 
-    fn build(
-        db: &DatabaseConnection,
-        connect_timeout: Duration,
-        answer_within: Option<Duration>,
-    ) -> Availability {
+    fn build(db: &DatabaseConnection, connect_timeout: Duration, silence: Silence) -> Availability {
         let target = match db.get_database_backend() {
             #[cfg(feature = "postgres")]
             DbBackend::Postgres => {
@@ -128,7 +158,8 @@ impl Availability {
             target,
             db: db.clone(),
             connect_timeout,
-            answer_within,
+            silence,
+            progress: AtomicU64::new(0),
             down: watch::Sender::new(false),
             probing: AtomicBool::new(false),
             last_probe: Mutex::new(None),
@@ -175,8 +206,11 @@ impl Availability {
                 let _ = down.wait_for(|down| *down).await;
             } => Err(unavailable()),
         };
-        if result.is_ok() && self.is_down() {
-            self.clear();
+        if result.is_ok() {
+            self.0.progress.fetch_add(1, Ordering::Relaxed);
+            if self.is_down() {
+                self.clear();
+            }
         }
         result
     }
@@ -212,7 +246,7 @@ impl Availability {
 
     async fn probe_until_up(&self, target: &Target) {
         loop {
-            let reachable = probe(target, self.0.connect_timeout, self.0.answer_within).await;
+            let reachable = self.probe_once(target).await;
             let was_down = self.0.down.send_replace(!reachable);
             match (was_down, reachable) {
                 (false, false) => tracing::warn!(
@@ -230,6 +264,53 @@ impl Availability {
     }
 }
 
+impl Availability {
+    /// One probe, its silence read as [`Silence`] says.
+    async fn probe_once(&self, target: &Target) -> bool {
+        let budget = match self.0.silence {
+            Silence::Down(budget) => budget,
+            Silence::Slow | Silence::DownUnlessQueueMoved => self.0.connect_timeout,
+        };
+        let before = self.0.progress.load(Ordering::Relaxed);
+        let found = probe(target, budget).await;
+        let moved = self.0.progress.load(Ordering::Relaxed) != before;
+        let up = verdict(self.0.silence, found, moved);
+        if found == Probe::Silent {
+            // Once per probe while it lasts; a change to "down" is logged by the caller.
+            tracing::debug!(
+                within_ms = budget.as_millis() as u64,
+                queue_moved = moved,
+                counted_as_up = up,
+                "the availability probe got no answer to SELECT 1 in time"
+            );
+        }
+        up
+    }
+}
+
+/// What one probe found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Probe {
+    /// Connected and `SELECT 1` answered (or refused for a reason that proves a server there).
+    Up,
+    /// Refused, unroutable, or not accepting sessions.
+    Down,
+    /// No answer within the budget.
+    Silent,
+}
+
+/// Whether the database counts as up after a probe that `found` this, where silence means what
+/// `silence` says; `queue_moved`: a checkout of the pool succeeded while the probe waited.
+fn verdict(silence: Silence, found: Probe, queue_moved: bool) -> bool {
+    match (found, silence) {
+        (Probe::Up, _) => true,
+        (Probe::Down, _) => false,
+        (Probe::Silent, Silence::Slow) => true,
+        (Probe::Silent, Silence::Down(_)) => false,
+        (Probe::Silent, Silence::DownUnlessQueueMoved) => queue_moved,
+    }
+}
+
 /// Opens one connection outside the pool. Only a server that refuses the connection, cannot be
 /// routed to, or is not accepting sessions (shutting down, starting up, crashed) counts as
 /// down. Anything else is a server that is there: a probe slower than `within` (an overloaded
@@ -237,19 +318,15 @@ impl Availability {
 /// Declaring such a server down would fail every checkout at once although the pool may hold
 /// healthy connections; the pool reports those problems itself.
 ///
-/// With `answer_within` ([`Availability::answering`]) the probe also runs `SELECT 1`, and
-/// connecting and the answer must both fit in `answer_within`, else the server counts as down.
-async fn probe(target: &Target, within: Duration, answer_within: Option<Duration>) -> bool {
-    let query = answer_within.is_some();
-    let budget = answer_within.unwrap_or(within);
+/// The probe also runs `SELECT 1`, and connecting and the answer must both fit in `budget`,
+/// else it is [`Probe::Silent`], which [`verdict`] reads by where the server is ([`Silence`]).
+async fn probe(target: &Target, budget: Duration) -> Probe {
     let connected: Result<Result<(), sqlx::Error>, tokio::time::error::Elapsed> = match target {
         #[cfg(feature = "postgres")]
         Target::Postgres(options) => {
             tokio::time::timeout(budget, async {
                 let mut conn: PgConnection = options.connect().await?;
-                if query {
-                    sqlx::raw_sql("SELECT 1").execute(&mut conn).await?;
-                }
+                sqlx::raw_sql("SELECT 1").execute(&mut conn).await?;
                 let _ = conn.close().await;
                 Ok::<(), sqlx::Error>(())
             })
@@ -259,9 +336,7 @@ async fn probe(target: &Target, within: Duration, answer_within: Option<Duration
         Target::Mysql(options) => {
             tokio::time::timeout(budget, async {
                 let mut conn: MySqlConnection = options.connect().await?;
-                if query {
-                    sqlx::raw_sql("SELECT 1").execute(&mut conn).await?;
-                }
+                sqlx::raw_sql("SELECT 1").execute(&mut conn).await?;
                 let _ = conn.close().await;
                 Ok::<(), sqlx::Error>(())
             })
@@ -269,17 +344,18 @@ async fn probe(target: &Target, within: Duration, answer_within: Option<Duration
         }
         // No target is ever made without a server backend (SQLite is probed by its pool).
         #[cfg(not(any(feature = "postgres", feature = "mysql")))]
-        _ => return true,
+        _ => return Probe::Up,
     };
+    let up = |up: bool| if up { Probe::Up } else { Probe::Down };
     match connected {
-        Ok(Ok(())) => true,
+        Ok(Ok(())) => Probe::Up,
         // The server answered: only "shutting down / starting up" (57P…, MariaDB 1053 with
         // 08S01) and connection exceptions (08…) mean it is not there.
         Ok(Err(sqlx::Error::Database(e))) => {
             let code = e.code().unwrap_or_default();
-            !(code.starts_with("57P") || code.starts_with("08"))
+            up(!(code.starts_with("57P") || code.starts_with("08")))
         }
-        Ok(Err(sqlx::Error::Io(e))) => !matches!(
+        Ok(Err(sqlx::Error::Io(e))) => up(!matches!(
             e.kind(),
             std::io::ErrorKind::ConnectionRefused
                 | std::io::ErrorKind::HostUnreachable
@@ -287,23 +363,9 @@ async fn probe(target: &Target, within: Duration, answer_within: Option<Duration
                 | std::io::ErrorKind::AddrNotAvailable
                 | std::io::ErrorKind::ConnectionReset
                 | std::io::ErrorKind::UnexpectedEof
-        ),
-        Ok(Err(_)) => true,
-        Err(_) if query => {
-            // Once per probe while it lasts: the change to "down" is logged by the caller.
-            tracing::debug!(
-                within_ms = budget.as_millis() as u64,
-                "the availability probe got no answer to SELECT 1 in time; counting the server as down"
-            );
-            false
-        }
-        Err(_) => {
-            tracing::warn!(
-                within_ms = within.as_millis() as u64,
-                "the availability probe got no session in time; not counting the database as down"
-            );
-            true
-        }
+        )),
+        Ok(Err(_)) => Probe::Up,
+        Err(_) => Probe::Silent,
     }
 }
 
@@ -334,14 +396,15 @@ mod tests {
             .map(|a| a.port())
             .expect("a free port");
         // The listener is closed again: nothing listens there.
-        assert!(
-            !probe(
-                &Target::Postgres(options(port)),
-                Duration::from_secs(2),
-                None
-            )
-            .await
-        );
+        let found = probe(&Target::Postgres(options(port)), Duration::from_secs(2)).await;
+        assert_eq!(found, Probe::Down);
+        for silence in [
+            Silence::Slow,
+            Silence::Down(Duration::from_secs(1)),
+            Silence::DownUnlessQueueMoved,
+        ] {
+            assert!(!verdict(silence, found, true), "{silence:?}");
+        }
     }
 
     #[tokio::test]
@@ -350,14 +413,9 @@ mod tests {
         // overloaded server.
         let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
         let port = listener.local_addr().expect("address").port();
-        assert!(
-            probe(
-                &Target::Postgres(options(port)),
-                Duration::from_millis(200),
-                None
-            )
-            .await
-        );
+        let found = probe(&Target::Postgres(options(port)), Duration::from_millis(200)).await;
+        assert_eq!(found, Probe::Silent);
+        assert!(verdict(Silence::Slow, found, false));
         drop(listener);
     }
 
@@ -368,19 +426,24 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
         let port = listener.local_addr().expect("address").port();
         let started = Instant::now();
-        let answering = Some(Duration::from_millis(200));
-        assert!(
-            !probe(
-                &Target::Postgres(options(port)),
-                Duration::from_secs(10),
-                answering
-            )
-            .await
-        );
+        let budget = Duration::from_millis(200);
+        let found = probe(&Target::Postgres(options(port)), budget).await;
+        assert!(!verdict(Silence::Down(budget), found, false));
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "the budget bounds the probe"
         );
         drop(listener);
+    }
+
+    #[test]
+    fn behind_a_pooler_silence_is_an_outage_unless_the_queue_moved() {
+        let silence = Silence::DownUnlessQueueMoved;
+        assert!(
+            !verdict(silence, Probe::Silent, false),
+            "a pooler whose server is gone"
+        );
+        assert!(verdict(silence, Probe::Silent, true), "a queue that moves");
+        assert!(verdict(silence, Probe::Up, false));
     }
 }

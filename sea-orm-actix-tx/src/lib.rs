@@ -253,7 +253,13 @@ impl<'r> LayerBuilder<'r> {
         {
             return Err(BuildError::ReplicaBackend(replica.get_database_backend()));
         }
-        let availability = Availability::new(&self.db, settings.connect_timeout);
+        let pooled = settings.pooler == config::Pooler::Transaction
+            && self.db.get_database_backend() == DbBackend::Postgres;
+        let availability = if pooled {
+            Availability::behind_pooler(&self.db, settings.connect_timeout)
+        } else {
+            Availability::new(&self.db, settings.connect_timeout)
+        };
         let config = TxConfig {
             availability: Some(availability.clone()),
             admission: Some(Admission::new(

@@ -381,7 +381,9 @@ impl Slot {
         }
     }
 
-    /// Takes a connection from `db`'s pool and begins, the `BEGIN` bounded like any round trip.
+    /// Takes a connection from `db`'s pool and begins, the `BEGIN` bounded like any round trip;
+    /// behind a transaction-mode pooler, like a checkout ([`Bounds::pooled_begin`]): past it,
+    /// a pool timeout.
     async fn begin_once(&self, db: &DatabaseConnection) -> Result<Open, DbErr> {
         let bound = self.bounds.control;
         let begun: Result<Open, sqlx::Error> = match &self.begin {
@@ -389,9 +391,15 @@ impl Slot {
             Begin::Postgres(sql) => {
                 let conn = db.get_postgres_connection_pool().acquire().await;
                 let conn = conn.map_err(acquire_err)?;
+                let (bound, queued) = self.bounds.begin();
                 TxConn::begin(conn, sql.sql(), bound)
                     .await
                     .map(Open::Postgres)
+                    .map_err(|e| match e {
+                        // The pooler did not hand a server connection in time: a pool wait.
+                        e if queued && round_trip::is_timed_out(&e) => sqlx::Error::PoolTimedOut,
+                        e => e,
+                    })
             }
             #[cfg(feature = "mysql")]
             Begin::Mysql(sql) => {

@@ -20,6 +20,8 @@
 //! * `outcome.rs`: the status of a transaction whose `COMMIT` reply was lost.
 //! * `round_trip.rs`: the transaction's connection and the bound on each round trip on it.
 //! * `idempotency.rs`: `Idempotency-Key`: claiming a key, storing and replaying a response.
+//! * `side_conn.rs`: the connection of a query outside a request's transaction (WAL position,
+//!   a lost `COMMIT`'s status, the replica's checks), closed when its bound passes.
 //!
 //! The rules, as a whole:
 //!
@@ -45,7 +47,9 @@
 //!   without `Retry-After`.
 //! * Every round trip on the transaction's connection is bounded on the service's side
 //!   (`round_trip.rs`): `BEGIN`, `COMMIT` and `ROLLBACK` by `DB_CONNECT_TIMEOUT`, a statement by
-//!   `DB_STATEMENT_TIMEOUT_MS` + `DB_CONNECT_TIMEOUT`. Past its bound (a partition holding the
+//!   `DB_STATEMENT_TIMEOUT_MS` + `DB_CONNECT_TIMEOUT`; behind a transaction-mode pooler `BEGIN`
+//!   waits for a server connection, a pool wait bounded by `DB_POOL_TIMEOUT` (503
+//!   `pool_timeout`). Past its bound (a partition holding the
 //!   packets) the connection is closed and the attempt fails as 503 `database_unavailable`; a
 //!   `COMMIT` past its bound is a lost reply, resolved as above.
 //! * `Idempotency-Key` on `POST` (`idempotency.rs`): a key belongs to the request's scope (the
@@ -105,6 +109,8 @@ mod peer;
 mod round_trip;
 mod routing;
 mod session;
+#[cfg(feature = "postgres")]
+mod side_conn;
 
 use std::future::{Future, Ready, ready};
 use std::panic::AssertUnwindSafe;
@@ -192,6 +198,10 @@ impl TxConfig {
                 connection_default: None,
             },
         };
+        let mut round_trips = Bounds::new(settings.statement_timeout, settings.connect_timeout);
+        if let Session::Pooled { .. } = session {
+            round_trips = round_trips.behind_pooler(settings.pool_timeout);
+        }
         TxConfig {
             isolation,
             session,
@@ -203,7 +213,7 @@ impl TxConfig {
             replica: None,
             commit_check: settings.connect_timeout,
             idempotency_ttl: settings.idempotency_ttl,
-            round_trips: Bounds::new(settings.statement_timeout, settings.connect_timeout),
+            round_trips,
         }
     }
 }

@@ -21,6 +21,8 @@ use std::time::Duration;
 use sea_orm::sqlx::{self, Postgres, Row as _};
 use tokio::time::Instant;
 
+use super::side_conn::SideConn;
+
 /// What the server says about a transaction whose `COMMIT` reply was lost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Resolved {
@@ -58,10 +60,8 @@ pub(super) async fn resolve(pool: &sqlx::Pool<Postgres>, xid: u64, bound: Durati
     let mut pause = Duration::from_millis(2);
     loop {
         let asked = tokio::time::timeout_at(deadline, async {
-            let mut conn = pool.acquire().await?;
-            let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
-                .fetch_all(&mut *conn)
-                .await?;
+            // Past the deadline its connection is closed, not handed back (`side_conn.rs`).
+            let rows = SideConn::fetch_all(pool, sqlx::AssertSqlSafe(sql.clone())).await?;
             let status: Option<String> = match rows.first() {
                 Some(row) => row.try_get(0)?,
                 None => None,

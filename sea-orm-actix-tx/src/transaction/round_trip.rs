@@ -29,6 +29,13 @@ pub struct Bounds {
     /// fires first when the server is reachable. `None` when `DB_STATEMENT_TIMEOUT_MS` is off: a
     /// statement may then run as long as it likes, and so may a partition hold it.
     pub statement: Option<Duration>,
+    /// `BEGIN` behind a transaction-mode pooler (`DB_POOLER=transaction`): `DB_POOL_TIMEOUT`.
+    /// There `BEGIN` is where the pooler queues the client until one of its server connections
+    /// is free, a wait for a connection like a checkout from the service's own pool, so it is
+    /// bounded like one and answered 503 `pool_timeout` past it. A pooler or server that is
+    /// gone is told apart by the availability probe (`crate::availability`), not by this
+    /// bound. `None` on a direct connection: `BEGIN` is bounded by [`control`](Self::control).
+    pub pooled_begin: Option<Duration>,
 }
 
 impl Bounds {
@@ -37,6 +44,25 @@ impl Bounds {
         Bounds {
             control: connect_timeout,
             statement: statement_timeout.map(|t| t + connect_timeout),
+            pooled_begin: None,
+        }
+    }
+
+    /// The same bounds behind a transaction-mode pooler: `BEGIN` may wait `pool_timeout` for
+    /// the pooler's server connection ([`pooled_begin`](Self::pooled_begin)).
+    pub fn behind_pooler(self, pool_timeout: Duration) -> Bounds {
+        Bounds {
+            pooled_begin: Some(pool_timeout),
+            ..self
+        }
+    }
+
+    /// The bound of `BEGIN`, and whether passing it is a wait for a connection (a pool
+    /// timeout) rather than a server that stopped answering.
+    pub(super) fn begin(&self) -> (Duration, bool) {
+        match self.pooled_begin {
+            Some(queue) => (queue, true),
+            None => (self.control, false),
         }
     }
 }
@@ -189,6 +215,17 @@ mod tests {
         assert_eq!(off.statement, None);
         let on = Bounds::new(Some(Duration::from_millis(1500)), 10 * second);
         assert_eq!(on.statement, Some(Duration::from_millis(11_500)));
+        assert_eq!(on.begin(), (10 * second, false));
+        let pooled = on.behind_pooler(30 * second);
+        assert_eq!(
+            pooled.begin(),
+            (30 * second, true),
+            "BEGIN waits like a checkout"
+        );
+        assert_eq!(
+            (pooled.control, pooled.statement),
+            (on.control, on.statement)
+        );
     }
 
     #[tokio::test]

@@ -358,19 +358,24 @@ pub async fn position_after_commit(primary: &DatabaseConnection) -> Lsn {
 }
 
 /// One row of a simple-protocol query (no prepared statement, any pooler), its columns as text.
+/// Its callers bound it; a connection whose answer did not come in time is closed, not handed
+/// back to the pool (`side_conn.rs`).
 #[cfg(feature = "postgres")]
 async fn fetch_one(
     db: &DatabaseConnection,
     sql: &'static str,
 ) -> Result<Vec<Option<String>>, DbErr> {
-    let row = sqlx::raw_sql(sql)
-        .fetch_one(db.get_postgres_connection_pool())
+    let rows = super::side_conn::SideConn::fetch_all(db.get_postgres_connection_pool(), sql)
         .await
         .map_err(|e| match e {
             sqlx::Error::PoolTimedOut => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
             sqlx::Error::PoolClosed => DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed),
             e => DbErr::Query(RuntimeErr::SqlxError(Arc::new(e))),
         })?;
+    let row = rows
+        .into_iter()
+        .next()
+        .ok_or_else(|| DbErr::Query(RuntimeErr::SqlxError(Arc::new(sqlx::Error::RowNotFound))))?;
     Ok((0..row.len())
         .map(|i| row.try_get::<Option<String>, _>(i).ok().flatten())
         .collect())

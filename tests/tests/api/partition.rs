@@ -12,9 +12,12 @@
 
 use std::time::{Duration, Instant};
 
+use sea_orm::{ConnectOptions, Database};
+use sea_orm_actix_tx::transaction::Replica;
 use serde_json::{Value, json};
 
 use crate::support::fault_proxy::{FaultProxy, Hold, upstream_of};
+use crate::support::replica::ReplicaPair;
 use crate::support::{Backend, Server, TestApp, assert_unavailable, problem};
 
 /// `DB_STATEMENT_TIMEOUT_MS` + `DB_CONNECT_TIMEOUT` below: a statement's bound.
@@ -211,5 +214,43 @@ async fn on_mariadb_a_commit_without_reply_is_answered_500_commit_outcome_unknow
 
         assert_connection_closed_and_pool_usable(&proxy, &app, &receipt).await;
         assert_eq!(movements(&app).await, stored + 1, "{hold:?}");
+    }
+}
+
+/// A query outside any request's transaction (here the replica's check, bounded by 500 ms) whose
+/// answer is held closes its connection when its bound passes. Handed back to sqlx's pool, the
+/// connection would be pinged on release with no bound, and the partition would keep the pool's
+/// one slot for as long as the kernel keeps the socket.
+#[tokio::test]
+async fn a_query_outside_a_transaction_past_its_bound_closes_its_connection() {
+    let pair = ReplicaPair::shared();
+    let replica_url = pair.replica.url("postgres");
+    let proxy = FaultProxy::start(&upstream_of(&replica_url)).await;
+    let mut options = ConnectOptions::new(proxy.url(&replica_url));
+    options
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    let db = Database::connect(options)
+        .await
+        .expect("connects through the proxy");
+    let replica = Replica::new(db, CONTROL_BOUND, Duration::from_millis(100));
+
+    proxy.hold_next(Hold::Statement("pg_last_wal_replay_lsn"));
+    let state = replica.check().await;
+    assert!(proxy.held(), "the proxy held a check's query");
+    assert!(!state.up, "a check without an answer is not up");
+    assert!(
+        proxy.held_connection_closed(MARGIN).await,
+        "the connection of the query past its bound was closed, not handed back"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !replica.check().await.up {
+        assert!(
+            Instant::now() < deadline,
+            "a pool of one serves the next check on a new connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

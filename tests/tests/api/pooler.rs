@@ -2,14 +2,16 @@
 //! `docs/scale-out.md`): the API, the transaction rules and settings, serverless mode, several
 //! instances sharing one pooler, and what must refuse to run through it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use crate::support::pgbouncer;
-use crate::support::process::{Binary, run_binary};
-use crate::support::{TestApp, TestDatabase, problem, test_settings};
+use crate::support::process::{Binary, free_port, run_binary};
+use crate::support::{
+    TestApp, TestDatabase, assert_pool_timeout, assert_unavailable, problem, test_settings,
+};
 use crate::transactions::{
     CONFLICTING, create_test_tables, forty_conflicting_increments_end_exact, routes,
 };
@@ -69,6 +71,96 @@ async fn the_api_works_behind_pgbouncer_as_debian_ships_it() {
     let movements: Value = app.get("/movements").await.json().await.expect("json");
     assert_eq!(movements["items"].as_array().map(Vec::len), Some(2));
     app.assert_invariant().await;
+}
+
+/// PgBouncer has [`pgbouncer::SERVER_POOL_SIZE`] (3) server connections for the database; the
+/// app's own pool has one connection per request of the burst, so every request gets a client
+/// connection at once and the wait is PgBouncer's queue, at `BEGIN`. Each transaction holds
+/// its server connection for 500 ms, so the last of 30 waits about 5 s for it: five times
+/// `DB_CONNECT_TIMEOUT`, well within `DB_POOL_TIMEOUT`.
+#[tokio::test]
+async fn behind_pgbouncer_a_burst_larger_than_its_pool_waits_at_begin_as_for_a_pool_connection() {
+    let app = pooled_app_with_test_routes(&[
+        ("DB_CONNECT_TIMEOUT", "1"),
+        ("DB_POOL_TIMEOUT", "10"),
+        ("DB_POOL_SIZE", "2"),
+        ("DB_MAX_OVERFLOW", "28"),
+    ])
+    .await;
+    let burst = join_all((0..30).map(|_| async {
+        let started = Instant::now();
+        let res = app.send_json("/test/hold/500", json!({})).await;
+        (res, started.elapsed())
+    }))
+    .await;
+    let (mut served, mut waited_past_connect_timeout) = (0_i64, 0);
+    for (res, took) in burst {
+        if res.status() == 200 {
+            served += 1;
+            if took > Duration::from_secs(2) {
+                waited_past_connect_timeout += 1;
+            }
+        } else {
+            assert_pool_timeout(res, "a wait in PgBouncer's queue is a pool wait").await;
+        }
+    }
+    assert!(
+        waited_past_connect_timeout >= 5,
+        "{waited_past_connect_timeout} requests waited for a server connection longer than \
+         DB_CONNECT_TIMEOUT and were served"
+    );
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM warehouse").await,
+        served,
+        "one row per request answered 200, none of the others"
+    );
+}
+
+/// PgBouncer still logs clients in (or holds their login) and holds their queries while its
+/// server is gone: the availability probe's `SELECT 1` gets no answer and nothing of the pool
+/// begins, so the request is answered 503 `database_unavailable` soon after
+/// `DB_CONNECT_TIMEOUT`, not after `DB_POOL_TIMEOUT`.
+#[tokio::test]
+async fn behind_pgbouncer_whose_server_is_gone_requests_fail_fast_as_database_unavailable() {
+    let app = TestApp::builder()
+        .pooled()
+        .env(&[("DB_CONNECT_TIMEOUT", "1"), ("DB_POOL_TIMEOUT", "10")])
+        .spawn()
+        .await;
+    let bouncer = pgbouncer::shared();
+    let database = app.database_name();
+    let w = app.warehouse("W").await;
+    let p = app.product("P").await;
+    let receipt = json!({"warehouse_id": w, "product_id": p, "quantity": 1});
+
+    bouncer.forward(&database, Some(free_port()));
+    for i in 0..3 {
+        let started = Instant::now();
+        let res = app.post("/receipts", &receipt).await;
+        let took = started.elapsed();
+        assert_unavailable(res, &format!("receipt {i} with PgBouncer's server gone")).await;
+        assert!(
+            took < Duration::from_secs(4),
+            "receipt {i} took {took:?}: the outage must not wait for DB_POOL_TIMEOUT"
+        );
+    }
+
+    // Back: PgBouncer reconnects within its `server_login_retry` (15 s); the app notices alone.
+    bouncer.forward(&database, None);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while app.post("/receipts", &receipt).await.status() != 201 {
+        assert!(
+            Instant::now() < deadline,
+            "receipts did not succeed again:\n{}",
+            bouncer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        app.stock(w, p).await,
+        1,
+        "only the receipt answered 201 is stored"
+    );
 }
 
 #[tokio::test]

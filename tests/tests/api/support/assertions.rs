@@ -13,6 +13,11 @@ pub async fn assert_statement_timeout(res: reqwest::Response, why: &str) {
     assert_503(res, "statement_timeout", why).await;
 }
 
+/// No connection within `DB_POOL_TIMEOUT`: 503 `pool_timeout` with Retry-After.
+pub async fn assert_pool_timeout(res: reqwest::Response, why: &str) {
+    assert_503(res, "pool_timeout", why).await;
+}
+
 async fn assert_503(res: reqwest::Response, code: &str, why: &str) {
     assert_eq!(
         res.headers().get("retry-after").map(|v| v.as_bytes()),
