@@ -64,6 +64,12 @@
 //!   `DB_LEAK_DETECTION_MS` is logged at WARN with its route and request id while still open.
 //! * On-commit hooks ([`Tx::on_commit`]) run once, after the commit of the attempt that
 //!   committed; never after a rollback, and not for attempts that were re-run.
+//! * A PostgreSQL `READ ONLY` transaction at READ COMMITTED or REPEATABLE READ, without
+//!   on-commit hooks, is answered without waiting for its end: its reads are final and its end
+//!   cannot fail for a logical reason, so a `ROLLBACK` is queued and completed when the
+//!   connection goes back to the pool (closed if that fails). At SERIALIZABLE a read waits for
+//!   its `COMMIT`, which can fail with 40001 (`docs/transactions.md`, *Ending a read without
+//!   waiting*).
 //! * Pool errors: no connection within `DB_POOL_TIMEOUT` is 503 `pool_timeout`; a database that
 //!   cannot be reached is 503 `database_unavailable`, answered fast ([`crate::availability`]).
 //! * [`with_transaction`] applies the same rules to background jobs and CLI code.
@@ -72,7 +78,8 @@
 //! Isolation and round trips: PostgreSQL connections carry `default_transaction_isolation` as a
 //! startup parameter, and the isolation level and access mode that differ from it go into the
 //! `BEGIN` statement itself (`BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY`), so a transaction
-//! costs `BEGIN`, its statements and `COMMIT`, nothing more. MariaDB's connections get their
+//! costs `BEGIN`, its statements and `COMMIT`, nothing more (and a read at READ COMMITTED or
+//! REPEATABLE READ does not wait for its end, above). MariaDB's connections get their
 //! default level when they open, and a transaction begins with one message too (`START
 //! TRANSACTION READ ONLY`, or `SET TRANSACTION ISOLATION LEVEL …; START TRANSACTION` for a level
 //! that differs). MariaDB does not abort a transaction whose statement failed (a `COMMIT` would

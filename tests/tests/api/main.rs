@@ -15,6 +15,7 @@ mod migrate;
 mod operations;
 mod partition;
 mod pooler;
+mod read_only_end;
 mod reads;
 mod savepoints;
 mod stock;
