@@ -15,7 +15,9 @@
 //! * `failure.rs`: [`DbFailure`], what a database error means (retry, 503, 500, …).
 //! * `peer.rs`: whether the client is still connected before `COMMIT`.
 //! * `session.rs`: [`Session`], how `BEGIN` is written on a direct connection or behind a
-//!   transaction-mode pooler, and whether statements are prepared by name.
+//!   transaction-mode pooler ([`Pooled`]), and whether statements are prepared by name.
+//! * `server_defaults.rs`: the server's defaults, learned once through the pooler, so that a
+//!   pooled `BEGIN` sets only what differs from them.
 //! * `routing.rs`: primary or replica for a read, and the consistency token.
 //! * `outcome.rs`: the status of a transaction whose `COMMIT` reply was lost.
 //! * `round_trip.rs`: the transaction's connection and the bound on each round trip on it.
@@ -86,7 +88,8 @@
 //! commit the statements before it): the recorded first failure is what forbids the commit on
 //! every backend. Its deadlock (1213) and lock wait timeout (1205) are retried like 40P01. Behind a transaction-mode pooler
 //! (`DB_POOLER=transaction`) nothing is kept between transactions: every `BEGIN` carries the
-//! isolation level and the settings (`SET LOCAL …`) in the same message, and statements are
+//! isolation level and the settings (`SET LOCAL …`) that differ from the server's defaults
+//! (learned once at start-up) in the same message, and statements are
 //! never prepared by name ([`Session`]). `GET` and `HEAD` run `READ ONLY`; a
 //! route may declare its own level and access mode with [`Transactional::isolation`] /
 //! [`Transactional::read_write`], documented where it is declared.
@@ -111,6 +114,8 @@ mod outcome;
 mod peer;
 mod round_trip;
 mod routing;
+#[cfg(feature = "postgres")]
+mod server_defaults;
 mod session;
 
 use std::future::{Future, Ready, ready};
@@ -140,7 +145,7 @@ pub use peer::on_connect;
 pub use round_trip::Bounds;
 use routing::ReadRoute;
 pub use routing::{Lsn, Replica, ReplicaState};
-pub use session::Session;
+pub use session::{Pooled, Session};
 
 use crate::Error;
 use crate::availability::Availability;
@@ -184,10 +189,9 @@ impl TxConfig {
     pub fn new(settings: &config::DatabaseSettings, body_limit: usize) -> TxConfig {
         let isolation = settings.isolation_level.to_sea_orm();
         let session = match (settings.backend(), settings.pooler) {
-            (config::Backend::Postgres, config::Pooler::Transaction) => Session::Pooled {
-                jit: settings.jit,
-                statement_timeout: settings.statement_timeout,
-            },
+            (config::Backend::Postgres, config::Pooler::Transaction) => {
+                Session::Pooled(Pooled::new(settings.jit, settings.statement_timeout))
+            }
             // MariaDB's sessions get the level when they connect (`SET SESSION TRANSACTION
             // ISOLATION LEVEL`, the `config` crate); a pooler is refused for it there.
             (config::Backend::Postgres | config::Backend::Mysql, config::Pooler::None) => {

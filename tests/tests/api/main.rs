@@ -14,6 +14,7 @@ mod mariadb;
 mod migrate;
 mod operations;
 mod partition;
+mod pooled_defaults;
 mod pooler;
 mod read_only_end;
 mod reads;
