@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::fault_proxy::{Cut, FaultProxy, Hold, upstream_of};
-use crate::support::{TestApp, admin_url, assert_unavailable};
+use crate::support::{TestApp, admin_url, assert_unavailable, pooled_upstream};
 
 /// An app with one pooled connection behind a fresh proxy, with one product (made before any
 /// fault); `isolation` is `DB_ISOLATION_LEVEL`.
@@ -131,4 +131,37 @@ async fn a_serializable_read_still_waits_for_its_commit() {
     );
     let (status, body) = get_product(&app, product).await;
     assert_eq!((status, &body["sku"]), (200, &json!("P1")), "{body}");
+}
+
+#[tokio::test]
+async fn behind_pgbouncer_a_read_whose_end_is_cut_still_answers_its_data_and_the_next_request_works()
+ {
+    let proxy = FaultProxy::start(&pooled_upstream()).await;
+    let app = TestApp::builder()
+        .pooled()
+        .behind(&proxy)
+        .env(&[("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "0")])
+        .spawn()
+        .await;
+    let product = app.product("P1").await;
+    proxy.cut_next_rollback(Cut::AfterForwarding);
+
+    let (status, body) = get_product(&app, product).await;
+
+    assert_eq!((status, &body["sku"]), (200, &json!("P1")), "{body}");
+    app.wait_until("the proxy cut the read's ROLLBACK", || async {
+        proxy.fired()
+    })
+    .await;
+    // PgBouncer lost its client mid-transaction: the server connection is not handed to
+    // another client in a transaction.
+    app.wait_until("no server connection is left in a transaction", || async {
+        transactions_left_open(&app).await == 0
+    })
+    .await;
+    let (status, body) = get_product(&app, product).await;
+    assert_eq!((status, &body["sku"]), (200, &json!("P1")), "{body}");
+    let other = app.product("P2").await;
+    let (status, body) = get_product(&app, other).await;
+    assert_eq!((status, &body["sku"]), (200, &json!("P2")), "{body}");
 }
