@@ -271,6 +271,16 @@ impl<'r> LayerBuilder<'r> {
             }),
             ..TxConfig::new(settings, self.body_limit)
         };
+        #[cfg(feature = "postgres")]
+        if let (transaction::Session::Pooled(pooled), DbBackend::Postgres) =
+            (&config.session, self.db.get_database_backend())
+        {
+            // Once, at start-up: what a pooled BEGIN can leave to the server's defaults.
+            pooled.learn_in_background(
+                self.db.get_postgres_connection_pool().clone(),
+                settings.connect_timeout,
+            );
+        }
         let mut own = Registry::default();
         let registry = match self.registry {
             Some(registry) => registry,

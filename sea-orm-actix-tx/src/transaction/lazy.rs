@@ -27,7 +27,10 @@
 //!   transaction's connection ([`stream`]).
 //! * End: `COMMIT` or `ROLLBACK`, each bounded. On PostgreSQL a writing transaction reads its id
 //!   just before `COMMIT`, so that a `COMMIT` whose reply is lost is resolved ([`outcome`]); on
-//!   MariaDB such a `COMMIT` is answered as unknown.
+//!   MariaDB such a `COMMIT` is answered as unknown. A PostgreSQL `READ ONLY` transaction at READ
+//!   COMMITTED or REPEATABLE READ without on-commit hooks is not waited for: its end is queued
+//!   and completed when the connection goes back to the pool (`Slot::end_changes_nothing`,
+//!   [`TxConn::end_unawaited`](round_trip::TxConn::end_unawaited)).
 //! * A transaction still open after `DB_LEAK_DETECTION_MS` is logged at WARN; the hooks of
 //!   [`Tx::on_commit`] are kept here and run when the parent module says the attempt committed.
 
@@ -501,6 +504,14 @@ impl Slot {
             self.roll_back_savepoints(&mut open).await;
         }
         let failure = self.failure();
+        #[cfg(feature = "postgres")]
+        let open = match open {
+            Open::Postgres(tx) if commit && failure.is_none() && self.end_changes_nothing() => {
+                tx.end_unawaited();
+                return (TxOutcome::Commit, None);
+            }
+            open => open,
+        };
         if commit && failure.is_none() {
             let committed = match open {
                 #[cfg(feature = "postgres")]
@@ -532,6 +543,28 @@ impl Slot {
 }
 
 impl Slot {
+    /// Whether this transaction's end cannot change what the handler answered, so that the
+    /// answer need not wait for it (PostgreSQL, `docs/transactions.md`, *Ending a read without
+    /// waiting*): `READ ONLY` (nothing to commit, no commit-time check can fire), at READ
+    /// COMMITTED or REPEATABLE READ (READ UNCOMMITTED is READ COMMITTED there), whose reads were
+    /// final when they returned; and no on-commit hook waiting for a commit. Not at
+    /// SERIALIZABLE: there a read-only transaction's `COMMIT` can fail with 40001, and what it
+    /// read must then not be answered.
+    #[cfg(feature = "postgres")]
+    fn end_changes_nothing(&self) -> bool {
+        use IsolationLevel::{ReadCommitted, ReadUncommitted, RepeatableRead};
+        let level = matches!(
+            self.isolation,
+            Some(ReadUncommitted | ReadCommitted | RepeatableRead)
+        );
+        let no_hooks = self
+            .hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        !self.read_write && level && no_hooks
+    }
+
     /// `COMMIT` on PostgreSQL. A writing transaction's id is read first, so that a `COMMIT`
     /// whose reply is lost can be resolved ([`outcome`]) instead of guessed.
     #[cfg(feature = "postgres")]

@@ -15,7 +15,9 @@
 //! * `failure.rs`: [`DbFailure`], what a database error means (retry, 503, 500, …).
 //! * `peer.rs`: whether the client is still connected before `COMMIT`.
 //! * `session.rs`: [`Session`], how `BEGIN` is written on a direct connection or behind a
-//!   transaction-mode pooler, and whether statements are prepared by name.
+//!   transaction-mode pooler ([`Pooled`]), and whether statements are prepared by name.
+//! * `server_defaults.rs`: the server's defaults, learned once through the pooler, so that a
+//!   pooled `BEGIN` sets only what differs from them.
 //! * `routing.rs`: primary or replica for a read, and the consistency token.
 //! * `outcome.rs`: the status of a transaction whose `COMMIT` reply was lost.
 //! * `round_trip.rs`: the transaction's connection and the bound on each round trip on it.
@@ -68,6 +70,12 @@
 //!   `DB_LEAK_DETECTION_MS` is logged at WARN with its route and request id while still open.
 //! * On-commit hooks ([`Tx::on_commit`]) run once, after the commit of the attempt that
 //!   committed; never after a rollback, and not for attempts that were re-run.
+//! * A PostgreSQL `READ ONLY` transaction at READ COMMITTED or REPEATABLE READ, without
+//!   on-commit hooks, is answered without waiting for its end: its reads are final and its end
+//!   cannot fail for a logical reason, so a `ROLLBACK` is queued and completed when the
+//!   connection goes back to the pool (closed if that fails). At SERIALIZABLE a read waits for
+//!   its `COMMIT`, which can fail with 40001 (`docs/transactions.md`, *Ending a read without
+//!   waiting*).
 //! * Pool errors: no connection within `DB_POOL_TIMEOUT` is 503 `pool_timeout`; a database that
 //!   cannot be reached is 503 `database_unavailable`, answered fast ([`crate::availability`]).
 //! * [`with_transaction`] applies the same rules to background jobs and CLI code.
@@ -76,14 +84,16 @@
 //! Isolation and round trips: PostgreSQL connections carry `default_transaction_isolation` as a
 //! startup parameter, and the isolation level and access mode that differ from it go into the
 //! `BEGIN` statement itself (`BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY`), so a transaction
-//! costs `BEGIN`, its statements and `COMMIT`, nothing more. MariaDB's connections get their
+//! costs `BEGIN`, its statements and `COMMIT`, nothing more (and a read at READ COMMITTED or
+//! REPEATABLE READ does not wait for its end, above). MariaDB's connections get their
 //! default level when they open, and a transaction begins with one message too (`START
 //! TRANSACTION READ ONLY`, or `SET TRANSACTION ISOLATION LEVEL …; START TRANSACTION` for a level
 //! that differs). MariaDB does not abort a transaction whose statement failed (a `COMMIT` would
 //! commit the statements before it): the recorded first failure is what forbids the commit on
 //! every backend. Its deadlock (1213) and lock wait timeout (1205) are retried like 40P01. Behind a transaction-mode pooler
 //! (`DB_POOLER=transaction`) nothing is kept between transactions: every `BEGIN` carries the
-//! isolation level and the settings (`SET LOCAL …`) in the same message, and statements are
+//! isolation level and the settings (`SET LOCAL …`) that differ from the server's defaults
+//! (learned once at start-up) in the same message, and statements are
 //! never prepared by name ([`Session`]). `GET` and `HEAD` run `READ ONLY`; a
 //! route may declare its own level and access mode with [`Transactional::isolation`] /
 //! [`Transactional::read_write`], documented where it is declared.
@@ -108,6 +118,8 @@ mod outcome;
 mod peer;
 mod round_trip;
 mod routing;
+#[cfg(feature = "postgres")]
+mod server_defaults;
 mod session;
 #[cfg(feature = "postgres")]
 mod side_conn;
@@ -139,7 +151,7 @@ pub use peer::on_connect;
 pub use round_trip::Bounds;
 use routing::ReadRoute;
 pub use routing::{Lsn, Replica, ReplicaState};
-pub use session::Session;
+pub use session::{Pooled, Session};
 
 use crate::Error;
 use crate::availability::Availability;
@@ -183,10 +195,9 @@ impl TxConfig {
     pub fn new(settings: &config::DatabaseSettings, body_limit: usize) -> TxConfig {
         let isolation = settings.isolation_level.to_sea_orm();
         let session = match (settings.backend(), settings.pooler) {
-            (config::Backend::Postgres, config::Pooler::Transaction) => Session::Pooled {
-                jit: settings.jit,
-                statement_timeout: settings.statement_timeout,
-            },
+            (config::Backend::Postgres, config::Pooler::Transaction) => {
+                Session::Pooled(Pooled::new(settings.jit, settings.statement_timeout))
+            }
             // MariaDB's sessions get the level when they connect (`SET SESSION TRANSACTION
             // ISOLATION LEVEL`, the `config` crate); a pooler is refused for it there.
             (config::Backend::Postgres | config::Backend::Mysql, config::Pooler::None) => {

@@ -9,14 +9,17 @@
 //! at `COMMIT`, goes through the commit-outcome check of the parent module.
 //!
 //! The transaction is held as the pooled connection itself, begun, committed and rolled back
-//! with one simple-query message each (what sqlx's own `Transaction` sends), so that the
-//! connection can be closed when a bound passes: sqlx's `Transaction` keeps its connection to
-//! itself. Dropped while still open (a cancelled request), it closes its connection, and the
-//! server rolls the transaction back.
+//! with one simple-query message each through sqlx's transaction manager (what sqlx's own
+//! `Transaction` sends, and the connection knows it is in a transaction), so that the connection
+//! can be closed when a bound passes: sqlx's `Transaction` keeps its connection to itself.
+//! Dropped while still open (a cancelled request), it closes its connection, and the server
+//! rolls the transaction back. A `READ ONLY` transaction whose end cannot change the answer is
+//! ended without waiting ([`TxConn::end_unawaited`]).
 
 use std::time::Duration;
 
 use sea_orm::sqlx::{self, Database, Executor, pool::PoolConnection};
+use sqlx_core::transaction::TransactionManager;
 
 /// How long one round trip on a transaction's connection may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +105,12 @@ pub(super) async fn within<T>(
     }
 }
 
+/// How a transaction ends.
+enum End {
+    Commit,
+    Rollback,
+}
+
 /// An open transaction on a pooled connection.
 pub(super) struct TxConn<DB: Database> {
     /// `None` once closed after a round trip outlived its bound.
@@ -125,8 +134,18 @@ where
             conn: Some(conn),
             open: true,
         };
-        match tx.bounded(Some(bound), sqlx::raw_sql(begin)).await {
-            Ok(_) => Ok(tx),
+        let result = match tx.conn() {
+            Ok(conn) => {
+                within(
+                    Some(bound),
+                    DB::TransactionManager::begin(conn, Some(begin)),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match tx.settle(result) {
+            Ok(()) => Ok(tx),
             Err(e) => {
                 tx.close();
                 Err(e)
@@ -149,7 +168,7 @@ where
 
     /// Ends the transaction with `COMMIT`, bounded by `bound`.
     pub(super) async fn commit(&mut self, bound: Duration) -> Result<(), sqlx::Error> {
-        self.end("COMMIT", bound).await
+        self.end(End::Commit, bound).await
     }
 
     /// Ends the transaction with `ROLLBACK`, bounded by `bound`. A connection on which it fails
@@ -159,29 +178,39 @@ where
             self.open = false;
             return Ok(());
         }
-        let result = self.end("ROLLBACK", bound).await;
+        let result = self.end(End::Rollback, bound).await;
         if result.is_err() {
             self.close();
         }
         result
     }
 
-    async fn end(&mut self, sql: &'static str, bound: Duration) -> Result<(), sqlx::Error> {
-        self.bounded(Some(bound), sqlx::raw_sql(sql)).await?;
+    async fn end(&mut self, end: End, bound: Duration) -> Result<(), sqlx::Error> {
+        let result = match self.conn() {
+            Ok(conn) => match end {
+                End::Commit => within(Some(bound), DB::TransactionManager::commit(conn)).await,
+                End::Rollback => within(Some(bound), DB::TransactionManager::rollback(conn)).await,
+            },
+            Err(e) => Err(e),
+        };
+        self.settle(result)?;
         self.open = false;
         Ok(())
     }
 
-    async fn bounded(
-        &mut self,
-        bound: Option<Duration>,
-        sql: sqlx::RawSql,
-    ) -> Result<(), sqlx::Error> {
-        let result = match self.conn() {
-            Ok(conn) => within(bound, sql.execute(conn)).await.map(drop),
-            Err(e) => Err(e),
-        };
-        self.settle(result)
+    /// Ends a `READ ONLY` transaction without waiting for the server: a `ROLLBACK` is queued in
+    /// the connection's write buffer, and the connection goes back to the pool, whose release
+    /// check (sqlx's `Sync` on every connection it takes back) sends it and waits for its reply
+    /// before any other checkout can have the connection; a failure there (an error, a broken
+    /// connection) closes the connection instead. Only for a transaction whose end cannot change
+    /// what was answered (`docs/transactions.md`, *Ending a read without waiting*): `COMMIT` and
+    /// `ROLLBACK` end it alike, and the queued message saves the round trip of its own.
+    #[cfg(feature = "postgres")]
+    pub(super) fn end_unawaited(mut self) {
+        if let Some(conn) = self.conn.as_deref_mut() {
+            DB::TransactionManager::start_rollback(conn);
+            self.open = false;
+        }
     }
 
     /// Closes the connection at once, outside the pool (which may open a replacement): no

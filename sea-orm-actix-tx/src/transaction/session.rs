@@ -10,6 +10,10 @@
 //!   `BEGIN` (`BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL jit = off; SET LOCAL
 //!   statement_timeout = 1500`): one round trip, the same count as a direct `BEGIN`. `SET
 //!   LOCAL` ends with the transaction, so nothing leaks into the next client's transaction.
+//!   Only what differs from the server's defaults is sent, once those are learned at start-up
+//!   ([`Pooled::learn`], `server_defaults.rs`): with the database's or role's defaults set to
+//!   the service's settings (`ALTER DATABASE … SET`, `docs/scale-out.md`) a transaction begins
+//!   with `BEGIN` alone.
 //! * No statement is prepared by name: a named statement outlives its transaction on a server
 //!   connection that another client gets next (sqlx's `sqlx_s_1` of two clients collide, or one
 //!   runs the other's). Statements use the unnamed statement instead, which is safe inside a
@@ -27,7 +31,11 @@
 
 use sea_orm::sqlx;
 use sea_orm::{AccessMode, IsolationLevel};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+#[cfg(feature = "postgres")]
+use super::server_defaults::ServerDefaults;
 
 /// How transactions begin and statements are sent on one pool's connections.
 #[derive(Clone, Debug)]
@@ -39,12 +47,135 @@ pub enum Session {
         connection_default: Option<IsolationLevel>,
     },
     /// A transaction-mode pooler: nothing outlives a transaction.
-    Pooled {
-        /// `DB_JIT`, set inside every transaction.
-        jit: bool,
-        /// `DB_STATEMENT_TIMEOUT_MS`, set inside every transaction.
-        statement_timeout: Option<Duration>,
-    },
+    Pooled(Pooled),
+}
+
+/// The settings of a transaction behind a transaction-mode pooler: what the service asks for,
+/// and what the server's sessions already start with. Clones share what was learned.
+#[derive(Clone, Debug)]
+pub struct Pooled {
+    /// `SET LOCAL` name and value of each setting the service asks for (`DB_JIT`,
+    /// `DB_STATEMENT_TIMEOUT_MS`), the value as `pg_settings` spells it.
+    wanted: Vec<(&'static str, String)>,
+    /// What differs from the server's defaults, once learned ([`Pooled::learn`]).
+    learned: Arc<OnceLock<Learned>>,
+}
+
+/// What a `BEGIN` must still say once the server's defaults are known.
+#[derive(Debug)]
+struct Learned {
+    /// The server's `default_transaction_isolation` (`None`: not one of the four levels).
+    isolation: Option<IsolationLevel>,
+    /// The settings whose server default differs from the service's.
+    differ: Vec<&'static str>,
+    /// Their `SET LOCAL`s, each after a `; `, appended to every `BEGIN` (empty when none).
+    set_local: String,
+}
+
+impl Pooled {
+    /// `jit` (`DB_JIT`) and `statement_timeout` (`DB_STATEMENT_TIMEOUT_MS`; `None`: not set,
+    /// the server's own). Until [`Pooled::learn`] has run, every `BEGIN` names its isolation
+    /// level and sets both.
+    pub fn new(jit: bool, statement_timeout: Option<Duration>) -> Pooled {
+        let mut wanted = vec![("jit", if jit { "on" } else { "off" }.to_owned())];
+        if let Some(timeout) = statement_timeout {
+            wanted.push(("statement_timeout", timeout.as_millis().to_string()));
+        }
+        Pooled {
+            wanted,
+            learned: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Learns the server's defaults through the pooler (`pool`: one simple query, on one server
+    /// connection, see `server_defaults.rs` for why one is enough); from then on a `BEGIN` names
+    /// its isolation level only when it differs from the server's default, and sets only the
+    /// settings whose default differs. Only the first success counts.
+    #[cfg(feature = "postgres")]
+    pub async fn learn(&self, pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+        let defaults = ServerDefaults::read(pool).await?;
+        self.adopt(&defaults);
+        Ok(())
+    }
+
+    /// Learns in the background, within `bound`; a failure is logged, and every setting is
+    /// still sent.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn learn_in_background(&self, pool: sqlx::PgPool, bound: Duration) {
+        let pooled = self.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(bound, pooled.learn(&pool)).await {
+                Ok(Ok(())) => tracing::info!(
+                    server_isolation = ?pooled.server_isolation(),
+                    set_local = ?pooled.set_local(),
+                    "server defaults learned through the pooler"
+                ),
+                Ok(Err(e)) => tracing::warn!(
+                    error = %e,
+                    "could not learn the server defaults through the pooler; every transaction sets every setting"
+                ),
+                Err(_) => tracing::warn!(
+                    "no server defaults through the pooler within DB_CONNECT_TIMEOUT; every transaction sets every setting"
+                ),
+            }
+        });
+    }
+
+    #[cfg(feature = "postgres")]
+    fn adopt(&self, defaults: &ServerDefaults) {
+        let differ: Vec<&'static str> = self
+            .wanted
+            .iter()
+            .filter(|(name, value)| defaults.get(name) != Some(value.as_str()))
+            .map(|(name, _)| *name)
+            .collect();
+        let set_local = self.set_local_sql(|name| differ.contains(&name));
+        let _ = self.learned.set(Learned {
+            isolation: defaults.isolation(),
+            differ,
+            set_local,
+        });
+    }
+
+    fn set_local_sql(&self, include: impl Fn(&'static str) -> bool) -> String {
+        let mut sql = String::new();
+        for (name, value) in self.wanted.iter().filter(|(name, _)| include(name)) {
+            sql.push_str(&format!("; SET LOCAL {name} = {value}"));
+        }
+        sql
+    }
+
+    /// The settings every transaction sets with `SET LOCAL` because the server's default
+    /// differs from the service's; `None` until the defaults are learned (then every setting
+    /// is set).
+    pub fn set_local(&self) -> Option<&[&'static str]> {
+        self.learned.get().map(|l| l.differ.as_slice())
+    }
+
+    /// The server's `default_transaction_isolation`, once learned.
+    pub fn server_isolation(&self) -> Option<IsolationLevel> {
+        self.learned.get().and_then(|l| l.isolation)
+    }
+
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    fn begin(&self, isolation: IsolationLevel, access: AccessMode) -> BeginSql {
+        match self.learned.get() {
+            Some(learned) => {
+                let isolation = (learned.isolation != Some(isolation)).then_some(isolation);
+                let begin = begin(isolation, access);
+                if learned.set_local.is_empty() {
+                    BeginSql::Static(begin)
+                } else {
+                    BeginSql::Owned(format!("{begin}{}", learned.set_local))
+                }
+            }
+            None => BeginSql::Owned(format!(
+                "{}{}",
+                begin(Some(isolation), access),
+                self.set_local_sql(|_| true)
+            )),
+        }
+    }
 }
 
 /// The `BEGIN` of one transaction, as sent.
@@ -76,23 +207,7 @@ impl Session {
                 let isolation = (*connection_default != Some(isolation)).then_some(isolation);
                 BeginSql::Static(begin(isolation, access))
             }
-            Session::Pooled {
-                jit,
-                statement_timeout,
-            } => {
-                let mut sql = format!(
-                    "{}; SET LOCAL jit = {}",
-                    begin(Some(isolation), access),
-                    if *jit { "on" } else { "off" }
-                );
-                if let Some(timeout) = statement_timeout {
-                    sql.push_str(&format!(
-                        "; SET LOCAL statement_timeout = {}",
-                        timeout.as_millis()
-                    ));
-                }
-                BeginSql::Owned(sql)
-            }
+            Session::Pooled(pooled) => pooled.begin(isolation, access),
         }
     }
 
@@ -108,7 +223,7 @@ impl Session {
     ) -> BeginSql {
         let connection_default = match self {
             Session::Direct { connection_default } => *connection_default,
-            Session::Pooled { .. } => None,
+            Session::Pooled(_) => None,
         };
         let isolation = (connection_default != Some(isolation)).then_some(isolation);
         BeginSql::Static(start_transaction(isolation, access))
@@ -124,7 +239,7 @@ impl Session {
     pub fn ping_sql(&self) -> &'static str {
         match self {
             Session::Direct { .. } => "SELECT 1",
-            Session::Pooled { .. } => "BEGIN READ ONLY; SELECT 1; COMMIT",
+            Session::Pooled(_) => "BEGIN READ ONLY; SELECT 1; COMMIT",
         }
     }
 }
@@ -230,25 +345,67 @@ mod tests {
 
     #[test]
     fn a_pooled_begin_carries_every_setting_in_one_message() {
-        let pooled = Session::Pooled {
-            jit: false,
-            statement_timeout: Some(Duration::from_millis(1500)),
-        };
+        let pooled = Session::Pooled(Pooled::new(false, Some(Duration::from_millis(1500))));
         assert_eq!(
             sql(pooled.begin(IsolationLevel::RepeatableRead, AccessMode::ReadOnly)),
             "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET LOCAL jit = off; \
              SET LOCAL statement_timeout = 1500"
         );
-        let plain = Session::Pooled {
-            jit: true,
-            statement_timeout: None,
-        };
+        let plain = Session::Pooled(Pooled::new(true, None));
         assert_eq!(
             sql(plain.begin(IsolationLevel::ReadCommitted, AccessMode::ReadWrite)),
             "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL jit = on"
         );
         assert!(!pooled.named_statements());
         assert!(pooled.ping_sql().starts_with("BEGIN READ ONLY;"));
+    }
+
+    #[test]
+    #[cfg(feature = "postgres")]
+    fn once_the_server_defaults_are_learned_a_pooled_begin_sets_only_what_differs() {
+        let defaults = |isolation: &str, jit: &str, timeout: &str| {
+            ServerDefaults::of(
+                [
+                    ("default_transaction_isolation", isolation),
+                    ("jit", jit),
+                    ("statement_timeout", timeout),
+                ]
+                .map(|(n, v)| (n.to_owned(), v.to_owned())),
+            )
+        };
+        let pooled = Pooled::new(false, Some(Duration::from_millis(1500)));
+        assert_eq!(pooled.set_local(), None, "nothing learned yet");
+        pooled.adopt(&defaults("repeatable read", "off", "1500"));
+        assert_eq!(pooled.set_local(), Some(&[][..]));
+        assert_eq!(
+            pooled.server_isolation(),
+            Some(IsolationLevel::RepeatableRead)
+        );
+        let session = Session::Pooled(pooled.clone());
+        assert_eq!(
+            sql(session.begin(IsolationLevel::RepeatableRead, AccessMode::ReadOnly)),
+            "BEGIN READ ONLY"
+        );
+        assert_eq!(
+            sql(session.begin(IsolationLevel::ReadCommitted, AccessMode::ReadWrite)),
+            "BEGIN ISOLATION LEVEL READ COMMITTED",
+            "a route's own level still travels in its BEGIN"
+        );
+        pooled.adopt(&defaults("read committed", "on", "0"));
+        assert_eq!(
+            pooled.set_local(),
+            Some(&[][..]),
+            "the first learning counts"
+        );
+
+        let differs = Pooled::new(false, Some(Duration::from_millis(1500)));
+        differs.adopt(&defaults("read committed", "off", "0"));
+        assert_eq!(differs.set_local(), Some(&["statement_timeout"][..]));
+        assert_eq!(
+            sql(Session::Pooled(differs)
+                .begin(IsolationLevel::RepeatableRead, AccessMode::ReadOnly)),
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET LOCAL statement_timeout = 1500"
+        );
     }
 
     #[test]

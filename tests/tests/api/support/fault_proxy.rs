@@ -1,7 +1,7 @@
 //! A TCP proxy of the tests' own between the app and PostgreSQL (or MariaDB) that breaks
-//! connections at a chosen point of the protocol: at the next `COMMIT` a client sends (sqlx
-//! sends it as a simple query: PostgreSQL's `Q` message, MariaDB's `COM_QUERY`), before or after
-//! forwarding it. It reads the client's messages (PostgreSQL: startup, then typed messages;
+//! connections at a chosen point of the protocol: at the next `COMMIT` (or `ROLLBACK`) a client
+//! sends (sqlx sends both as simple queries: PostgreSQL's `Q` message, MariaDB's `COM_QUERY`),
+//! before or after forwarding it. It reads the client's messages (PostgreSQL: startup, then typed messages;
 //! MariaDB: length-prefixed packets) and copies the server's bytes untouched, so it needs a
 //! connection without TLS (`DB_SSL_MODE=disable`). Everything stops when it is dropped.
 //!
@@ -9,8 +9,8 @@
 //! chosen message on, nothing more passes in either direction, and the sockets stay open until
 //! the client closes its end ([`FaultProxy::hold_next`]).
 //!
-//! One entry: [`FaultProxy::start`], then [`FaultProxy::cut_next_commit`] or
-//! [`FaultProxy::hold_next`].
+//! One entry: [`FaultProxy::start`], then [`FaultProxy::cut_next_commit`],
+//! [`FaultProxy::cut_next_rollback`] or [`FaultProxy::hold_next`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,6 +63,8 @@ enum Protocol {
 #[derive(Clone, Copy, Debug)]
 struct Plan {
     cut: Cut,
+    /// The simple query the cut falls at: `COMMIT` or `ROLLBACK`.
+    at: &'static str,
     /// After the cut, break every other connection and refuse new ones (the database becomes
     /// unreachable for the app).
     then_isolate: bool,
@@ -154,6 +156,16 @@ impl FaultProxy {
     pub fn cut_next_commit(&self, cut: Cut) {
         self.arm(Plan {
             cut,
+            at: "COMMIT",
+            then_isolate: false,
+        });
+    }
+
+    /// Arms one cut at the next `ROLLBACK` any client sends (as [`Cut`] says of a `COMMIT`).
+    pub fn cut_next_rollback(&self, cut: Cut) {
+        self.arm(Plan {
+            cut,
+            at: "ROLLBACK",
             then_isolate: false,
         });
     }
@@ -163,6 +175,7 @@ impl FaultProxy {
     pub fn cut_next_commit_and_isolate(&self, cut: Cut) {
         self.arm(Plan {
             cut,
+            at: "COMMIT",
             then_isolate: true,
         });
     }
@@ -259,21 +272,18 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
                 {}
                 shared.held_closed.send_replace(true);
                 return;
-            } else if is_commit(protocol, &message) {
-                let plan = shared.plan.lock().expect("plan lock").take();
-                if let Some(plan) = plan {
-                    muted.store(true, Ordering::SeqCst);
-                    if plan.cut == Cut::AfterForwarding {
-                        let _ = server_tx.write_all(&message).await;
-                        let _ = server_tx.flush().await;
-                    }
-                    if plan.then_isolate {
-                        shared.isolated.store(true, Ordering::SeqCst);
-                        shared.sever.send_modify(|n| *n += 1);
-                    }
-                    shared.fired.send_replace(true);
-                    return;
+            } else if let Some(plan) = take_plan(&shared, &message) {
+                muted.store(true, Ordering::SeqCst);
+                if plan.cut == Cut::AfterForwarding {
+                    let _ = server_tx.write_all(&message).await;
+                    let _ = server_tx.flush().await;
                 }
+                if plan.then_isolate {
+                    shared.isolated.store(true, Ordering::SeqCst);
+                    shared.sever.send_modify(|n| *n += 1);
+                }
+                shared.fired.send_replace(true);
+                return;
             }
             if server_tx.write_all(&message).await.is_err() {
                 return;
@@ -302,6 +312,13 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
         _ = severed.changed() => {}
     }
     // Returning drops both sockets: the client and the server each see the connection close.
+}
+
+/// The armed cut, taken if `message` is where it falls.
+fn take_plan(shared: &Shared, message: &[u8]) -> Option<Plan> {
+    let mut plan = shared.plan.lock().expect("plan lock");
+    plan.filter(|p| is_simple(shared.protocol, message, p.at))
+        .and_then(|_| plan.take())
 }
 
 /// The armed hold, taken if `message` is where it falls.
@@ -363,12 +380,17 @@ fn sql_of(protocol: Protocol, message: &[u8]) -> Option<(bool, String)> {
 
 /// A simple query whose whole text is `COMMIT`.
 fn is_commit(protocol: Protocol, message: &[u8]) -> bool {
+    is_simple(protocol, message, "COMMIT")
+}
+
+/// A simple query whose whole text is `statement`.
+fn is_simple(protocol: Protocol, message: &[u8], statement: &str) -> bool {
     sql_of(protocol, message).is_some_and(|(simple, sql)| {
         simple
             && sql
                 .trim_end_matches('\0')
                 .trim()
-                .eq_ignore_ascii_case("COMMIT")
+                .eq_ignore_ascii_case(statement)
     })
 }
 
