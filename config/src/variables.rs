@@ -102,12 +102,12 @@ variables! {
     DB_POOL_SIZE = Value("10"), Range(1, 10_000, ""), |s| s.database.pool_size.to_string(), "connections the pool keeps open (its minimum)";
     DB_MAX_OVERFLOW = Value("20"), Range(0, 9_999, ", and `DB_POOL_SIZE + DB_MAX_OVERFLOW` at most 10000"), |s| s.database.max_overflow.to_string(),
         "extra connections opened in a burst; the pool's maximum is the sum";
-    DB_POOL_TIMEOUT = Value("30"), Range(1, DAY_SECS, ""), |s| secs(s.database.pool_timeout), "seconds a request waits for a connection before 503 `pool_timeout`";
+    DB_POOL_TIMEOUT = Value("30"), Range(1, DAY_SECS, ""), |s| secs(s.database.pool_timeout), "seconds a request waits for a connection before 503 `pool_timeout`; with `DB_POOLER=transaction` this includes the wait in the pooler's queue at `BEGIN`";
     DB_POOL_RECYCLE = Value("3600"), Range(1, DAY_SECS, ""), |s| secs(s.database.pool_recycle), "seconds a connection may live before it is replaced";
     DB_POOL_PRE_PING = Value("true"), Bool, |s| s.database.pool_pre_ping.to_string(), "check a connection that sat idle for a second or more before handing it out";
     DB_IDLE_TIMEOUT = Value("600"), Range(1, DAY_SECS, ""), |s| secs(s.database.idle_timeout), "seconds an idle connection above the pool size is kept";
     DB_CONNECT_TIMEOUT = Value("10"), Range(1, DAY_SECS, ""), |s| secs(s.database.connect_timeout),
-        "seconds for one connection attempt; also the service's bound on `BEGIN`, `COMMIT` and `ROLLBACK` (and, added to the statement timeout, on a statement) before it closes the connection";
+        "seconds for one connection attempt; also the service's bound on `BEGIN` (except behind a transaction-mode pooler, where `BEGIN` waits for a server connection within `DB_POOL_TIMEOUT`), `COMMIT` and `ROLLBACK` (and, added to the statement timeout, on a statement) before it closes the connection";
     DB_POOL_MODE = Value("queue"), Words(&["queue", "serverless"]), |s| s.database.pool_mode.to_string(), "`serverless` keeps no connection between requests (short-lived runtimes)";
     DB_ISOLATION_LEVEL = Value("repeatable_read"), Words(ISOLATION), |s| s.database.isolation_level.to_string(), "isolation of every transaction unless its route says otherwise";
     DB_APPLICATION_NAME = Service(|d| d.application_name), Text("1 to 63 printable ASCII characters"), |s| s.database.application_name.clone(),
