@@ -54,6 +54,10 @@ def main():
             span = a["machine_s"] - b["machine_s"]
             if span > 0:
                 p["machine_busy"] = round((a["machine_busy_s"] - b["machine_busy_s"]) / span, 3)
+        # Through PgBouncer: its query count (request-reply cycles on server connections) per
+        # request, the round trips per request (see pgb_queries in bench/run).
+        if p.get("pgbouncer_queries") is not None and p.get("requests"):
+            p["round_trips_per_request"] = round(p["pgbouncer_queries"] / p["requests"], 2)
     by = {(p.get("tool"), p["workload"], p["connections"]): p for p in points}
 
     def rate(tool, w, c):
@@ -128,16 +132,18 @@ def main():
         levers.append({"workload": w, "connections": c, "variant": t, "base": base,
                        "rate": rate(t, w, c), "base_rate": rate(base, w, c),
                        "ratio": ratio_of(rate(t, w, c), rate(base, w, c)),
-                       "non_2xx": q.get("non_2xx", q.get("failed"))})
+                       "non_2xx": q.get("non_2xx", q.get("failed")),
+                       "round_trips": q.get("round_trips_per_request")})
     if levers:
         lines += [
-            "| workload | connections | variant | req/s or TPS | non-2xx or failed | against | its req/s or TPS | ratio |",
-            "|---|---:|---|---:|---:|---|---:|---:|",
+            "| workload | connections | variant | req/s or TPS | non-2xx or failed | against | its req/s or TPS | ratio "
+            "| PgBouncer queries/req |",
+            "|---|---:|---|---:|---:|---|---:|---:|---:|",
         ]
         for r in levers:
-            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 r["workload"], r["connections"], r["variant"], fmt(r["rate"], 0), fmt(r["non_2xx"]), r["base"],
-                fmt(r["base_rate"], 0), fmt(r["ratio"], 2)))
+                fmt(r["base_rate"], 0), fmt(r["ratio"], 2), fmt(r["round_trips"], 2)))
         lines.append("")
     # With a replica: where the reads went, against the same point without one.
     replica_rows = []
