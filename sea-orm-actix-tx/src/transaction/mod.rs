@@ -196,7 +196,11 @@ impl TxConfig {
         let isolation = settings.isolation_level.to_sea_orm();
         let session = match (settings.backend(), settings.pooler) {
             (config::Backend::Postgres, config::Pooler::Transaction) => {
-                Session::Pooled(Pooled::new(settings.jit, settings.statement_timeout))
+                Session::Pooled(Pooled::new(
+                    settings.jit,
+                    settings.statement_timeout,
+                    settings.idle_in_transaction_timeout,
+                ))
             }
             // MariaDB's sessions get the level when they connect (`SET SESSION TRANSACTION
             // ISOLATION LEVEL`, the `config` crate); a pooler is refused for it there.

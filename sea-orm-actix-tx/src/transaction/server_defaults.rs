@@ -13,11 +13,12 @@
 
 use sea_orm::IsolationLevel;
 
-/// The query: `setting` is in the setting's base unit (milliseconds for `statement_timeout`),
+/// The query: `setting` is in the setting's base unit (milliseconds for `statement_timeout` and `idle_in_transaction_session_timeout`),
 /// as the layer writes its `SET LOCAL` values.
 #[cfg(feature = "postgres")]
 const QUERY: &str = "SELECT name, setting FROM pg_settings \
-     WHERE name IN ('default_transaction_isolation', 'jit', 'statement_timeout')";
+     WHERE name IN ('default_transaction_isolation', 'jit', 'statement_timeout', \
+     'idle_in_transaction_session_timeout')";
 
 /// The server's defaults of the settings the layer may set, as `pg_settings` spells them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -73,13 +73,28 @@ struct Learned {
 }
 
 impl Pooled {
-    /// `jit` (`DB_JIT`) and `statement_timeout` (`DB_STATEMENT_TIMEOUT_MS`; `None`: not set,
-    /// the server's own). Until [`Pooled::learn`] has run, every `BEGIN` names its isolation
-    /// level and sets both.
-    pub fn new(jit: bool, statement_timeout: Option<Duration>) -> Pooled {
+    /// `jit` (`DB_JIT`), `statement_timeout` (`DB_STATEMENT_TIMEOUT_MS`) and
+    /// `idle_in_transaction_session_timeout` (`DB_IDLE_IN_TRANSACTION_TIMEOUT_MS`: the server
+    /// ends a transaction its client abandoned); a timeout that is `None` is not set, the
+    /// server's own applies. Until [`Pooled::learn`] has run, every `BEGIN` names its isolation
+    /// level and sets them all.
+    pub fn new(
+        jit: bool,
+        statement_timeout: Option<Duration>,
+        idle_in_transaction_timeout: Option<Duration>,
+    ) -> Pooled {
         let mut wanted = vec![("jit", if jit { "on" } else { "off" }.to_owned())];
-        if let Some(timeout) = statement_timeout {
-            wanted.push(("statement_timeout", timeout.as_millis().to_string()));
+        let timeouts = [
+            ("statement_timeout", statement_timeout),
+            (
+                "idle_in_transaction_session_timeout",
+                idle_in_transaction_timeout,
+            ),
+        ];
+        for (name, timeout) in timeouts {
+            if let Some(timeout) = timeout {
+                wanted.push((name, timeout.as_millis().to_string()));
+            }
         }
         Pooled {
             wanted,
@@ -345,13 +360,18 @@ mod tests {
 
     #[test]
     fn a_pooled_begin_carries_every_setting_in_one_message() {
-        let pooled = Session::Pooled(Pooled::new(false, Some(Duration::from_millis(1500))));
+        let pooled = Session::Pooled(Pooled::new(
+            false,
+            Some(Duration::from_millis(1500)),
+            Some(Duration::from_secs(30)),
+        ));
         assert_eq!(
             sql(pooled.begin(IsolationLevel::RepeatableRead, AccessMode::ReadOnly)),
             "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET LOCAL jit = off; \
-             SET LOCAL statement_timeout = 1500"
+             SET LOCAL statement_timeout = 1500; \
+             SET LOCAL idle_in_transaction_session_timeout = 30000"
         );
-        let plain = Session::Pooled(Pooled::new(true, None));
+        let plain = Session::Pooled(Pooled::new(true, None, None));
         assert_eq!(
             sql(plain.begin(IsolationLevel::ReadCommitted, AccessMode::ReadWrite)),
             "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL jit = on"
@@ -373,7 +393,7 @@ mod tests {
                 .map(|(n, v)| (n.to_owned(), v.to_owned())),
             )
         };
-        let pooled = Pooled::new(false, Some(Duration::from_millis(1500)));
+        let pooled = Pooled::new(false, Some(Duration::from_millis(1500)), None);
         assert_eq!(pooled.set_local(), None, "nothing learned yet");
         pooled.adopt(&defaults("repeatable read", "off", "1500"));
         assert_eq!(pooled.set_local(), Some(&[][..]));
@@ -398,7 +418,7 @@ mod tests {
             "the first learning counts"
         );
 
-        let differs = Pooled::new(false, Some(Duration::from_millis(1500)));
+        let differs = Pooled::new(false, Some(Duration::from_millis(1500)), None);
         differs.adopt(&defaults("read committed", "off", "0"));
         assert_eq!(differs.set_local(), Some(&["statement_timeout"][..]));
         assert_eq!(

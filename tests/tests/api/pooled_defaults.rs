@@ -16,7 +16,8 @@ use crate::support::{TestApp, TestDatabase};
 const SETTINGS: &str = "SELECT current_setting('transaction_isolation'), \
      current_setting('jit'), current_setting('statement_timeout'), \
      (SELECT source FROM pg_settings WHERE name = 'jit'), \
-     (SELECT source FROM pg_settings WHERE name = 'statement_timeout')";
+     (SELECT source FROM pg_settings WHERE name = 'statement_timeout'), \
+     current_setting('idle_in_transaction_session_timeout')";
 
 /// `GET /test/setting-sources`: the settings in force inside the request's transaction, where
 /// each came from, and what the layer learned of the server's defaults.
@@ -51,6 +52,7 @@ async fn setting_sources(tx: Tx, session: Session) -> HttpResponse {
         "statement_timeout": text(2),
         "jit_source": text(3),
         "statement_timeout_source": text(4),
+        "idle_in_transaction_session_timeout": text(5),
         "set_local": set_local,
         "server_isolation": server_isolation,
     }))
@@ -107,6 +109,7 @@ async fn behind_pgbouncer_a_database_with_the_services_settings_as_defaults_gets
         "default_transaction_isolation = 'repeatable read'",
         "jit = off",
         "statement_timeout = 1500",
+        "idle_in_transaction_session_timeout = 30000",
     ])
     .await;
 
@@ -119,17 +122,23 @@ async fn behind_pgbouncer_a_database_with_the_services_settings_as_defaults_gets
         assert_eq!(body["statement_timeout"], "1500ms", "{body}");
         assert_eq!(body["jit_source"], "database", "{body}");
         assert_eq!(body["statement_timeout_source"], "database", "{body}");
+        assert_eq!(body["idle_in_transaction_session_timeout"], "30s", "{body}");
     }
 }
 
 #[tokio::test]
 async fn behind_pgbouncer_settings_that_differ_from_the_servers_defaults_are_still_set() {
-    // The server's default level is READ COMMITTED and its statement_timeout 0; only jit
-    // matches the service's settings.
+    // The server's default level is READ COMMITTED, its statement_timeout and
+    // idle_in_transaction_session_timeout 0; only jit matches the service's settings.
     let app = pooled_app_over(&["jit = off"]).await;
 
     for body in seen(&app).await {
-        assert_eq!(body["set_local"], json!(["statement_timeout"]), "{body}");
+        assert_eq!(
+            body["set_local"],
+            json!(["statement_timeout", "idle_in_transaction_session_timeout"]),
+            "{body}"
+        );
+        assert_eq!(body["idle_in_transaction_session_timeout"], "30s", "{body}");
         assert_eq!(body["server_isolation"], "ReadCommitted", "{body}");
         assert_eq!(
             body["transaction_isolation"], "repeatable read",
