@@ -249,6 +249,34 @@ pub fn pool_stats(db: &DatabaseConnection, min: u32, max: u32) -> PoolStats {
     }
 }
 
+/// Runs `sql`; on PostgreSQL also `pg_is_in_recovery()` in the same message. Whether the
+/// database takes writes.
+async fn writable(db: &DatabaseConnection, sql: &str) -> Result<bool, sea_orm::DbErr> {
+    match db.get_database_backend() {
+        #[cfg(feature = "postgres")]
+        DbBackend::Postgres => {
+            use sea_orm::sqlx::{self, Row as _};
+            use sea_orm::{ConnAcquireErr, DbErr, RuntimeErr};
+            let sql = format!("{sql}; SELECT pg_is_in_recovery()::text");
+            let pool = db.get_postgres_connection_pool();
+            let rows =
+                crate::transaction::side_conn::SideConn::fetch_all(pool, sqlx::AssertSqlSafe(sql))
+                    .await
+                    .map_err(|e| match e {
+                        sqlx::Error::PoolTimedOut => {
+                            DbErr::ConnectionAcquire(ConnAcquireErr::Timeout)
+                        }
+                        e => DbErr::Conn(RuntimeErr::SqlxError(std::sync::Arc::new(e))),
+                    })?;
+            let in_recovery = rows
+                .last()
+                .and_then(|row| row.try_get::<Option<String>, _>(0).ok().flatten());
+            Ok(in_recovery.as_deref() != Some("true"))
+        }
+        _ => db.execute_unprepared(sql).await.map(|_| true),
+    }
+}
+
 /// `postgres`, `mysql` (MariaDB) or `sqlite`: the backend of `db`, for health and logs.
 pub fn backend_name(db: &DatabaseConnection) -> &'static str {
     match db.get_database_backend() {
@@ -263,6 +291,11 @@ pub fn backend_name(db: &DatabaseConnection) -> &'static str {
 /// wrapped in a transaction behind a pooler), bounded by `within`; returns the round trip's
 /// latency. With `availability`, a database known to be down answers at once and a checkout
 /// gives up as soon as a probe finds it unreachable.
+///
+/// On PostgreSQL the same simple-query message also asks `pg_is_in_recovery()` (one round trip
+/// either way): a server that answers but is a standby (a demoted primary, or a URL that names
+/// a replica) is no writable primary, and the ping fails. Its connection is closed, not handed
+/// back, when `within` passes (`transaction/side_conn.rs`).
 pub async fn ping(
     db: &DatabaseConnection,
     sql: &str,
@@ -270,13 +303,16 @@ pub async fn ping(
     within: Duration,
 ) -> Result<Duration, String> {
     let started = Instant::now();
-    let select = db.execute_unprepared(sql);
+    let select = writable(db, sql);
     let answer = match availability {
         Some(availability) => tokio::time::timeout(within, availability.guard(select)).await,
         None => tokio::time::timeout(within, select).await,
     };
     match answer {
-        Ok(Ok(_)) => Ok(started.elapsed()),
+        Ok(Ok(true)) => Ok(started.elapsed()),
+        Ok(Ok(false)) => {
+            Err("the database is a standby in recovery (read-only): no writable primary".to_owned())
+        }
         Ok(Err(e)) => Err(crate::transaction::DbFailure::classify(&e)
             .kind
             .describe()

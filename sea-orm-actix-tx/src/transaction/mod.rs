@@ -122,7 +122,7 @@ mod routing;
 mod server_defaults;
 mod session;
 #[cfg(feature = "postgres")]
-mod side_conn;
+pub(crate) mod side_conn;
 
 use std::future::{Future, Ready, ready};
 use std::panic::AssertUnwindSafe;

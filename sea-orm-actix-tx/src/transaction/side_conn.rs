@@ -10,13 +10,13 @@
 use sea_orm::sqlx::{self, Postgres, pool::PoolConnection, postgres::PgRow};
 
 /// A connection that goes back to the pool only when its query finished.
-pub(super) struct SideConn(Option<PoolConnection<Postgres>>);
+pub(crate) struct SideConn(Option<PoolConnection<Postgres>>);
 
 impl SideConn {
     /// Runs `sql` (one simple-query message: no prepared statement, safe behind a pooler) on a
     /// connection of `pool` and returns its rows. Cancelled before the answer (its caller's
     /// bound passed), the connection is closed rather than handed back.
-    pub(super) async fn fetch_all(
+    pub(crate) async fn fetch_all(
         pool: &sqlx::Pool<Postgres>,
         sql: impl sqlx::SqlSafeStr,
     ) -> Result<Vec<PgRow>, sqlx::Error> {

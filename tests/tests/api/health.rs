@@ -2,7 +2,11 @@
 
 use serde_json::Value;
 
-use crate::support::spawn_app;
+use std::time::Duration;
+
+use crate::support::process::Binary;
+use crate::support::replica::ReplicaPair;
+use crate::support::{TestApp, spawn_app};
 
 #[tokio::test]
 async fn liveness_and_readiness_report_ok_with_pool_statistics() {
@@ -121,4 +125,43 @@ async fn the_openapi_document_lists_every_endpoint() {
     ] {
         assert!(paths.contains_key(path), "{path} missing");
     }
+}
+
+/// Readiness means a writable primary: an app whose `DATABASE_URL` reaches a server that
+/// answers but is a standby in recovery (a demoted primary looks the same) is not ready, while
+/// it is alive; the same database on the primary is ready.
+#[tokio::test]
+async fn readiness_is_503_while_no_writable_primary_is_reachable_and_liveness_stays_200() {
+    let pair = ReplicaPair::shared();
+    let on_primary = TestApp::builder().replica(pair).spawn().await;
+    assert_eq!(on_primary.get("/health/ready").await.status(), 200);
+
+    // The binary, started as an operator would (the test builder migrates, which a standby
+    // refuses).
+    let standby_url = pair.replica.url(&on_primary.database_name());
+    let on_standby = Binary::start(
+        &std::env::temp_dir(),
+        &[
+            ("DATABASE_URL", &standby_url),
+            ("DB_AUTO_MIGRATE", "false"),
+            ("DB_CONNECT_TIMEOUT", "2"),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let get = |path: &str| client.get(format!("{}{path}", on_standby.base())).send();
+    let live = get("/health/live").await.expect("an answer");
+    assert_eq!(live.status(), 200, "alive");
+    let ready = get("/health/ready").await.expect("an answer");
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.expect("json");
+    assert_eq!(body["status"], "unavailable", "{body}");
+    assert_eq!(body["database"]["status"], "down", "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("no writable primary")),
+        "{body}"
+    );
+    let (status, binary) = on_standby.stop(Duration::from_secs(30)).await;
+    assert!(status.success(), "{}", binary.output());
 }
