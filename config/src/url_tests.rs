@@ -1,7 +1,21 @@
 //! Tests of url.rs.
 
 use super::*;
+
 use crate::test_support::{Vars, vars};
+
+impl DatabaseUrl {
+    /// The password the driver gets, read back from its options' `Debug`.
+    pub(crate) fn password(&self) -> Option<String> {
+        let debug = match &self.target {
+            Target::Postgres(pg) => format!("{pg:?}"),
+            Target::Mysql(my) => format!("{my:?}"),
+            Target::Sqlite(..) => return None,
+        };
+        let rest = debug.split("password: Some(\"").nth(1)?;
+        rest.split('"').next().map(str::to_owned)
+    }
+}
 
 /// A password with every character that has a meaning in a URL.
 const HOSTILE: &str = "p@ss:w/rd%";
