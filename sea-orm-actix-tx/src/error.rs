@@ -136,7 +136,7 @@ impl From<DbFailure> for Error {
             | FailureKind::Deadlock
             | FailureKind::LockWaitTimeout => Error::SerializationFailure,
             FailureKind::PoolTimeout => Error::PoolTimeout,
-            FailureKind::Unavailable => Error::DatabaseUnavailable,
+            FailureKind::Unavailable | FailureKind::PrimaryLost => Error::DatabaseUnavailable,
             FailureKind::StatementTimeout => Error::StatementTimeout,
             FailureKind::CommitOutcomeUnknown => {
                 tracing::error!(error = %failure.message, "the outcome of a COMMIT is unknown");

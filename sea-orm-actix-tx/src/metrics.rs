@@ -26,6 +26,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabel {
     target: &'static str,
 }
@@ -39,6 +44,7 @@ struct TargetLabel {
 /// | `db_pool_acquire_seconds` | histogram | time to get a connection and begin |
 /// | `db_transactions_total{outcome="commit"\|"rollback"\|"unknown"}` | counter | transactions by outcome |
 /// | `db_transaction_retries_total` | counter | re-runs after a serialization failure or deadlock |
+/// | `db_requests_rerun_total{reason="primary_lost"}` | counter | re-runs while a new primary takes over (`DB_FAILOVER_RETRY_MS`) |
 /// | `db_idempotent_replays_total` | counter | answers replayed for an `Idempotency-Key` |
 /// | `db_transaction_leaks_total` | counter | transaction handles that outlived their request |
 /// | `db_reads_total{target="replica"\|"primary"}` | counter | read-only transactions by server |
@@ -52,6 +58,7 @@ pub struct Metrics {
     acquire: Histogram,
     transactions: Family<OutcomeLabel, Counter>,
     retries: Counter,
+    reruns: Family<ReasonLabel, Counter>,
     replays: Counter,
     leaks: Counter,
     reads: Family<TargetLabel, Counter>,
@@ -100,6 +107,16 @@ impl Metrics {
             "db_transaction_retries",
             "Re-runs after a serialization failure or deadlock",
             retries.clone(),
+        );
+        let reruns = Family::<ReasonLabel, Counter>::default();
+        // At zero from start-up, so that a rate can be taken before the first re-run.
+        let _ = reruns.get_or_create(&ReasonLabel {
+            reason: "primary_lost",
+        });
+        registry.register(
+            "db_requests_rerun",
+            "Requests re-run on a budget of their own, by reason (primary_lost: DB_FAILOVER_RETRY_MS)",
+            reruns.clone(),
         );
         let replays = Counter::default();
         registry.register(
@@ -157,6 +174,7 @@ impl Metrics {
             acquire,
             transactions,
             retries,
+            reruns,
             replays,
             leaks,
             reads,
@@ -221,6 +239,11 @@ impl Metrics {
     /// Counts one re-run (`db_transaction_retries_total`).
     pub fn count_retry(&self) {
         self.retries.inc();
+    }
+
+    /// Counts one re-run of a request for `reason` (`db_requests_rerun_total{reason}`).
+    pub fn count_rerun(&self, reason: &'static str) {
+        self.reruns.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Counts one replayed answer (`db_idempotent_replays_total`).

@@ -25,6 +25,8 @@ pub(super) struct Ended<'a> {
     /// Re-runs already made, and how many are allowed (`DB_TX_MAX_RETRIES`).
     pub retries: u32,
     pub max_retries: u32,
+    /// Time is left of `DB_FAILOVER_RETRY_MS`, counted from the request's first primary lost.
+    pub failover_left: bool,
 }
 
 /// The next step of the request.
@@ -44,6 +46,8 @@ pub(super) enum Next {
 
 /// The step after an attempt (see [`Next`]).
 ///
+/// * A primary lost before `COMMIT` is re-run while `DB_FAILOVER_RETRY_MS` lasts, on its own
+///   budget (not `DB_TX_MAX_RETRIES`).
 /// * A serialization failure or deadlock, or a read that the replica failed by going away, is
 ///   re-run while retries are left and the client is still there.
 /// * Otherwise a failure replaces a success (the commit did not happen) and answers a retryable
@@ -52,8 +56,22 @@ pub(super) enum Next {
 pub(super) fn next(ended: &Ended<'_>) -> Next {
     let replica_failed = ended.on_replica && ended.failure.is_some();
     match ended.failure {
+        // The primary went away before COMMIT (a failure at COMMIT is never `PrimaryLost`):
+        // nothing was committed, and a new primary may be there a moment later.
         Some(f)
-            if (f.is_retryable() || replica_failed && f.kind == FailureKind::Unavailable)
+            if f.kind == FailureKind::PrimaryLost
+                && !replica_failed
+                && ended.failover_left
+                && !ended.client_gone =>
+        {
+            Next::Rerun {
+                from_primary: false,
+            }
+        }
+        Some(f)
+            if (f.is_retryable()
+                || replica_failed
+                    && matches!(f.kind, FailureKind::Unavailable | FailureKind::PrimaryLost))
                 && ended.retries < ended.max_retries
                 && !ended.client_gone =>
         {
@@ -88,7 +106,43 @@ mod tests {
             on_replica: false,
             retries: 0,
             max_retries: 3,
+            failover_left: true,
         }
+    }
+
+    #[test]
+    fn a_primary_lost_is_re_run_on_its_own_budget_then_answered() {
+        let lost = failure(FailureKind::PrimaryLost);
+        let spent_retries = Ended {
+            retries: 3,
+            ..ended(Some(&lost))
+        };
+        assert_eq!(
+            next(&spent_retries),
+            Next::Rerun {
+                from_primary: false
+            },
+            "DB_TX_MAX_RETRIES does not count"
+        );
+        let window_over = Ended {
+            failover_left: false,
+            ..ended(Some(&lost))
+        };
+        assert_eq!(next(&window_over), Next::Fail, "then 503");
+        let gone = Ended {
+            client_gone: true,
+            ..ended(Some(&lost))
+        };
+        assert_eq!(next(&gone), Next::Fail, "nobody to answer");
+        let on_replica = Ended {
+            on_replica: true,
+            ..ended(Some(&lost))
+        };
+        assert_eq!(
+            next(&on_replica),
+            Next::Rerun { from_primary: true },
+            "a replica keeps its own fallback: the primary"
+        );
     }
 
     #[test]

@@ -31,6 +31,14 @@ pub enum FailureKind {
     PoolTimeout,
     /// The connection or the server went away.
     Unavailable,
+    /// The server said it is no longer a primary that takes this transaction: SQLSTATE 25006
+    /// (read-only transaction: a demoted primary, or a standby a router still points at),
+    /// 57P01/57P02/57P03 (administrator or crash shutdown, cannot connect now) or class 08
+    /// sent by the server. Before `COMMIT` the request is re-run within
+    /// `DB_FAILOVER_RETRY_MS` while a new primary takes over; past it, 503 like
+    /// [`FailureKind::Unavailable`]. A reply that never came (a round-trip bound that passed)
+    /// is not this: it stays [`FailureKind::Unavailable`], a partition.
+    PrimaryLost,
     /// The connection broke while `COMMIT` was in flight and the transaction's status could
     /// not be learned: it may or may not have committed.
     CommitOutcomeUnknown,
@@ -52,6 +60,7 @@ impl FailureKind {
             FailureKind::StatementTimeout => "statement timeout",
             FailureKind::PoolTimeout => "no pooled connection became free in time",
             FailureKind::Unavailable => "the database cannot be reached",
+            FailureKind::PrimaryLost => "the primary was lost",
             FailureKind::CommitOutcomeUnknown => "the outcome of a COMMIT is unknown",
             FailureKind::Other => "database error",
         }
@@ -101,6 +110,7 @@ impl DbFailure {
                 | FailureKind::Deadlock
                 | FailureKind::PoolTimeout
                 | FailureKind::Unavailable
+                | FailureKind::PrimaryLost
                 | FailureKind::CommitOutcomeUnknown
         )
     }
@@ -142,10 +152,12 @@ fn classify_sqlx(err: &sqlx::Error) -> FailureKind {
                 "23514" => FailureKind::CheckViolation(constraint),
                 "22003" => FailureKind::OutOfRange,
                 "57014" => FailureKind::StatementTimeout,
-                // connection exceptions, admin shutdown, crash recovery, too many connections
-                c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {
-                    FailureKind::Unavailable
-                }
+                // read-only transaction, connection exceptions, admin or crash shutdown, cannot
+                // connect now: the primary is gone or is no longer one
+                "25006" | "57P01" | "57P02" | "57P03" => FailureKind::PrimaryLost,
+                c if c.starts_with("08") => FailureKind::PrimaryLost,
+                // too many connections, and the rest of class 57P
+                c if c.starts_with("57P") || c == "53300" => FailureKind::Unavailable,
                 // SQLite reports constraint failures by extended result code
                 "2067" | "1555" => FailureKind::UniqueViolation(constraint),
                 "787" => FailureKind::ForeignKeyViolation(constraint),

@@ -475,7 +475,11 @@ impl Slot {
             }) if self.on_replica() => Some(replica.availability()),
             _ => self.availability.as_ref(),
         };
-        if let (FailureKind::Unavailable, Some(availability)) = (&failure.kind, availability) {
+        let gone = matches!(
+            failure.kind,
+            FailureKind::Unavailable | FailureKind::PrimaryLost
+        );
+        if let (true, Some(availability)) = (gone, availability) {
             availability.suspect();
         }
     }
@@ -634,9 +638,16 @@ impl Slot {
         (TxOutcome::Rollback, Some(failure))
     }
 
+    /// A failure at the end of the transaction. A primary lost there is answered, never re-run:
+    /// once `COMMIT` is on its way the transaction may have committed (a primary shut down
+    /// while it waits for its synchronous standby has committed locally), and what is not known
+    /// to have failed is not done again.
     fn commit_failed(&self, err: &DbErr) -> DbFailure {
-        let failure = DbFailure::classify(err);
+        let mut failure = DbFailure::classify(err);
         self.suspect_if_unavailable(&failure);
+        if failure.kind == FailureKind::PrimaryLost {
+            failure.kind = FailureKind::Unavailable;
+        }
         failure
     }
 }

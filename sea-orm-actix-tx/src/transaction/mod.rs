@@ -129,7 +129,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
@@ -169,6 +169,9 @@ pub struct TxConfig {
     pub session: Session,
     /// Re-runs after a serialization failure or deadlock (`DB_TX_MAX_RETRIES`).
     pub max_retries: u32,
+    /// How long a request whose primary was lost before `COMMIT` is re-run while a new primary
+    /// takes over (`DB_FAILOVER_RETRY_MS`), on a budget of its own.
+    pub failover_retry: Duration,
     /// Largest request body buffered for re-runs (`APP_BODY_LIMIT`).
     pub body_limit: usize,
     /// Fails checkouts fast while the database cannot be reached; `None` waits for the pool.
@@ -221,6 +224,7 @@ impl TxConfig {
             isolation,
             session,
             max_retries: settings.tx_max_retries,
+            failover_retry: settings.failover_retry,
             body_limit,
             availability: None,
             admission: None,
@@ -334,6 +338,14 @@ pub struct TxReport {
 fn backoff(attempt: u32) -> Duration {
     let cap_us = (2_000u64 << attempt.min(5)).min(50_000);
     Duration::from_micros(fastrand::u64(cap_us / 4..=cap_us))
+}
+
+/// The wait before re-running a request whose primary was lost: full jitter up to
+/// 50 ms · 2^attempt, capped at one second. Longer than a conflict's: a new primary takes a
+/// moment to be promoted and routed to.
+fn failover_backoff(attempt: u32) -> Duration {
+    let cap_ms = (50u64 << attempt.min(5)).min(1_000);
+    Duration::from_millis(fastrand::u64(cap_ms / 4..=cap_ms))
 }
 
 fn is_read_only_method(method: &Method) -> bool {
@@ -551,6 +563,8 @@ where
             };
             let mut read = request.read_route();
             let mut retries = 0;
+            // When the primary was first lost, and the re-runs made since (their own budget).
+            let mut failover: Option<(Instant, u32)> = None;
             loop {
                 let slot = Arc::new(request.slot(read.as_ref()));
                 let response = match request.claim_and_run(&slot, retries).await {
@@ -569,6 +583,15 @@ where
                         read.replica = None;
                     }
                 }
+                let primary_lost = failure
+                    .as_ref()
+                    .is_some_and(|f| f.kind == FailureKind::PrimaryLost && !slot.on_replica());
+                let window = request.shared.config.failover_retry;
+                if primary_lost && failover.is_none() {
+                    failover = Some((Instant::now(), 0));
+                }
+                let (since, reruns) = failover.unwrap_or((Instant::now(), 0));
+                let failover_left = since.elapsed() < window;
                 let next = decision::next(&decision::Ended {
                     meant_to_commit: success,
                     failure: failure.as_ref(),
@@ -577,7 +600,21 @@ where
                     on_replica: slot.on_replica(),
                     retries,
                     max_retries: request.shared.config.max_retries,
+                    failover_left,
                 });
+                if primary_lost
+                    && next
+                        == (decision::Next::Rerun {
+                            from_primary: false,
+                        })
+                {
+                    drop(response);
+                    let left = window.saturating_sub(since.elapsed());
+                    tokio::time::sleep(failover_backoff(reruns).min(left)).await;
+                    failover = Some((since, reruns + 1));
+                    request.shared.metrics.count_rerun("primary_lost");
+                    continue;
+                }
                 if let decision::Next::Rerun { .. } = next {
                     drop(response);
                     tokio::time::sleep(backoff(retries)).await;

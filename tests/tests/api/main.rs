@@ -16,6 +16,7 @@ mod operations;
 mod partition;
 mod pooled_defaults;
 mod pooler;
+mod primary_lost;
 mod read_only_end;
 mod reads;
 mod savepoints;

@@ -602,6 +602,7 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
             connection_default: Some(IsolationLevel::RepeatableRead),
         },
         max_retries: 3,
+        failover_retry: std::time::Duration::from_secs(5),
         body_limit: 65_536,
         availability: None,
         admission: None,
