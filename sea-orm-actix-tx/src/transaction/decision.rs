@@ -79,7 +79,13 @@ pub(super) fn next(ended: &Ended<'_>) -> Next {
                 from_primary: replica_failed,
             }
         }
-        Some(f) if ended.meant_to_commit || f.is_retryable() => Next::Fail,
+        // A primary lost is answered 503 even when the handler turned it into an error of its
+        // own: the handler cannot tell 25006 from a bug.
+        Some(f)
+            if ended.meant_to_commit || f.is_retryable() || f.kind == FailureKind::PrimaryLost =>
+        {
+            Next::Fail
+        }
         _ if ended.leaked => Next::Internal,
         _ if ended.client_gone => Next::ClientClosed,
         _ => Next::Answer,
@@ -129,6 +135,16 @@ mod tests {
             ..ended(Some(&lost))
         };
         assert_eq!(next(&window_over), Next::Fail, "then 503");
+        let handler_error = Ended {
+            failover_left: false,
+            meant_to_commit: false,
+            ..ended(Some(&lost))
+        };
+        assert_eq!(
+            next(&handler_error),
+            Next::Fail,
+            "503, not the handler's 500"
+        );
         let gone = Ended {
             client_gone: true,
             ..ended(Some(&lost))

@@ -32,8 +32,8 @@ pub enum FailureKind {
     /// The connection or the server went away.
     Unavailable,
     /// The server said it is no longer a primary that takes this transaction: SQLSTATE 25006
-    /// (read-only transaction: a demoted primary, or a standby a router still points at),
-    /// 57P01/57P02/57P03 (administrator or crash shutdown, cannot connect now) or class 08
+    /// in a transaction begun READ WRITE (a demoted primary, or a standby a router still points
+    /// at; in a READ ONLY one it is the handler's write, a bug), 57P01/57P02/57P03 (administrator or crash shutdown, cannot connect now) or class 08
     /// sent by the server. Before `COMMIT` the request is re-run within
     /// `DB_FAILOVER_RETRY_MS` while a new primary takes over; past it, 503 like
     /// [`FailureKind::Unavailable`]. A reply that never came (a round-trip bound that passed)
@@ -152,9 +152,10 @@ fn classify_sqlx(err: &sqlx::Error) -> FailureKind {
                 "23514" => FailureKind::CheckViolation(constraint),
                 "22003" => FailureKind::OutOfRange,
                 "57014" => FailureKind::StatementTimeout,
-                // read-only transaction, connection exceptions, admin or crash shutdown, cannot
-                // connect now: the primary is gone or is no longer one
-                "25006" | "57P01" | "57P02" | "57P03" => FailureKind::PrimaryLost,
+                // admin or crash shutdown, cannot connect now, connection exceptions: the primary
+                // is gone (25006, a read-only transaction, is one only in a transaction begun
+                // READ WRITE: the request's transaction decides, `lazy.rs`)
+                "57P01" | "57P02" | "57P03" => FailureKind::PrimaryLost,
                 c if c.starts_with("08") => FailureKind::PrimaryLost,
                 // too many connections, and the rest of class 57P
                 c if c.starts_with("57P") || c == "53300" => FailureKind::Unavailable,

@@ -435,9 +435,21 @@ impl Slot {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A statement's failure, classified. SQLSTATE 25006 (a write refused in a read-only
+    /// transaction) is a primary lost only in a transaction begun read-write: the server it
+    /// reached is a standby or a demoted primary. In one this layer began `READ ONLY` it is the
+    /// handler writing in a read, a bug (500 `internal`).
+    fn classify(&self, err: &DbErr) -> DbFailure {
+        let mut failure = DbFailure::classify(err);
+        if self.read_write && is_read_only_refusal(err) {
+            failure.kind = FailureKind::PrimaryLost;
+        }
+        failure
+    }
+
     /// Records a statement's failure, at the level of the innermost open savepoint ([`ledger`]).
     fn record(&self, err: DbErr) -> DbErr {
-        let classified = DbFailure::classify(&err);
+        let classified = self.classify(&err);
         self.suspect_if_unavailable(&classified);
         self.ledger().record(classified);
         err
@@ -445,7 +457,7 @@ impl Slot {
 
     /// Records a failure at `level`, whatever savepoints are open.
     fn record_at(&self, err: DbErr, level: usize) -> DbErr {
-        let classified = DbFailure::classify(&err);
+        let classified = self.classify(&err);
         self.suspect_if_unavailable(&classified);
         self.ledger().record_at(classified, level);
         err
@@ -649,6 +661,16 @@ impl Slot {
             failure.kind = FailureKind::Unavailable;
         }
         failure
+    }
+}
+
+/// SQLSTATE 25006: the server refused a write in a read-only transaction.
+fn is_read_only_refusal(err: &DbErr) -> bool {
+    match err {
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            matches!(&**e, sqlx::Error::Database(db) if db.code().as_deref() == Some("25006"))
+        }
+        _ => false,
     }
 }
 

@@ -1,4 +1,5 @@
-//! A primary that goes away in the middle of a transaction, before `COMMIT` (issue 21, item 1):
+//! A primary that goes away in the middle of a transaction, before `COMMIT`, or a server that
+//! refuses a write as read-only (a standby):
 //! the server ends the request's backend (`pg_terminate_backend`, what a Patroni switchover or a
 //! fast shutdown does to every session: SQLSTATE 57P01). The request is re-run while
 //! `DB_FAILOVER_RETRY_MS` lasts, on a budget of its own, and answered 503 `database_unavailable`
@@ -110,4 +111,52 @@ async fn a_primary_that_stays_lost_past_the_window_is_503_database_unavailable_n
         0,
         "nothing committed"
     );
+}
+
+/// Makes the test database refuse writes in new sessions, as a standby does (or lets them
+/// again), and ends the service's sessions so that its next ones see it.
+async fn read_only(app: &TestApp, name: &str, on: bool) {
+    let setting = if on { "on" } else { "off" };
+    let db = app.database_name();
+    let alter = format!("ALTER DATABASE \"{db}\" SET default_transaction_read_only = {setting}");
+    app.execute(&alter).await;
+    app.scalar(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = '{name}'"
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_write_refused_as_read_only_is_re_run_until_the_server_takes_writes_again() {
+    let name = "primary-lost-read-only";
+    let app = app(name, "10000").await;
+    read_only(&app, name, true).await;
+    let request = app.send_json("/test/slow-write", json!({}));
+    let promote = async {
+        app.wait_until("a write was refused as read-only and re-run", || async {
+            metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await >= 1.0
+        })
+        .await;
+        read_only(&app, name, false).await;
+    };
+    let (res, ()) = tokio::join!(request, promote);
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.unwrap_or_default();
+    assert_eq!(status, 201, "re-run once the server takes writes: {body}");
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM warehouse WHERE code = 'PL-1'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_write_refused_as_read_only_past_the_window_is_503_database_unavailable() {
+    let name = "primary-lost-standby";
+    let app = app(name, "300").await;
+    read_only(&app, name, true).await;
+    let res = app.send_json("/test/slow-write", json!({})).await;
+    assert_unavailable(res, "a standby for longer than DB_FAILOVER_RETRY_MS").await;
+    assert!(metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await >= 1.0);
 }

@@ -467,6 +467,14 @@ impl TestApp {
         self.first(sql).await
     }
 
+    /// Runs one statement on the test database, behind the app's back.
+    pub async fn execute(&self, sql: &str) {
+        self.db
+            .execute_unprepared(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
     /// The first column of the one row `sql` returns.
     async fn first<T: sea_orm::TryGetable>(&self, sql: &str) -> T {
         let row = self
