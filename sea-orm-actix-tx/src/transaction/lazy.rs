@@ -666,28 +666,27 @@ impl Slot {
 
 /// SQLSTATE 25006: the server refused a write in a read-only transaction.
 fn is_read_only_refusal(err: &DbErr) -> bool {
-    match err {
-        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
-            matches!(&**e, sqlx::Error::Database(db) if db.code().as_deref() == Some("25006"))
-        }
-        _ => false,
-    }
+    matches!(sqlx_error(err), Some(sqlx::Error::Database(db)) if db.code().as_deref() == Some("25006"))
 }
 
 /// The error of a statement sent on a connection the server had already closed: the server's
 /// own "terminating connection" (SQLSTATE 57P01, 57P02, 57P03) or the socket found closed.
 fn is_dead_connection(err: &DbErr) -> bool {
-    let sqlx_err = match err {
+    match sqlx_error(err) {
+        Some(sqlx::Error::Database(e)) => e.code().is_some_and(|c| c.starts_with("57P")),
+        // A BEGIN that got no reply in time may be a partition: another try would wait as long.
+        Some(e @ sqlx::Error::Io(_)) => !round_trip::is_timed_out(e),
+        _ => false,
+    }
+}
+
+/// The driver's error inside a SeaORM one, when there is one.
+fn sqlx_error(err: &DbErr) -> Option<&sqlx::Error> {
+    match err {
         DbErr::Conn(RuntimeErr::SqlxError(e))
         | DbErr::Exec(RuntimeErr::SqlxError(e))
-        | DbErr::Query(RuntimeErr::SqlxError(e)) => e,
-        _ => return false,
-    };
-    match &**sqlx_err {
-        sqlx::Error::Database(e) => e.code().is_some_and(|c| c.starts_with("57P")),
-        // A BEGIN that got no reply in time may be a partition: another try would wait as long.
-        e @ sqlx::Error::Io(_) => !round_trip::is_timed_out(e),
-        _ => false,
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => Some(e),
+        _ => None,
     }
 }
 

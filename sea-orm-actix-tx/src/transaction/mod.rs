@@ -336,16 +336,20 @@ pub struct TxReport {
 /// Full-jitter exponential backoff: a random wait up to 2 ms · 2^attempt, capped at 50 ms. Short,
 /// because the conflicting transaction has usually just committed when 40001 is raised.
 fn backoff(attempt: u32) -> Duration {
-    let cap_us = (2_000u64 << attempt.min(5)).min(50_000);
-    Duration::from_micros(fastrand::u64(cap_us / 4..=cap_us))
+    full_jitter(Duration::from_millis(2), Duration::from_millis(50), attempt)
 }
 
-/// The wait before re-running a request whose primary was lost: full jitter up to
-/// 50 ms · 2^attempt, capped at one second. Longer than a conflict's: a new primary takes a
-/// moment to be promoted and routed to.
+/// The wait before re-running a request whose primary was lost: up to 50 ms · 2^attempt,
+/// capped at one second. Longer than a conflict's: a new primary takes a moment to be promoted
+/// and routed to.
 fn failover_backoff(attempt: u32) -> Duration {
-    let cap_ms = (50u64 << attempt.min(5)).min(1_000);
-    Duration::from_millis(fastrand::u64(cap_ms / 4..=cap_ms))
+    full_jitter(Duration::from_millis(50), Duration::from_secs(1), attempt)
+}
+
+/// A random wait between a quarter of and the whole of `first` · 2^attempt, at most `cap`.
+fn full_jitter(first: Duration, cap: Duration, attempt: u32) -> Duration {
+    let cap_us = (first.as_micros() << attempt.min(5)).min(cap.as_micros()) as u64;
+    Duration::from_micros(fastrand::u64(cap_us / 4..=cap_us))
 }
 
 fn is_read_only_method(method: &Method) -> bool {
@@ -586,12 +590,10 @@ where
                 let primary_lost = failure
                     .as_ref()
                     .is_some_and(|f| f.kind == FailureKind::PrimaryLost && !slot.on_replica());
-                let window = request.shared.config.failover_retry;
                 if primary_lost && failover.is_none() {
                     failover = Some((Instant::now(), 0));
                 }
-                let (since, reruns) = failover.unwrap_or((Instant::now(), 0));
-                let failover_left = since.elapsed() < window;
+                let window = request.shared.config.failover_retry;
                 let next = decision::next(&decision::Ended {
                     meant_to_commit: success,
                     failure: failure.as_ref(),
@@ -600,26 +602,24 @@ where
                     on_replica: slot.on_replica(),
                     retries,
                     max_retries: request.shared.config.max_retries,
-                    failover_left,
+                    failover_left: failover.is_none_or(|(since, _)| since.elapsed() < window),
                 });
-                if primary_lost
-                    && next
-                        == (decision::Next::Rerun {
-                            from_primary: false,
-                        })
-                {
-                    drop(response);
-                    let left = window.saturating_sub(since.elapsed());
-                    tokio::time::sleep(failover_backoff(reruns).min(left)).await;
-                    failover = Some((since, reruns + 1));
-                    request.shared.metrics.count_rerun("primary_lost");
-                    continue;
-                }
                 if let decision::Next::Rerun { .. } = next {
                     drop(response);
-                    tokio::time::sleep(backoff(retries)).await;
-                    retries += 1;
-                    request.shared.metrics.count_retry();
+                    match &mut failover {
+                        // A primary lost: its own budget, DB_FAILOVER_RETRY_MS.
+                        Some((since, reruns)) if primary_lost => {
+                            let left = window.saturating_sub(since.elapsed());
+                            tokio::time::sleep(failover_backoff(*reruns).min(left)).await;
+                            *reruns += 1;
+                            request.shared.metrics.count_rerun("primary_lost");
+                        }
+                        _ => {
+                            tokio::time::sleep(backoff(retries)).await;
+                            retries += 1;
+                            request.shared.metrics.count_retry();
+                        }
+                    }
                     continue;
                 }
                 let reply = request
