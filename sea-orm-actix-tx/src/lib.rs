@@ -260,7 +260,8 @@ impl<'r> LayerBuilder<'r> {
         } else {
             Availability::new(&self.db, settings.connect_timeout)
         };
-        let config = TxConfig {
+        #[allow(unused_mut)]
+        let mut config = TxConfig {
             availability: Some(availability.clone()),
             admission: Some(Admission::new(
                 2 * settings.max_connections() as usize,
@@ -291,6 +292,18 @@ impl<'r> LayerBuilder<'r> {
             settings.min_connections(),
             settings.max_connections(),
         );
+        #[cfg(feature = "postgres")]
+        if let (transaction::Session::Direct { .. }, DbBackend::Postgres) =
+            (&config.session, self.db.get_database_backend())
+        {
+            // The server is asked to end a transaction the layer abandoned in a partition.
+            config.terminator = Some(transaction::Terminator::new(
+                self.db.get_postgres_connection_pool().clone(),
+                settings.connect_timeout,
+                settings.idle_in_transaction_timeout,
+                Some(metrics.clone()),
+            ));
+        }
         Ok(Layer {
             shared: Arc::new(Shared {
                 db: self.db,

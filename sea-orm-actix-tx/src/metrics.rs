@@ -47,6 +47,7 @@ struct TargetLabel {
 /// | `db_requests_rerun_total{reason="primary_lost"}` | counter | re-runs while a new primary takes over (`DB_FAILOVER_RETRY_MS`) |
 /// | `db_idempotent_replays_total` | counter | answers replayed for an `Idempotency-Key` |
 /// | `db_transaction_leaks_total` | counter | transaction handles that outlived their request |
+/// | `db_abandoned_backends_terminated_total` | counter | server backends of abandoned transactions ended with `pg_terminate_backend` |
 /// | `db_reads_total{target="replica"\|"primary"}` | counter | read-only transactions by server |
 /// | `db_replica_lag_seconds` | gauge | the replica's replay lag at the last check |
 /// | `db_replica_pool_connections{state}`, `db_replica_pool_max_connections` | gauge | the replica's pool |
@@ -61,6 +62,7 @@ pub struct Metrics {
     reruns: Family<ReasonLabel, Counter>,
     replays: Counter,
     leaks: Counter,
+    abandoned_terminated: Counter,
     reads: Family<TargetLabel, Counter>,
     replica_lag: Gauge<f64, AtomicU64>,
     replica_pool_connections: Family<StateLabel, Gauge>,
@@ -130,6 +132,12 @@ impl Metrics {
             "Requests whose transaction handle outlived them (rolled back, answered 500)",
             leaks.clone(),
         );
+        let abandoned_terminated = Counter::default();
+        registry.register(
+            "db_abandoned_backends_terminated",
+            "Server backends of transactions the layer abandoned (a round trip past its bound) that it ended with pg_terminate_backend",
+            abandoned_terminated.clone(),
+        );
         // Read replica (`docs/scale-out.md`): at zero when none is configured.
         let reads = Family::<TargetLabel, Counter>::default();
         registry.register(
@@ -177,6 +185,7 @@ impl Metrics {
             reruns,
             replays,
             leaks,
+            abandoned_terminated,
             reads,
             replica_lag,
             replica_pool_connections,
@@ -254,5 +263,11 @@ impl Metrics {
     /// Counts one leaked transaction handle (`db_transaction_leaks_total`).
     pub fn count_leak(&self) {
         self.leaks.inc();
+    }
+
+    /// Counts backends of abandoned transactions ended on the server
+    /// (`db_abandoned_backends_terminated_total`).
+    pub fn count_abandoned_terminated(&self, backends: u64) {
+        self.abandoned_terminated.inc_by(backends);
     }
 }

@@ -58,6 +58,8 @@ use tracing::Instrument as _;
 /// Work a handler registers to run only after its transaction committed.
 type OnCommit = Box<dyn FnOnce() + Send>;
 
+#[cfg(feature = "postgres")]
+use super::abandoned::Mark;
 use super::failure::{DbFailure, FailureKind};
 #[cfg(feature = "postgres")]
 use super::outcome::{self, Resolved};
@@ -176,6 +178,10 @@ pub(super) struct Slot {
     read: Option<ReadRoute>,
     /// Set when the transaction began on the replica.
     on_replica: AtomicBool,
+    /// The mark its `BEGIN` carries, so that the server can be asked to end the transaction if
+    /// the layer abandons it (PostgreSQL `READ WRITE` on a direct connection, `abandoned.rs`).
+    #[cfg(feature = "postgres")]
+    mark: Option<Mark>,
 }
 
 impl Slot {
@@ -192,9 +198,22 @@ impl Slot {
             AccessMode::ReadWrite
         });
         let isolation = policy.isolation.unwrap_or(config.isolation);
+        #[cfg(feature = "postgres")]
+        let mark = match (&config.terminator, db.get_database_backend()) {
+            (Some(terminator), DbBackend::Postgres) if access == AccessMode::ReadWrite => {
+                Some(terminator.mark())
+            }
+            _ => None,
+        };
         let begin = match db.get_database_backend() {
             #[cfg(feature = "postgres")]
-            DbBackend::Postgres => Begin::Postgres(config.session.begin(isolation, access)),
+            DbBackend::Postgres => {
+                let begin = config.session.begin(isolation, access);
+                Begin::Postgres(match &mark {
+                    Some(mark) => begin.followed_by(&mark.begin_sql()),
+                    None => begin,
+                })
+            }
             #[cfg(feature = "mysql")]
             DbBackend::MySql => Begin::Mysql(config.session.start_transaction(isolation, access)),
             // SQLite has one writer: take the write lock at BEGIN so that two writers queue on
@@ -228,6 +247,8 @@ impl Slot {
             access,
             read: None,
             on_replica: AtomicBool::new(false),
+            #[cfg(feature = "postgres")]
+            mark,
         }
     }
 
@@ -395,7 +416,7 @@ impl Slot {
                 let conn = db.get_postgres_connection_pool().acquire().await;
                 let conn = conn.map_err(acquire_err)?;
                 let (bound, queued) = self.bounds.begin();
-                TxConn::begin(conn, sql.sql(), bound)
+                TxConn::begin_marked(conn, sql.sql(), bound, self.mark.clone())
                     .await
                     .map(Open::Postgres)
                     .map_err(|e| match e {

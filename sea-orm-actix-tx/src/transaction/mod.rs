@@ -21,6 +21,8 @@
 //! * `routing.rs`: primary or replica for a read, and the consistency token.
 //! * `outcome.rs`: the status of a transaction whose `COMMIT` reply was lost.
 //! * `round_trip.rs`: the transaction's connection and the bound on each round trip on it.
+//! * `abandoned.rs`: a transaction abandoned when a bound passed is ended on the server
+//!   (`pg_terminate_backend` of the backend holding its mark, in the background).
 //! * `idempotency.rs`: `Idempotency-Key`: claiming a key, storing and replaying a response.
 //! * `side_conn.rs`: the connection of a query outside a request's transaction (WAL position,
 //!   a lost `COMMIT`'s status, the replica's checks), closed when its bound passes.
@@ -109,6 +111,8 @@
 //! away mid-read) is re-run on the primary. A route that must see the primary's newest state
 //! declares [`Transactional::primary`] with its reason.
 
+#[cfg(feature = "postgres")]
+mod abandoned;
 mod decision;
 mod failure;
 mod idempotency;
@@ -138,6 +142,8 @@ use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use futures_util::FutureExt;
 use sea_orm::{AccessMode, DatabaseConnection, IsolationLevel};
 
+#[cfg(feature = "postgres")]
+pub use abandoned::Terminator;
 pub use failure::{DbFailure, FailureKind};
 pub use idempotency::clean_expired as clean_expired_idempotency_keys;
 pub use idempotency::{
@@ -190,6 +196,10 @@ pub struct TxConfig {
     /// How long one round trip on a transaction's connection may take before the connection
     /// is closed (`DB_CONNECT_TIMEOUT`, plus `DB_STATEMENT_TIMEOUT_MS` for statements).
     pub round_trips: Bounds,
+    /// Asks the server to end the transactions the layer abandons when a round trip outlives
+    /// its bound (PostgreSQL on a direct connection; `None`: left to the server's timeouts).
+    #[cfg(feature = "postgres")]
+    pub terminator: Option<Terminator>,
 }
 
 impl TxConfig {
@@ -233,6 +243,8 @@ impl TxConfig {
             commit_check: settings.connect_timeout,
             idempotency_ttl: settings.idempotency_ttl,
             round_trips,
+            #[cfg(feature = "postgres")]
+            terminator: None,
         }
     }
 }

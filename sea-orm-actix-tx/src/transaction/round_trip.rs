@@ -21,6 +21,9 @@ use std::time::Duration;
 use sea_orm::sqlx::{self, Database, Executor, pool::PoolConnection};
 use sqlx_core::transaction::TransactionManager;
 
+#[cfg(feature = "postgres")]
+use super::abandoned::Mark;
+
 /// How long one round trip on a transaction's connection may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {
@@ -117,6 +120,10 @@ pub(super) struct TxConn<DB: Database> {
     conn: Option<PoolConnection<DB>>,
     /// Between a successful `BEGIN` and the end of `COMMIT` or `ROLLBACK`.
     open: bool,
+    /// The mark of the transaction (PostgreSQL, `READ WRITE`): told when the layer abandons the
+    /// transaction, so that the server is asked to end it (`abandoned.rs`).
+    #[cfg(feature = "postgres")]
+    mark: Option<Mark>,
 }
 
 impl<DB: Database> TxConn<DB>
@@ -130,11 +137,38 @@ where
         begin: sqlx::SqlStr,
         bound: Duration,
     ) -> Result<TxConn<DB>, sqlx::Error> {
-        let mut tx = TxConn {
+        let tx = TxConn {
             conn: Some(conn),
             open: true,
+            #[cfg(feature = "postgres")]
+            mark: None,
         };
-        let result = match tx.conn() {
+        tx.send_begin(begin, bound).await
+    }
+
+    /// [`TxConn::begin`] of a transaction whose `begin` carries `mark` (`abandoned.rs`): a round
+    /// trip that outlives its bound from the `BEGIN` on tells it.
+    #[cfg(feature = "postgres")]
+    pub(super) async fn begin_marked(
+        conn: PoolConnection<DB>,
+        begin: sqlx::SqlStr,
+        bound: Duration,
+        mark: Option<Mark>,
+    ) -> Result<TxConn<DB>, sqlx::Error> {
+        let tx = TxConn {
+            conn: Some(conn),
+            open: true,
+            mark,
+        };
+        tx.send_begin(begin, bound).await
+    }
+
+    async fn send_begin(
+        mut self,
+        begin: sqlx::SqlStr,
+        bound: Duration,
+    ) -> Result<TxConn<DB>, sqlx::Error> {
+        let result = match self.conn() {
             Ok(conn) => {
                 within(
                     Some(bound),
@@ -144,10 +178,10 @@ where
             }
             Err(e) => Err(e),
         };
-        match tx.settle(result) {
-            Ok(()) => Ok(tx),
+        match self.settle(result) {
+            Ok(()) => Ok(self),
             Err(e) => {
-                tx.close();
+                self.close();
                 Err(e)
             }
         }
@@ -158,9 +192,14 @@ where
         self.conn.as_deref_mut().ok_or_else(closed)
     }
 
-    /// What a bounded round trip gave; a timeout closes the connection.
+    /// What a bounded round trip gave; a timeout closes the connection. Inside the transaction
+    /// that abandons it on the server, which is then asked to end it (`abandoned.rs`).
     pub(super) fn settle<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
         if matches!(&result, Err(e) if is_timed_out(e)) {
+            #[cfg(feature = "postgres")]
+            if let (true, Some(mark)) = (self.open, self.mark.take()) {
+                mark.abandoned();
+            }
             self.close();
         }
         result

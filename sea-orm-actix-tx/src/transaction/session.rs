@@ -201,6 +201,16 @@ pub(super) enum BeginSql {
 }
 
 impl BeginSql {
+    /// The same `BEGIN` followed, in the same message, by `more` (`; …`).
+    #[cfg(feature = "postgres")]
+    pub(super) fn followed_by(self, more: &str) -> BeginSql {
+        let begin = match &self {
+            BeginSql::Static(sql) => sql,
+            BeginSql::Owned(sql) => sql.as_str(),
+        };
+        BeginSql::Owned(format!("{begin}{more}"))
+    }
+
     /// The statement text, without copying a static one.
     pub(super) fn sql(&self) -> sqlx::SqlStr {
         match self {

@@ -79,6 +79,7 @@ async fn metrics_expose_every_contract_series_from_start_up() {
         "db_transactions_total{outcome=\"commit\"}",
         "db_transactions_total{outcome=\"rollback\"}",
         "db_transaction_retries_total ",
+        "db_abandoned_backends_terminated_total ",
         "http_requests_total{method=\"GET\",status=\"2xx\"}",
         "http_request_duration_seconds_bucket",
         "db_reads_total{target=\"replica\"}",

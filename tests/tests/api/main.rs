@@ -2,6 +2,7 @@
 //! its own fresh database, PostgreSQL unless it says otherwise (MariaDB, SQLite); test support
 //! (starting the service, the databases, the servers the suite starts) is in `support`.
 
+mod abandoned;
 mod catalog;
 mod cli;
 mod commit_outcome;

@@ -9,8 +9,14 @@
 //! chosen message on, nothing more passes in either direction, and the sockets stay open until
 //! the client closes its end ([`FaultProxy::hold_next`]).
 //!
+//! A partition the server does not see ([`FaultProxy::partition_next`]) goes further: the held
+//! connection's server end stays open after the client closed its own (the server learns
+//! nothing, as when the client's close is lost in the partition and an idle backend sends
+//! nothing that would find out), and new connections are refused until [`FaultProxy::heal`].
+//!
 //! One entry: [`FaultProxy::start`], then [`FaultProxy::cut_next_commit`],
-//! [`FaultProxy::cut_next_rollback`] or [`FaultProxy::hold_next`].
+//! [`FaultProxy::cut_next_rollback`], [`FaultProxy::hold_next`] or
+//! [`FaultProxy::partition_next`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -81,6 +87,8 @@ struct Shared {
     /// Set when the armed cut has happened.
     fired: watch::Sender<bool>,
     hold: Mutex<Option<Hold>>,
+    /// Whether the armed hold is a partition the server does not see.
+    unseen: AtomicBool,
     /// Set when the armed hold has happened.
     held: watch::Sender<bool>,
     /// Set when the client closed its end of the held connection.
@@ -127,6 +135,7 @@ impl FaultProxy {
             sever: watch::channel(0).0,
             fired: watch::channel(false).0,
             hold: Mutex::new(None),
+            unseen: AtomicBool::new(false),
             held: watch::channel(false).0,
             held_closed: watch::channel(false).0,
         });
@@ -192,6 +201,26 @@ impl FaultProxy {
 
     /// Arms one hold, on whichever connection first sends what `hold` names.
     pub fn hold_next(&self, hold: Hold) {
+        self.shared.unseen.store(false, Ordering::SeqCst);
+        self.arm_hold(hold);
+    }
+
+    /// Arms one hold, as [`FaultProxy::hold_next`], that is a partition the server does not
+    /// see: once it falls, new connections are refused until [`FaultProxy::heal`], and the held
+    /// connection's server end stays open after the client closed its end, for as long as the
+    /// proxy lives (or until the server closes it).
+    pub fn partition_next(&self, hold: Hold) {
+        self.shared.unseen.store(true, Ordering::SeqCst);
+        self.arm_hold(hold);
+    }
+
+    /// New connections pass again. The connection held by [`FaultProxy::partition_next`] stays
+    /// as it is: its client is gone and nothing is sent to its server.
+    pub fn heal(&self) {
+        self.shared.isolated.store(false, Ordering::SeqCst);
+    }
+
+    fn arm_hold(&self, hold: Hold) {
         *self.shared.hold.lock().expect("hold lock") = Some(hold);
         self.shared.held.send_replace(false);
         self.shared.held_closed.send_replace(false);
@@ -259,6 +288,10 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
                 startup = matches!(code, Some(80_877_103) | Some(80_877_104));
             } else if let Some(hold) = take_hold(&shared, &message) {
                 muted.store(true, Ordering::SeqCst);
+                let unseen = shared.unseen.load(Ordering::SeqCst);
+                if unseen {
+                    shared.isolated.store(true, Ordering::SeqCst);
+                }
                 if hold == Hold::CommitReply {
                     let _ = server_tx.write_all(&message).await;
                     let _ = server_tx.flush().await;
@@ -271,6 +304,10 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
                     .is_some()
                 {}
                 shared.held_closed.send_replace(true);
+                if unseen {
+                    // The server end stays open: the server learns nothing of the close.
+                    std::future::pending::<()>().await;
+                }
                 return;
             } else if let Some(plan) = take_plan(&shared, &message) {
                 muted.store(true, Ordering::SeqCst);
