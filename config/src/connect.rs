@@ -27,6 +27,9 @@ use crate::database::SslMode;
 use crate::database::{DatabaseSettings, PoolMode};
 use crate::url::Target;
 
+/// Given a pooled connection's age, whether it must be closed instead of handed out.
+pub type Evict = std::sync::Arc<dyn Fn(Duration) -> bool + Send + Sync>;
+
 /// A connection used less than this long ago is handed out without a ping.
 const PRE_PING_IDLE: Duration = Duration::from_secs(1);
 
@@ -65,11 +68,26 @@ impl DatabaseSettings {
     /// # Errors
     /// The driver's error when `lazy` is false and the first connection fails.
     pub async fn connect(&self, lazy: bool) -> Result<DatabaseConnection, sqlx::Error> {
+        self.connect_evicting(lazy, None).await
+    }
+
+    /// [`connect`](Self::connect), with `evict` asked before a PostgreSQL connection is handed
+    /// out: given the connection's age, `true` closes it and takes another (the layer's
+    /// failover epoch: connections opened before the primary was lost are not reused).
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    pub async fn connect_evicting(
+        &self,
+        lazy: bool,
+        evict: Option<Evict>,
+    ) -> Result<DatabaseConnection, sqlx::Error> {
         match &self.url.target {
             #[cfg(feature = "postgres")]
             Target::Postgres(pg) => {
-                open::<sqlx::Postgres>(self.pool_options(), self.postgres_options(pg.clone()), lazy)
-                    .await
+                let pool = self.pool_options_evicting(evict);
+                open::<sqlx::Postgres>(pool, self.postgres_options(pg.clone()), lazy).await
             }
             #[cfg(feature = "mysql")]
             Target::Mysql(my) => {
@@ -96,6 +114,10 @@ impl DatabaseSettings {
 
     /// Pool bounds and timeouts, the pre-ping, and serverless mode's closing on release.
     pub(crate) fn pool_options<DB: sqlx::Database>(&self) -> PoolOptions<DB> {
+        self.pool_options_evicting(None)
+    }
+
+    fn pool_options_evicting<DB: sqlx::Database>(&self, evict: Option<Evict>) -> PoolOptions<DB> {
         let ping = self.pool_pre_ping;
         let pool = PoolOptions::<DB>::new()
             .max_connections(self.max_connections())
@@ -107,7 +129,11 @@ impl DatabaseSettings {
             // Ping only connections idle for a second or more: one released a moment ago is
             // almost certainly alive, and pinging it would add a round trip to every checkout.
             .before_acquire(move |connection, meta| {
+                let evicted = evict.as_ref().is_some_and(|evict| evict(meta.age));
                 Box::pin(async move {
+                    if evicted {
+                        return Ok(false);
+                    }
                     if needs_ping(ping, meta.idle_for) {
                         connection.ping().await?;
                     }
