@@ -51,10 +51,17 @@ pub const MIN_MARIADB: (u32, u32) = (10, 6);
 pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, DbSetupError> {
     let attempts = settings.connect_retries.max(1);
     let mut reason = String::new();
+    // PostgreSQL: connections opened before a primary lost are not handed out again.
+    let failover = crate::failover::Failover::new(settings.failover_retry);
     for attempt in 1..=attempts {
-        match tokio::time::timeout(settings.connect_timeout, settings.connect(false)).await {
+        let connecting = settings.connect_evicting(false, Some(failover.evict_hook()));
+        match tokio::time::timeout(settings.connect_timeout, connecting).await {
             Ok(Ok(db)) => {
                 tracing::info!(url = %settings.url, attempt, "connected to the database");
+                #[cfg(feature = "postgres")]
+                if db.get_database_backend() == DbBackend::Postgres {
+                    crate::failover::register(db.get_postgres_connection_pool(), &failover);
+                }
                 check_server_version(&db).await?;
                 return Ok(db);
             }

@@ -57,6 +57,7 @@ pub mod availability;
 mod body;
 pub mod db;
 mod error;
+pub mod failover;
 pub mod headers;
 pub mod metrics;
 pub mod migrations;
@@ -292,6 +293,16 @@ impl<'r> LayerBuilder<'r> {
             settings.min_connections(),
             settings.max_connections(),
         );
+        #[cfg(feature = "postgres")]
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            // The epoch of the pool `db::connect` made (its connections are evicted after a
+            // primary lost), or one of its own (the window's check and the metrics only).
+            let pool = self.db.get_postgres_connection_pool();
+            let epoch = failover::of(pool)
+                .unwrap_or_else(|| failover::Failover::new(settings.failover_retry));
+            epoch.attach(metrics.clone());
+            config.failover = Some(epoch);
+        }
         #[cfg(feature = "postgres")]
         if let (transaction::Session::Direct { .. }, DbBackend::Postgres) =
             (&config.session, self.db.get_database_backend())

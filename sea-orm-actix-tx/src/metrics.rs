@@ -48,6 +48,9 @@ struct TargetLabel {
 /// | `db_idempotent_replays_total` | counter | answers replayed for an `Idempotency-Key` |
 /// | `db_transaction_leaks_total` | counter | transaction handles that outlived their request |
 /// | `db_abandoned_backends_terminated_total` | counter | server backends of abandoned transactions ended with `pg_terminate_backend` |
+/// | `db_failovers_total` | counter | primaries lost: the first primary lost since the primary last committed a write |
+/// | `db_connections_evicted_total` | counter | pooled connections closed instead of handed out, opened before a primary lost |
+/// | `db_primary_unavailable_seconds_total` | counter | seconds from a primary lost to the next write committed |
 /// | `db_reads_total{target="replica"\|"primary"}` | counter | read-only transactions by server |
 /// | `db_replica_lag_seconds` | gauge | the replica's replay lag at the last check |
 /// | `db_replica_pool_connections{state}`, `db_replica_pool_max_connections` | gauge | the replica's pool |
@@ -63,6 +66,9 @@ pub struct Metrics {
     replays: Counter,
     leaks: Counter,
     abandoned_terminated: Counter,
+    failovers: Counter,
+    evicted: Counter,
+    primary_unavailable: Counter<f64, AtomicU64>,
     reads: Family<TargetLabel, Counter>,
     replica_lag: Gauge<f64, AtomicU64>,
     replica_pool_connections: Family<StateLabel, Gauge>,
@@ -138,6 +144,24 @@ impl Metrics {
             "Server backends of transactions the layer abandoned (a round trip past its bound) that it ended with pg_terminate_backend",
             abandoned_terminated.clone(),
         );
+        let failovers = Counter::default();
+        registry.register(
+            "db_failovers",
+            "Primaries lost (25006 in a read-write transaction, 57P01-57P03, class 08): the first since the primary last committed a write",
+            failovers.clone(),
+        );
+        let evicted = Counter::default();
+        registry.register(
+            "db_connections_evicted",
+            "Pooled connections closed instead of handed out because they were opened before the primary was last lost",
+            evicted.clone(),
+        );
+        let primary_unavailable = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "db_primary_unavailable_seconds",
+            "Seconds from a primary lost to the next write committed on the primary",
+            primary_unavailable.clone(),
+        );
         // Read replica (`docs/scale-out.md`): at zero when none is configured.
         let reads = Family::<TargetLabel, Counter>::default();
         registry.register(
@@ -186,6 +210,9 @@ impl Metrics {
             replays,
             leaks,
             abandoned_terminated,
+            failovers,
+            evicted,
+            primary_unavailable,
             reads,
             replica_lag,
             replica_pool_connections,
@@ -263,6 +290,22 @@ impl Metrics {
     /// Counts one leaked transaction handle (`db_transaction_leaks_total`).
     pub fn count_leak(&self) {
         self.leaks.inc();
+    }
+
+    /// Counts one primary lost after the primary had committed (`db_failovers_total`).
+    pub fn count_failover(&self) {
+        self.failovers.inc();
+    }
+
+    /// Counts one connection closed instead of handed out (`db_connections_evicted_total`).
+    pub fn count_evicted(&self) {
+        self.evicted.inc();
+    }
+
+    /// Adds the time from a primary lost to the next committed write
+    /// (`db_primary_unavailable_seconds_total`).
+    pub fn add_primary_unavailable(&self, gap: Duration) {
+        self.primary_unavailable.inc_by(gap.as_secs_f64());
     }
 
     /// Counts backends of abandoned transactions ended on the server

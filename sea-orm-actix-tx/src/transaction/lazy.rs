@@ -69,6 +69,7 @@ use super::session::BeginSql;
 use super::{TxConfig, TxOutcome, TxPolicy};
 use crate::Error;
 use crate::availability::Availability;
+use crate::failover::Failover;
 use crate::metrics::Metrics;
 
 /// How this attempt's transaction is begun.
@@ -182,6 +183,9 @@ pub(super) struct Slot {
     /// the layer abandons it (PostgreSQL `READ WRITE` on a direct connection, `abandoned.rs`).
     #[cfg(feature = "postgres")]
     mark: Option<Mark>,
+    /// The primary's failover epoch (PostgreSQL): told of a primary lost and of a committed
+    /// write; in its window a read-write transaction checks that its server takes writes.
+    failover: Option<Failover>,
 }
 
 impl Slot {
@@ -227,6 +231,10 @@ impl Slot {
             }),
         };
         let isolation = (db.get_database_backend() != DbBackend::Sqlite).then_some(isolation);
+        let failover = config
+            .failover
+            .clone()
+            .filter(|_| db.get_database_backend() == DbBackend::Postgres);
         Slot {
             db,
             begin,
@@ -249,6 +257,7 @@ impl Slot {
             on_replica: AtomicBool::new(false),
             #[cfg(feature = "postgres")]
             mark,
+            failover,
         }
     }
 
@@ -316,7 +325,12 @@ impl Slot {
                 m.observe_acquire(started.elapsed());
             }
             match begun {
-                Ok(open) => {
+                Ok(mut open) => {
+                    if let Err(e) = self.check_writable(&mut open).await {
+                        // Dropping `open` closes its connection (still in its transaction).
+                        *state = State::Finished;
+                        return Err(e);
+                    }
                     *state = State::Open(open);
                     self.watch_for_leak();
                 }
@@ -515,6 +529,11 @@ impl Slot {
         if let (true, Some(availability)) = (gone, availability) {
             availability.suspect();
         }
+        if let (FailureKind::PrimaryLost, false, Some(failover)) =
+            (&failure.kind, self.on_replica(), &self.failover)
+        {
+            failover.primary_lost();
+        }
     }
 
     fn failure(&self) -> Option<DbFailure> {
@@ -524,6 +543,17 @@ impl Slot {
     /// Ends the attempt: commits when `commit` is asked and no statement failed, else rolls back.
     /// Returns how it ended, and the failure that must replace the response, if any.
     pub(super) async fn finish(&self, commit: bool) -> (TxOutcome, Option<DbFailure>) {
+        let ended = self.end(commit).await;
+        if let (TxOutcome::Commit, None, true, Some(failover)) =
+            (ended.0, &ended.1, self.read_write, &self.failover)
+            && !self.on_replica()
+        {
+            failover.write_committed();
+        }
+        ended
+    }
+
+    async fn end(&self, commit: bool) -> (TxOutcome, Option<DbFailure>) {
         let state = std::mem::replace(&mut *self.state.lock().await, State::Finished);
         if let Some(watch) = self
             .leak_watch
@@ -580,6 +610,44 @@ impl Slot {
 }
 
 impl Slot {
+    /// In the failover window ([`Failover::in_window`]), whether the server of a read-write
+    /// transaction just begun on the primary takes writes (`SHOW transaction_read_only`, one
+    /// round trip, inside the transaction: on for a standby and for a server whose sessions
+    /// default to read-only). One that does not fails the attempt as a primary lost before the
+    /// handler's first statement runs (the one that began the transaction); the attempt is
+    /// re-run within `DB_FAILOVER_RETRY_MS`.
+    async fn check_writable(&self, open: &mut Open) -> Result<(), DbErr> {
+        let checks = self.read_write
+            && !self.on_replica()
+            && self.failover.as_ref().is_some_and(Failover::in_window);
+        if !checks {
+            return Ok(());
+        }
+        let read_only = match open {
+            #[cfg(feature = "postgres")]
+            Open::Postgres(tx) => {
+                let bound = Some(self.bounds.control);
+                bounded!(tx, bound, |conn| read_only_now(conn)).map_err(query_err)
+            }
+            _ => Ok(false),
+        };
+        match read_only {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                let failure = DbFailure {
+                    kind: FailureKind::PrimaryLost,
+                    message: "the server does not take writes (a standby, or a demoted primary): \
+                              transaction_read_only is on"
+                        .to_owned(),
+                };
+                self.suspect_if_unavailable(&failure);
+                self.ledger().record(failure.clone());
+                Err(DbErr::Custom(failure.message))
+            }
+            Err(e) => Err(self.record(e)),
+        }
+    }
+
     /// Whether this transaction's end cannot change what the handler answered, so that the
     /// answer need not wait for it (PostgreSQL, `docs/transactions.md`, *Ending a read without
     /// waiting*): `READ ONLY` (nothing to commit, no commit-time check can fire), at READ
@@ -683,6 +751,20 @@ impl Slot {
         }
         failure
     }
+}
+
+/// Whether the open transaction on `conn` is read-only (`SHOW transaction_read_only`).
+#[cfg(feature = "postgres")]
+async fn read_only_now(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Row as _;
+    let rows = sqlx::raw_sql("SHOW transaction_read_only")
+        .fetch_all(&mut *conn)
+        .await?;
+    let value: Option<String> = match rows.first() {
+        Some(row) => row.try_get(0)?,
+        None => None,
+    };
+    Ok(value.as_deref() == Some("on"))
 }
 
 /// SQLSTATE 25006: the server refused a write in a read-only transaction.

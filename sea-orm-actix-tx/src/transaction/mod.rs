@@ -200,6 +200,10 @@ pub struct TxConfig {
     /// its bound (PostgreSQL on a direct connection; `None`: left to the server's timeouts).
     #[cfg(feature = "postgres")]
     pub terminator: Option<Terminator>,
+    /// The primary's failover epoch (PostgreSQL): set when a primary is lost; for
+    /// `DB_FAILOVER_RETRY_MS` after it, a read-write transaction checks its server takes writes
+    /// ([`crate::failover`]). `None`: no check.
+    pub failover: Option<crate::failover::Failover>,
 }
 
 impl TxConfig {
@@ -245,6 +249,7 @@ impl TxConfig {
             round_trips,
             #[cfg(feature = "postgres")]
             terminator: None,
+            failover: None,
         }
     }
 }

@@ -5,6 +5,8 @@
 //! `DB_FAILOVER_RETRY_MS` lasts, on a budget of its own, and answered 503 `database_unavailable`
 //! with Retry-After after it; never 500.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use serde_json::{Value, json};
 
 use crate::support::{TestApp, assert_unavailable};
@@ -27,6 +29,36 @@ fn slow_write_route(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_act
     );
 }
 
+/// How many times the first statement of `POST /test/counted-write` succeeded (one test uses
+/// it).
+static COUNTED_RUNS: AtomicU32 = AtomicU32::new(0);
+
+/// `POST /test/counted-write`: reads (which begins the transaction), counts that the read ran,
+/// inserts a warehouse and answers 201.
+fn counted_write_route(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx::Layer) {
+    use actix_web::{HttpResponse, web};
+    use sea_orm::ConnectionTrait;
+    async fn counted_write(
+        tx: sea_orm_actix_tx::Tx,
+    ) -> Result<HttpResponse, app::problem::ApiError> {
+        tx.execute_unprepared("SELECT count(*) FROM warehouse")
+            .await?;
+        COUNTED_RUNS.fetch_add(1, Ordering::SeqCst);
+        tx.execute_unprepared("INSERT INTO warehouse (code, name) VALUES ('PL-2', 'checked')")
+            .await?;
+        Ok(HttpResponse::Created().json(json!({"created": true})))
+    }
+    cfg.route(
+        "/test/counted-write",
+        web::post().to(counted_write).wrap(layer.transactional()),
+    );
+}
+
+fn routes(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx::Layer) {
+    slow_write_route(cfg, layer);
+    counted_write_route(cfg, layer);
+}
+
 /// The service under `name` (each test its own: the ender picks backends by it).
 async fn app(name: &str, failover_ms: &str) -> TestApp {
     TestApp::builder()
@@ -34,7 +66,7 @@ async fn app(name: &str, failover_ms: &str) -> TestApp {
             ("DB_APPLICATION_NAME", name),
             ("DB_FAILOVER_RETRY_MS", failover_ms),
         ])
-        .routes(slow_write_route)
+        .routes(routes)
         .spawn()
         .await
 }
@@ -159,4 +191,106 @@ async fn a_write_refused_as_read_only_past_the_window_is_503_database_unavailabl
     let res = app.send_json("/test/slow-write", json!({})).await;
     assert_unavailable(res, "a standby for longer than DB_FAILOVER_RETRY_MS").await;
     assert!(metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await >= 1.0);
+}
+
+const FAILOVERS: &str = "db_failovers_total ";
+const EVICTED: &str = "db_connections_evicted_total ";
+const UNAVAILABLE: &str = "db_primary_unavailable_seconds_total ";
+
+/// The pids of the service's backends, as an SQL array literal.
+async fn backends(app: &TestApp, name: &str) -> String {
+    app.text(&format!(
+        "SELECT coalesce(array_agg(pid ORDER BY pid), '{{}}')::text FROM pg_stat_activity \
+         WHERE application_name = '{name}'"
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn connections_opened_before_a_primary_lost_are_not_reused_and_the_loss_is_counted() {
+    let name = "primary-lost-evict";
+    let app = app(name, "5000").await;
+    // The pool keeps DB_POOL_SIZE (2) connections open.
+    app.wait_until("the pool holds two connections", || async {
+        app.scalar(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{name}'"
+        ))
+        .await
+            >= 2
+    })
+    .await;
+    let before = backends(&app, name).await;
+    assert_eq!(metric(&app, FAILOVERS).await, 0.0);
+    let request = app.send_json("/test/slow-write", json!({}));
+    let ender = async {
+        app.wait_until("the write's backend is ended", || async {
+            end_sleeping_backend(&app, name).await > 0
+        })
+        .await;
+    };
+    let (res, ()) = tokio::join!(request, ender);
+    assert_eq!(res.status(), 201, "re-run after the primary lost");
+    // Each checkout closes the idle connection it would have handed out if that was opened
+    // before the loss: a few requests go through them all.
+    for code in ["AFTER-1", "AFTER-2", "AFTER-3"] {
+        app.warehouse(code).await;
+    }
+    let old = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY('{before}'::int[])");
+    app.wait_until("no connection opened before the loss is left", || async {
+        app.scalar(&old).await == 0
+    })
+    .await;
+    assert!(
+        metric(&app, EVICTED).await >= 1.0,
+        "the idle one was evicted"
+    );
+    assert_eq!(metric(&app, FAILOVERS).await, 1.0);
+    assert!(
+        metric(&app, UNAVAILABLE).await > 0.0,
+        "from the loss to the re-run's commit"
+    );
+    // New connections are reused as before: nothing more is evicted.
+    let evicted = metric(&app, EVICTED).await;
+    for code in ["AFTER-4", "AFTER-5"] {
+        app.warehouse(code).await;
+    }
+    assert_eq!(metric(&app, EVICTED).await, evicted);
+    assert_eq!(metric(&app, FAILOVERS).await, 1.0, "one loss");
+}
+
+#[tokio::test]
+async fn in_the_failover_window_a_read_only_server_is_refused_at_begin_before_the_first_statement()
+{
+    let name = "primary-lost-checked";
+    let app = app(name, "10000").await;
+    read_only(&app, name, true).await;
+    let request = app.send_json("/test/counted-write", json!({}));
+    let promote = async {
+        app.wait_until("re-runs refused at BEGIN", || async {
+            metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await >= 3.0
+        })
+        .await;
+        assert_eq!(
+            COUNTED_RUNS.load(Ordering::SeqCst),
+            1,
+            "only the attempt before the window ran its first statement"
+        );
+        read_only(&app, name, false).await;
+    };
+    let (res, ()) = tokio::join!(request, promote);
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.unwrap_or_default();
+    assert_eq!(status, 201, "re-run once the server takes writes: {body}");
+    assert_eq!(
+        COUNTED_RUNS.load(Ordering::SeqCst),
+        2,
+        "the first statement ran before the window and once the server took writes"
+    );
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM warehouse WHERE code = 'PL-2'")
+            .await,
+        1
+    );
+    assert_eq!(metric(&app, FAILOVERS).await, 1.0);
+    assert!(metric(&app, UNAVAILABLE).await > 0.0);
 }

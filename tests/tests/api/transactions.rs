@@ -615,6 +615,7 @@ async fn with_transaction_follows_the_same_commit_rollback_and_retry_rules() {
             std::time::Duration::from_secs(1),
         ),
         terminator: None,
+        failover: None,
     };
     let policy = sea_orm_actix_tx::TxPolicy::default();
     let count = |code: &'static str| {
