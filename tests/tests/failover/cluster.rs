@@ -460,15 +460,21 @@ impl Node {
             );
             pids.push(postmaster);
         }
-        let status = Command::new("kill")
+        // A backend may have ended since pgrep listed it: kill says so, and that is fine.
+        let _ = Command::new("kill")
             .arg("-9")
             .args(&pids)
+            .stderr(Stdio::null())
             .status()
             .expect("kill runs");
-        assert!(status.success(), "kill -9 {pids:?}");
         if let Some(mut child) = patroni.take() {
             let _ = child.wait();
         }
+        poll(
+            "every killed process to be gone",
+            Duration::from_secs(10),
+            || (!pids.iter().any(|pid| alive(pid))).then_some(()),
+        );
     }
 
     /// Whether this node's Patroni answers `GET /primary` with 200 (HAProxy's check).
@@ -485,6 +491,17 @@ impl Node {
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.pg_port)
     }
+}
+
+/// Whether process `pid` exists and is not a zombie (`/proc/<pid>/stat`).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(") ")
+                .map(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 fn write_haproxy_config(dir: &Path, port: u16, nodes: &[Node]) {
