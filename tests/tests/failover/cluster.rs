@@ -25,8 +25,8 @@ use crate::support::process::{free_port, is_root, on_exit_of_this_process};
 /// `loop_wait + 2 * retry_timeout` must stay below it (Patroni's rule).
 pub const TTL_SECONDS: u64 = 10;
 
-/// How long the cluster may take to start (`initdb`, two `pg_basebackup`s) on a loaded machine.
-const START_WITHIN: Duration = Duration::from_secs(90);
+/// How long etcd may take to answer after its start.
+const START_WITHIN: Duration = Duration::from_secs(30);
 
 pub struct Cluster {
     dir: PathBuf,
@@ -135,9 +135,18 @@ pub fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> Option
     Some((status, body))
 }
 
-/// Polls `check` every 50 ms until it gives a value; panics with `what` (and the cluster's
-/// state) after `within`.
-pub fn poll<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+/// Polls `check` every 50 ms until it gives a value; panics with `what` after `within`.
+pub fn poll<T>(what: &str, within: Duration, check: impl FnMut() -> Option<T>) -> T {
+    poll_explained(what, within, String::new, check)
+}
+
+/// Like [`poll`], the panic message followed by `explain()` (the cluster's state, its logs).
+pub fn poll_explained<T>(
+    what: &str,
+    within: Duration,
+    explain: impl Fn() -> String,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + within;
     loop {
         if let Some(value) = check() {
@@ -145,14 +154,18 @@ pub fn poll<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T
         }
         assert!(
             Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
+            "timed out after {within:?} waiting for {what}\n{}",
+            explain()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 impl Cluster {
-    /// The run's cluster, started on first use (about 15 s).
+    /// The run's cluster, its processes started on first use; [`wait_healthy`](Self::wait_healthy)
+    /// waits until it is whole (about 10 s after the start on an idle machine). A cluster that
+    /// was slow to become whole is still the run's: a later test waits for it again instead of
+    /// starting another.
     pub fn shared() -> &'static Cluster {
         static SHARED: OnceLock<Cluster> = OnceLock::new();
         SHARED.get_or_init(Cluster::start)
@@ -263,7 +276,6 @@ impl Cluster {
             "haproxy failed to start:\n{}",
             String::from_utf8_lossy(&output.stderr)
         );
-        cluster.wait_healthy(START_WITHIN);
         cluster
     }
 
@@ -301,9 +313,10 @@ impl Cluster {
     /// PostgreSQL streaming from the leader, a synchronous standby, and the leader answering
     /// writes through HAProxy.
     pub fn wait_healthy(&self, within: Duration) {
-        poll(
+        poll_explained(
             "a leader, a synchronous standby, every member running and streaming",
             within,
+            || self.describe(),
             || {
                 let members = self.members()?;
                 let leader = members.iter().find(|m| m["role"] == "leader")?;
@@ -325,11 +338,16 @@ impl Cluster {
                 (whole && streaming).then_some(())
             },
         );
-        poll("a write through HAProxy", within, || {
-            self.psql_through_haproxy(
+        poll_explained(
+            "a write through HAProxy",
+            within,
+            || self.describe(),
+            || {
+                self.psql_through_haproxy(
                 "CREATE TABLE IF NOT EXISTS ha_probe (at timestamptz); INSERT INTO ha_probe VALUES (now())",
             )
-        });
+            },
+        );
     }
 
     /// Runs `sql` through HAProxy with psql (one connection, a second to connect); `None`
@@ -346,9 +364,18 @@ impl Cluster {
             .expect("a node of the cluster")
     }
 
-    /// Patroni's log and the cluster's state, for failure messages.
+    /// The cluster's state as Patroni sees it and the end of each node's log, for failure
+    /// messages.
     pub fn describe(&self) -> String {
-        format!("{:#?}", self.members())
+        let mut text = format!("members: {:#?}\n", self.members());
+        for node in &self.nodes {
+            let log = std::fs::read_to_string(self.dir.join(format!("{}.log", node.name)))
+                .unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            text.push_str(&format!("--- {} (the end of its log)\n{tail}\n", node.name));
+        }
+        text
     }
 }
 

@@ -22,6 +22,10 @@ use serde_json::{Value, json};
 use crate::cluster::{Cluster, Node, TTL_SECONDS, http, poll};
 use crate::support::{Server, TestApp, TestDatabase, connect_to};
 
+/// How long the cluster may take to become whole: `initdb` and two `pg_basebackup`s at the
+/// start of the run, a node's restart later (seconds on an idle machine, more on a loaded one).
+const WHOLE_WITHIN: Duration = Duration::from_secs(120);
+
 /// Concurrent clients.
 const CLIENTS: usize = 8;
 /// Acknowledged receipts before the event, and again after it (the service writes again).
@@ -63,7 +67,7 @@ async fn whole_cluster() -> &'static Cluster {
         for node in cluster.nodes.iter().filter(|n| !n.is_running()) {
             node.start_patroni();
         }
-        cluster.wait_healthy(Duration::from_secs(60));
+        cluster.wait_healthy(WHOLE_WITHIN);
         cluster
     })
     .await
@@ -204,7 +208,8 @@ async fn around(
         let movement: Value = serde_json::from_str(&answer.body).expect("a movement");
         acked.insert(&answer.key, movement["id"].as_i64().expect("its id"));
     }
-    for answer in &answers {
+    // An error's body (a 2xx is the movement, whose timestamps may contain any digits).
+    for answer in answers.iter().filter(|a| !(200..300).contains(&a.status)) {
         let lower = answer.body.to_lowercase();
         assert!(
             !lower.contains("25006")
@@ -379,7 +384,7 @@ async fn c_the_old_leader_rejoins_as_a_replica_while_clients_write() {
         let cluster = Cluster::shared();
         if cluster.nodes.iter().all(Node::is_running) {
             // Run on its own: the crash of scenario (b) first, without load.
-            cluster.wait_healthy(Duration::from_secs(60));
+            cluster.wait_healthy(WHOLE_WITHIN);
             let old = leader(cluster);
             old.crash();
             wait_for_new_primary(
@@ -404,7 +409,7 @@ async fn c_the_old_leader_rejoins_as_a_replica_while_clients_write() {
             Duration::from_secs(60),
             || old.is_replica().then_some(()),
         );
-        cluster.wait_healthy(Duration::from_secs(60));
+        cluster.wait_healthy(WHOLE_WITHIN);
         assert!(!old.is_primary(), "the old leader came back as a replica");
     })
     .await;
