@@ -101,7 +101,7 @@ impl DatabaseSettings {
                 open(pool, self.mysql_options(my.clone()), lazy).await
             }
             #[cfg(feature = "sqlite")]
-            Target::Sqlite(sqlite, _) => {
+            Target::Sqlite(sqlite) => {
                 open::<sqlx::Sqlite>(
                     self.pool_options(),
                     self.sqlite_options(sqlite.clone()),
@@ -476,7 +476,7 @@ mod tests {
     #[test]
     fn sqlite_uses_wal_a_busy_timeout_and_foreign_keys() {
         let db = settings(&[]).database;
-        let Target::Sqlite(sqlite, false) = &db.url.target else {
+        let Target::Sqlite(sqlite) = &db.url.target else {
             panic!("the default is an SQLite file")
         };
         let sqlite = format!("{:?}", db.sqlite_options(sqlite.clone()));

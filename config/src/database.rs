@@ -3,14 +3,12 @@
 //! its variable is unset, `DB_STATEMENT_CACHE` deferring to `DB_POOLER`, the per-backend
 //! checks). Turning them into the driver's pool lives in `connect.rs`.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
-use strum::{Display, EnumString, IntoStaticStr};
+use strum::{Display, EnumString};
 
 use crate::error::ConfigError;
-use crate::url::{DatabaseUrl, assemble};
-use crate::variables::{self as var, Env, parse_word};
+use crate::url::DatabaseUrl;
+pub use crate::variables::DatabaseSettings;
+use crate::variables::{self as var, Env};
 
 /// The most connections a pool may open (`DB_POOL_SIZE + DB_MAX_OVERFLOW`).
 pub const MAX_CONNECTIONS: u32 = 10_000;
@@ -20,7 +18,7 @@ pub const MAX_CONNECTIONS: u32 = 10_000;
 pub const SQLITE_MAX_CONNECTIONS: u32 = 4;
 
 /// Which driver a URL is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, IntoStaticStr)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display)]
 #[strum(serialize_all = "lowercase")]
 pub enum Backend {
     Postgres,
@@ -29,25 +27,8 @@ pub enum Backend {
     Sqlite,
 }
 
-impl Backend {
-    /// The Cargo feature this backend needs, when this build was compiled without it.
-    pub fn left_out(&self) -> Option<&'static str> {
-        let compiled = match self {
-            Backend::Postgres => cfg!(feature = "postgres"),
-            Backend::Mysql => cfg!(feature = "mysql"),
-            Backend::Sqlite => cfg!(feature = "sqlite"),
-        };
-        (!compiled).then(|| self.as_str())
-    }
-
-    /// `postgres`, `mysql` or `sqlite`.
-    pub fn as_str(&self) -> &'static str {
-        self.into()
-    }
-}
-
 /// `DB_POOL_MODE`: how the pool keeps connections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString, IntoStaticStr)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString)]
 #[strum(serialize_all = "snake_case")]
 pub enum PoolMode {
     /// Keep `DB_POOL_SIZE` connections open; requests queue for one when all are busy.
@@ -58,7 +39,7 @@ pub enum PoolMode {
 }
 
 /// `DB_POOLER`: what stands between the service and PostgreSQL.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString, IntoStaticStr)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString)]
 #[strum(serialize_all = "snake_case")]
 pub enum Pooler {
     /// A direct connection (or a session-mode pooler): session state may be relied on.
@@ -70,7 +51,7 @@ pub enum Pooler {
 }
 
 /// `DB_ISOLATION_LEVEL`: the isolation level of every transaction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString, IntoStaticStr)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString)]
 #[strum(serialize_all = "snake_case")]
 pub enum IsolationLevel {
     ReadCommitted,
@@ -102,7 +83,7 @@ impl IsolationLevel {
 /// `DB_SSL_MODE`: whether and how the connection uses TLS (libpq's `sslmode`, without `allow`;
 /// MySQL's `ssl-mode` spellings `disabled`, `preferred`, `required`, `verify_identity` are
 /// accepted as their twins).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString, IntoStaticStr)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString)]
 pub enum SslMode {
     #[strum(to_string = "disable", serialize = "disabled")]
     Disable,
@@ -118,82 +99,6 @@ pub enum SslMode {
         serialize = "verify_identity"
     )]
     VerifyFull,
-}
-
-macro_rules! as_str {
-    ($($ty:ty),*) => {$(
-        impl $ty {
-            /// The variable's spelling, as `check-config` shows it.
-            pub fn as_str(&self) -> &'static str {
-                self.into()
-            }
-        }
-    )*};
-}
-as_str!(PoolMode, Pooler, IsolationLevel, SslMode);
-
-/// The database and pool settings, each documented with its variable in `docs/configuration.md`
-/// (declared in `variables.rs`). `Debug` shows the password as `***`.
-#[derive(Clone, Debug)]
-pub struct DatabaseSettings {
-    /// `DATABASE_URL`, or assembled from `DB_HOST`…`DB_NAME`, or the service's default.
-    pub url: DatabaseUrl,
-    /// `DB_POOL_SIZE`.
-    pub pool_size: u32,
-    /// `DB_MAX_OVERFLOW`.
-    pub max_overflow: u32,
-    /// `DB_POOL_TIMEOUT`.
-    pub pool_timeout: Duration,
-    /// `DB_POOL_RECYCLE`.
-    pub pool_recycle: Duration,
-    /// `DB_POOL_PRE_PING`.
-    pub pool_pre_ping: bool,
-    /// `DB_IDLE_TIMEOUT`.
-    pub idle_timeout: Duration,
-    /// `DB_CONNECT_TIMEOUT`: the bound on one connection attempt: the caller wraps each start-up attempt in it.
-    pub connect_timeout: Duration,
-    /// `DB_POOL_MODE`.
-    pub pool_mode: PoolMode,
-    /// `DB_ISOLATION_LEVEL`.
-    pub isolation_level: IsolationLevel,
-    /// `DB_APPLICATION_NAME`, else the URL's `application_name`, else the service's default.
-    pub application_name: String,
-    /// `DB_STATEMENT_TIMEOUT_MS`, `None` when 0 (no limit).
-    pub statement_timeout: Option<Duration>,
-    /// `DB_JIT`.
-    pub jit: bool,
-    /// `DB_STATEMENT_CACHE`, else the URL's `statement-cache-capacity`; 0 behind a transaction-mode pooler.
-    pub statement_cache: usize,
-    /// `DB_SSL_MODE`, else the URL's `sslmode`.
-    pub ssl_mode: SslMode,
-    /// `DB_SSL_ROOT_CERT`, else the URL's `sslrootcert`.
-    pub ssl_root_cert: Option<PathBuf>,
-    /// `DB_ECHO`.
-    pub echo: bool,
-    /// `DB_SLOW_STATEMENT_MS`.
-    pub slow_statement: Duration,
-    /// `DB_CONNECT_RETRIES`: attempts at start-up, the first one included.
-    pub connect_retries: u32,
-    /// `DB_CONNECT_RETRY_DELAY_MS`.
-    pub connect_retry_delay: Duration,
-    /// `DB_AUTO_MIGRATE`.
-    pub auto_migrate: bool,
-    /// `DB_TX_MAX_RETRIES`.
-    pub tx_max_retries: u32,
-    /// `DB_POOLER`.
-    pub pooler: Pooler,
-    /// `DATABASE_REPLICA_URL`.
-    pub replica_url: Option<DatabaseUrl>,
-    /// `DB_REPLICA_MAX_WAIT_MS`.
-    pub replica_max_wait: Duration,
-    /// `DB_IDEMPOTENCY_TTL`.
-    pub idempotency_ttl: Duration,
-    /// `DB_LEAK_DETECTION_MS`, `None` when 0 (off).
-    pub leak_detection: Option<Duration>,
-    /// `DB_IDLE_IN_TRANSACTION_TIMEOUT_MS`, `None` when 0 (off).
-    pub idle_in_transaction_timeout: Option<Duration>,
-    /// `DB_FAILOVER_RETRY_MS`.
-    pub failover_retry: Duration,
 }
 
 impl DatabaseSettings {
@@ -236,157 +141,70 @@ impl DatabaseSettings {
         })
     }
 
-    /// Reads every database variable in table order; the first bad one is the error.
-    pub(crate) fn from_env(env: &Env, defaults: &crate::Defaults) -> Result<Self, ConfigError> {
-        let (url, embedded) = match (env.given(&var::DATABASE_URL), assemble(env)?) {
-            (Some(given), _) => (DatabaseUrl::parse(given)?, false),
-            (None, Some(assembled)) => (assembled, false),
-            (None, None) => (DatabaseUrl::parse(defaults.database_url)?, true),
-        };
-        let pool_size: u32 = env.number(&var::DB_POOL_SIZE)?;
-        let max_overflow: u32 = env.number(&var::DB_MAX_OVERFLOW)?;
-        if pool_size + max_overflow > MAX_CONNECTIONS {
+    /// The rules that tie variables together, after each was read on its own.
+    pub(crate) fn checked(mut self, env: &Env) -> Result<Self, ConfigError> {
+        let (size, overflow) = (self.pool_size, self.max_overflow);
+        if size + overflow > MAX_CONNECTIONS {
             let expected = format!(
                 "DB_POOL_SIZE + DB_MAX_OVERFLOW = {} exceeds {MAX_CONNECTIONS} connections; \
                  expected a whole number from 0 to {}",
-                pool_size + max_overflow,
-                MAX_CONNECTIONS - pool_size
+                size + overflow,
+                MAX_CONNECTIONS - size
             );
             return Err(ConfigError::invalid(
                 "DB_MAX_OVERFLOW",
-                max_overflow.to_string(),
+                overflow.to_string(),
                 expected,
             ));
         }
-        // A variable that is unset leaves the same setting written in `DATABASE_URL` as it is
-        // (an `sslmode=require` URL is never downgraded to the default `prefer`).
-        let in_url = |names: &[&str]| url.query_param(names);
-        let application_name = match (
-            env.given(&var::DB_APPLICATION_NAME),
-            in_url(&["application_name"]),
-        ) {
-            (Some(name), _) => application_name(name)?,
-            (None, Some(name)) => name,
-            (None, None) => defaults.application_name.to_owned(),
-        };
-        let pooler: Pooler = env.word(&var::DB_POOLER)?;
-        let statement_cache = match (
-            env.given(&var::DB_STATEMENT_CACHE),
-            in_url(&["statement-cache-capacity"]),
-        ) {
-            // Behind a transaction-mode pooler no statement is prepared by name (it would outlive
-            // its transaction on a server connection other clients get next).
-            (None, _) if pooler == Pooler::Transaction => 0,
-            (Some(_), _) if pooler == Pooler::Transaction => {
-                match env.number(&var::DB_STATEMENT_CACHE)? {
-                    0 => 0,
-                    cache => {
-                        return Err(ConfigError::invalid(
-                            "DB_STATEMENT_CACHE",
-                            cache.to_string(),
-                            "must be 0 (or unset) with DB_POOLER=transaction: a named prepared statement \
-                     outlives its transaction and collides on the pooler's shared server connections",
-                        ));
-                    }
-                }
-            }
-            (None, Some(cache)) => cache.parse().unwrap_or(100),
-            _ => env.number(&var::DB_STATEMENT_CACHE)?,
-        };
-        let ssl_mode = match (
-            env.given(&var::DB_SSL_MODE),
-            in_url(&["sslmode", "ssl-mode"]),
-        ) {
-            (None, Some(mode)) => parse_word(&mode).unwrap_or(SslMode::Prefer),
-            _ => env.word(&var::DB_SSL_MODE)?,
-        };
-        let ssl_root_cert = env
-            .given(&var::DB_SSL_ROOT_CERT)
-            .map(str::to_owned)
-            .or_else(|| in_url(&["sslrootcert", "ssl-root-cert", "ssl-ca"]))
-            .map(PathBuf::from);
-        let statement_timeout = env.optional_millis(&var::DB_STATEMENT_TIMEOUT_MS)?;
-        let slow_statement = env.millis(&var::DB_SLOW_STATEMENT_MS)?;
-        let auto_migrate = match env.given(&var::DB_AUTO_MIGRATE) {
-            Some(_) => env.flag(&var::DB_AUTO_MIGRATE)?,
-            None => embedded,
-        };
-        if pooler == Pooler::Transaction && url.backend() != Backend::Postgres {
+        let pooled = self.pooler == Pooler::Transaction;
+        // Behind a transaction-mode pooler no statement is prepared by name (it would outlive
+        // its transaction on a server connection other clients get next).
+        if pooled && env.given(&var::DB_STATEMENT_CACHE).is_some() && self.statement_cache != 0 {
+            let expected = "must be 0 (or unset) with DB_POOLER=transaction: a named prepared statement \
+                 outlives its transaction and collides on the pooler's shared server connections";
+            let cache = self.statement_cache.to_string();
+            return Err(ConfigError::invalid("DB_STATEMENT_CACHE", cache, expected));
+        }
+        if pooled && self.backend() != Backend::Postgres {
+            let expected =
+                "a transaction-mode pooler needs a PostgreSQL DATABASE_URL (set DB_POOLER=none)";
+            return Err(ConfigError::invalid("DB_POOLER", "transaction", expected));
+        }
+        if pooled && self.auto_migrate {
+            let expected = "migrations cannot run through a transaction-mode pooler (DB_POOLER=transaction); \
+                 set DB_AUTO_MIGRATE=false and migrate with the direct database URL";
+            return Err(ConfigError::invalid("DB_AUTO_MIGRATE", "true", expected));
+        }
+        let replica = self.replica_url.as_ref().map(DatabaseUrl::backend);
+        if replica.is_some_and(|replica| {
+            replica != Backend::Postgres || self.backend() != Backend::Postgres
+        }) {
+            let shown = self
+                .replica_url
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let expected =
+                "a read replica needs PostgreSQL URLs for both the primary and the replica";
             return Err(ConfigError::invalid(
-                "DB_POOLER",
-                pooler.as_str(),
-                "a transaction-mode pooler needs a PostgreSQL DATABASE_URL (set DB_POOLER=none)",
+                "DATABASE_REPLICA_URL",
+                shown,
+                expected,
             ));
         }
-        if pooler == Pooler::Transaction && auto_migrate {
-            return Err(ConfigError::invalid(
-                "DB_AUTO_MIGRATE",
-                "true",
-                "migrations cannot run through a transaction-mode pooler (DB_POOLER=transaction); \
-                 set DB_AUTO_MIGRATE=false and migrate with the direct database URL",
-            ));
+        if pooled {
+            self.statement_cache = 0;
         }
-        let replica_url = match env.given(&var::DATABASE_REPLICA_URL) {
-            None => None,
-            Some(value) => {
-                let replica = DatabaseUrl::parse_as("DATABASE_REPLICA_URL", value)?;
-                if replica.backend() != Backend::Postgres || url.backend() != Backend::Postgres {
-                    return Err(ConfigError::invalid(
-                        "DATABASE_REPLICA_URL",
-                        replica.to_string(),
-                        "a read replica needs PostgreSQL URLs for both the primary and the replica",
-                    ));
-                }
-                Some(replica)
-            }
-        };
-        Ok(DatabaseSettings {
-            pool_size,
-            max_overflow,
-            pool_timeout: env.seconds(&var::DB_POOL_TIMEOUT)?,
-            pool_recycle: env.seconds(&var::DB_POOL_RECYCLE)?,
-            pool_pre_ping: env.flag(&var::DB_POOL_PRE_PING)?,
-            idle_timeout: env.seconds(&var::DB_IDLE_TIMEOUT)?,
-            connect_timeout: env.seconds(&var::DB_CONNECT_TIMEOUT)?,
-            pool_mode: env.word(&var::DB_POOL_MODE)?,
-            isolation_level: env.word(&var::DB_ISOLATION_LEVEL)?,
-            application_name,
-            statement_timeout,
-            jit: env.flag(&var::DB_JIT)?,
-            statement_cache,
-            ssl_mode,
-            ssl_root_cert,
-            echo: env.flag(&var::DB_ECHO)?,
-            slow_statement,
-            connect_retries: env.number(&var::DB_CONNECT_RETRIES)?,
-            connect_retry_delay: env.millis(&var::DB_CONNECT_RETRY_DELAY_MS)?,
-            auto_migrate,
-            tx_max_retries: env.number(&var::DB_TX_MAX_RETRIES)?,
-            pooler,
-            replica_url,
-            replica_max_wait: env.millis(&var::DB_REPLICA_MAX_WAIT_MS)?,
-            idempotency_ttl: env.seconds(&var::DB_IDEMPOTENCY_TTL)?,
-            leak_detection: env.optional_millis(&var::DB_LEAK_DETECTION_MS)?,
-            idle_in_transaction_timeout: env
-                .optional_millis(&var::DB_IDLE_IN_TRANSACTION_TIMEOUT_MS)?,
-            failover_retry: env.millis(&var::DB_FAILOVER_RETRY_MS)?,
-            url,
-        })
+        Ok(self)
     }
 }
 
-/// `DB_APPLICATION_NAME`: what Postgres accepts without truncating (63 bytes) and what can go in
-/// a startup packet and a log line unescaped (printable ASCII).
-fn application_name(value: &str) -> Result<String, ConfigError> {
-    let printable = value.bytes().all(|b| (0x20..=0x7e).contains(&b));
-    if value.len() > 63 || !printable {
-        let expected = "expected 1 to 63 printable ASCII characters";
-        return Err(ConfigError::invalid("DB_APPLICATION_NAME", value, expected));
-    }
-    Ok(value.to_owned())
-}
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
     use super::*;
     use crate::test_support::{Vars, error, settings};
 

@@ -65,20 +65,8 @@ pub struct Settings {
 /// libpq's environment variables, from which sqlx 0.9 fills what a URL leaves out.
 /// `PGPASSFILE` is not among them: it names a file, where a password may come from when none
 /// is configured.
-const LIBPQ_VARIABLES: &[&str] = &[
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGUSER",
-    "PGPASSWORD",
-    "PGDATABASE",
-    "PGSSLMODE",
-    "PGSSLROOTCERT",
-    "PGSSLCERT",
-    "PGSSLKEY",
-    "PGAPPNAME",
-    "PGOPTIONS",
-];
+const LIBPQ_VARIABLES: &str = "PGHOST PGHOSTADDR PGPORT PGUSER PGPASSWORD PGDATABASE PGSSLMODE \
+     PGSSLROOTCERT PGSSLCERT PGSSLKEY PGAPPNAME PGOPTIONS";
 
 /// `DB_POOLER` alone, after reading `./.env` like [`Settings::load`]: for tools that must refuse
 /// to run through a transaction-mode pooler whatever else the environment holds (the
@@ -111,21 +99,13 @@ impl Settings {
     #[allow(unsafe_code)] // the workspace denies unsafe code; this is its one exception
     pub fn load_with(defaults: &Defaults) -> Result<Settings, ConfigError> {
         load_dotenv()?;
-        for name in LIBPQ_VARIABLES {
+        for name in LIBPQ_VARIABLES.split_whitespace() {
             // SAFETY: called at start-up before the process starts other threads (this
             // function's documented contract, as for `dotenvy`, which sets variables the same
             // way), so no other thread reads the environment meanwhile.
             unsafe { std::env::remove_var(name) };
         }
         Settings::from_vars_with(process_vars()?, defaults)
-    }
-
-    /// Reads the settings from the process environment only (no `.env`).
-    ///
-    /// # Errors
-    /// [`ConfigError`] when a variable is invalid or, being one of ours, not UTF-8.
-    pub fn from_env() -> Result<Settings, ConfigError> {
-        Settings::from_vars(process_vars()?)
     }
 
     /// Reads the settings from explicit `(name, value)` pairs; what tests use. Unrelated
@@ -150,13 +130,13 @@ impl Settings {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let env = Env::from_vars(vars)?;
+        let mut env = Env::from_vars(vars)?;
+        env.defaults = *defaults;
+        env.url = Some(env.url(&variables::DATABASE_URL)?);
         Ok(Settings {
-            database: DatabaseSettings::from_env(&env, defaults)?,
-            server: ServerSettings::from_env(&env)?,
-            log: LogSettings {
-                format: env.word(&variables::LOG_FORMAT)?,
-            },
+            database: DatabaseSettings::read(&env)?.checked(&env)?,
+            server: ServerSettings::read(&env)?,
+            log: LogSettings::read(&env)?,
         })
     }
 

@@ -1,76 +1,25 @@
-//! `ServerSettings` (the `APP_*` variables: where to listen, how many workers, the body limit
-//! and the shutdown grace period) and `LogSettings` (`LOG_FORMAT`). The log filter itself is
-//! `RUST_LOG`, read by the subscriber.
+//! `LOG_FORMAT`'s words; the `APP_*` variables (where to listen, how many workers, the body
+//! limit and the shutdown grace period) are plain numbers and text, declared with the others
+//! in `variables.rs`. The log filter itself is `RUST_LOG`, read by the subscriber.
 
-use std::time::Duration;
+use strum::{Display, EnumString};
 
-use strum::{Display, EnumString, IntoStaticStr};
+pub use crate::variables::{LogSettings, ServerSettings};
 
-use crate::error::ConfigError;
-use crate::variables::{self as var, Env};
-
-/// Where and how the HTTP server runs (variables: docs/configuration.md).
-#[derive(Clone, Debug)]
-pub struct ServerSettings {
-    /// `APP_HOST`: the address to bind.
-    pub host: String,
-    /// `APP_PORT`; 0 lets the OS pick a free port (tests use it).
-    pub port: u16,
-    /// `APP_WORKERS` (default the number of CPUs): actix workers.
-    pub workers: usize,
-    /// `APP_BODY_LIMIT`: the largest request body, in bytes.
-    pub body_limit: usize,
-    /// `APP_SHUTDOWN_TIMEOUT`: how long in-flight requests may run after SIGTERM or Ctrl-C.
-    pub shutdown_timeout: Duration,
-}
-
-impl ServerSettings {
-    pub(crate) fn from_env(env: &Env) -> Result<ServerSettings, ConfigError> {
-        let host = env.value(&var::APP_HOST).unwrap_or_default();
-        // Whether it can be bound is only known when binding.
-        if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            let expected = "expected a host name or an IP address, such as 127.0.0.1 or 0.0.0.0";
-            return Err(ConfigError::invalid("APP_HOST", host, expected));
-        }
-        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        Ok(ServerSettings {
-            host: host.to_owned(),
-            port: env.number(&var::APP_PORT)?,
-            workers: match env.given(&var::APP_WORKERS) {
-                Some(_) => env.number(&var::APP_WORKERS)?,
-                None => cpus.clamp(1, 1024),
-            },
-            body_limit: env.number(&var::APP_BODY_LIMIT)?,
-            shutdown_timeout: env.seconds(&var::APP_SHUTDOWN_TIMEOUT)?,
-        })
-    }
-}
-
-/// How log lines are written.
-#[derive(Clone, Debug)]
-pub struct LogSettings {
-    /// `LOG_FORMAT` (default `pretty`).
-    pub format: LogFormat,
-}
-
-/// `LOG_FORMAT`: human-readable lines or one JSON object per line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString, IntoStaticStr)]
+/// `LOG_FORMAT`: how log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString)]
 #[strum(serialize_all = "snake_case")]
 pub enum LogFormat {
-    /// Lines for humans.
+    /// Human-readable lines.
     Pretty,
     /// One JSON object per line.
     Json,
 }
 
-impl LogFormat {
-    /// `pretty` or `json`.
-    pub fn as_str(&self) -> &'static str {
-        self.into()
-    }
-}
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::test_support::{error, settings};
 

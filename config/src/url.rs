@@ -37,6 +37,9 @@ const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
 #[derive(Clone)]
 pub struct DatabaseUrl {
     pub(crate) target: Target,
+    backend: Backend,
+    /// An SQLite database that lives in memory: it disappears with its last connection.
+    in_memory: bool,
     shown: String,
     has_password: bool,
 }
@@ -48,9 +51,8 @@ pub(crate) enum Target {
     Postgres(PgConnectOptions),
     #[cfg(feature = "mysql")]
     Mysql(MySqlConnectOptions),
-    /// The options and whether the database lives in memory.
     #[cfg(feature = "sqlite")]
-    Sqlite(SqliteConnectOptions, bool),
+    Sqlite(SqliteConnectOptions),
 }
 
 /// Host, port, user and database of a server URL as the driver will use them.
@@ -87,16 +89,12 @@ impl DatabaseUrl {
             "sqlite" if scheme == "sqlite" => (Backend::Sqlite, format!("sqlite:{rest}")),
             // Shown only when it has an authority that can be stripped of its password: a bare
             // `word:word` could be a password pasted into the wrong variable.
-            _ => match redact(raw)
-                .ok()
-                .filter(|_| raw.contains("://"))
-                .map(|(shown, _)| shown)
-            {
-                Some(shown) => {
+            _ => match redact(raw) {
+                Ok((shown, _)) if raw.contains("://") => {
                     let why = format!("the scheme is not supported; {EXPECTED_URL}");
                     return Err(ConfigError::invalid(variable, shown, why));
                 }
-                None => return Err(withheld(EXPECTED_URL.into())),
+                _ => return Err(withheld(EXPECTED_URL.into())),
             },
         };
         let (shown, has_password) = match (redact(&normalised), backend) {
@@ -112,6 +110,13 @@ impl DatabaseUrl {
         let refused = |err: sea_orm::sqlx::Error| {
             ConfigError::invalid(variable, shown.clone(), driver_refused(backend, &err))
         };
+        // An SQLite URL's file: `sqlite://<file>?…`, `sqlite:<file>` or `sqlite::memory:`.
+        let file = normalised
+            .trim_start_matches("sqlite:")
+            .trim_start_matches("//");
+        let file = file.split('?').next().unwrap_or_default();
+        let in_memory = backend == Backend::Sqlite
+            && (file == ":memory:" || normalised.contains("mode=memory"));
         let target = match backend {
             #[cfg(feature = "postgres")]
             Backend::Postgres => {
@@ -127,17 +132,12 @@ impl DatabaseUrl {
             Backend::Mysql => Target::Mysql(normalised.parse().map_err(refused)?),
             #[cfg(feature = "sqlite")]
             Backend::Sqlite => {
-                let file = normalised
-                    .trim_start_matches("sqlite:")
-                    .trim_start_matches("//");
-                let file = file.split('?').next().unwrap_or_default();
-                let in_memory = file == ":memory:" || normalised.contains("mode=memory");
                 if file.is_empty() && !in_memory {
                     let why =
                         "no database file; expected sqlite://<file>?mode=rwc or sqlite::memory:";
                     return Err(ConfigError::invalid(variable, normalised, why));
                 }
-                Target::Sqlite(normalised.parse().map_err(refused)?, in_memory)
+                Target::Sqlite(normalised.parse().map_err(refused)?)
             }
             #[allow(unreachable_patterns)]
             left_out => {
@@ -149,6 +149,8 @@ impl DatabaseUrl {
         };
         Ok(DatabaseUrl {
             target,
+            backend,
+            in_memory,
             shown,
             has_password,
         })
@@ -156,14 +158,7 @@ impl DatabaseUrl {
 
     /// Which driver this URL is for.
     pub fn backend(&self) -> Backend {
-        match self.target {
-            #[cfg(feature = "postgres")]
-            Target::Postgres(_) => Backend::Postgres,
-            #[cfg(feature = "mysql")]
-            Target::Mysql(_) => Backend::Mysql,
-            #[cfg(feature = "sqlite")]
-            Target::Sqlite(..) => Backend::Sqlite,
-        }
+        self.backend
     }
 
     /// True when the URL carries a password (shown as `***`).
@@ -173,12 +168,7 @@ impl DatabaseUrl {
 
     /// True for an SQLite database that lives in memory: it disappears with its last connection.
     pub(crate) fn is_in_memory(&self) -> bool {
-        match self.target {
-            #[cfg(feature = "sqlite")]
-            Target::Sqlite(_, in_memory) => in_memory,
-            #[allow(unreachable_patterns)]
-            _ => false,
-        }
+        self.in_memory
     }
 
     /// The last value of one of the named query parameters.
@@ -197,30 +187,30 @@ impl DatabaseUrl {
     pub(crate) fn server_parts(&self) -> Option<ServerParts> {
         let (host, socket, port, user, database) = match &self.target {
             #[cfg(feature = "postgres")]
-            Target::Postgres(pg) => (
-                pg.get_host(),
-                pg.get_socket(),
-                pg.get_port(),
-                pg.get_username(),
-                pg.get_database(),
+            Target::Postgres(o) => (
+                o.get_host(),
+                o.get_socket(),
+                o.get_port(),
+                o.get_username(),
+                o.get_database(),
             ),
             #[cfg(feature = "mysql")]
-            Target::Mysql(my) => (
-                my.get_host(),
-                my.get_socket(),
-                my.get_port(),
-                my.get_username(),
-                my.get_database(),
+            Target::Mysql(o) => (
+                o.get_host(),
+                o.get_socket(),
+                o.get_port(),
+                o.get_username(),
+                o.get_database(),
             ),
             #[allow(unreachable_patterns)]
             _ => return None,
         };
         let host = socket.map_or_else(|| host.to_owned(), |path| path.display().to_string());
-        let database = database.unwrap_or(user).to_owned();
+        let (user, database) = (user.to_owned(), database.unwrap_or(user).to_owned());
         Some(ServerParts {
             host,
             port,
-            user: user.to_owned(),
+            user,
             database,
         })
     }
@@ -234,25 +224,18 @@ impl DatabaseUrl {
     /// Which database this is, for a person and never with a password: `database "inv" on
     /// db.internal:5432 (postgres)`, or `SQLite file "inventory.db"`.
     pub fn describe(&self) -> String {
-        match &self.target {
-            #[cfg(feature = "sqlite")]
-            Target::Sqlite(_, true) => "the in-memory SQLite database".to_owned(),
-            #[cfg(feature = "sqlite")]
-            Target::Sqlite(sqlite, false) => format!(
-                "SQLite file {:?}",
-                sqlite.get_filename().display().to_string()
+        match (&self.target, self.server_parts()) {
+            (_, Some(p)) => format!(
+                "database {:?} on {}:{} ({})",
+                p.database, p.host, p.port, self.backend
             ),
+            _ if self.in_memory => "the in-memory SQLite database".to_owned(),
+            #[cfg(feature = "sqlite")]
+            (Target::Sqlite(o), None) => {
+                format!("SQLite file {:?}", o.get_filename().display().to_string())
+            }
             #[allow(unreachable_patterns)]
-            _ => match self.server_parts() {
-                Some(p) => format!(
-                    "database {:?} on {}:{} ({})",
-                    p.database,
-                    p.host,
-                    p.port,
-                    self.backend()
-                ),
-                None => self.shown.clone(),
-            },
+            _ => self.shown.clone(),
         }
     }
 }
@@ -351,11 +334,11 @@ pub(crate) fn assemble(env: &Env) -> Result<Option<DatabaseUrl>, ConfigError> {
         }
     }
     url.set_port(Some(port)).map_err(|()| bad_host())?;
-    url.set_username(&encode(env.value(&var::DB_USER).unwrap_or_default()))
+    url.set_username(&encode(&env.value(&var::DB_USER).unwrap_or_default()))
         .map_err(|()| bad_host())?;
     url.set_path(&format!(
         "/{}",
-        encode(env.value(&var::DB_NAME).unwrap_or_default())
+        encode(&env.value(&var::DB_NAME).unwrap_or_default())
     ));
     if let Some(password) = env.raw(&var::DB_PASSWORD) {
         url.set_password(Some(&encode(password)))

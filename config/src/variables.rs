@@ -1,16 +1,21 @@
-//! Every environment variable, declared once: its name, default, what it accepts, how
-//! `check-config` shows its effective value and what it means. From this table come the parsing
-//! ([`Env`]: the default when unset, the range or words checked, the error naming the
-//! variable), [`crate::Settings::report`], and the two documents a user reads: the variable
-//! table of `docs/configuration.md` and `.env.example` ([`reference_table`], [`env_example`],
-//! written by `cargo run -p app --example config_reference`). Adding a variable is one row here
-//! and one field where it is used.
+//! Every environment variable, declared once: its name, the settings field it fills and how
+//! it is read, its default, what it accepts and what it means. From this table come the
+//! settings structs and their parsing (the default when unset, the range or words checked, the
+//! error naming the variable), [`crate::Settings::report`] (each field shown as its reader
+//! writes it), and the two documents a user reads: the variable table of
+//! `docs/configuration.md` and `.env.example` ([`reference_table`], [`env_example`], written by
+//! `cargo run -p app --example config_reference`). Adding a variable is one row here.
+//! The rules that tie variables together are [`DatabaseSettings::checked`].
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::{ConfigError, Defaults, Settings};
+use crate::url::{DatabaseUrl, ServerParts, assemble};
+use crate::{
+    ConfigError, Defaults, IsolationLevel, LogFormat, PoolMode, Pooler, Settings, SslMode,
+};
 
 /// What a variable is when unset.
 #[derive(Clone, Copy)]
@@ -21,9 +26,9 @@ pub(crate) enum Fallback {
     Unset,
     /// The service's own ([`Defaults`]).
     Service(fn(&Defaults) -> &'static str),
-    /// Worked out from other settings, as the text says; `.env.example` shows the second value
+    /// Worked out from other variables, as the text says; `.env.example` shows the second value
     /// (what the service's default database gets, or nothing where it depends on the machine).
-    Computed(&'static str, &'static str),
+    Computed(&'static str, &'static str, fn(&Env) -> String),
 }
 
 /// What a variable accepts.
@@ -35,6 +40,8 @@ pub(crate) enum Allowed {
     /// These words (any case, `-` and `_` alike).
     Words(&'static [&'static str]),
     Text(&'static str),
+    /// Text that passes the check (when given; not a value taken from the URL).
+    Checked(&'static str, fn(&str) -> bool),
 }
 
 /// One environment variable.
@@ -42,23 +49,70 @@ pub(crate) struct Var {
     pub(crate) name: &'static str,
     pub(crate) fallback: Fallback,
     pub(crate) allowed: Allowed,
+    /// The `DATABASE_URL` query parameters that stand in for the variable when it is unset (a
+    /// URL's `sslmode=require` is never downgraded to the default `prefer`).
+    pub(crate) in_url: &'static [&'static str],
     /// The effective value as `check-config` prints it (a password as `***`).
     pub(crate) shown: fn(&Settings) -> String,
     pub(crate) meaning: &'static str,
 }
 
-macro_rules! variables {
-    ($($name:ident = $fallback:expr, $allowed:expr, $shown:expr, $meaning:literal;)*) => {
-        $(pub(crate) const $name: Var = Var {
-            name: stringify!($name), fallback: $fallback, allowed: $allowed, shown: $shown,
-            meaning: $meaning,
-        };)*
+/// `Struct in group { NAME field: Type as reader = fallback, allowed, meaning; … }`: the field
+/// is read by `Env::reader` and shown in the report by `show!(reader, …)`; a row without a
+/// field (`NAME [shown] = …`) is a variable read by another one's reader.
+macro_rules! settings {
+    ($($(#[$doc:meta])* $Struct:ident in $group:ident {
+        $($NAME:ident $($field:ident: $ty:ty as $read:ident $(, url $($alias:literal)+)?)? $([$shown:expr])?
+            = $fallback:expr, $allowed:expr, $meaning:literal;)*
+    })*) => {
+        $(
+            $(#[$doc])*
+            #[derive(Clone, Debug)]
+            pub struct $Struct {
+                $($(#[doc = concat!("`", stringify!($NAME), "`: ", $meaning, ".")] pub $field: $ty,)?)*
+            }
+            impl $Struct {
+                pub(crate) fn read(env: &Env) -> Result<$Struct, ConfigError> {
+                    Ok($Struct { $($($field: env.$read(&$NAME)?,)?)* })
+                }
+            }
+            $(pub(crate) const $NAME: Var = Var {
+                name: stringify!($NAME), fallback: $fallback, allowed: $allowed, meaning: $meaning,
+                in_url: &[$($($($alias,)+)?)?],
+                shown: $(|s| show!($read, &s.$group.$field))? $($shown)?,
+            };)*
+        )*
         /// Every variable, in the order of the documentation's table and the report.
-        pub(crate) const VARIABLES: &[Var] = &[$($name,)*];
+        pub(crate) const VARIABLES: &[Var] = &[$($($NAME,)*)*];
     };
 }
 
-use Allowed::{Bool, Range, Text, Words};
+/// A field's value as `check-config` prints it: durations in their variable's unit, 0 for off.
+macro_rules! show {
+    (seconds, $value:expr) => {
+        $value.as_secs().to_string()
+    };
+    (millis, $value:expr) => {
+        $value.as_millis().to_string()
+    };
+    (optional_millis, $value:expr) => {
+        $value.map_or(0, |d| d.as_millis()).to_string()
+    };
+    (path, $value:expr) => {
+        $value
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    (replica, $value:expr) => {
+        $value.as_ref().map(ToString::to_string).unwrap_or_default()
+    };
+    ($read:ident, $value:expr) => {
+        $value.to_string()
+    };
+}
+
+use Allowed::{Bool, Checked, Range, Text, Words};
 use Fallback::{Computed, Service, Unset, Value};
 
 const DAY_SECS: u64 = 86_400;
@@ -76,81 +130,98 @@ const SSL: &[&str] = &[
     "verify-identity",
 ];
 
-fn secs(d: Duration) -> String {
-    d.as_secs().to_string()
+/// What Postgres accepts without truncating (63 bytes) and what can go in a startup packet and
+/// a log line unescaped (printable ASCII).
+fn fits_a_startup_packet(value: &str) -> bool {
+    value.len() <= 63 && value.bytes().all(|b| (0x20..=0x7e).contains(&b))
 }
-fn millis(d: Duration) -> String {
-    d.as_millis().to_string()
+/// Whether the database is the service's default (an embedded SQLite file).
+fn embedded(env: &Env) -> String {
+    (env.given(&DATABASE_URL).is_none() && env.given(&DB_HOST).is_none()).to_string()
 }
-fn optional_millis(d: Option<Duration>) -> String {
-    d.map_or_else(|| "0".to_owned(), millis)
+fn cpus(_: &Env) -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    cpus.clamp(1, 1024).to_string()
 }
-fn part(s: &Settings, get: fn(crate::url::ServerParts) -> String) -> String {
+fn part(s: &Settings, get: fn(ServerParts) -> String) -> String {
     s.database.url.server_parts().map(get).unwrap_or_default()
 }
 
-variables! {
-    DATABASE_URL = Service(|d| d.database_url), Text("`postgres://`, `postgresql://`, `postgresql+<driver>://` (the driver suffix is dropped), `mysql://` and `mariadb://` (MariaDB; the second is read as the first), `sqlite:`"),
-        |s| s.database.url.to_string(), "the database; the embedded SQLite file is created and migrated on first start";
-    DB_HOST = Unset, Text("a host name, an IP address, or a socket directory starting with `/`"), |s| part(s, |p| p.host),
-        "when `DATABASE_URL` is unset and this is set, the PostgreSQL URL is assembled from `DB_HOST`…`DB_NAME`";
-    DB_PORT = Value("5432"), Range(1, 65_535, ""), |s| part(s, |p| p.port.to_string()), "port of the assembled URL";
-    DB_USER = Value("postgres"), Text("any text"), |s| part(s, |p| p.user), "user of the assembled URL";
-    DB_PASSWORD = Unset, Text("any text (spaces kept)"), |s| if s.database.url.has_password() { "***".into() } else { String::new() },
-        "password of the assembled URL; kept out of every URL string, shown as `***`";
-    DB_NAME = Value("postgres"), Text("any text"), |s| part(s, |p| p.database), "database of the assembled URL";
-    DB_POOL_SIZE = Value("10"), Range(1, 10_000, ""), |s| s.database.pool_size.to_string(), "connections the pool keeps open (its minimum)";
-    DB_MAX_OVERFLOW = Value("20"), Range(0, 9_999, ", and `DB_POOL_SIZE + DB_MAX_OVERFLOW` at most 10000"), |s| s.database.max_overflow.to_string(),
-        "extra connections opened in a burst; the pool's maximum is the sum";
-    DB_POOL_TIMEOUT = Value("30"), Range(1, DAY_SECS, ""), |s| secs(s.database.pool_timeout), "seconds a request waits for a connection before 503 `pool_timeout`; with `DB_POOLER=transaction` this includes the wait in the pooler's queue at `BEGIN`";
-    DB_POOL_RECYCLE = Value("3600"), Range(1, DAY_SECS, ""), |s| secs(s.database.pool_recycle), "seconds a connection may live before it is replaced";
-    DB_POOL_PRE_PING = Value("true"), Bool, |s| s.database.pool_pre_ping.to_string(), "check a connection that sat idle for a second or more before handing it out";
-    DB_IDLE_TIMEOUT = Value("600"), Range(1, DAY_SECS, ""), |s| secs(s.database.idle_timeout), "seconds an idle connection above the pool size is kept";
-    DB_CONNECT_TIMEOUT = Value("10"), Range(1, DAY_SECS, ""), |s| secs(s.database.connect_timeout),
-        "seconds for one connection attempt; also the service's bound on `BEGIN` (except behind a transaction-mode pooler, where `BEGIN` waits for a server connection within `DB_POOL_TIMEOUT`), `COMMIT` and `ROLLBACK` (and, added to the statement timeout, on a statement) before it closes the connection";
-    DB_POOL_MODE = Value("queue"), Words(&["queue", "serverless"]), |s| s.database.pool_mode.to_string(), "`serverless` keeps no connection between requests (short-lived runtimes)";
-    DB_ISOLATION_LEVEL = Value("repeatable_read"), Words(ISOLATION), |s| s.database.isolation_level.to_string(), "isolation of every transaction unless its route says otherwise";
-    DB_APPLICATION_NAME = Service(|d| d.application_name), Text("1 to 63 printable ASCII characters"), |s| s.database.application_name.clone(),
-        "PostgreSQL `application_name`, seen in `pg_stat_activity`; the availability probe uses it with `-probe` appended";
-    DB_STATEMENT_TIMEOUT_MS = Value("0"), Range(0, DAY_MS, ""), |s| optional_millis(s.database.statement_timeout),
-        "PostgreSQL `statement_timeout` in milliseconds; 0 is no limit; plus `DB_CONNECT_TIMEOUT`, the service's own bound on a statement's reply";
-    DB_JIT = Value("false"), Bool, |s| s.database.jit.to_string(), "PostgreSQL `jit` (off by default: short OLTP queries only pay for compiling)";
-    DB_STATEMENT_CACHE = Value("100"), Range(0, 10_000, ""), |s| s.database.statement_cache.to_string(),
-        "prepared statements cached per connection; must be 0 (its default there) with `DB_POOLER=transaction`";
-    DB_SSL_MODE = Value("prefer"), Words(SSL), |s| s.database.ssl_mode.to_string(),
-        "TLS to the database, as libpq's `sslmode` (see [TLS](#tls)); the last four are MariaDB's spellings of the same modes (`verify-identity` is `verify-full`)";
-    DB_SSL_ROOT_CERT = Unset, Text("a file path"), |s| s.database.ssl_root_cert.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-        "the CA certificate(s) (PEM) that `verify-ca` and `verify-full` trust";
-    DB_ECHO = Value("false"), Bool, |s| s.database.echo.to_string(), "log every SQL statement at INFO";
-    DB_SLOW_STATEMENT_MS = Value("1000"), Range(0, DAY_MS, ""), |s| millis(s.database.slow_statement), "log statements slower than this at WARN; 0 turns it off";
-    DB_CONNECT_RETRIES = Value("5"), Range(1, 1_000, ""), |s| s.database.connect_retries.to_string(), "connection attempts at start-up, the first included";
-    DB_CONNECT_RETRY_DELAY_MS = Value("2000"), Range(0, 600_000, ""), |s| millis(s.database.connect_retry_delay), "pause between two start-up attempts";
-    DB_AUTO_MIGRATE = Computed("`true` with the embedded SQLite default, else `false`", "true"), Bool, |s| s.database.auto_migrate.to_string(), "apply pending migrations at start-up";
-    DB_TX_MAX_RETRIES = Value("3"), Range(0, 100, ""), |s| s.database.tx_max_retries.to_string(), "re-runs of a request after a serialization failure or deadlock";
-    DB_POOLER = Value("none"), Words(&["none", "transaction"]), |s| s.database.pooler.to_string(),
-        "`transaction`: PostgreSQL is reached through a transaction-mode pooler ([scale-out](scale-out.md))";
-    DATABASE_REPLICA_URL = Unset, Text("a `postgres://` URL, same forms as `DATABASE_URL`"), |s| s.database.replica_url.as_ref().map(ToString::to_string).unwrap_or_default(),
-        "a streaming replica for `GET`/`HEAD` transactions; needs a PostgreSQL primary";
-    DB_REPLICA_MAX_WAIT_MS = Value("100"), Range(0, 60_000, ""), |s| millis(s.database.replica_max_wait),
-        "how long a read carrying a consistency token waits for the replica before it runs on the primary";
-    DB_IDEMPOTENCY_TTL = Value("86400"), Range(1, 30 * DAY_SECS, ""), |s| secs(s.database.idempotency_ttl), "seconds an `Idempotency-Key` and its stored response are kept";
-    DB_LEAK_DETECTION_MS = Value("10000"), Range(0, DAY_MS, ""), |s| optional_millis(s.database.leak_detection),
-        "log a transaction still open after this many milliseconds at WARN; 0 turns it off";
-    DB_IDLE_IN_TRANSACTION_TIMEOUT_MS = Value("30000"), Range(0, DAY_MS, ""), |s| optional_millis(s.database.idle_in_transaction_timeout),
-        "PostgreSQL `idle_in_transaction_session_timeout`, a startup parameter of every direct connection: the server ends a transaction its client abandoned (a partition) after this many milliseconds, releasing its locks; 0 turns it off (behind `DB_POOLER=transaction` use `ALTER ROLE … SET` or PgBouncer's `idle_transaction_timeout`)";
-    DB_FAILOVER_RETRY_MS = Value("5000"), Range(0, 600_000, ""), |s| millis(s.database.failover_retry),
-        "how long a request whose PostgreSQL primary was lost before `COMMIT` is re-run while a new primary takes over, before 503 `database_unavailable`";
-    APP_HOST = Value("127.0.0.1"), Text("a host name or address without spaces"), |s| s.server.host.clone(), "where the HTTP server listens";
-    APP_PORT = Value("8080"), Range(0, 65_535, ""), |s| s.server.port.to_string(), "HTTP port; 0 picks a free one (logged in the `listening` line)";
-    APP_WORKERS = Computed("number of CPUs", ""), Range(1, 1_024, ""), |s| s.server.workers.to_string(), "actix-web worker threads; the pool is shared by all of them";
-    APP_BODY_LIMIT = Value("65536"), Range(1, 1 << 30, ""), |s| s.server.body_limit.to_string(), "largest request body in bytes (413 above it)";
-    APP_SHUTDOWN_TIMEOUT = Value("30"), Range(1, DAY_SECS, ""), |s| secs(s.server.shutdown_timeout), "seconds in-flight requests get to finish after SIGTERM or Ctrl-C";
-    LOG_FORMAT = Value("pretty"), Words(&["pretty", "json"]), |s| s.log.format.to_string(),
-        "log lines for humans or one JSON object per line; `RUST_LOG` filters (default `info`)";
+settings! {
+    /// The database and pool settings. `Debug` shows the password as `***`.
+    DatabaseSettings in database {
+        DATABASE_URL url: DatabaseUrl as url = Service(|d| d.database_url), Text("`postgres://`, `postgresql://`, `postgresql+<driver>://` (the driver suffix is dropped), `mysql://` and `mariadb://` (MariaDB; the second is read as the first), `sqlite:`"),
+            "the database; the embedded SQLite file is created and migrated on first start";
+        DB_HOST [|s| part(s, |p| p.host)] = Unset, Text("a host name, an IP address, or a socket directory starting with `/`"),
+            "when `DATABASE_URL` is unset and this is set, the PostgreSQL URL is assembled from `DB_HOST`…`DB_NAME`";
+        DB_PORT [|s| part(s, |p| p.port.to_string())] = Value("5432"), Range(1, 65_535, ""), "port of the assembled URL";
+        DB_USER [|s| part(s, |p| p.user)] = Value("postgres"), Text("any text"), "user of the assembled URL";
+        DB_PASSWORD [|s| if s.database.url.has_password() { "***".into() } else { String::new() }] = Unset, Text("any text (spaces kept)"),
+            "password of the assembled URL; kept out of every URL string, shown as `***`";
+        DB_NAME [|s| part(s, |p| p.database)] = Value("postgres"), Text("any text"), "database of the assembled URL";
+        DB_POOL_SIZE pool_size: u32 as number = Value("10"), Range(1, 10_000, ""), "connections the pool keeps open (its minimum)";
+        DB_MAX_OVERFLOW max_overflow: u32 as number = Value("20"), Range(0, 9_999, ", and `DB_POOL_SIZE + DB_MAX_OVERFLOW` at most 10000"),
+            "extra connections opened in a burst; the pool's maximum is the sum";
+        DB_POOL_TIMEOUT pool_timeout: Duration as seconds = Value("30"), Range(1, DAY_SECS, ""),
+            "seconds a request waits for a connection before 503 `pool_timeout`; with `DB_POOLER=transaction` this includes the wait in the pooler's queue at `BEGIN`";
+        DB_POOL_RECYCLE pool_recycle: Duration as seconds = Value("3600"), Range(1, DAY_SECS, ""), "seconds a connection may live before it is replaced";
+        DB_POOL_PRE_PING pool_pre_ping: bool as flag = Value("true"), Bool, "check a connection that sat idle for a second or more before handing it out";
+        DB_IDLE_TIMEOUT idle_timeout: Duration as seconds = Value("600"), Range(1, DAY_SECS, ""), "seconds an idle connection above the pool size is kept";
+        DB_CONNECT_TIMEOUT connect_timeout: Duration as seconds = Value("10"), Range(1, DAY_SECS, ""),
+            "seconds for one connection attempt; also the service's bound on `BEGIN` (except behind a transaction-mode pooler, where `BEGIN` waits for a server connection within `DB_POOL_TIMEOUT`), `COMMIT` and `ROLLBACK` (and, added to the statement timeout, on a statement) before it closes the connection";
+        DB_POOL_MODE pool_mode: PoolMode as word = Value("queue"), Words(&["queue", "serverless"]), "`serverless` keeps no connection between requests (short-lived runtimes)";
+        DB_ISOLATION_LEVEL isolation_level: IsolationLevel as word = Value("repeatable_read"), Words(ISOLATION), "isolation of every transaction unless its route says otherwise";
+        DB_APPLICATION_NAME application_name: String as text, url "application_name" = Service(|d| d.application_name), Checked("1 to 63 printable ASCII characters", fits_a_startup_packet),
+            "PostgreSQL `application_name`, seen in `pg_stat_activity`; the availability probe uses it with `-probe` appended";
+        DB_STATEMENT_TIMEOUT_MS statement_timeout: Option<Duration> as optional_millis = Value("0"), Range(0, DAY_MS, ""),
+            "PostgreSQL `statement_timeout` in milliseconds; 0 is no limit; plus `DB_CONNECT_TIMEOUT`, the service's own bound on a statement's reply";
+        DB_JIT jit: bool as flag = Value("false"), Bool, "PostgreSQL `jit` (off by default: short OLTP queries only pay for compiling)";
+        DB_STATEMENT_CACHE statement_cache: usize as number, url "statement-cache-capacity" = Value("100"), Range(0, 10_000, ""),
+            "prepared statements cached per connection; must be 0 (its default there) with `DB_POOLER=transaction`";
+        DB_SSL_MODE ssl_mode: SslMode as word, url "sslmode" "ssl-mode" = Value("prefer"), Words(SSL),
+            "TLS to the database, as libpq's `sslmode` (see [TLS](#tls)); the last four are MariaDB's spellings of the same modes (`verify-identity` is `verify-full`)";
+        DB_SSL_ROOT_CERT ssl_root_cert: Option<PathBuf> as path, url "sslrootcert" "ssl-root-cert" "ssl-ca" = Unset, Text("a file path"),
+            "the CA certificate(s) (PEM) that `verify-ca` and `verify-full` trust";
+        DB_ECHO echo: bool as flag = Value("false"), Bool, "log every SQL statement at INFO";
+        DB_SLOW_STATEMENT_MS slow_statement: Duration as millis = Value("1000"), Range(0, DAY_MS, ""), "log statements slower than this at WARN; 0 turns it off";
+        DB_CONNECT_RETRIES connect_retries: u32 as number = Value("5"), Range(1, 1_000, ""), "connection attempts at start-up, the first included";
+        DB_CONNECT_RETRY_DELAY_MS connect_retry_delay: Duration as millis = Value("2000"), Range(0, 600_000, ""), "pause between two start-up attempts";
+        DB_AUTO_MIGRATE auto_migrate: bool as flag = Computed("`true` with the embedded SQLite default, else `false`", "true", embedded), Bool, "apply pending migrations at start-up";
+        DB_TX_MAX_RETRIES tx_max_retries: u32 as number = Value("3"), Range(0, 100, ""), "re-runs of a request after a serialization failure or deadlock";
+        DB_POOLER pooler: Pooler as word = Value("none"), Words(&["none", "transaction"]), "`transaction`: PostgreSQL is reached through a transaction-mode pooler ([scale-out](scale-out.md))";
+        DATABASE_REPLICA_URL replica_url: Option<DatabaseUrl> as replica = Unset, Text("a `postgres://` URL, same forms as `DATABASE_URL`"),
+            "a streaming replica for `GET`/`HEAD` transactions; needs a PostgreSQL primary";
+        DB_REPLICA_MAX_WAIT_MS replica_max_wait: Duration as millis = Value("100"), Range(0, 60_000, ""),
+            "how long a read carrying a consistency token waits for the replica before it runs on the primary";
+        DB_IDEMPOTENCY_TTL idempotency_ttl: Duration as seconds = Value("86400"), Range(1, 30 * DAY_SECS, ""), "seconds an `Idempotency-Key` and its stored response are kept";
+        DB_LEAK_DETECTION_MS leak_detection: Option<Duration> as optional_millis = Value("10000"), Range(0, DAY_MS, ""), "log a transaction still open after this many milliseconds at WARN; 0 turns it off";
+        DB_IDLE_IN_TRANSACTION_TIMEOUT_MS idle_in_transaction_timeout: Option<Duration> as optional_millis = Value("30000"), Range(0, DAY_MS, ""),
+            "PostgreSQL `idle_in_transaction_session_timeout`, a startup parameter of every direct connection: the server ends a transaction its client abandoned (a partition) after this many milliseconds, releasing its locks; 0 turns it off (behind `DB_POOLER=transaction` use `ALTER ROLE … SET` or PgBouncer's `idle_transaction_timeout`)";
+        DB_FAILOVER_RETRY_MS failover_retry: Duration as millis = Value("5000"), Range(0, 600_000, ""),
+            "how long a request whose PostgreSQL primary was lost before `COMMIT` is re-run while a new primary takes over, before 503 `database_unavailable`";
+    }
+    /// The HTTP server's settings.
+    ServerSettings in server {
+        APP_HOST host: String as text = Value("127.0.0.1"), Checked("a host name or an IP address, without spaces", |v| !v.contains(|c: char| c.is_whitespace() || c.is_control())), "where the HTTP server listens";
+        APP_PORT port: u16 as number = Value("8080"), Range(0, 65_535, ""), "HTTP port; 0 picks a free one (logged in the `listening` line)";
+        APP_WORKERS workers: usize as number = Computed("number of CPUs", "", cpus), Range(1, 1_024, ""), "actix-web worker threads; the pool is shared by all of them";
+        APP_BODY_LIMIT body_limit: usize as number = Value("65536"), Range(1, 1 << 30, ""), "largest request body in bytes (413 above it)";
+        APP_SHUTDOWN_TIMEOUT shutdown_timeout: Duration as seconds = Value("30"), Range(1, DAY_SECS, ""), "seconds in-flight requests get to finish after SIGTERM or Ctrl-C";
+    }
+    /// How the service logs.
+    LogSettings in log {
+        LOG_FORMAT format: LogFormat as word = Value("pretty"), Words(&["pretty", "json"]), "log lines for humans or one JSON object per line; `RUST_LOG` filters (default `info`)";
+    }
 }
 
-/// The variables of [`VARIABLES`] that are set, read by `envy` (which keys them in lower case).
-pub(crate) struct Env(BTreeMap<String, String>);
+/// The variables of [`VARIABLES`] that are set, read by `envy` (which keys them in lower case),
+/// with the service's [`Defaults`] and, once read, the database URL whose query parameters
+/// stand in for unset variables.
+pub(crate) struct Env {
+    vars: BTreeMap<String, String>,
+    pub(crate) defaults: Defaults,
+    pub(crate) url: Option<DatabaseUrl>,
+}
 
 impl Env {
     /// Keeps only our variables (names are case-sensitive; the last of repeated names wins).
@@ -161,14 +232,18 @@ impl Env {
         let ours = vars
             .into_iter()
             .filter(|(name, _)| VARIABLES.iter().any(|var| var.name == name));
-        envy::from_iter(ours)
-            .map(Env)
-            .map_err(|err| ConfigError::Environment(err.to_string()))
+        let vars =
+            envy::from_iter(ours).map_err(|err| ConfigError::Environment(err.to_string()))?;
+        Ok(Env {
+            vars,
+            defaults: Defaults::default(),
+            url: None,
+        })
     }
 
     /// The value exactly as given (a password's spaces matter), `None` when unset or empty.
     pub(crate) fn raw(&self, var: &Var) -> Option<&str> {
-        let value = self.0.get(&var.name.to_ascii_lowercase())?;
+        let value = self.vars.get(&var.name.to_ascii_lowercase())?;
         Some(value.as_str()).filter(|v| !v.is_empty())
     }
 
@@ -177,13 +252,19 @@ impl Env {
         self.raw(var).map(str::trim).filter(|v| !v.is_empty())
     }
 
-    /// The value given, else the declared default value.
-    pub(crate) fn value(&self, var: &Var) -> Option<&'_ str> {
-        match (self.given(var), var.fallback) {
-            (Some(value), _) => Some(value),
-            (None, Value(value)) => Some(value),
-            _ => None,
-        }
+    /// The value given, else the URL's parameter standing in for it, else the default.
+    pub(crate) fn value(&self, var: &Var) -> Option<String> {
+        let in_url = || self.url.as_ref()?.query_param(var.in_url);
+        let fallback = || match var.fallback {
+            Value(value) => Some(value.to_owned()),
+            Service(get) => Some(get(&self.defaults).to_owned()),
+            Computed(_, _, compute) => Some(compute(self)),
+            Unset => None,
+        };
+        self.given(var)
+            .map(str::to_owned)
+            .or_else(in_url)
+            .or_else(fallback)
     }
 
     /// A whole number within the declared range.
@@ -193,30 +274,19 @@ impl Env {
             _ => (0, u64::MAX),
         };
         let value = self.value(var).unwrap_or_default();
-        let invalid = || {
-            let expected = format!("expected a whole number from {min} to {max}");
-            ConfigError::invalid(var.name, value, expected)
-        };
         match value.parse::<u64>() {
-            Ok(n) if (min..=max).contains(&n) => T::try_from(n).map_err(|_| invalid()),
-            _ => Err(invalid()),
+            Ok(n) if (min..=max).contains(&n) => T::try_from(n).ok(),
+            _ => None,
         }
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                var.name,
+                value,
+                format!("expected a whole number from {min} to {max}"),
+            )
+        })
     }
 
-    pub(crate) fn seconds(&self, var: &Var) -> Result<Duration, ConfigError> {
-        self.number(var).map(Duration::from_secs)
-    }
-
-    pub(crate) fn millis(&self, var: &Var) -> Result<Duration, ConfigError> {
-        self.number(var).map(Duration::from_millis)
-    }
-
-    /// Milliseconds where 0 means off.
-    pub(crate) fn optional_millis(&self, var: &Var) -> Result<Option<Duration>, ConfigError> {
-        Ok(Some(self.millis(var)?).filter(|d| !d.is_zero()))
-    }
-
-    /// `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`, in any case.
     pub(crate) fn flag(&self, var: &Var) -> Result<bool, ConfigError> {
         let value = self.value(var).unwrap_or_default();
         match value.to_ascii_lowercase().as_str() {
@@ -230,16 +300,63 @@ impl Env {
         }
     }
 
-    /// One of the declared words, parsed by the enum's `FromStr` (strum).
     pub(crate) fn word<T: FromStr>(&self, var: &Var) -> Result<T, ConfigError> {
         let value = self.value(var).unwrap_or_default();
-        parse_word(value).ok_or_else(|| {
+        parse_word(&value).ok_or_else(|| {
             let words = match var.allowed {
                 Words(words) => words.join(", "),
                 _ => String::new(),
             };
             ConfigError::invalid(var.name, value, format!("expected one of {words}"))
         })
+    }
+    pub(crate) fn seconds(&self, var: &Var) -> Result<Duration, ConfigError> {
+        self.number(var).map(Duration::from_secs)
+    }
+
+    pub(crate) fn millis(&self, var: &Var) -> Result<Duration, ConfigError> {
+        self.number(var).map(Duration::from_millis)
+    }
+
+    /// Milliseconds where 0 means off.
+    pub(crate) fn optional_millis(&self, var: &Var) -> Result<Option<Duration>, ConfigError> {
+        Ok(Some(self.millis(var)?).filter(|d| !d.is_zero()))
+    }
+
+    /// Text, checked where declared (when given: a value taken from the URL is the driver's).
+    pub(crate) fn text(&self, var: &Var) -> Result<String, ConfigError> {
+        let value = self.value(var).unwrap_or_default();
+        match (var.allowed, self.given(var)) {
+            (Checked(expected, ok), Some(_)) if !ok(&value) => Err(ConfigError::invalid(
+                var.name,
+                value,
+                format!("expected {expected}"),
+            )),
+            _ => Ok(value),
+        }
+    }
+
+    pub(crate) fn path(&self, var: &Var) -> Result<Option<PathBuf>, ConfigError> {
+        Ok(self.value(var).map(PathBuf::from))
+    }
+
+    /// `DATABASE_URL` as given, else assembled from `DB_HOST`…`DB_NAME`, else the service's.
+    pub(crate) fn url(&self, var: &Var) -> Result<DatabaseUrl, ConfigError> {
+        if let Some(url) = &self.url {
+            return Ok(url.clone());
+        }
+        match (self.given(var), assemble(self)?) {
+            (Some(given), _) => DatabaseUrl::parse_as(var.name, given),
+            (None, Some(assembled)) => Ok(assembled),
+            (None, None) => DatabaseUrl::parse_as(var.name, &self.value(var).unwrap_or_default()),
+        }
+    }
+
+    pub(crate) fn replica(&self, var: &Var) -> Result<Option<DatabaseUrl>, ConfigError> {
+        let given = self.given(var);
+        given
+            .map(|url| DatabaseUrl::parse_as(var.name, url))
+            .transpose()
     }
 }
 
@@ -262,7 +379,7 @@ fn default_of(var: &Var, defaults: &Defaults) -> (String, &'static str) {
         Value(value) => (format!("`{value}`"), value),
         Unset => ("unset".to_owned(), ""),
         Service(get) => (format!("`{}`", get(defaults)), get(defaults)),
-        Computed(text, example) => (text.to_owned(), example),
+        Computed(text, example, _) => (text.to_owned(), example),
     }
 }
 
@@ -271,7 +388,7 @@ fn allowed_of(var: &Var) -> String {
         Range(min, max, more) => format!("`{min}` to `{max}`{more}"),
         Bool => "`true`, `false`".to_owned(),
         Words(words) => format!("`{}`", words.join("`, `")),
-        Text(text) => text.to_owned(),
+        Text(text) | Checked(text, _) => text.to_owned(),
     }
 }
 

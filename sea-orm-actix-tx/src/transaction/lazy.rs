@@ -160,6 +160,8 @@ pub(super) struct Slot {
     hooks: StdMutex<Vec<OnCommit>>,
     metrics: Option<Metrics>,
     availability: Option<Availability>,
+    /// How long a failover may take (`DB_FAILOVER_RETRY_MS`): see [`Slot::classify`].
+    failover_window: Duration,
     /// Whether the transaction may write: only then is its outcome worth establishing.
     read_write: bool,
     /// Bound on establishing the outcome of a `COMMIT` whose reply was lost (PostgreSQL's).
@@ -246,6 +248,7 @@ impl Slot {
             hooks: StdMutex::new(Vec::new()),
             metrics,
             availability: config.availability.clone(),
+            failover_window: config.failover_retry,
             read_write: access == AccessMode::ReadWrite,
             commit_check: config.commit_check,
             bounds: config.round_trips,
@@ -474,10 +477,28 @@ impl Slot {
     /// transaction) is a primary lost only in a transaction begun read-write: the server it
     /// reached is a standby or a demoted primary. In one this layer began `READ ONLY` it is the
     /// handler writing in a read, a bug (500 `internal`).
+    ///
+    /// A primary lost opens the failover window ([`Availability::primary_lost`]); within it, a
+    /// primary that cannot be reached (a refused or closed connection, a checkout failed fast
+    /// because the probe found no server: the router has none to send to until the new primary
+    /// is promoted) is a primary lost too, re-run like one. A reply that never came (a round-trip
+    /// bound) stays a partition.
     fn classify(&self, err: &DbErr) -> DbFailure {
         let mut failure = DbFailure::classify(err);
         if self.read_write && is_read_only_refusal(err) {
             failure.kind = FailureKind::PrimaryLost;
+        }
+        if let Some(availability) = self.availability.as_ref().filter(|_| !self.on_replica()) {
+            match failure.kind {
+                FailureKind::PrimaryLost => availability.primary_lost(self.failover_window),
+                FailureKind::Unavailable
+                    if availability.in_failover()
+                        && !sqlx_error(err).is_some_and(round_trip::is_timed_out) =>
+                {
+                    failure.kind = FailureKind::PrimaryLost;
+                }
+                _ => {}
+            }
         }
         failure
     }
