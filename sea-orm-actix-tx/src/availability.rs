@@ -91,9 +91,6 @@ struct Inner {
     down: watch::Sender<bool>,
     probing: AtomicBool,
     last_probe: Mutex<Option<Instant>>,
-    /// Until when a failover is under way: `DB_FAILOVER_RETRY_MS` from the first "primary lost"
-    /// a server reported ([`Availability::primary_lost`]).
-    failover_until: Mutex<Option<Instant>>,
 }
 
 /// What a probe that gets no answer to its login and `SELECT 1` in time means.
@@ -166,35 +163,7 @@ impl Availability {
             down: watch::Sender::new(false),
             probing: AtomicBool::new(false),
             last_probe: Mutex::new(None),
-            failover_until: Mutex::new(None),
         }))
-    }
-
-    /// A server said it is no longer the primary (SQLSTATE 25006 in a read-write transaction,
-    /// 57P01-57P03, class 08): a failover may be under way. For the next `window`
-    /// (`DB_FAILOVER_RETRY_MS`), counted from the first such report, a database that cannot be
-    /// reached is a new primary being promoted ([`in_failover`](Self::in_failover)), not an
-    /// outage; later reports within the window do not extend it.
-    pub fn primary_lost(&self, window: Duration) {
-        let mut until = self
-            .0
-            .failover_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if until.is_none_or(|until| until <= now) {
-            *until = Some(now + window);
-        }
-    }
-
-    /// Whether a failover is under way: within the window a [`primary_lost`](Self::primary_lost)
-    /// opened.
-    pub fn in_failover(&self) -> bool {
-        self.0
-            .failover_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|until| Instant::now() < until)
     }
 
     /// Whether the last probe found the database unreachable.

@@ -14,6 +14,10 @@
 //!   not (a standby a router still sends writes to) fails the attempt as a primary lost before
 //!   the handler's first statement (the one that begins the transaction) runs, and the attempt
 //!   is re-run.
+//! * For `DB_FAILOVER_RETRY_MS` after the loss that opened it (later ones do not extend it), a
+//!   primary that cannot be reached is taken for a new one being promoted
+//!   ([`Failover::in_failover`]): the attempt is re-run like a primary lost, not answered 503 at
+//!   once; a database that stays down is answered 503 when the window ends.
 //! * `db_failovers_total` counts the losses the layer saw: the first primary lost after the
 //!   primary last committed a write. `db_primary_unavailable_seconds_total` adds, when a write
 //!   commits again, the time since that first loss (a loss that no write ends is not counted).
@@ -44,6 +48,9 @@ struct Inner {
     last_lost: AtomicU64,
     /// The first primary lost since the primary last committed a write (0: none).
     since: AtomicU64,
+    /// The primary lost that opened the current failover window (0: none), see
+    /// [`Failover::in_failover`].
+    opened: AtomicU64,
     /// `DB_FAILOVER_RETRY_MS`: how long after a primary lost new connections are checked.
     window: Duration,
     metrics: OnceLock<Metrics>,
@@ -66,6 +73,7 @@ impl Failover {
                 base: Instant::now(),
                 last_lost: AtomicU64::new(0),
                 since: AtomicU64::new(0),
+                opened: AtomicU64::new(0),
                 window,
                 metrics: OnceLock::new(),
             }),
@@ -98,6 +106,10 @@ impl Failover {
     pub(crate) fn primary_lost(&self) {
         let now = self.now();
         self.inner.last_lost.fetch_max(now, Ordering::AcqRel);
+        let window = self.inner.window;
+        let _ = (self.inner.opened).fetch_update(Ordering::AcqRel, Ordering::Acquire, |opened| {
+            (opened == 0 || self.age_of(opened) >= window).then_some(now)
+        });
         if self
             .inner
             .since
@@ -126,6 +138,16 @@ impl Failover {
             if let Some(metrics) = self.inner.metrics.get() {
                 metrics.add_primary_unavailable(gap);
             }
+        }
+    }
+
+    /// Whether a failover is under way: less than `DB_FAILOVER_RETRY_MS` since the primary lost
+    /// that opened the window (later ones within it do not extend it). Meanwhile a primary that
+    /// cannot be reached is a new one being promoted, not an outage (`Slot::classify`).
+    pub(crate) fn in_failover(&self) -> bool {
+        match self.inner.opened.load(Ordering::Acquire) {
+            0 => false,
+            opened => self.age_of(opened) < self.inner.window,
         }
     }
 
@@ -199,6 +221,10 @@ mod tests {
         assert!(failover.evicts(Duration::from_secs(1)), "opened before");
         assert!(!failover.evicts(Duration::ZERO), "opened after");
         assert!(failover.in_window());
-        assert!(!Failover::new(Duration::ZERO).in_window());
+        assert!(failover.in_failover());
+        let closed = Failover::new(Duration::ZERO);
+        closed.primary_lost();
+        assert!(!closed.in_window());
+        assert!(!closed.in_failover());
     }
 }

@@ -160,8 +160,6 @@ pub(super) struct Slot {
     hooks: StdMutex<Vec<OnCommit>>,
     metrics: Option<Metrics>,
     availability: Option<Availability>,
-    /// How long a failover may take (`DB_FAILOVER_RETRY_MS`): see [`Slot::classify`].
-    failover_window: Duration,
     /// Whether the transaction may write: only then is its outcome worth establishing.
     read_write: bool,
     /// Bound on establishing the outcome of a `COMMIT` whose reply was lost (PostgreSQL's).
@@ -248,7 +246,6 @@ impl Slot {
             hooks: StdMutex::new(Vec::new()),
             metrics,
             availability: config.availability.clone(),
-            failover_window: config.failover_retry,
             read_write: access == AccessMode::ReadWrite,
             commit_check: config.commit_check,
             bounds: config.round_trips,
@@ -478,7 +475,7 @@ impl Slot {
     /// reached is a standby or a demoted primary. In one this layer began `READ ONLY` it is the
     /// handler writing in a read, a bug (500 `internal`).
     ///
-    /// A primary lost opens the failover window ([`Availability::primary_lost`]); within it, a
+    /// A primary lost opens the failover window ([`Failover::in_failover`]); within it, a
     /// primary that cannot be reached (a refused or closed connection, a checkout failed fast
     /// because the probe found no server: the router has none to send to until the new primary
     /// is promoted) is a primary lost too, re-run like one. A reply that never came (a round-trip
@@ -488,17 +485,13 @@ impl Slot {
         if self.read_write && is_read_only_refusal(err) {
             failure.kind = FailureKind::PrimaryLost;
         }
-        if let Some(availability) = self.availability.as_ref().filter(|_| !self.on_replica()) {
-            match failure.kind {
-                FailureKind::PrimaryLost => availability.primary_lost(self.failover_window),
-                FailureKind::Unavailable
-                    if availability.in_failover()
-                        && !sqlx_error(err).is_some_and(round_trip::is_timed_out) =>
-                {
-                    failure.kind = FailureKind::PrimaryLost;
-                }
-                _ => {}
-            }
+        let in_failover = (self.failover.as_ref())
+            .is_some_and(|failover| !self.on_replica() && failover.in_failover());
+        if failure.kind == FailureKind::Unavailable
+            && in_failover
+            && !sqlx_error(err).is_some_and(round_trip::is_timed_out)
+        {
+            failure.kind = FailureKind::PrimaryLost;
         }
         failure
     }
