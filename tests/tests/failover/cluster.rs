@@ -89,22 +89,6 @@ fn command(program: &str, dir: &Path, log: &Path) -> Command {
     command
 }
 
-/// The directory of PostgreSQL's binaries (Debian keeps them out of PATH): the newest version.
-fn postgres_bin() -> PathBuf {
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|dir| {
-            dir.filter_map(Result::ok)
-                .map(|e| e.path().join("bin"))
-                .filter(|p| p.join("initdb").exists())
-                .collect()
-        })
-        .unwrap_or_default();
-    versions.sort();
-    versions
-        .pop()
-        .unwrap_or_else(|| PathBuf::from("/usr/local/bin"))
-}
-
 /// One HTTP/1.0 request to a local port (Patroni's REST API, etcd): the status and body, or
 /// `None` when nothing answered in time.
 pub fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, String)> {
@@ -205,7 +189,7 @@ impl Cluster {
         // Whatever happens next, the watchdog stops it all when the test process exits: each
         // Patroni first (so that none restarts its PostgreSQL), then the servers, etcd, HAProxy.
         let d = dir.display();
-        let pg_ctl = postgres_bin().join("pg_ctl");
+        let pg_ctl = tests::postgres_bin().join("pg_ctl");
         let as_owner = if is_root() {
             "runuser -u postgres -- "
         } else {
@@ -433,7 +417,7 @@ impl Node {
             api = self.api_port,
             pg = self.pg_port,
             data = self.data.display(),
-            bin = postgres_bin().display(),
+            bin = tests::postgres_bin().display(),
         );
         std::fs::write(&self.config, yaml).expect("patroni config");
     }

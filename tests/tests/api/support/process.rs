@@ -215,22 +215,6 @@ pub struct OwnServer {
     options: String,
 }
 
-/// The directory of `initdb` and `pg_ctl`: Debian keeps them out of PATH.
-fn postgres_bin() -> PathBuf {
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|dir| {
-            dir.filter_map(Result::ok)
-                .map(|e| e.path().join("bin"))
-                .filter(|p| p.join("initdb").exists())
-                .collect()
-        })
-        .unwrap_or_default();
-    versions.sort();
-    versions
-        .pop()
-        .unwrap_or_else(|| PathBuf::from("/usr/local/bin"))
-}
-
 pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -316,7 +300,7 @@ impl OwnServer {
         }
         OwnServer {
             dir,
-            bin: postgres_bin(),
+            bin: tests::postgres_bin(),
             port: free_port(),
             options,
         }
