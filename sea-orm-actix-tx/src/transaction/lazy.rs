@@ -692,8 +692,12 @@ impl Slot {
         let xid = if self.read_write {
             match bounded!(tx, bound, |conn| outcome::current_xid(conn)) {
                 Ok(xid) => xid,
-                // Nothing was committed; dropping `tx` closes the connection (a rollback).
-                Err(e) => return (TxOutcome::Rollback, Some(self.commit_failed(&exec_err(e)))),
+                // Nothing was committed (`COMMIT` was not sent): a failure like any statement's,
+                // so a primary lost here is re-run. Dropping `tx` closes the connection.
+                Err(e) => {
+                    self.record(exec_err(e));
+                    return (TxOutcome::Rollback, self.failure());
+                }
             }
         } else {
             None

@@ -54,9 +54,37 @@ fn counted_write_route(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_
     );
 }
 
+/// Opened by the one test of `POST /test/write-then-wait`, once it has ended the backend.
+static GATE: std::sync::LazyLock<tokio::sync::watch::Sender<bool>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(false));
+
+/// `POST /test/write-then-wait`: inserts a warehouse, then waits (outside the database, its
+/// session idle in the transaction) until [`GATE`] opens, and answers 201: the next round trip
+/// is the layer's own, before `COMMIT`.
+fn write_then_wait_route(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx::Layer) {
+    use actix_web::{HttpResponse, web};
+    use sea_orm::ConnectionTrait;
+    async fn write_then_wait(
+        tx: sea_orm_actix_tx::Tx,
+    ) -> Result<HttpResponse, app::problem::ApiError> {
+        tx.execute_unprepared(
+            "INSERT INTO warehouse (code, name) VALUES ('PL-3', 'before commit')",
+        )
+        .await?;
+        let mut gate = GATE.subscribe();
+        let _ = gate.wait_for(|open| *open).await;
+        Ok(HttpResponse::Created().json(json!({"created": true})))
+    }
+    cfg.route(
+        "/test/write-then-wait",
+        web::post().to(write_then_wait).wrap(layer.transactional()),
+    );
+}
+
 fn routes(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx::Layer) {
     slow_write_route(cfg, layer);
     counted_write_route(cfg, layer);
+    write_then_wait_route(cfg, layer);
 }
 
 /// The service under `name` (each test its own: the ender picks backends by it).
@@ -111,6 +139,44 @@ async fn a_write_whose_primary_ended_its_session_is_re_run_and_answered_once() {
         metric(&app, "db_transaction_retries_total ").await,
         0.0,
         "DB_TX_MAX_RETRIES' budget is not touched"
+    );
+}
+
+#[tokio::test]
+async fn a_session_ended_after_the_handler_answered_but_before_commit_is_re_run() {
+    let name = "primary-lost-before-commit";
+    let app = app(name, "5000").await;
+    let request = app.send_json("/test/write-then-wait", json!({}));
+    let ender = async {
+        app.wait_until(
+            "the write's backend, idle in its transaction, is ended",
+            || async {
+                app.scalar(&format!(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = '{name}' AND state = 'idle in transaction'"
+                ))
+                .await
+                    > 0
+            },
+        )
+        .await;
+        GATE.send_replace(true);
+    };
+    let (res, ()) = tokio::join!(request, ender);
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.unwrap_or_default();
+    // The layer's first round trip after the handler (reading the transaction id) found the
+    // session ended: COMMIT was never sent, so the request is re-run, not answered 503.
+    assert_eq!(status, 201, "re-run on a new session: {body}");
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM warehouse WHERE code = 'PL-3'")
+            .await,
+        1,
+        "the ended attempt left nothing, the re-run committed once"
+    );
+    assert_eq!(
+        metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await,
+        1.0
     );
 }
 
