@@ -878,8 +878,12 @@ where
         };
         if let (true, Some(stored)) = (success, &stored) {
             let ttl = self.shared.config.idempotency_ttl;
-            if let Ok(false) = idempotency.store(&Tx(Arc::clone(slot)), stored, ttl).await {
-                slot.fail_as_conflict("the Idempotency-Key was stored concurrently");
+            match idempotency.store(&Tx(Arc::clone(slot)), stored, ttl).await {
+                // What resolves a COMMIT whose reply is lost across a promotion.
+                Ok(Some(record)) => slot.commits_record(record),
+                Ok(None) => slot.fail_as_conflict("the Idempotency-Key was stored concurrently"),
+                // Recorded in the slot: the decision answers it.
+                Err(_) => {}
             }
         }
         (response, stored)
