@@ -174,13 +174,21 @@ pub(super) async fn resolve(
 ) -> Resolved {
     let deadline = Instant::now() + bound;
     let xid = before.xid;
-    // The id is a number we parsed and `record` is built from escaped literals: formatting
-    // them into the statement is safe. The status is asked only below the server's next id
-    // (an id not yet assigned there is an error, not a NULL).
+    // The id is a number we parsed, the start time is escaped and `record` is built from
+    // escaped literals: formatting them into the statement is safe. The status is asked only
+    // of the postmaster that assigned the id (elsewhere an id not yet assigned is an error,
+    // not a NULL; and the answer would not count).
+    let same_postmaster = match &before.identity {
+        Some(identity) => format!(
+            "pg_postmaster_start_time()::text = '{}'",
+            identity.started.replace('\'', "''")
+        ),
+        None => "false".to_owned(),
+    };
     let sql = format!(
         "BEGIN READ ONLY; SELECT pg_is_in_recovery(), {IDENTITY_SQL}, \
-         CASE WHEN '{xid}'::xid8 < pg_snapshot_xmax(pg_current_snapshot()) \
-         THEN pg_xact_status('{xid}'::xid8)::text END, {record}; COMMIT",
+         CASE WHEN {same_postmaster} THEN pg_xact_status('{xid}'::xid8)::text END, {record}; \
+         COMMIT",
         record = record.unwrap_or("NULL::boolean"),
     );
     let mut pause = Duration::from_millis(2);
