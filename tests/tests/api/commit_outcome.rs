@@ -115,6 +115,48 @@ async fn behind_pgbouncer_a_lost_commit_reply_is_resolved_through_another_checko
     }
 }
 
+#[tokio::test]
+async fn in_the_failover_window_a_commit_known_not_to_have_committed_is_re_run() {
+    let name = "commit-outcome-window";
+    let proxy = FaultProxy::start(&upstream_of(&admin_url())).await;
+    let app = TestApp::builder()
+        .behind(&proxy)
+        .env(&[
+            ("DB_APPLICATION_NAME", name),
+            ("DB_FAILOVER_RETRY_MS", "30000"),
+        ])
+        .routes(crate::primary_lost::routes)
+        .spawn()
+        .await;
+    let warehouse = app.warehouse("W1").await;
+    let product = app.product("P1").await;
+    let receipt = json!({"warehouse_id": warehouse, "product_id": product, "quantity": 5});
+    // A session the server ends opens the failover window (and is re-run).
+    let request = app.send_json("/test/slow-write", json!({}));
+    let ender = async {
+        app.wait_until("the write's backend is ended", || async {
+            crate::primary_lost::end_sleeping_backend(&app, name).await > 0
+        })
+        .await;
+    };
+    let (opened, ()) = tokio::join!(request, ender);
+    assert_eq!(opened.status(), 201);
+    let before = metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await;
+    proxy.cut_next_commit(Cut::BeforeForwarding);
+
+    let res = app.post("/receipts", &receipt).await;
+
+    assert!(proxy.fired(), "the proxy cut the receipt's COMMIT");
+    assert_eq!(
+        res.status(),
+        201,
+        "known not committed, in the window: re-run, not 503"
+    );
+    assert_eq!(movements(&app).await, 1, "stored once, by the re-run");
+    let reruns = metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await - before;
+    assert_eq!(reruns, 1.0);
+}
+
 /// An app over a primary and streaming replica of the test's own, behind a proxy to the
 /// primary, with one warehouse and one product (replayed on the replica).
 struct Promotion {

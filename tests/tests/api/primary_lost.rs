@@ -54,7 +54,7 @@ fn counted_write_route(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_
     );
 }
 
-fn routes(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx::Layer) {
+pub(crate) fn routes(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx::Layer) {
     slow_write_route(cfg, layer);
     counted_write_route(cfg, layer);
 }
@@ -73,7 +73,7 @@ async fn app(name: &str, failover_ms: &str) -> TestApp {
 
 /// Ends the backend of the service called `name` that is inside `pg_sleep`, if one is; returns
 /// how many it ended.
-async fn end_sleeping_backend(app: &TestApp, name: &str) -> i64 {
+pub(crate) async fn end_sleeping_backend(app: &TestApp, name: &str) -> i64 {
     app.scalar(&format!(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
          WHERE application_name = '{name}' AND state = 'active' AND query LIKE '%pg_sleep%'"
