@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::fault_proxy::{Cut, FaultProxy, upstream_of};
+use crate::support::process::OwnServer;
 use crate::support::replica::{ReplicaPair, text};
 use crate::support::{
     Server, TestApp, TestDatabase, admin_url, assert_unavailable, connect_to, pooled_upstream,
@@ -155,6 +156,43 @@ async fn in_the_failover_window_a_commit_known_not_to_have_committed_is_re_run()
     assert_eq!(movements(&app).await, 1, "stored once, by the re-run");
     let reruns = metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await - before;
     assert_eq!(reruns, 1.0);
+}
+
+#[tokio::test]
+async fn a_commit_whose_session_is_ended_while_it_waits_for_a_synchronous_standby_answers_the_handlers_201()
+ {
+    // A server of the test's own: every commit waits for a standby that never comes.
+    let server = OwnServer::start();
+    let database = TestDatabase::create_at(Server::Postgres, &server.url("postgres")).await;
+    let app = TestApp::builder().database(database).spawn().await;
+    let warehouse = app.warehouse("W1").await;
+    let product = app.product("P1").await;
+    let receipt = json!({"warehouse_id": warehouse, "product_id": product, "quantity": 5});
+    app.execute("ALTER SYSTEM SET synchronous_standby_names = 'absent'")
+        .await;
+    app.execute("SELECT pg_reload_conf()").await;
+
+    let request = app.post("/receipts", &receipt);
+    let ender = async {
+        app.wait_until("the receipt's COMMIT waits for the standby", || async {
+            app.scalar(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE wait_event = 'SyncRep'",
+            )
+            .await
+                > 0
+        })
+        .await;
+    };
+    let (res, ()) = tokio::join!(request, ender);
+
+    // The backend committed locally, then closed the session without answering the COMMIT
+    // (PostgreSQL logs a warning saying so): resolved on the same server, not a 503.
+    assert_eq!(res.status(), 201, "committed locally: the handler's answer");
+    assert_eq!(movements(&app).await, 1);
+    app.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        .await;
+    app.execute("SELECT pg_reload_conf()").await;
 }
 
 /// An app over a primary and streaming replica of the test's own, behind a proxy to the
