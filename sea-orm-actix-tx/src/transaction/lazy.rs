@@ -729,7 +729,12 @@ impl Slot {
             .map(Record::exists_sql);
         let pool = self.db.get_postgres_connection_pool();
         let resolved = outcome::resolve(pool, &before, record.as_deref(), self.commit_check).await;
-        tracing::warn!(error = %err, xid = before.xid, outcome = ?resolved, "the COMMIT reply was lost");
+        tracing::warn!(
+            error = %err,
+            xid = before.xid,
+            outcome = ?resolved,
+            "the COMMIT reply was lost"
+        );
         let err = exec_err(err);
         match resolved {
             Resolved::Committed => (TxOutcome::Commit, None),
