@@ -46,7 +46,7 @@ pub(super) enum Next {
 
 /// The step after an attempt (see [`Next`]).
 ///
-/// * A primary lost before `COMMIT` is re-run while `DB_FAILOVER_RETRY_MS` lasts, on its own
+/// * A primary lost before `COMMIT` (or at a `COMMIT` known not to have committed) is re-run while `DB_FAILOVER_RETRY_MS` lasts, on its own
 ///   budget (not `DB_TX_MAX_RETRIES`).
 /// * A serialization failure or deadlock, or a read that the replica failed by going away, is
 ///   re-run while retries are left and the client is still there.
@@ -56,8 +56,9 @@ pub(super) enum Next {
 pub(super) fn next(ended: &Ended<'_>) -> Next {
     let replica_failed = ended.on_replica && ended.failure.is_some();
     match ended.failure {
-        // The primary went away before COMMIT (a failure at COMMIT is never `PrimaryLost`):
-        // nothing was committed, and a new primary may be there a moment later.
+        // The primary went away before COMMIT, or at a COMMIT known not to have committed (a
+        // failure at COMMIT is `PrimaryLost` only then, `lazy.rs`): nothing was committed, and
+        // a new primary may be there a moment later.
         Some(f)
             if f.kind == FailureKind::PrimaryLost
                 && !replica_failed

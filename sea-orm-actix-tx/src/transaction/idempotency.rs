@@ -39,7 +39,7 @@ use std::time::Duration;
 use actix_web::HttpResponse;
 use actix_web::http::header::{self, HeaderMap, HeaderValue};
 use actix_web::http::{Method, StatusCode};
-use chrono::Utc;
+use chrono::{DateTime, SecondsFormat, SubsecRound as _, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, Value};
 use sha2::{Digest, Sha256};
 
@@ -190,15 +190,21 @@ impl Idempotency {
         }))
     }
 
-    /// Stores `response` for the key in `db` (the request's transaction). `Ok(false)` when a
-    /// live row for the key already exists (a duplicate committed first).
+    /// Stores `response` for the key in `db` (the request's transaction) and returns the row
+    /// written, `Ok(None)` when a live row for the key already exists (a duplicate committed
+    /// first).
     pub(super) async fn store(
         &self,
         db: &impl ConnectionTrait,
         response: &Stored,
         ttl: Duration,
-    ) -> Result<bool, DbErr> {
-        let now = Utc::now();
+    ) -> Result<Option<Record>, DbErr> {
+        // Microseconds, the column's precision: the row can be found again by this value.
+        let now = Utc::now().trunc_subsecs(6);
+        let record = Record {
+            idempotency: self.clone(),
+            created_at: now,
+        };
         let expires = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::days(1));
         let backend = db.get_database_backend();
         let row = [
@@ -240,7 +246,7 @@ impl Idempotency {
                     values,
                 ))
                 .await?;
-            return Ok(done.rows_affected() > 0);
+            return Ok((done.rows_affected() > 0).then_some(record));
         }
         let done = db
             .execute_raw(statement(
@@ -256,8 +262,41 @@ impl Idempotency {
                 row,
             ))
             .await?;
-        Ok(done.rows_affected() > 0)
+        Ok((done.rows_affected() > 0).then_some(record))
     }
+}
+
+/// The row one attempt stored, committed with its writes: found on whichever server holds the
+/// database after a promotion, it tells whether that attempt committed (`outcome.rs`). Its
+/// `created_at` (to the microsecond) tells it from a row another attempt with the same key
+/// stored.
+#[derive(Clone, Debug)]
+pub(super) struct Record {
+    idempotency: Idempotency,
+    created_at: DateTime<Utc>,
+}
+
+impl Record {
+    /// An SQL condition (PostgreSQL, with the values as literals, for a simple query) true when
+    /// the row is there.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(super) fn exists_sql(&self) -> String {
+        let key = &self.idempotency;
+        format!(
+            "EXISTS (SELECT 1 FROM idempotency_key WHERE scope = {} AND request_key = {} \
+             AND fingerprint = {} AND created_at = {})",
+            literal(&key.scope),
+            literal(&key.key),
+            literal(&key.fingerprint),
+            literal(&self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true)),
+        )
+    }
+}
+
+/// `text` as a PostgreSQL escape-string literal, which reads the same whatever
+/// `standard_conforming_strings` says (a key is visible ASCII, a scope any text).
+fn literal(text: &str) -> String {
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 impl Stored {
@@ -496,6 +535,23 @@ mod tests {
         );
         let other = read("/a", None, b"", Some(&"t".repeat(MAX_SCOPE_LEN + 1))).scope;
         assert_ne!(stored, other);
+    }
+
+    #[test]
+    fn a_record_is_looked_for_with_escaped_literals_to_the_microsecond() {
+        assert_eq!(literal("plain"), "E'plain'");
+        assert_eq!(literal(r"it's a \ back"), r"E'it''s a \\ back'");
+        let record = Record {
+            idempotency: read("/a", None, b"", Some("o'brien")),
+            created_at: DateTime::from_timestamp(1_800_000_000, 123_456_000).expect("a time"),
+        };
+        let sql = record.exists_sql();
+        assert!(sql.contains("scope = E'o''brien'"), "{sql}");
+        assert!(sql.contains("request_key = E'k'"), "{sql}");
+        assert!(
+            sql.contains("created_at = E'2027-01-15T08:00:00.123456Z'"),
+            "{sql}"
+        );
     }
 
     #[test]

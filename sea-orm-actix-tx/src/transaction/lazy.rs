@@ -61,6 +61,7 @@ type OnCommit = Box<dyn FnOnce() + Send>;
 #[cfg(feature = "postgres")]
 use super::abandoned::Mark;
 use super::failure::{DbFailure, FailureKind};
+use super::idempotency::Record;
 #[cfg(feature = "postgres")]
 use super::outcome::{self, Resolved};
 use super::round_trip::{self, Bounds, TxConn};
@@ -186,6 +187,10 @@ pub(super) struct Slot {
     /// The primary's failover epoch (PostgreSQL): told of a primary lost and of a committed
     /// write; in its window a read-write transaction checks that its server takes writes.
     failover: Option<Failover>,
+    /// The `Idempotency-Key` record this attempt stored, committed with its writes: what tells
+    /// whether a `COMMIT` whose reply was lost committed, on a server other than the one that
+    /// ran it ([`outcome`]).
+    record: StdMutex<Option<Record>>,
 }
 
 impl Slot {
@@ -258,6 +263,7 @@ impl Slot {
             #[cfg(feature = "postgres")]
             mark,
             failover,
+            record: StdMutex::new(None),
         }
     }
 
@@ -512,6 +518,11 @@ impl Slot {
         err
     }
 
+    /// The attempt's `Idempotency-Key` record was written in its transaction.
+    pub(super) fn commits_record(&self, record: Record) {
+        *self.record.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+    }
+
     /// Fails the attempt as a serialization failure, so that it is re-run: the layer's own
     /// statements found a concurrent commit they cannot be serialized after.
     pub(super) fn fail_as_conflict(&self, message: &str) {
@@ -684,14 +695,17 @@ impl Slot {
         !self.read_write && level && no_hooks
     }
 
-    /// `COMMIT` on PostgreSQL. A writing transaction's id is read first, so that a `COMMIT`
-    /// whose reply is lost can be resolved ([`outcome`]) instead of guessed.
+    /// `COMMIT` on PostgreSQL. A writing transaction's id and its server's identity are read
+    /// first, so that a `COMMIT` whose reply is lost can be resolved ([`outcome`]) instead of
+    /// guessed. Known not to have committed, the attempt is re-run when the primary was lost
+    /// (another server holds the data now, or the failure is a primary lost, within the
+    /// failover window); otherwise it is the failure it was (503).
     #[cfg(feature = "postgres")]
     async fn commit_postgres(&self, mut tx: TxConn<Postgres>) -> (TxOutcome, Option<DbFailure>) {
         let bound = Some(self.bounds.control);
-        let xid = if self.read_write {
-            match bounded!(tx, bound, |conn| outcome::current_xid(conn)) {
-                Ok(xid) => xid,
+        let before = if self.read_write {
+            match bounded!(tx, bound, |conn| outcome::before_commit(conn)) {
+                Ok(before) => before,
                 // Nothing was committed (`COMMIT` was not sent): a failure like any statement's,
                 // so a primary lost here is re-run. Dropping `tx` closes the connection.
                 Err(e) => {
@@ -708,23 +722,38 @@ impl Slot {
         };
         // The connection is closed by now if the bound passed: the server sees the break.
         drop(tx);
-        let Some(xid) = xid.filter(|_| outcome::reply_lost(&err)) else {
+        let Some(before) = before.filter(|_| outcome::reply_lost(&err)) else {
             return (
                 TxOutcome::Rollback,
                 Some(self.commit_failed(&exec_err(err))),
             );
         };
+        let record = (self.record.lock().unwrap_or_else(|p| p.into_inner()))
+            .as_ref()
+            .map(Record::exists_sql);
         let pool = self.db.get_postgres_connection_pool();
-        let resolved = outcome::resolve(pool, xid, self.commit_check).await;
-        tracing::warn!(error = %err, xid, outcome = ?resolved, "the COMMIT reply was lost");
+        let resolved = outcome::resolve(pool, &before, record.as_deref(), self.commit_check).await;
+        tracing::warn!(
+            error = %err,
+            xid = before.xid,
+            outcome = ?resolved,
+            "the COMMIT reply was lost"
+        );
+        let err = exec_err(err);
         match resolved {
             Resolved::Committed => (TxOutcome::Commit, None),
-            Resolved::Aborted => (
-                TxOutcome::Rollback,
-                Some(self.commit_failed(&exec_err(err))),
-            ),
+            Resolved::Aborted => (TxOutcome::Rollback, Some(self.aborted_at_commit(&err))),
+            Resolved::AbortedElsewhere => {
+                // Another server answered without the transaction: the primary was lost.
+                let failure = DbFailure {
+                    kind: FailureKind::PrimaryLost,
+                    message: format!("another server holds the data now ({err})"),
+                };
+                self.suspect_if_unavailable(&failure);
+                (TxOutcome::Rollback, Some(failure))
+            }
             Resolved::Unknown => {
-                let failure = self.commit_failed(&exec_err(err));
+                let failure = self.commit_failed(&err);
                 (
                     TxOutcome::Unknown,
                     Some(DbFailure {
@@ -734,6 +763,19 @@ impl Slot {
                 )
             }
         }
+    }
+
+    /// A `COMMIT` whose reply was lost and that the server says it aborted: a primary lost (the
+    /// server's own shutdown, or a primary unreachable in the failover window, [`Self::classify`])
+    /// stays one, re-run like a failure before `COMMIT`; a database simply down is 503.
+    #[cfg(feature = "postgres")]
+    fn aborted_at_commit(&self, err: &DbErr) -> DbFailure {
+        let failure = self.classify(err);
+        if failure.kind == FailureKind::PrimaryLost {
+            self.suspect_if_unavailable(&failure);
+            return failure;
+        }
+        self.commit_failed(err)
     }
 
     /// `COMMIT` on MariaDB, which has no way to ask about another session's transaction: a
@@ -757,10 +799,11 @@ impl Slot {
         (TxOutcome::Rollback, Some(failure))
     }
 
-    /// A failure at the end of the transaction. A primary lost there is answered, never re-run:
+    /// A failure at the end of the transaction. A primary lost there is answered, not re-run:
     /// once `COMMIT` is on its way the transaction may have committed (a primary shut down
     /// while it waits for its synchronous standby has committed locally), and what is not known
-    /// to have failed is not done again.
+    /// to have failed is not done again. Only a `COMMIT` known not to have committed is re-run
+    /// ([`Self::commit_postgres`]).
     fn commit_failed(&self, err: &DbErr) -> DbFailure {
         let mut failure = DbFailure::classify(err);
         self.suspect_if_unavailable(&failure);

@@ -7,8 +7,8 @@
 //!   [`with_transaction`].
 //! * `lazy.rs`: [`Tx`] (the extractor, `ConnectionTrait`, [`Tx::on_commit`]) and the transaction
 //!   of one attempt: begun on first use, on the replica or the primary, its statements, its
-//!   first failure, its `COMMIT` (with the transaction id that `outcome.rs` needs) or `ROLLBACK`,
-//!   and the warning for a transaction open past `DB_LEAK_DETECTION_MS`. Beside it, in `lazy/`:
+//!   first failure, its `COMMIT` (with the transaction id and server identity that `outcome.rs`
+//!   needs) or `ROLLBACK`, and the warning for a transaction open past `DB_LEAK_DETECTION_MS`. Beside it, in `lazy/`:
 //!   `savepoint.rs` ([`TxSavepoint`], SeaORM's `TransactionTrait`: nested transactions as
 //!   savepoints), `ledger.rs` (the open savepoints and the failures at each level: which ones a
 //!   rollback forgives) and `stream.rs` (`StreamTrait`, [`TxStream`]).
@@ -19,7 +19,7 @@
 //! * `server_defaults.rs`: the server's defaults, learned once through the pooler, so that a
 //!   pooled `BEGIN` sets only what differs from them.
 //! * `routing.rs`: primary or replica for a read, and the consistency token.
-//! * `outcome.rs`: the status of a transaction whose `COMMIT` reply was lost.
+//! * `outcome.rs`: the outcome of a transaction whose `COMMIT` reply was lost.
 //! * `round_trip.rs`: the transaction's connection and the bound on each round trip on it.
 //! * `abandoned.rs`: a transaction abandoned when a bound passed is ended on the server
 //!   (`pg_terminate_backend` of the backend holding its mark, in the background).
@@ -44,11 +44,16 @@
 //!   no connection from the pool. Every statement error passes through it and is recorded,
 //!   because PostgreSQL turns the `COMMIT` of an aborted transaction into a rollback while the
 //!   driver reports success: a request whose statement failed is never answered 2xx.
-//! * A `COMMIT` whose reply is lost (the connection broke while it was in flight) is resolved,
-//!   not guessed: a writing transaction's id is read just before `COMMIT`, and after the break
-//!   its status is asked on another connection (`outcome.rs`). Committed → the handler's own
-//!   response; aborted → 503 `database_unavailable`; unknown → 500 `commit_outcome_unknown`
-//!   without `Retry-After`.
+//! * A `COMMIT` whose reply is lost (the connection broke while it was in flight, or the server
+//!   ended the session instead of answering) is resolved, not guessed: a writing transaction's
+//!   id and its server's identity (postmaster start, WAL timeline) are read just before
+//!   `COMMIT`, and after the break another connection asks (`outcome.rs`). The id's status
+//!   counts only on the same server run; on another (a promoted standby, a restarted server)
+//!   only the request's `Idempotency-Key` record, stored in the same transaction, tells.
+//!   Committed → the handler's own response; not committed → 503 `database_unavailable`, or a
+//!   re-run within `DB_FAILOVER_RETRY_MS` when the primary was lost (another server answered,
+//!   or a primary lost in the failover window); unknown (no answer in time; another server and
+//!   no key) → 500 `commit_outcome_unknown` without `Retry-After`.
 //! * Every round trip on the transaction's connection is bounded on the service's side
 //!   (`round_trip.rs`): `BEGIN`, `COMMIT` and `ROLLBACK` by `DB_CONNECT_TIMEOUT`, a statement by
 //!   `DB_STATEMENT_TIMEOUT_MS` + `DB_CONNECT_TIMEOUT`; behind a transaction-mode pooler `BEGIN`
@@ -878,8 +883,12 @@ where
         };
         if let (true, Some(stored)) = (success, &stored) {
             let ttl = self.shared.config.idempotency_ttl;
-            if let Ok(false) = idempotency.store(&Tx(Arc::clone(slot)), stored, ttl).await {
-                slot.fail_as_conflict("the Idempotency-Key was stored concurrently");
+            match idempotency.store(&Tx(Arc::clone(slot)), stored, ttl).await {
+                // What resolves a COMMIT whose reply is lost across a promotion.
+                Ok(Some(record)) => slot.commits_record(record),
+                Ok(None) => slot.fail_as_conflict("the Idempotency-Key was stored concurrently"),
+                // Recorded in the slot: the decision answers it.
+                Err(_) => {}
             }
         }
         (response, stored)

@@ -2,11 +2,24 @@
 //! PostgreSQL is cut by the test's own proxy at the `COMMIT` of a receipt, and the answer must
 //! match what the database holds: 201 when the server committed, 503 with `Retry-After` when it did
 //! not, 500 `commit_outcome_unknown` without `Retry-After` when the outcome cannot be learned.
+//!
+//! Across a promotion (the last tests): a real streaming replica of the test's own is promoted
+//! while the app waits for the outcome, and the proxy is pointed at it. The new primary reuses
+//! the lost transaction's id for another transaction that commits, so a resolution by id alone
+//! would answer 201 for a receipt that is not there.
+
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::support::fault_proxy::{Cut, FaultProxy, upstream_of};
-use crate::support::{TestApp, admin_url, assert_unavailable, pooled_upstream, problem};
+use crate::support::process::OwnServer;
+use crate::support::replica::{ReplicaPair, text};
+use crate::support::{
+    Server, TestApp, TestDatabase, admin_url, assert_unavailable, connect_to, pooled_upstream,
+    problem,
+};
+use crate::transactions::metric;
 
 /// An app behind a fresh proxy, with one warehouse and one product (created before any fault).
 async fn app_behind_proxy(overrides: &[(&str, &str)]) -> (FaultProxy, TestApp, Value) {
@@ -101,4 +114,290 @@ async fn behind_pgbouncer_a_lost_commit_reply_is_resolved_through_another_checko
         assert_eq!(res.status(), status, "{cut:?}");
         assert_eq!(movements(&app).await, stored, "{cut:?}");
     }
+}
+
+#[tokio::test]
+async fn in_the_failover_window_a_commit_known_not_to_have_committed_is_re_run() {
+    let name = "commit-outcome-window";
+    let proxy = FaultProxy::start(&upstream_of(&admin_url())).await;
+    let app = TestApp::builder()
+        .behind(&proxy)
+        .env(&[
+            ("DB_APPLICATION_NAME", name),
+            ("DB_FAILOVER_RETRY_MS", "30000"),
+        ])
+        .routes(crate::primary_lost::routes)
+        .spawn()
+        .await;
+    let warehouse = app.warehouse("W1").await;
+    let product = app.product("P1").await;
+    let receipt = json!({"warehouse_id": warehouse, "product_id": product, "quantity": 5});
+    // A session the server ends opens the failover window (and is re-run).
+    let request = app.send_json("/test/slow-write", json!({}));
+    let ender = async {
+        app.wait_until("the write's backend is ended", || async {
+            crate::primary_lost::end_sleeping_backend(&app, name).await > 0
+        })
+        .await;
+    };
+    let (opened, ()) = tokio::join!(request, ender);
+    assert_eq!(opened.status(), 201);
+    let before = metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await;
+    proxy.cut_next_commit(Cut::BeforeForwarding);
+
+    let res = app.post("/receipts", &receipt).await;
+
+    assert!(proxy.fired(), "the proxy cut the receipt's COMMIT");
+    assert_eq!(
+        res.status(),
+        201,
+        "known not committed, in the window: re-run, not 503"
+    );
+    assert_eq!(movements(&app).await, 1, "stored once, by the re-run");
+    let reruns = metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await - before;
+    assert_eq!(reruns, 1.0);
+}
+
+#[tokio::test]
+async fn a_commit_whose_session_is_ended_while_it_waits_for_a_synchronous_standby_answers_the_handlers_201()
+ {
+    // A server of the test's own: every commit waits for a standby that never comes.
+    let server = OwnServer::start();
+    let database = TestDatabase::create_at(Server::Postgres, &server.url("postgres")).await;
+    let app = TestApp::builder().database(database).spawn().await;
+    let warehouse = app.warehouse("W1").await;
+    let product = app.product("P1").await;
+    let receipt = json!({"warehouse_id": warehouse, "product_id": product, "quantity": 5});
+    app.execute("ALTER SYSTEM SET synchronous_standby_names = 'absent'")
+        .await;
+    app.execute("SELECT pg_reload_conf()").await;
+
+    let request = app.post("/receipts", &receipt);
+    let ender = async {
+        app.wait_until("the receipt's COMMIT waits for the standby", || async {
+            app.scalar(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE wait_event = 'SyncRep'",
+            )
+            .await
+                > 0
+        })
+        .await;
+    };
+    let (res, ()) = tokio::join!(request, ender);
+
+    // The backend committed locally, then closed the session without answering the COMMIT
+    // (PostgreSQL logs a warning saying so): resolved on the same server, not a 503.
+    assert_eq!(res.status(), 201, "committed locally: the handler's answer");
+    assert_eq!(movements(&app).await, 1);
+    app.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        .await;
+    app.execute("SELECT pg_reload_conf()").await;
+}
+
+/// An app over a primary and streaming replica of the test's own, behind a proxy to the
+/// primary, with one warehouse and one product (replayed on the replica).
+struct Promotion {
+    pair: ReplicaPair,
+    proxy: FaultProxy,
+    app: TestApp,
+    receipt: Value,
+}
+
+impl Promotion {
+    async fn start() -> Promotion {
+        let pair = ReplicaPair::start();
+        let proxy = FaultProxy::start(&format!("127.0.0.1:{}", pair.primary.port)).await;
+        let database =
+            TestDatabase::create_at(Server::Postgres, &pair.primary.url("postgres")).await;
+        // Time enough to promote the replica while the app looks for the outcome.
+        let app = TestApp::builder()
+            .database(database)
+            .behind(&proxy)
+            .env(&[
+                ("DB_CONNECT_TIMEOUT", "30"),
+                ("DB_FAILOVER_RETRY_MS", "30000"),
+            ])
+            .spawn()
+            .await;
+        let warehouse = app.warehouse("W1").await;
+        let product = app.product("P1").await;
+        let receipt = json!({"warehouse_id": warehouse, "product_id": product, "quantity": 5});
+        pair.wait_for_replay(&app).await;
+        Promotion {
+            pair,
+            proxy,
+            app,
+            receipt,
+        }
+    }
+
+    /// Posts the receipt (with `key` as its `Idempotency-Key`) with its `COMMIT` cut after
+    /// the old primary received it and the database unreachable; returns the request still
+    /// waiting for its answer and the id the old primary gave the transaction, once it
+    /// committed there.
+    async fn post_and_lose_the_commit_reply(
+        &self,
+        key: Option<&str>,
+    ) -> (tokio::task::JoinHandle<reqwest::Response>, i64) {
+        self.proxy.cut_next_commit_and_isolate(Cut::AfterForwarding);
+        let mut post = self.app.client.post(self.app.url("/receipts"));
+        if let Some(key) = key {
+            post = post.header("Idempotency-Key", key);
+        }
+        let request = tokio::spawn(post.json(&self.receipt).send());
+        let request = tokio::spawn(async move {
+            request
+                .await
+                .expect("the request task ends")
+                .expect("request sent")
+        });
+        assert!(
+            self.proxy.wait_fired(Duration::from_secs(30)).await,
+            "the proxy cut the receipt's COMMIT"
+        );
+        let app = &self.app;
+        app.wait_until("the old primary committed the receipt", || async {
+            app.scalar("SELECT count(*) FROM movement").await == 1
+        })
+        .await;
+        let xid = app.scalar("SELECT xmin::text::bigint FROM movement").await;
+        (request, xid)
+    }
+
+    /// Promotes the replica and points the proxy at it; the database is reachable again.
+    async fn fail_over(&self) {
+        self.pair.promote().await;
+        let new_primary = format!("127.0.0.1:{}", self.pair.replica.port);
+        self.proxy.retarget(&new_primary).await;
+        self.proxy.heal();
+    }
+
+    /// Promotes the replica, which never received the receipt, and has it hand out the
+    /// receipt's transaction id again to a transaction that commits; then points the proxy at
+    /// it. Returns a connection to the new primary.
+    async fn fail_over_reusing(&self, xid: i64) -> sea_orm::DatabaseConnection {
+        self.pair.promote().await;
+        let new = connect_to(&self.pair.replica.url(&self.app.database_name())).await;
+        loop {
+            let next: i64 = text(&new, "SELECT pg_current_xact_id()::text")
+                .await
+                .parse()
+                .expect("an id");
+            if next >= xid {
+                break;
+            }
+        }
+        let status = text(&new, &format!("SELECT pg_xact_status('{xid}'::xid8)::text")).await;
+        assert_eq!(
+            status, "committed",
+            "the new primary says the receipt's id committed: an answer for another transaction"
+        );
+        assert_eq!(count(&new, "movement").await, 0, "the receipt is not there");
+        let new_primary = format!("127.0.0.1:{}", self.pair.replica.port);
+        self.proxy.retarget(&new_primary).await;
+        self.proxy.heal();
+        new
+    }
+}
+
+async fn count(db: &sea_orm::DatabaseConnection, table: &str) -> i64 {
+    text(db, &format!("SELECT count(*)::text FROM {table}"))
+        .await
+        .parse()
+        .expect("a count")
+}
+
+#[tokio::test]
+async fn a_commit_lost_with_its_primary_before_it_replicated_is_re_run_on_the_new_primary_when_it_has_a_key()
+ {
+    let promotion = Promotion::start().await;
+    promotion.pair.stop_streaming().await;
+    let before = metric(
+        &promotion.app,
+        "db_requests_rerun_total{reason=\"primary_lost\"}",
+    )
+    .await;
+
+    let (request, xid) = promotion
+        .post_and_lose_the_commit_reply(Some("receipt-1"))
+        .await;
+    let new = promotion.fail_over_reusing(xid).await;
+    let res = request.await.expect("the request's answer");
+
+    assert_eq!(
+        res.status(),
+        201,
+        "not committed on the new primary: re-run there"
+    );
+    assert!(res.headers().get("idempotent-replayed").is_none());
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(body["quantity"], 5, "{body}");
+    assert_eq!(
+        count(&new, "movement").await,
+        1,
+        "stored once, by the re-run"
+    );
+    assert_eq!(count(&new, "idempotency_key").await, 1);
+    let reruns = metric(
+        &promotion.app,
+        "db_requests_rerun_total{reason=\"primary_lost\"}",
+    )
+    .await
+        - before;
+    assert_eq!(reruns, 1.0, "counted as a primary lost");
+    let _ = new.close().await;
+}
+
+#[tokio::test]
+async fn a_commit_lost_with_its_primary_is_unknown_without_a_key_whatever_the_new_primary_says_of_its_id()
+ {
+    let promotion = Promotion::start().await;
+    promotion.pair.stop_streaming().await;
+
+    let (request, xid) = promotion.post_and_lose_the_commit_reply(None).await;
+    let new = promotion.fail_over_reusing(xid).await;
+    let res = request.await.expect("the request's answer");
+
+    assert!(res.headers().get("retry-after").is_none(), "no Retry-After");
+    let (status, body) = problem(res).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (500, Some("commit_outcome_unknown")),
+        "the id's status on another server is no answer"
+    );
+    assert_eq!(count(&new, "movement").await, 0);
+    let _ = new.close().await;
+}
+
+#[tokio::test]
+async fn a_commit_that_replicated_before_its_primary_was_lost_answers_the_handlers_201_from_its_record()
+ {
+    let promotion = Promotion::start().await;
+    let before = metric(
+        &promotion.app,
+        "db_requests_rerun_total{reason=\"primary_lost\"}",
+    )
+    .await;
+
+    let (request, _) = promotion
+        .post_and_lose_the_commit_reply(Some("receipt-1"))
+        .await;
+    promotion.pair.wait_for_replay(&promotion.app).await;
+    promotion.fail_over().await;
+    let res = request.await.expect("the request's answer");
+
+    assert_eq!(res.status(), 201, "committed: the handler's answer");
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(body["quantity"], 5, "{body}");
+    let new = promotion.pair.on_replica(&promotion.app).await;
+    assert_eq!(count(&new, "movement").await, 1, "stored once");
+    let reruns = metric(
+        &promotion.app,
+        "db_requests_rerun_total{reason=\"primary_lost\"}",
+    )
+    .await
+        - before;
+    assert_eq!(reruns, 0.0, "not run again");
+    let _ = new.close().await;
 }

@@ -81,7 +81,7 @@ fn write_then_wait_route(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_or
     );
 }
 
-fn routes(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx::Layer) {
+pub(crate) fn routes(cfg: &mut actix_web::web::ServiceConfig, layer: &sea_orm_actix_tx::Layer) {
     slow_write_route(cfg, layer);
     counted_write_route(cfg, layer);
     write_then_wait_route(cfg, layer);
@@ -101,7 +101,7 @@ async fn app(name: &str, failover_ms: &str) -> TestApp {
 
 /// Ends the backend of the service called `name` that is inside `pg_sleep`, if one is; returns
 /// how many it ended.
-async fn end_sleeping_backend(app: &TestApp, name: &str) -> i64 {
+pub(crate) async fn end_sleeping_backend(app: &TestApp, name: &str) -> i64 {
     app.scalar(&format!(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
          WHERE application_name = '{name}' AND state = 'active' AND query LIKE '%pg_sleep%'"

@@ -16,7 +16,8 @@
 //!
 //! One entry: [`FaultProxy::start`], then [`FaultProxy::cut_next_commit`],
 //! [`FaultProxy::cut_next_rollback`], [`FaultProxy::hold_next`] or
-//! [`FaultProxy::partition_next`].
+//! [`FaultProxy::partition_next`]; [`FaultProxy::retarget`] sends new connections to another
+//! server (a promoted standby).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,7 +78,8 @@ struct Plan {
 }
 
 struct Shared {
-    upstream: SocketAddr,
+    /// Where new connections go ([`FaultProxy::retarget`] moves it).
+    upstream: Mutex<SocketAddr>,
     protocol: Protocol,
     plan: Mutex<Option<Plan>>,
     /// Set once the app is cut off: new connections are closed at once.
@@ -128,7 +130,7 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy binds");
         let addr = listener.local_addr().expect("proxy address");
         let shared = Arc::new(Shared {
-            upstream,
+            upstream: Mutex::new(upstream),
             protocol,
             plan: Mutex::new(None),
             isolated: AtomicBool::new(false),
@@ -220,6 +222,25 @@ impl FaultProxy {
         self.shared.isolated.store(false, Ordering::SeqCst);
     }
 
+    /// New connections go to `upstream` (`host:port`) from now on, as a router's do once it
+    /// points at a promoted standby; live ones stay where they are.
+    pub async fn retarget(&self, upstream: &str) {
+        let addr = tokio::net::lookup_host(upstream)
+            .await
+            .expect("upstream address resolves")
+            .next()
+            .expect("an upstream address");
+        *self.shared.upstream.lock().expect("upstream lock") = addr;
+    }
+
+    /// Waits until the armed cut has happened, up to `within`; returns whether it did.
+    pub async fn wait_fired(&self, within: std::time::Duration) -> bool {
+        let mut fired = self.shared.fired.subscribe();
+        tokio::time::timeout(within, fired.wait_for(|f| *f))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     fn arm_hold(&self, hold: Hold) {
         *self.shared.hold.lock().expect("hold lock") = Some(hold);
         self.shared.held.send_replace(false);
@@ -261,7 +282,8 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
 /// One client connection: frontend messages are read one by one (to find the `COMMIT`),
 /// backend bytes are copied as they come.
 async fn relay(client: TcpStream, shared: Arc<Shared>) {
-    let Ok(server) = TcpStream::connect(shared.upstream).await else {
+    let upstream = *shared.upstream.lock().expect("upstream lock");
+    let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
     let _ = client.set_nodelay(true);

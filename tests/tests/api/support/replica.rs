@@ -97,6 +97,38 @@ impl ReplicaPair {
     }
 }
 
+impl ReplicaPair {
+    /// The replica stops streaming from the primary (its `primary_conninfo` emptied and
+    /// reloaded): what the primary commits from now on never reaches it, as when a primary
+    /// crashes before its WAL was sent. Waits until the WAL receiver is gone.
+    pub async fn stop_streaming(&self) {
+        let admin = connect_to(&self.replica.url("postgres")).await;
+        for sql in [
+            "ALTER SYSTEM SET primary_conninfo = ''",
+            "SELECT pg_reload_conf()",
+        ] {
+            admin
+                .execute_unprepared(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while text(&admin, "SELECT count(*)::text FROM pg_stat_wal_receiver").await != "0" {
+            assert!(Instant::now() < deadline, "the WAL receiver did not stop");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = admin.close().await;
+    }
+
+    /// Promotes the replica (`pg_promote`, waiting until it takes writes, on a new timeline).
+    pub async fn promote(&self) {
+        let admin = connect_to(&self.replica.url("postgres")).await;
+        let promoted = text(&admin, "SELECT pg_promote(true, 60)::text").await;
+        assert_eq!(promoted, "true", "the replica was promoted");
+        let _ = admin.close().await;
+    }
+}
+
 /// One text value from `db`.
 pub async fn text(db: &DatabaseConnection, sql: &str) -> String {
     let row = db
