@@ -91,6 +91,8 @@ struct Inner {
     down: watch::Sender<bool>,
     probing: AtomicBool,
     last_probe: Mutex<Option<Instant>>,
+    /// Whether the last probe that found the database down found nothing listening there.
+    nothing_listens: AtomicBool,
 }
 
 /// What a probe that gets no answer to its login and `SELECT 1` in time means.
@@ -163,12 +165,20 @@ impl Availability {
             down: watch::Sender::new(false),
             probing: AtomicBool::new(false),
             last_probe: Mutex::new(None),
+            nothing_listens: AtomicBool::new(false),
         }))
     }
 
     /// Whether the last probe found the database unreachable.
     pub fn is_down(&self) -> bool {
         *self.0.down.borrow()
+    }
+
+    /// Whether the database is down with nothing listening at its address (the connection
+    /// refused or unroutable): a server that is gone, not a router (HAProxy) that accepts and
+    /// closes while it has no primary to send to, nor a server shutting down or starting up.
+    pub fn nothing_listens(&self) -> bool {
+        self.is_down() && self.0.nothing_listens.load(Ordering::Acquire)
     }
 
     /// Runs `checkout` (a future that takes a connection from the pool) unless the database is
@@ -273,6 +283,7 @@ impl Availability {
         };
         let before = self.0.progress.load(Ordering::Relaxed);
         let found = probe(target, budget).await;
+        (self.0.nothing_listens).store(found == Probe::NothingListens, Ordering::Release);
         let moved = self.0.progress.load(Ordering::Relaxed) != before;
         let up = verdict(self.0.silence, found, moved);
         if found == Probe::Silent {
@@ -293,8 +304,10 @@ impl Availability {
 enum Probe {
     /// Connected and `SELECT 1` answered (or refused for a reason that proves a server there).
     Up,
-    /// Refused, unroutable, or not accepting sessions.
+    /// Not accepting sessions (shutting down, starting up), or the connection closed at once.
     Down,
+    /// Refused or unroutable: nothing listens there.
+    NothingListens,
     /// No answer within the budget.
     Silent,
 }
@@ -304,7 +317,7 @@ enum Probe {
 fn verdict(silence: Silence, found: Probe, queue_moved: bool) -> bool {
     match (found, silence) {
         (Probe::Up, _) => true,
-        (Probe::Down, _) => false,
+        (Probe::Down | Probe::NothingListens, _) => false,
         (Probe::Silent, Silence::Slow) => true,
         (Probe::Silent, Silence::Down(_)) => false,
         (Probe::Silent, Silence::DownUnlessQueueMoved) => queue_moved,
@@ -355,15 +368,16 @@ async fn probe(target: &Target, budget: Duration) -> Probe {
             let code = e.code().unwrap_or_default();
             up(!(code.starts_with("57P") || code.starts_with("08")))
         }
-        Ok(Err(sqlx::Error::Io(e))) => up(!matches!(
-            e.kind(),
-            std::io::ErrorKind::ConnectionRefused
-                | std::io::ErrorKind::HostUnreachable
-                | std::io::ErrorKind::NetworkUnreachable
-                | std::io::ErrorKind::AddrNotAvailable
-                | std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::UnexpectedEof
-        )),
+        Ok(Err(sqlx::Error::Io(e))) => {
+            use std::io::ErrorKind::*;
+            match e.kind() {
+                ConnectionRefused | HostUnreachable | NetworkUnreachable | AddrNotAvailable => {
+                    Probe::NothingListens
+                }
+                ConnectionReset | UnexpectedEof => Probe::Down,
+                _ => Probe::Up,
+            }
+        }
         Ok(Err(_)) => Probe::Up,
         Err(_) => Probe::Silent,
     }
@@ -397,7 +411,7 @@ mod tests {
             .expect("a free port");
         // The listener is closed again: nothing listens there.
         let found = probe(&Target::Postgres(options(port)), Duration::from_secs(2)).await;
-        assert_eq!(found, Probe::Down);
+        assert_eq!(found, Probe::NothingListens);
         for silence in [
             Silence::Slow,
             Silence::Down(Duration::from_secs(1)),

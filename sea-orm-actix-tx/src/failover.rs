@@ -16,7 +16,7 @@
 //!   is re-run.
 //! * For `DB_FAILOVER_RETRY_MS` after the loss that opened it (later ones do not extend it), a
 //!   primary that cannot be reached is taken for a new one being promoted
-//!   ([`Failover::in_failover`]): the attempt is re-run like a primary lost, not answered 503 at
+//!   (`Failover::in_failover`): the attempt is re-run like a primary lost, not answered 503 at
 //!   once; a database that stays down is answered 503 when the window ends.
 //! * `db_failovers_total` counts the losses the layer saw: the first primary lost after the
 //!   primary last committed a write. `db_primary_unavailable_seconds_total` adds, when a write

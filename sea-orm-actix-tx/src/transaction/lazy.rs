@@ -484,15 +484,22 @@ impl Slot {
     /// A primary lost opens the failover window ([`Failover::in_failover`]); within it, a
     /// primary that cannot be reached (a refused or closed connection, a checkout failed fast
     /// because the probe found no server: the router has none to send to until the new primary
-    /// is promoted) is a primary lost too, re-run like one. A reply that never came (a round-trip
-    /// bound) stays a partition.
+    /// is promoted) is a primary lost too, re-run like one; not a server where nothing listens
+    /// any more ([`Availability::nothing_listens`]): that is an outage. A reply that never came
+    /// (a round-trip bound) stays a partition.
     fn classify(&self, err: &DbErr) -> DbFailure {
         let mut failure = DbFailure::classify(err);
         if self.read_write && is_read_only_refusal(err) {
             failure.kind = FailureKind::PrimaryLost;
         }
+        // Where nothing listens, the database is down (an outage answered 503 at once), not
+        // being failed over behind a router that accepts and closes.
+        let gone = self
+            .availability
+            .as_ref()
+            .is_some_and(Availability::nothing_listens);
         let in_failover = (self.failover.as_ref())
-            .is_some_and(|failover| !self.on_replica() && failover.in_failover());
+            .is_some_and(|failover| !self.on_replica() && failover.in_failover() && !gone);
         if failure.kind == FailureKind::Unavailable
             && in_failover
             && !sqlx_error(err).is_some_and(round_trip::is_timed_out)

@@ -17,8 +17,7 @@
 //!   timeline, a restart a new postmaster: the identity read afterwards differs, and the id's
 //!   status is then not trusted.
 //! * After a `COMMIT` that failed without an answer from the server (I/O error, closed
-//!   connection, or the server ending the session instead of answering: [`reply_lost`]), one
-//!   simple query on another pooled connection,
+//!   connection: [`reply_lost`]), one simple query on another pooled connection,
 //!   inside a `READ ONLY` transaction (so that it also works behind a transaction-mode pooler),
 //!   reads the identity of the server it reached, `pg_xact_status(xid)` and, when the request
 //!   stored its `Idempotency-Key` record in the transaction, whether that record (this
@@ -115,19 +114,14 @@ pub(super) async fn before_commit(
     }))
 }
 
-/// Whether a failed `COMMIT` may nevertheless have committed: the server did not answer it
-/// (an answer, such as a deferred constraint's SQLSTATE, means it did not commit), or it ended
-/// the session instead of answering (57P01, 57P02: a shutdown or a terminated backend; class
-/// 08), which says nothing of the `COMMIT` itself. (A backend ended while its `COMMIT` waits
-/// for a synchronous standby has committed locally and closes the connection without a word
-/// to the client: a lost reply of the first kind.)
+/// Whether a failed `COMMIT` may nevertheless have committed: the server did not answer it.
+/// An answer, even the session's end (57P01 from a shutdown or a terminated backend, while it
+/// waited for the `COMMIT`), means it did not commit; a backend ended while its `COMMIT` waits
+/// for a synchronous standby has committed locally and closes the connection without a word,
+/// which is a lost reply. (Resolving a 57P01 answer too would turn a plain outage's 503 into
+/// 500 `commit_outcome_unknown`, the server being gone when it is asked.)
 pub(super) fn reply_lost(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|code| code.starts_with("57P") || code.starts_with("08")),
-        _ => true,
-    }
+    !matches!(err, sqlx::Error::Database(_))
 }
 
 /// One answer of the server reached after the lost reply.

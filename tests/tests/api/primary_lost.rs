@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde_json::{Value, json};
 
-use crate::support::{TestApp, assert_unavailable};
+use crate::support::fault_proxy::{FaultProxy, upstream_of};
+use crate::support::{TestApp, admin_url, assert_unavailable};
 use crate::transactions::metric;
 
 /// `POST /test/slow-write`: inserts a warehouse, holds the transaction in a statement long
@@ -177,6 +178,48 @@ async fn a_session_ended_after_the_handler_answered_but_before_commit_is_re_run(
     assert_eq!(
         metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await,
         1.0
+    );
+}
+
+/// Outside a failover window, a connection closed without a word (no 57P01, no class 08) cannot
+/// be told from a database that went down: it is answered 503 at once, as an outage is, not
+/// re-run for `DB_FAILOVER_RETRY_MS` (`docs/transactions.md`, *A primary that goes away*).
+#[tokio::test]
+async fn a_connection_closed_without_a_word_outside_a_failover_is_answered_503_at_once() {
+    let name = "primary-lost-closed";
+    let proxy = FaultProxy::start(&upstream_of(&admin_url())).await;
+    let app = TestApp::builder()
+        .behind(&proxy)
+        .env(&[("DB_APPLICATION_NAME", name)])
+        .routes(routes)
+        .spawn()
+        .await;
+    let request = app.send_json("/test/slow-write", json!({}));
+    let closer = async {
+        app.wait_until("the write is inside pg_sleep", || async {
+            app.scalar(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{name}' \
+                 AND state = 'active' AND query LIKE '%pg_sleep%'"
+            ))
+            .await
+                > 0
+        })
+        .await;
+        // As a killed server or a router ending a node's sessions: the socket just closes.
+        proxy.sever();
+    };
+    let (res, ()) = tokio::join!(request, closer);
+    assert_unavailable(res, "the connection closed, as in an outage").await;
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM warehouse WHERE code = 'PL-1'")
+            .await,
+        0,
+        "nothing committed"
+    );
+    assert_eq!(
+        metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await,
+        0.0,
+        "not re-run"
     );
 }
 

@@ -191,6 +191,13 @@ impl FaultProxy {
         });
     }
 
+    /// Breaks every live connection now, as a server that dies or a router that ends its
+    /// sessions does: the client and the server each see their connection close, with no
+    /// error message. New connections pass as before.
+    pub fn sever(&self) {
+        self.shared.sever.send_modify(|n| *n += 1);
+    }
+
     fn arm(&self, plan: Plan) {
         *self.shared.plan.lock().expect("plan lock") = Some(plan);
         self.shared.fired.send_replace(false);
