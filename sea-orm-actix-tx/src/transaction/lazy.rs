@@ -509,9 +509,26 @@ impl Slot {
         failure
     }
 
+    /// A statement's failure ([`Self::classify`]); besides, a statement whose connection the
+    /// primary closed or reset without a word (its server killed, a router ending the sessions
+    /// of a node it marked down) is a primary lost: the transaction cannot have committed, and
+    /// the request is re-run in the failover window it opens. Not at `COMMIT` (there a close
+    /// is a lost reply, resolved), and not a connection refused at checkout.
+    fn classify_statement(&self, err: &DbErr) -> DbFailure {
+        let mut failure = self.classify(err);
+        if failure.kind == FailureKind::Unavailable
+            && self.failover.is_some()
+            && !self.on_replica()
+            && is_closed_by_server(err)
+        {
+            failure.kind = FailureKind::PrimaryLost;
+        }
+        failure
+    }
+
     /// Records a statement's failure, at the level of the innermost open savepoint ([`ledger`]).
     fn record(&self, err: DbErr) -> DbErr {
-        let classified = self.classify(&err);
+        let classified = self.classify_statement(&err);
         self.suspect_if_unavailable(&classified);
         self.ledger().record(classified);
         err
@@ -519,7 +536,7 @@ impl Slot {
 
     /// Records a failure at `level`, whatever savepoints are open.
     fn record_at(&self, err: DbErr, level: usize) -> DbErr {
-        let classified = self.classify(&err);
+        let classified = self.classify_statement(&err);
         self.suspect_if_unavailable(&classified);
         self.ledger().record_at(classified, level);
         err
@@ -729,10 +746,13 @@ impl Slot {
         };
         // The connection is closed by now if the bound passed: the server sees the break.
         drop(tx);
+        // The server answered (even with its own end, 57P01 from a shutdown: a backend ends
+        // that way only before it reads the `COMMIT`, never after committing), or the
+        // transaction wrote nothing: not committed, and a primary lost is re-run.
         let Some(before) = before.filter(|_| outcome::reply_lost(&err)) else {
             return (
                 TxOutcome::Rollback,
-                Some(self.commit_failed(&exec_err(err))),
+                Some(self.aborted_at_commit(&exec_err(err))),
             );
         };
         let record = (self.record.lock().unwrap_or_else(|p| p.into_inner()))
@@ -772,9 +792,10 @@ impl Slot {
         }
     }
 
-    /// A `COMMIT` whose reply was lost and that the server says it aborted: a primary lost (the
-    /// server's own shutdown, or a primary unreachable in the failover window, [`Self::classify`])
-    /// stays one, re-run like a failure before `COMMIT`; a database simply down is 503.
+    /// A `COMMIT` known not to have committed (the server answered it with an error, or says
+    /// it aborted after the reply was lost): a primary lost (the server's own shutdown, or a
+    /// primary unreachable in the failover window, [`Self::classify`]) stays one, re-run like a
+    /// failure before `COMMIT`; a database simply down is 503.
     #[cfg(feature = "postgres")]
     fn aborted_at_commit(&self, err: &DbErr) -> DbFailure {
         let failure = self.classify(err);
@@ -858,6 +879,18 @@ fn sqlx_error(err: &DbErr) -> Option<&sqlx::Error> {
         | DbErr::Exec(RuntimeErr::SqlxError(e))
         | DbErr::Query(RuntimeErr::SqlxError(e)) => Some(e),
         _ => None,
+    }
+}
+
+/// A statement whose connection the server closed or reset (no SQLSTATE, no bound of ours).
+fn is_closed_by_server(err: &DbErr) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    match err {
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            matches!(&**e, sqlx::Error::Io(io)
+                if matches!(io.kind(), BrokenPipe | ConnectionAborted | ConnectionReset | UnexpectedEof))
+        }
+        _ => false,
     }
 }
 
