@@ -110,6 +110,32 @@ pub(crate) async fn end_sleeping_backend(app: &TestApp, name: &str) -> i64 {
     .await
 }
 
+/// The answer to a write whose first attempt lost its primary: 201 from the re-run, the
+/// warehouse `code` committed once (the lost attempt left nothing), one more re-run counted
+/// since `reruns_before`, and `DB_TX_MAX_RETRIES`' budget untouched.
+async fn assert_re_run_once(app: &TestApp, res: reqwest::Response, code: &str, reruns_before: f64) {
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.unwrap_or_default();
+    assert_eq!(status, 201, "re-run on a new session: {body}");
+    assert_eq!(
+        app.scalar(&format!(
+            "SELECT count(*) FROM warehouse WHERE code = '{code}'"
+        ))
+        .await,
+        1,
+        "the lost attempt left nothing, the re-run committed once"
+    );
+    assert_eq!(
+        metric(app, "db_requests_rerun_total{reason=\"primary_lost\"}").await - reruns_before,
+        1.0
+    );
+    assert_eq!(
+        metric(app, "db_transaction_retries_total ").await,
+        0.0,
+        "DB_TX_MAX_RETRIES' budget is not touched"
+    );
+}
+
 #[tokio::test]
 async fn a_write_whose_primary_ended_its_session_is_re_run_and_answered_once() {
     let name = "primary-lost-once";
@@ -123,24 +149,7 @@ async fn a_write_whose_primary_ended_its_session_is_re_run_and_answered_once() {
         .await;
     };
     let (res, ()) = tokio::join!(request, ender);
-    let status = res.status().as_u16();
-    let body: Value = res.json().await.unwrap_or_default();
-    assert_eq!(status, 201, "re-run on a new session: {body}");
-    assert_eq!(
-        app.scalar("SELECT count(*) FROM warehouse WHERE code = 'PL-1'")
-            .await,
-        1,
-        "the ended attempt left nothing, the re-run committed once"
-    );
-    assert_eq!(
-        metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await - before,
-        1.0
-    );
-    assert_eq!(
-        metric(&app, "db_transaction_retries_total ").await,
-        0.0,
-        "DB_TX_MAX_RETRIES' budget is not touched"
-    );
+    assert_re_run_once(&app, res, "PL-1", before).await;
 }
 
 #[tokio::test]
@@ -164,21 +173,9 @@ async fn a_session_ended_after_the_handler_answered_but_before_commit_is_re_run(
         GATE.send_replace(true);
     };
     let (res, ()) = tokio::join!(request, ender);
-    let status = res.status().as_u16();
-    let body: Value = res.json().await.unwrap_or_default();
     // The layer's first round trip after the handler (reading the transaction id) found the
     // session ended: COMMIT was never sent, so the request is re-run, not answered 503.
-    assert_eq!(status, 201, "re-run on a new session: {body}");
-    assert_eq!(
-        app.scalar("SELECT count(*) FROM warehouse WHERE code = 'PL-3'")
-            .await,
-        1,
-        "the ended attempt left nothing, the re-run committed once"
-    );
-    assert_eq!(
-        metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await,
-        1.0
-    );
+    assert_re_run_once(&app, res, "PL-3", 0.0).await;
 }
 
 /// A statement whose connection the server closed without a word (no 57P01, no class 08: a
@@ -207,19 +204,7 @@ async fn a_write_whose_connection_the_server_closed_without_a_word_is_re_run() {
         proxy.sever();
     };
     let (res, ()) = tokio::join!(request, closer);
-    let status = res.status().as_u16();
-    let body: Value = res.json().await.unwrap_or_default();
-    assert_eq!(status, 201, "re-run on a new connection: {body}");
-    assert_eq!(
-        app.scalar("SELECT count(*) FROM warehouse WHERE code = 'PL-1'")
-            .await,
-        1,
-        "the cut attempt left nothing, the re-run committed once"
-    );
-    assert_eq!(
-        metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await,
-        1.0
-    );
+    assert_re_run_once(&app, res, "PL-1", 0.0).await;
 }
 
 #[tokio::test]
