@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::support::fault_proxy::{FaultProxy, Hold, upstream_of};
-use crate::support::{TestApp, admin_url, assert_statement_timeout, assert_unavailable, problem};
+use crate::support::{
+    TestApp, admin_url, assert_commit_outcome_unknown, assert_statement_timeout,
+    assert_unavailable, problem,
+};
 use crate::transactions::metric;
 
 /// What the issue promises: the row is writable again this soon after the partition heals.
@@ -134,13 +137,8 @@ async fn a_write_abandoned_at_commit_has_its_backend_ended_once_the_partition_he
     let res = app.post("/receipts", &receipt).await;
 
     assert!(proxy.held(), "the proxy held the receipt's COMMIT");
-    // The outcome cannot be asked while the partition lasts.
-    assert!(res.headers().get("retry-after").is_none(), "no Retry-After");
-    let (status, body) = problem(res).await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (500, Some("commit_outcome_unknown"))
-    );
+    assert_commit_outcome_unknown(res, "the outcome cannot be asked while the partition lasts")
+        .await;
     let pid = backend_in_transaction(&app, name)
         .await
         .expect("the server still holds the abandoned transaction");

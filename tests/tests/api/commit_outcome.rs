@@ -10,15 +10,14 @@
 
 use std::time::Duration;
 
-use sea_orm::ConnectionTrait as _;
 use serde_json::{Value, json};
 
 use crate::support::fault_proxy::{Cut, FaultProxy, upstream_of};
 use crate::support::process::OwnServer;
 use crate::support::replica::{ReplicaPair, text};
 use crate::support::{
-    Server, TestApp, TestDatabase, admin_url, assert_unavailable, connect_to, pooled_upstream,
-    problem,
+    Server, TestApp, TestDatabase, admin_url, assert_commit_outcome_unknown, assert_unavailable,
+    connect_to, pooled_upstream,
 };
 use crate::transactions::metric;
 
@@ -87,12 +86,7 @@ async fn a_commit_whose_outcome_cannot_be_learned_answers_500_commit_outcome_unk
     let res = app.post("/receipts", &receipt).await;
 
     assert!(proxy.fired(), "the proxy cut the receipt's COMMIT");
-    assert!(res.headers().get("retry-after").is_none(), "no Retry-After");
-    let (status, body) = problem(res).await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (500, Some("commit_outcome_unknown"))
-    );
+    assert_commit_outcome_unknown(res, "no server to ask").await;
     // The server did commit: "unknown" is honest, the answer never claims a rollback.
     assert_eq!(movements(&app).await, 1);
 }
@@ -165,15 +159,7 @@ async fn a_commit_whose_session_is_ended_while_it_waits_for_a_synchronous_standb
     // A server of the test's own, stopped when the test ends however it ends (no database to
     // drop: a DROP DATABASE would wait for the standby too): once `synchronous_standby_names`
     // is in effect, every commit waits for a standby that never comes.
-    let server = tokio::task::spawn_blocking(OwnServer::start)
-        .await
-        .expect("server starts");
-    let admin = connect_to(&server.url("postgres")).await;
-    admin
-        .execute_unprepared("CREATE DATABASE inventory")
-        .await
-        .expect("database created");
-    let _ = admin.close().await;
+    let server = OwnServer::start_with_inventory().await;
     let app = TestApp::builder()
         .url(&server.url("inventory"))
         .spawn()
@@ -393,13 +379,7 @@ async fn a_commit_lost_with_its_primary_is_unknown_without_a_key_whatever_the_ne
     let new = promotion.fail_over_reusing(xid).await;
     let res = request.await.expect("the request's answer");
 
-    assert!(res.headers().get("retry-after").is_none(), "no Retry-After");
-    let (status, body) = problem(res).await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (500, Some("commit_outcome_unknown")),
-        "the id's status on another server is no answer"
-    );
+    assert_commit_outcome_unknown(res, "the id's status on another server is no answer").await;
     assert_eq!(count(&new, "movement").await, 0);
     let _ = new.close().await;
 }

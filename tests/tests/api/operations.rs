@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::support::process::{Binary, OwnServer, free_port, run_binary};
-use crate::support::{TestApp, TestDatabase, assert_unavailable, connect_to, problem};
+use crate::support::{TestApp, TestDatabase, assert_unavailable, problem};
 
 /// Rows of the app's sessions waiting for a lock, seen from `db`.
 async fn sessions_waiting_for_a_lock(db: &DatabaseConnection) -> i64 {
@@ -186,15 +186,7 @@ async fn keep_moving(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_fails_fast_and_the_app_recovers_without_restart_losing_nothing() {
-    let server = tokio::task::spawn_blocking(OwnServer::start)
-        .await
-        .expect("server starts");
-    let admin = connect_to(&server.url("postgres")).await;
-    admin
-        .execute_unprepared("CREATE DATABASE inventory")
-        .await
-        .expect("database created");
-    let _ = admin.close().await;
+    let server = OwnServer::start_with_inventory().await;
     // DB_POOL_TIMEOUT stays at its 30 s default: fast failure must not depend on it.
     let app = Arc::new(
         TestApp::builder()

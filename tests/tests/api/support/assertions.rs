@@ -18,6 +18,21 @@ pub async fn assert_pool_timeout(res: reqwest::Response, why: &str) {
     assert_503(res, "pool_timeout", why).await;
 }
 
+/// A `COMMIT` whose outcome could not be learned: 500 `commit_outcome_unknown`, without
+/// `Retry-After` (a retry without the same Idempotency-Key could apply the writes twice).
+pub async fn assert_commit_outcome_unknown(res: reqwest::Response, why: &str) {
+    assert!(
+        res.headers().get("retry-after").is_none(),
+        "{why}: no Retry-After"
+    );
+    let (status, body) = problem(res).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (500, Some("commit_outcome_unknown")),
+        "{why}: {body}"
+    );
+}
+
 async fn assert_503(res: reqwest::Response, code: &str, why: &str) {
     assert_eq!(
         res.headers().get("retry-after").map(|v| v.as_bytes()),

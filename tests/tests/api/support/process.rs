@@ -385,6 +385,20 @@ impl OwnServer {
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
+
+    /// [`OwnServer::start`], off the test's runtime, with an empty database `inventory` made
+    /// on it (the test's to keep: it goes with the server).
+    pub async fn start_with_inventory() -> OwnServer {
+        let server = tokio::task::spawn_blocking(OwnServer::start)
+            .await
+            .expect("server starts");
+        let admin = super::connect_to(&server.url("postgres")).await;
+        sea_orm::ConnectionTrait::execute_unprepared(&admin, "CREATE DATABASE inventory")
+            .await
+            .expect("database created");
+        let _ = admin.close().await;
+        server
+    }
 }
 
 impl Drop for OwnServer {
