@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::process::{free_port, is_root, on_exit_of_this_process};
+use crate::support::process::{free_port, give_to_postgres, is_root, on_exit_of_this_process};
 
 /// Patroni's leader key lives this long without a renewal: how long a crashed leader keeps it.
 /// `loop_wait + 2 * retry_timeout` must stay below it (Patroni's rule).
@@ -179,13 +179,7 @@ impl Cluster {
             node.write_config(etcd_port);
         }
         write_haproxy_config(&dir, port, &nodes);
-        if is_root() {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres", &dir.to_string_lossy()])
-                .status()
-                .expect("chown runs");
-            assert!(status.success(), "chown of {dir:?} failed");
-        }
+        give_to_postgres(&dir);
         // Whatever happens next, the watchdog stops it all when the test process exits: each
         // Patroni first (so that none restarts its PostgreSQL), then the servers, etcd, HAProxy.
         let d = dir.display();

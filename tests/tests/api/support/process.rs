@@ -223,6 +223,18 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// As root, hands `dir` (recursively) to the `postgres` user, which PostgreSQL and Patroni run
+/// as (PostgreSQL refuses to run as root); otherwise the caller's own user keeps it.
+pub fn give_to_postgres(dir: &Path) {
+    if is_root() {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres", &dir.to_string_lossy()])
+            .status()
+            .expect("chown runs");
+        assert!(status.success(), "chown of {dir:?} failed");
+    }
+}
+
 impl OwnServer {
     /// `initdb` and start. PostgreSQL refuses to run as root, so as root the server runs as the
     /// `postgres` user.
@@ -291,13 +303,7 @@ impl OwnServer {
         let dir = std::env::temp_dir().join(format!("inventory-pg-{:016x}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let options = setup(&dir);
-        if is_root() {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres", &dir.to_string_lossy()])
-                .status()
-                .expect("chown runs");
-            assert!(status.success(), "chown of {dir:?} failed");
-        }
+        give_to_postgres(&dir);
         OwnServer {
             dir,
             bin: tests::postgres_bin(),
