@@ -92,8 +92,14 @@ pub(super) struct Mark {
 
 impl Mark {
     /// What the `BEGIN` message carries after `BEGIN …`: the lock that marks the transaction.
-    pub(super) fn begin_sql(&self) -> String {
-        format!("; SELECT pg_try_advisory_xact_lock_shared({})", self.key)
+    pub(super) fn begin_sql(&self) -> impl fmt::Display {
+        struct Lock(i64);
+        impl fmt::Display for Lock {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "; SELECT pg_try_advisory_xact_lock_shared({})", self.0)
+            }
+        }
+        Lock(self.key)
     }
 
     /// Asks the server, in the background, to end the backend of this transaction, which the

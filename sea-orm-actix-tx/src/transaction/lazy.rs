@@ -219,7 +219,7 @@ impl Slot {
             DbBackend::Postgres => {
                 let begin = config.session.begin(isolation, access);
                 Begin::Postgres(match &mark {
-                    Some(mark) => begin.followed_by(&mark.begin_sql()),
+                    Some(mark) => begin.followed_by(mark.begin_sql()),
                     None => begin,
                 })
             }

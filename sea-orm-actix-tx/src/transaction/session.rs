@@ -203,7 +203,7 @@ pub(super) enum BeginSql {
 impl BeginSql {
     /// The same `BEGIN` followed, in the same message, by `more` (`; …`).
     #[cfg(feature = "postgres")]
-    pub(super) fn followed_by(self, more: &str) -> BeginSql {
+    pub(super) fn followed_by(self, more: impl std::fmt::Display) -> BeginSql {
         let begin = match &self {
             BeginSql::Static(sql) => sql,
             BeginSql::Owned(sql) => sql.as_str(),
