@@ -37,7 +37,7 @@ pub enum DbSetupError {
     Version(String),
 }
 
-/// The oldest PostgreSQL every feature works on: 13, for `pg_current_xact_id_if_assigned()` and
+/// The oldest PostgreSQL every feature works on: 13, for `pg_current_xact_id()` and
 /// `pg_xact_status(xid8)`, which resolve a `COMMIT` whose reply was lost.
 pub const MIN_POSTGRES: (u32, u32) = (13, 0);
 /// The oldest MariaDB supported: 10.6, the first with atomic DDL (a migration interrupted by a

@@ -9,8 +9,8 @@
 //!   the age sqlx keeps is enough. Each checkout looks at one idle connection, so the old ones
 //!   go one per checkout, each when it would have been handed out.
 //! * For `DB_FAILOVER_RETRY_MS` after the last such instant (the failover window), a
-//!   `READ WRITE` transaction asks, right after its `BEGIN`, whether the server takes writes
-//!   (`SHOW transaction_read_only`: one round trip more, only in the window); a server that does
+//!   `READ WRITE` transaction checks whether the server takes writes (`transaction_read_only`,
+//!   read in its `BEGIN` message: no round trip of its own); a server that does
 //!   not (a standby a router still sends writes to) fails the attempt as a primary lost before
 //!   the handler's first statement (the one that begins the transaction) runs, and the attempt
 //!   is re-run.

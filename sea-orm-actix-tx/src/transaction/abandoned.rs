@@ -10,10 +10,9 @@
 //! answering*).
 //!
 //! Which backend: sqlx 0.9 keeps the backend's process id (its `BackendKeyData`) to itself and
-//! gives a pooled connection no identity that a pid learned once could be kept under, and the
-//! transaction's id is only read just before `COMMIT`, too late for a partition at a statement.
-//! So every `READ WRITE` transaction marks itself, in the message of its `BEGIN` (no round trip
-//! of its own): `SELECT pg_try_advisory_xact_lock_shared(key)`, a transaction-scoped shared
+//! gives a pooled connection no identity that a pid learned once could be kept under. So every
+//! `READ WRITE` transaction marks itself, in the message of its `BEGIN` (no round trip of its
+//! own): `SELECT pg_try_advisory_xact_lock_shared(key), …` (`outcome::BeginRead`), a transaction-scoped shared
 //! advisory lock on a key of its own ([`Mark`]: 31 random bits of the process, 32 of a counter).
 //! A shared advisory lock blocks no other shared one and nothing else but an exclusive advisory
 //! lock on the same key; the `try` form never waits. The server releases it when the
@@ -91,15 +90,10 @@ pub(super) struct Mark {
 }
 
 impl Mark {
-    /// What the `BEGIN` message carries after `BEGIN …`: the lock that marks the transaction.
-    pub(super) fn begin_sql(&self) -> impl fmt::Display {
-        struct Lock(i64);
-        impl fmt::Display for Lock {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "; SELECT pg_try_advisory_xact_lock_shared({})", self.0)
-            }
-        }
-        Lock(self.key)
+    /// The key of the lock that marks the transaction, taken in its `BEGIN` message
+    /// (`pg_try_advisory_xact_lock_shared(key)`, written by `outcome::BeginRead`).
+    pub(super) fn key(&self) -> i64 {
+        self.key
     }
 
     /// Asks the server, in the background, to end the backend of this transaction, which the

@@ -26,7 +26,7 @@
 //!   ([`TxSavepoint`], in [`savepoint`]); `StreamTrait` streams a query's rows on the
 //!   transaction's connection ([`stream`]).
 //! * End: `COMMIT` or `ROLLBACK`, each bounded. On PostgreSQL a writing transaction reads its id
-//!   just before `COMMIT`, so that a `COMMIT` whose reply is lost is resolved ([`outcome`]); on
+//!   in its `BEGIN` message, so that a `COMMIT` whose reply is lost is resolved ([`outcome`]); on
 //!   MariaDB such a `COMMIT` is answered as unknown. A PostgreSQL `READ ONLY` transaction at READ
 //!   COMMITTED or REPEATABLE READ without on-commit hooks is not waited for: its end is queued
 //!   and completed when the connection goes back to the pool (`Slot::end_changes_nothing`,
@@ -184,6 +184,10 @@ pub(super) struct Slot {
     /// the layer abandons it (PostgreSQL `READ WRITE` on a direct connection, `abandoned.rs`).
     #[cfg(feature = "postgres")]
     mark: Option<Mark>,
+    /// What the `BEGIN` message of a `READ WRITE` transaction read (PostgreSQL): its id and its
+    /// server's identity ([`outcome`]), and whether the server takes writes.
+    #[cfg(feature = "postgres")]
+    begun: StdMutex<Option<outcome::Begun>>,
     /// The primary's failover epoch (PostgreSQL): told of a primary lost and of a committed
     /// write; in its window a read-write transaction checks that its server takes writes.
     failover: Option<Failover>,
@@ -218,9 +222,11 @@ impl Slot {
             #[cfg(feature = "postgres")]
             DbBackend::Postgres => {
                 let begin = config.session.begin(isolation, access);
-                Begin::Postgres(match &mark {
-                    Some(mark) => begin.followed_by(mark.begin_sql()),
-                    None => begin,
+                Begin::Postgres(match access {
+                    AccessMode::ReadWrite => {
+                        begin.followed_by(outcome::BeginRead(mark.as_ref().map(Mark::key)))
+                    }
+                    AccessMode::ReadOnly => begin,
                 })
             }
             #[cfg(feature = "mysql")]
@@ -262,6 +268,8 @@ impl Slot {
             on_replica: AtomicBool::new(false),
             #[cfg(feature = "postgres")]
             mark,
+            #[cfg(feature = "postgres")]
+            begun: StdMutex::new(None),
             failover,
             record: StdMutex::new(None),
         }
@@ -331,8 +339,8 @@ impl Slot {
                 m.observe_acquire(started.elapsed());
             }
             match begun {
-                Ok(mut open) => {
-                    if let Err(e) = self.check_writable(&mut open).await {
+                Ok(open) => {
+                    if let Err(e) = self.check_writable() {
                         // Dropping `open` closes its connection (still in its transaction).
                         *state = State::Finished;
                         return Err(e);
@@ -436,14 +444,15 @@ impl Slot {
                 let conn = db.get_postgres_connection_pool().acquire().await;
                 let conn = conn.map_err(acquire_err)?;
                 let (bound, queued) = self.bounds.begin();
-                TxConn::begin_marked(conn, sql.sql(), bound, self.mark.clone())
-                    .await
-                    .map(Open::Postgres)
-                    .map_err(|e| match e {
-                        // The pooler did not hand a server connection in time: a pool wait.
-                        e if queued && round_trip::is_timed_out(&e) => sqlx::Error::PoolTimedOut,
-                        e => e,
-                    })
+                let begun = match self.read_write {
+                    true => self.begin_reading(conn, sql, bound).await,
+                    false => TxConn::begin(conn, sql.sql(), bound).await,
+                };
+                begun.map(Open::Postgres).map_err(|e| match e {
+                    // The pooler did not hand a server connection in time: a pool wait.
+                    e if queued && round_trip::is_timed_out(&e) => sqlx::Error::PoolTimedOut,
+                    e => e,
+                })
             }
             #[cfg(feature = "mysql")]
             Begin::Mysql(sql) => {
@@ -457,6 +466,23 @@ impl Slot {
         };
         #[allow(unreachable_code)]
         begun.map_err(acquire_err)
+    }
+
+    /// Begins a `READ WRITE` transaction on PostgreSQL with its [`outcome::BeginRead`] and keeps
+    /// what that read.
+    #[cfg(feature = "postgres")]
+    async fn begin_reading(
+        &self,
+        conn: sqlx::pool::PoolConnection<Postgres>,
+        sql: &BeginSql,
+        bound: Duration,
+    ) -> Result<TxConn<Postgres>, sqlx::Error> {
+        let (tx, rows) = TxConn::begin_reading(conn, sql.sql(), bound, self.mark.clone()).await?;
+        // Its columns are the layer's own: a row that cannot be read is a bug, and fails the
+        // `BEGIN` (dropping `tx` closes the connection, still in its transaction).
+        let begun = outcome::begun(rows.last())?;
+        *self.begun.lock().unwrap_or_else(|p| p.into_inner()) = Some(begun);
+        Ok(tx)
     }
 
     /// A statement bound as SeaORM binds it: by name and cached on the connection where
@@ -660,41 +686,34 @@ impl Slot {
 
 impl Slot {
     /// In the failover window ([`Failover::in_window`]), whether the server of a read-write
-    /// transaction just begun on the primary takes writes (`SHOW transaction_read_only`, one
-    /// round trip, inside the transaction: on for a standby and for a server whose sessions
-    /// default to read-only). One that does not fails the attempt as a primary lost before the
-    /// handler's first statement runs (the one that began the transaction); the attempt is
-    /// re-run within `DB_FAILOVER_RETRY_MS`.
-    async fn check_writable(&self, open: &mut Open) -> Result<(), DbErr> {
+    /// transaction just begun on the primary takes writes (`transaction_read_only`, read in the
+    /// `BEGIN` message: on for a standby and for a server whose sessions default to read-only).
+    /// One that does not fails the attempt as a primary lost before the handler's first
+    /// statement runs (the one that began the transaction); the attempt is re-run within
+    /// `DB_FAILOVER_RETRY_MS`. Outside the window the first write finds out (25006, a primary
+    /// lost too).
+    fn check_writable(&self) -> Result<(), DbErr> {
         let checks = self.read_write
             && !self.on_replica()
             && self.failover.as_ref().is_some_and(Failover::in_window);
-        if !checks {
+        #[cfg(feature = "postgres")]
+        let read_only = (self.begun.lock().unwrap_or_else(|p| p.into_inner()))
+            .as_ref()
+            .is_some_and(|begun| begun.read_only);
+        #[cfg(not(feature = "postgres"))]
+        let read_only = false;
+        if !checks || !read_only {
             return Ok(());
         }
-        let read_only = match open {
-            #[cfg(feature = "postgres")]
-            Open::Postgres(tx) => {
-                let bound = Some(self.bounds.control);
-                bounded!(tx, bound, |conn| read_only_now(conn)).map_err(query_err)
-            }
-            _ => Ok(false),
+        let failure = DbFailure {
+            kind: FailureKind::PrimaryLost,
+            message: "the server does not take writes (a standby, or a demoted primary): \
+                      transaction_read_only is on"
+                .to_owned(),
         };
-        match read_only {
-            Ok(false) => Ok(()),
-            Ok(true) => {
-                let failure = DbFailure {
-                    kind: FailureKind::PrimaryLost,
-                    message: "the server does not take writes (a standby, or a demoted primary): \
-                              transaction_read_only is on"
-                        .to_owned(),
-                };
-                self.suspect_if_unavailable(&failure);
-                self.ledger().record(failure.clone());
-                Err(DbErr::Custom(failure.message))
-            }
-            Err(e) => Err(self.record(e)),
-        }
+        self.suspect_if_unavailable(&failure);
+        self.ledger().record(failure.clone());
+        Err(DbErr::Custom(failure.message))
     }
 
     /// Whether this transaction's end cannot change what the handler answered, so that the
@@ -719,27 +738,15 @@ impl Slot {
         !self.read_write && level && no_hooks
     }
 
-    /// `COMMIT` on PostgreSQL. A writing transaction's id and its server's identity are read
-    /// first, so that a `COMMIT` whose reply is lost can be resolved ([`outcome`]) instead of
+    /// `COMMIT` on PostgreSQL. A writing transaction's id and its server's identity, read in its
+    /// `BEGIN` message, are kept so that a `COMMIT` whose reply is lost can be resolved ([`outcome`]) instead of
     /// guessed. Known not to have committed, the attempt is re-run when the primary was lost
     /// (another server holds the data now, or the failure is a primary lost, within the
     /// failover window); otherwise it is the failure it was (503).
     #[cfg(feature = "postgres")]
     async fn commit_postgres(&self, mut tx: TxConn<Postgres>) -> (TxOutcome, Option<DbFailure>) {
-        let bound = Some(self.bounds.control);
-        let before = if self.read_write {
-            match bounded!(tx, bound, |conn| outcome::before_commit(conn)) {
-                Ok(before) => before,
-                // Nothing was committed (`COMMIT` was not sent): a failure like any statement's,
-                // so a primary lost here is re-run. Dropping `tx` closes the connection.
-                Err(e) => {
-                    self.record(exec_err(e));
-                    return (TxOutcome::Rollback, self.failure());
-                }
-            }
-        } else {
-            None
-        };
+        let begun = self.begun.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let before = begun.and_then(|begun| begun.before);
         let err = match tx.commit(self.bounds.control).await {
             Ok(()) => return (TxOutcome::Commit, None),
             Err(e) => e,
@@ -747,8 +754,8 @@ impl Slot {
         // The connection is closed by now if the bound passed: the server sees the break.
         drop(tx);
         // The server answered (even with its own end, 57P01 from a shutdown: a backend ends
-        // that way only before it reads the `COMMIT`, never after committing), or the
-        // transaction wrote nothing: not committed, and a primary lost is re-run.
+        // that way only before it reads the `COMMIT`, never after committing), or no id was
+        // read at `BEGIN`: not committed, and a primary lost is re-run.
         let Some(before) = before.filter(|_| outcome::reply_lost(&err)) else {
             return (
                 TxOutcome::Rollback,
@@ -840,20 +847,6 @@ impl Slot {
         }
         failure
     }
-}
-
-/// Whether the open transaction on `conn` is read-only (`SHOW transaction_read_only`).
-#[cfg(feature = "postgres")]
-async fn read_only_now(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
-    use sqlx::Row as _;
-    let rows = sqlx::raw_sql("SHOW transaction_read_only")
-        .fetch_all(&mut *conn)
-        .await?;
-    let value: Option<String> = match rows.first() {
-        Some(row) => row.try_get(0)?,
-        None => None,
-    };
-    Ok(value.as_deref() == Some("on"))
 }
 
 /// SQLSTATE 25006: the server refused a write in a read-only transaction.

@@ -46,8 +46,8 @@
 //!   driver reports success: a request whose statement failed is never answered 2xx.
 //! * A `COMMIT` whose reply is lost (the connection broke while it was in flight, or the server
 //!   ended the session instead of answering) is resolved, not guessed: a writing transaction's
-//!   id and its server's identity (postmaster start, WAL timeline) are read just before
-//!   `COMMIT`, and after the break another connection asks (`outcome.rs`). The id's status
+//!   id and its server's identity (postmaster start, WAL timeline) are read in its `BEGIN`
+//!   message, and after the break another connection asks (`outcome.rs`). The id's status
 //!   counts only on the same server run; on another (a promoted standby, a restarted server)
 //!   only the request's `Idempotency-Key` record, stored in the same transaction, tells.
 //!   Committed → the handler's own response; not committed → 503 `database_unavailable`, or a

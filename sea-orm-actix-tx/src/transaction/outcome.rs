@@ -3,13 +3,12 @@
 //! parent module; this file only learns, before `COMMIT`, the transaction's id and which server
 //! run holds it, and afterwards what became of it.
 //!
-//! * Before `COMMIT`, and only for a `READ WRITE` transaction, one simple query reads
-//!   `pg_current_xact_id_if_assigned()` (NULL when the transaction wrote nothing: then its
-//!   outcome changes nothing and a lost reply is an ordinary 503) and, in the same round trip,
-//!   the server's [`Identity`]: its postmaster's start time and its WAL timeline. It is one
-//!   round trip more per writing request; there is no cheaper place to learn them (the id is
-//!   assigned at the first write, inside the handler's statements, and the `COMMIT` reply itself
-//!   is what gets lost).
+//! * A `READ WRITE` transaction's `BEGIN` message ([`BeginRead`]) assigns its id
+//!   (`pg_current_xact_id()`) and reads it with the server's [`Identity`] (its postmaster's start
+//!   time and its WAL timeline): no round trip of its own. The id would otherwise be assigned at
+//!   the first write and have to be read before `COMMIT`, one round trip more per writing
+//!   request; assigned at `BEGIN`, it costs a transaction that ends up writing nothing a commit
+//!   record (a WAL flush at `COMMIT`), and changes nothing for one that writes.
 //! * A transaction id names a transaction only on the server run that assigned it: a standby
 //!   promoted in the old primary's place continues from the ids it replayed and may hand out
 //!   again one the old primary had assigned to a transaction that never reached it; a server
@@ -82,7 +81,7 @@ fn timeline_of(wal_file: &str) -> Option<u32> {
 const IDENTITY_SQL: &str = "pg_postmaster_start_time()::text, \
      CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END";
 
-/// What a writing transaction is, read just before its `COMMIT`.
+/// What a writing transaction is: its id and its server's identity, read in its `BEGIN` message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct BeforeCommit {
     pub xid: u64,
@@ -90,28 +89,56 @@ pub(super) struct BeforeCommit {
     pub identity: Option<Identity>,
 }
 
-/// The open transaction's id and its server's identity, or `None` when it has written nothing
-/// (no id assigned). A simple query: one round trip, no prepared statement (safe behind a
-/// pooler).
-pub(super) async fn before_commit(
-    conn: &mut sqlx::PgConnection,
-) -> Result<Option<BeforeCommit>, sqlx::Error> {
-    let sql = format!("SELECT pg_current_xact_id_if_assigned()::text, {IDENTITY_SQL}");
-    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .fetch_all(&mut *conn)
-        .await?;
-    let Some(row) = rows.first() else {
-        return Ok(None);
-    };
-    let xid: Option<String> = row.try_get(0)?;
-    let Some(xid) = xid.and_then(|t| t.parse().ok()) else {
-        return Ok(None);
-    };
-    let wal_file: Option<String> = row.try_get(2)?;
-    Ok(Some(BeforeCommit {
-        xid,
-        identity: Identity::parse(row.try_get(1)?, wal_file.as_deref()),
-    }))
+/// What a `READ WRITE` transaction's `BEGIN` message read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Begun {
+    /// `None` on a server that cannot take writes (no id can be assigned there).
+    pub before: Option<BeforeCommit>,
+    /// `transaction_read_only`: on for a standby and for sessions read-only by default.
+    pub read_only: bool,
+}
+
+/// What a `READ WRITE` transaction's `BEGIN` message carries after `BEGIN …`: one `SELECT` of
+/// the mark's lock when there is one (`abandoned.rs`), the transaction's id, assigned here
+/// (NULL where none can be: a standby, a read-only transaction), the server's [`Identity`] and
+/// `transaction_read_only`. Same message, so no round trip of its own; the id is assigned at
+/// `BEGIN` instead of at the first write, which changes nothing for a transaction that writes
+/// (`docs/transactions.md`).
+pub(super) struct BeginRead(pub Option<i64>);
+
+impl std::fmt::Display for BeginRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("; SELECT ")?;
+        if let Some(key) = self.0 {
+            write!(f, "pg_try_advisory_xact_lock_shared({key}), ")?;
+        }
+        f.write_str(
+            "CASE WHEN pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on' \
+             THEN NULL ELSE pg_current_xact_id()::text END, ",
+        )?;
+        write!(
+            f,
+            "{IDENTITY_SQL}, current_setting('transaction_read_only')"
+        )
+    }
+}
+
+/// Reads the row of [`BeginRead`] (its last four columns).
+pub(super) fn begun(row: Option<&PgRow>) -> Result<Begun, sqlx::Error> {
+    let row = row.ok_or(sqlx::Error::RowNotFound)?;
+    let at = row.len().saturating_sub(4);
+    let xid: Option<String> = row.try_get(at)?;
+    let started: Option<String> = row.try_get(at + 1)?;
+    let wal_file: Option<String> = row.try_get(at + 2)?;
+    let read_only: Option<String> = row.try_get(at + 3)?;
+    let before = xid.and_then(|t| t.parse().ok());
+    Ok(Begun {
+        before: before.map(|xid| BeforeCommit {
+            xid,
+            identity: Identity::parse(started, wal_file.as_deref()),
+        }),
+        read_only: read_only.as_deref() == Some("on"),
+    })
 }
 
 /// Whether a failed `COMMIT` may nevertheless have committed: the server did not answer it.
@@ -233,6 +260,26 @@ fn seen(row: &PgRow) -> Result<Seen, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_write_begin_reads_its_id_and_identity_in_the_same_message() {
+        let marked = BeginRead(Some(42)).to_string();
+        assert!(
+            marked.starts_with("; SELECT pg_try_advisory_xact_lock_shared(42), CASE WHEN"),
+            "{marked}"
+        );
+        let unmarked = BeginRead(None).to_string();
+        assert!(unmarked.starts_with("; SELECT CASE WHEN"), "{unmarked}");
+        for sql in [&marked, &unmarked] {
+            assert!(sql.contains("ELSE pg_current_xact_id()::text END"), "{sql}");
+            assert!(sql.contains(IDENTITY_SQL), "{sql}");
+            assert!(
+                sql.ends_with("current_setting('transaction_read_only')"),
+                "the four columns `begun` reads are the last: {sql}"
+            );
+            assert_eq!(sql.matches(';').count(), 1, "one statement: {sql}");
+        }
+    }
 
     #[test]
     fn the_timeline_is_the_first_eight_hex_digits_of_a_wal_file_name() {

@@ -9,8 +9,9 @@
 //! at `COMMIT`, goes through the commit-outcome check of the parent module.
 //!
 //! The transaction is held as the pooled connection itself, begun, committed and rolled back
-//! with one simple-query message each through sqlx's transaction manager (what sqlx's own
-//! `Transaction` sends, and the connection knows it is in a transaction), so that the connection
+//! with one simple-query message each, through sqlx's transaction manager (what sqlx's own
+//! `Transaction` sends, and the connection knows it is in a transaction) or, for a `BEGIN`
+//! message whose rows are needed ([`TxConn::begin_reading`]), as queries of their own, so that the connection
 //! can be closed when a bound passes: sqlx's `Transaction` keeps its connection to itself.
 //! Dropped while still open (a cancelled request), it closes its connection, and the server
 //! rolls the transaction back. A `READ ONLY` transaction whose end cannot change the answer is
@@ -146,21 +147,34 @@ where
         tx.send_begin(begin, bound).await
     }
 
-    /// [`TxConn::begin`] of a transaction whose `begin` carries `mark` (`abandoned.rs`): a round
-    /// trip that outlives its bound from the `BEGIN` on tells it.
+    /// [`TxConn::begin`] of a `READ WRITE` transaction whose `begin` message also reads
+    /// something (`outcome::BeginRead`, which may take `mark`'s lock: a round trip that
+    /// outlives its bound from the `BEGIN` on tells it, `abandoned.rs`); the rows it read. The
+    /// message is sent as a query of its own, not through sqlx's transaction manager (which
+    /// discards rows): the connection's end is then sent by [`TxConn::end`] itself.
     #[cfg(feature = "postgres")]
-    pub(super) async fn begin_marked(
+    pub(super) async fn begin_reading(
         conn: PoolConnection<DB>,
         begin: sqlx::SqlStr,
         bound: Duration,
         mark: Option<Mark>,
-    ) -> Result<TxConn<DB>, sqlx::Error> {
-        let tx = TxConn {
+    ) -> Result<(TxConn<DB>, Vec<DB::Row>), sqlx::Error> {
+        let mut tx = TxConn {
             conn: Some(conn),
             open: true,
             mark,
         };
-        tx.send_begin(begin, bound).await
+        let result = match tx.conn() {
+            Ok(conn) => within(Some(bound), sqlx::raw_sql(begin).fetch_all(conn)).await,
+            Err(e) => Err(e),
+        };
+        match tx.settle(result) {
+            Ok(rows) => Ok((tx, rows)),
+            Err(e) => {
+                tx.close();
+                Err(e)
+            }
+        }
     }
 
     async fn send_begin(
@@ -225,10 +239,23 @@ where
     }
 
     async fn end(&mut self, end: End, bound: Duration) -> Result<(), sqlx::Error> {
+        // Begun through sqlx's transaction manager, or by a message of its own (depth 0).
         let result = match self.conn() {
-            Ok(conn) => match end {
-                End::Commit => within(Some(bound), DB::TransactionManager::commit(conn)).await,
-                End::Rollback => within(Some(bound), DB::TransactionManager::rollback(conn)).await,
+            Ok(conn) => match (end, DB::TransactionManager::get_transaction_depth(conn) > 0) {
+                (End::Commit, true) => {
+                    within(Some(bound), DB::TransactionManager::commit(conn)).await
+                }
+                (End::Rollback, true) => {
+                    within(Some(bound), DB::TransactionManager::rollback(conn)).await
+                }
+                (End::Commit, false) => within(Some(bound), sqlx::raw_sql("COMMIT").execute(conn))
+                    .await
+                    .map(drop),
+                (End::Rollback, false) => {
+                    within(Some(bound), sqlx::raw_sql("ROLLBACK").execute(conn))
+                        .await
+                        .map(drop)
+                }
             },
             Err(e) => Err(e),
         };

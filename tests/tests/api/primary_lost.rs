@@ -173,8 +173,8 @@ async fn a_session_ended_after_the_handler_answered_but_before_commit_is_re_run(
         GATE.send_replace(true);
     };
     let (res, ()) = tokio::join!(request, ender);
-    // The layer's first round trip after the handler (reading the transaction id) found the
-    // session ended: COMMIT was never sent, so the request is re-run, not answered 503.
+    // The COMMIT after the handler finds the session ended: the server's 57P01 answers it (a
+    // backend ends that way only before it commits), so the request is re-run, not answered 503.
     assert_re_run_once(&app, res, "PL-3", 0.0).await;
 }
 
