@@ -28,6 +28,93 @@ def fmt(x, digits=1):
     return f"{x:,}"
 
 
+def merge_rounds(points):
+    """One point per (tool, workload, connections): the rounds of BENCH_ROUNDS summed (requests,
+    statuses, counters), CPU per request over all of them, rates and latencies averaged; each
+    round's own figures are kept under "rounds"."""
+    groups = {}
+    for p in points:
+        groups.setdefault((p.get("tool"), p["workload"], p["connections"]), []).append(p)
+    merged = []
+    for ps in groups.values():
+        if len(ps) == 1:
+            merged.append(ps[0])
+            continue
+        m = dict(ps[0])
+        n = sum(q.get("requests") or 0 for q in ps)
+        m["requests"] = n
+        for key in ("rps", "tps"):
+            xs = [q[key] for q in ps if q.get(key) is not None]
+            if xs:
+                m[key] = sum(xs) / len(xs)
+        lat = [q.get("latency_ms") or {} for q in ps]
+        m["latency_ms"] = {k: sum(l.get(k) or 0 for l in lat) / len(lat) for k in lat[0]}
+        for key in ("non_2xx", "failed", "app_retries", "app_rollbacks", "app_commits",
+                    "app_reads_replica", "app_reads_primary", "deadlocks", "pgbouncer_queries",
+                    "replica_xacts", "app_log_lines"):
+            if any(key in q for q in ps):
+                m[key] = sum(q.get(key) or 0 for q in ps)
+        if any("status" in q for q in ps):
+            m["status"] = {}
+            for q in ps:
+                for k, v in (q.get("status") or {}).items():
+                    m["status"][k] = m["status"].get(k, 0) + (v or 0)
+        for key in ("cpu_us_per_request", "postgres_cpu_us_per_request"):
+            if n and all(q.get(key) is not None and q.get("requests") for q in ps):
+                m[key] = round(sum(q[key] * q["requests"] for q in ps) / n, 1)
+        if m.get("pgbouncer_queries") is not None and n:
+            m["round_trips_per_request"] = round(m["pgbouncer_queries"] / n, 2)
+        m["peak_rss_mb"] = max((q.get("peak_rss_mb") or 0) for q in ps)
+        m["drained"] = all(q.get("drained") is not False for q in ps)
+        m["rounds"] = [{k: q.get(k) for k in ("round", "requests", "rps", "tps", "cpu_us_per_request")}
+                       for q in ps]
+        merged.append(m)
+    return merged
+
+
+def messages_per_request(trace, requests=3):
+    """Messages a request sent, from the statement log of `requests` requests: each logged
+    simple query (`statement:`, several statements in one message counting once) or execution
+    of a prepared statement. The pool's release `Sync` is not logged (one per request, for the
+    app and the control alike)."""
+    if not trace:
+        return None
+    n = sum(1 for line in trace if "LOG:  statement:" in line or "LOG:  execute" in line)
+    return round(n / requests, 2)
+
+
+def headline(points, meta):
+    """CPU per request of the app and the control at each W1/W2 point, their ratio over all
+    rounds and in each round, the throughput ratio, and the messages per request."""
+    by = {(p.get("tool"), p["workload"], p["connections"]): p for p in points}
+    trace = meta.get("sql_trace", {})
+    rows = []
+    for (t, w, c), p in sorted(by.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), kv[0][2])):
+        if t not in ("app", "app-pgbouncer") or w not in ("W1", "W2"):
+            continue
+        ctl = by.get((t.replace("app", "control"), w, c))
+        if not ctl:
+            continue
+        app_cpu, ctl_cpu = p.get("cpu_us_per_request"), ctl.get("cpu_us_per_request")
+        per_round = []
+        for a, b in zip(p.get("rounds") or [p], ctl.get("rounds") or [ctl]):
+            if a.get("cpu_us_per_request") and b.get("cpu_us_per_request"):
+                per_round.append(round(a["cpu_us_per_request"] / b["cpu_us_per_request"], 2))
+        rows.append({
+            "workload": w if t == "app" else f"{w} through PgBouncer", "connections": c,
+            "app_cpu_us": app_cpu, "control_cpu_us": ctl_cpu,
+            "cpu_ratio": round(app_cpu / ctl_cpu, 3) if app_cpu and ctl_cpu else None,
+            "cpu_ratio_per_round": per_round,
+            "rps_ratio": round(p["rps"] / ctl["rps"], 3) if p.get("rps") and ctl.get("rps") else None,
+            # Through PgBouncer: its own count of queries per request (bench/run's pgb_queries).
+            "app_messages": messages_per_request(trace.get(f"app_{w}")) if t == "app"
+            else p.get("round_trips_per_request"),
+            "control_messages": messages_per_request(trace.get(f"control_{w}")) if t == "app"
+            else ctl.get("round_trips_per_request"),
+        })
+    return rows
+
+
 def main():
     meta_path, points_path, checks_path, results, stamp = sys.argv[1:6]
     meta = json.load(open(meta_path))
@@ -58,6 +145,8 @@ def main():
         # request, the round trips per request (see pgb_queries in bench/run).
         if p.get("pgbouncer_queries") is not None and p.get("requests"):
             p["round_trips_per_request"] = round(p["pgbouncer_queries"] / p["requests"], 2)
+    points = merge_rounds(points)
+    head = headline(points, meta)
     by = {(p.get("tool"), p["workload"], p["connections"]): p for p in points}
 
     def rate(tool, w, c):
@@ -108,8 +197,27 @@ def main():
         f"Run {meta['started']} on {m['nproc']} cores, {m['mem_total_gib']} GiB ({m['cpu_model']}); "
         f"app {meta['app']['commit'][:10]}{' (dirty tree)' if meta['app']['dirty'] else ''}; "
         f"PostgreSQL {meta['settings']['postgres']['version']}; "
-        f"{meta['settings']['duration_s']} s per point.",
+        f"{meta['settings']['duration_s']} s per point"
+        f"{', ' + str(meta['settings'].get('rounds')) + ' rounds (A/B/A/B) at W1 and W2' if meta['settings'].get('rounds', 1) > 1 else ''}.",
         "",
+    ]
+    if head:
+        lines += [
+            "CPU time of the server process per request (µs), the app against the control, and the "
+            "messages each request sends PostgreSQL (from the statement log; plus the pool's "
+            "release `Sync`, one for both):",
+            "",
+            "| workload | connections | app CPU µs/req | control | app/control | per round | "
+            "throughput app/control | messages app | control |",
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        ]
+        for r in head:
+            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                r["workload"], r["connections"], fmt(r["app_cpu_us"], 0), fmt(r["control_cpu_us"], 0),
+                fmt(r["cpu_ratio"], 2), ", ".join(f"{x:.2f}" for x in r["cpu_ratio_per_round"]) or "–",
+                fmt(r["rps_ratio"], 2), fmt(r["app_messages"], 0), fmt(r["control_messages"], 0)))
+        lines.append("")
+    lines += [
         "| workload | connections | app req/s | p50 ms | p99 ms | non-2xx | 5xx | peak RSS MB "
         "| control req/s | pgbench TPS | app/control | app/pgbench | CPU µs/req app | control |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -194,6 +302,7 @@ def main():
     result["points"] = points
     result["checks"] = checks
     result["ledger_pass"] = all(c["pass"] for c in checks)
+    result["headline"] = head
     result["table"] = rows
     result["levers"] = levers
     result["replica"] = replica_rows
