@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod domain;
 pub mod json;
+pub mod json_log;
 pub mod metrics;
 pub mod problem;
 pub mod routes;

@@ -68,10 +68,8 @@ where
         .with_writer(writer);
     let result = match format {
         LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .fmt_fields(crate::json_log::JsonFields)
+            .event_format(crate::json_log::JsonLine)
             .try_init(),
         LogFormat::Pretty => builder.try_init(),
     };

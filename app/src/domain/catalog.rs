@@ -4,10 +4,11 @@ use chrono::{DateTime, Utc};
 use entity::{product, warehouse};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, NotSet, QueryFilter,
-    QueryOrder, QuerySelect, Set,
+    QueryOrder, QuerySelect, QueryTrait, Set,
 };
 
 use super::DomainError;
+use super::rendered::Rendered;
 use super::values::{Id, Name, Page, Sku, WarehouseCode};
 use sea_orm_actix_tx::{DbFailure, FailureKind};
 
@@ -104,8 +105,18 @@ pub async fn create_product(
     })
 }
 
+/// The product `id` (`GET /products/{id}`: its statement is rendered once, `rendered.rs`).
 pub async fn get_product(db: &impl ConnectionTrait, id: Id) -> Result<product::Model, DomainError> {
-    product::Entity::find_by_id(id.get())
+    static GET: Rendered = Rendered::new();
+    let backend = db.get_database_backend();
+    let find = || {
+        product::Entity::find_by_id(id.get())
+            .limit(1)
+            .build(backend)
+    };
+    let statement = GET.statement(backend, find, [id.get().into(), 1u64.into()]);
+    product::Entity::find()
+        .from_raw_sql(statement)
         .one(db)
         .await?
         .ok_or_else(|| DomainError::NotFound(format!("product {id} not found")))

@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod error;
+mod rendered;
 pub mod stock;
 pub mod values;
 

@@ -28,15 +28,16 @@
 use chrono::{DateTime, Utc};
 use entity::movement::MovementKind;
 use entity::{movement, product, stock_level, warehouse};
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait,
-    FromQueryResult, JoinType, NotSet, QueryFilter, QueryOrder, QuerySelect, RelationTrait, Set,
-    Statement,
+    ActiveEnum, ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr,
+    EntityTrait, FromQueryResult, Iterable, JoinType, NotSet, QueryFilter, QueryOrder, QuerySelect,
+    QueryTrait, RelationTrait, Set, Statement,
 };
 
 use super::DomainError;
 use super::catalog::{Paged, get_product, get_warehouse, now};
+use super::rendered::Rendered;
 use super::values::{Id, Page, Quantity};
 use sea_orm_actix_tx::{DbFailure, FailureKind};
 
@@ -58,26 +59,32 @@ async fn credit(
     quantity: Quantity,
     at: DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    let row = stock_level::ActiveModel {
-        warehouse_id: Set(warehouse.get()),
-        product_id: Set(product.get()),
-        quantity: Set(quantity.get()),
-        updated_at: Set(at),
-    };
-    stock_level::Entity::insert(row)
-        .on_conflict(
-            OnConflict::columns([
-                stock_level::Column::WarehouseId,
-                stock_level::Column::ProductId,
-            ])
-            .value(
-                stock_level::Column::Quantity,
-                Expr::col((stock_level::Entity, stock_level::Column::Quantity)).add(quantity.get()),
+    static CREDIT: Rendered = Rendered::new();
+    let backend = db.get_database_backend();
+    let upsert = || {
+        let row = stock_level::ActiveModel {
+            warehouse_id: Set(warehouse.get()),
+            product_id: Set(product.get()),
+            quantity: Set(quantity.get()),
+            updated_at: Set(at),
+        };
+        let add =
+            Expr::col((stock_level::Entity, stock_level::Column::Quantity)).add(quantity.get());
+        stock_level::Entity::insert(row)
+            .on_conflict(
+                OnConflict::columns([
+                    stock_level::Column::WarehouseId,
+                    stock_level::Column::ProductId,
+                ])
+                .value(stock_level::Column::Quantity, add)
+                .value(stock_level::Column::UpdatedAt, Expr::value(at))
+                .to_owned(),
             )
-            .value(stock_level::Column::UpdatedAt, Expr::value(at))
-            .to_owned(),
-        )
-        .exec_without_returning(db)
+            .build(backend)
+    };
+    let (w, p, q) = (warehouse.get(), product.get(), quantity.get());
+    let values = [w.into(), p.into(), q.into(), at.into(), q.into(), at.into()];
+    db.execute_raw(CREDIT.statement(backend, upsert, values))
         .await?;
     Ok(())
 }
@@ -91,18 +98,26 @@ async fn debit(
     quantity: Quantity,
     at: DateTime<Utc>,
 ) -> Result<bool, DbErr> {
-    let result = stock_level::Entity::update_many()
-        .col_expr(
-            stock_level::Column::Quantity,
-            Expr::col(stock_level::Column::Quantity).sub(quantity.get()),
-        )
-        .col_expr(stock_level::Column::UpdatedAt, Expr::value(at))
-        .filter(stock_level::Column::WarehouseId.eq(warehouse.get()))
-        .filter(stock_level::Column::ProductId.eq(product.get()))
-        .filter(stock_level::Column::Quantity.gte(quantity.get()))
-        .exec(db)
+    static DEBIT: Rendered = Rendered::new();
+    let backend = db.get_database_backend();
+    let update = || {
+        stock_level::Entity::update_many()
+            .col_expr(
+                stock_level::Column::Quantity,
+                Expr::col(stock_level::Column::Quantity).sub(quantity.get()),
+            )
+            .col_expr(stock_level::Column::UpdatedAt, Expr::value(at))
+            .filter(stock_level::Column::WarehouseId.eq(warehouse.get()))
+            .filter(stock_level::Column::ProductId.eq(product.get()))
+            .filter(stock_level::Column::Quantity.gte(quantity.get()))
+            .build(backend)
+    };
+    let (w, p, q) = (warehouse.get(), product.get(), quantity.get());
+    let values = [q.into(), at.into(), w.into(), p.into(), q.into()];
+    let result = db
+        .execute_raw(DEBIT.statement(backend, update, values))
         .await?;
-    Ok(result.rows_affected == 1)
+    Ok(result.rows_affected() == 1)
 }
 
 /// Locks the stock rows of `product` in both `warehouses`, in warehouse-id order, creating an empty
@@ -207,7 +222,7 @@ async fn record(
     quantity: Quantity,
     at: DateTime<Utc>,
 ) -> Result<movement::Model, DbErr> {
-    movement::ActiveModel {
+    let row = || movement::ActiveModel {
         id: NotSet,
         kind: Set(kind),
         product_id: Set(product.get()),
@@ -215,9 +230,32 @@ async fn record(
         to_warehouse_id: Set(to.map(Id::get)),
         quantity: Set(quantity.get()),
         created_at: Set(at),
+    };
+    let backend = db.get_database_backend();
+    if backend != DbBackend::Postgres {
+        return row().insert(db).await;
     }
-    .insert(db)
-    .await
+    // What `ActiveModel::insert` sends PostgreSQL, rendered once.
+    static RECORD: Rendered = Rendered::new();
+    let insert = || {
+        let mut insert = movement::Entity::insert(row());
+        let returning = Query::returning().columns(movement::Column::iter());
+        QueryTrait::query(&mut insert).returning(returning);
+        insert.build(backend)
+    };
+    let values = [
+        kind.into_value().into(),
+        product.get().into(),
+        from.map(Id::get).into(),
+        to.map(Id::get).into(),
+        quantity.get().into(),
+        at.into(),
+    ];
+    movement::Entity::find()
+        .from_raw_sql(RECORD.statement(backend, insert, values))
+        .one(db)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotInserted)
 }
 
 /// Goods arrive in `warehouse`.

@@ -1,0 +1,46 @@
+//! Statements of the busiest routes rendered once per backend, their values bound per call.
+//! Rendering a SeaORM query (building the sea-query tree, writing its SQL) cost more CPU per
+//! request than the rest of a handler (bench/NOTES.md, issue 23); the text of these statements
+//! never depends on their values, so the builder runs once per backend and each call only
+//! supplies the values, in the builder's order. Debug builds (the tests) check every call
+//! against the builder: the text and the values must be exactly what it would send.
+
+use std::sync::OnceLock;
+
+use sea_orm::{DbBackend, Statement, Value, Values};
+
+/// One statement's text for each backend, rendered on first use.
+pub(super) struct Rendered([OnceLock<String>; 3]);
+
+impl Rendered {
+    pub(super) const fn new() -> Rendered {
+        Rendered([OnceLock::new(), OnceLock::new(), OnceLock::new()])
+    }
+
+    /// The statement `build` renders for `backend`, with `values` (in the order of its
+    /// placeholders) instead of the ones it was first rendered with.
+    pub(super) fn statement<const N: usize>(
+        &self,
+        backend: DbBackend,
+        build: impl Fn() -> Statement,
+        values: [Value; N],
+    ) -> Statement {
+        let slot = match backend {
+            DbBackend::Postgres => 0,
+            DbBackend::MySql => 1,
+            _ => 2,
+        };
+        let sql = self.0[slot].get_or_init(|| build().sql);
+        let statement = Statement {
+            sql: sql.clone(),
+            values: Some(Values(values.into())),
+            db_backend: backend,
+        };
+        debug_assert_eq!(
+            statement,
+            build(),
+            "a rendered statement is what its builder sends"
+        );
+        statement
+    }
+}

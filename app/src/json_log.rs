@@ -1,0 +1,281 @@
+//! `LOG_FORMAT=json`: one JSON object per line, written straight into the subscriber's line
+//! buffer. The same object as `tracing-subscriber`'s JSON format with the event flattened and
+//! the current span (`{"timestamp":…,"level":…,"message":…,<fields>,"target":…,"span":{<its
+//! fields>,"name":…}}`), without going through `serde_json` (whose writer adaptor checks each
+//! of the dozens of pieces of a line as UTF-8): the request log line is written on every
+//! request, and this costs about a third of what that did (bench/NOTES.md, issue 23). A span's
+//! fields are rendered once, when it is created, and copied into each line logged inside it.
+
+use std::fmt::{self, Write as _};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The event format of `LOG_FORMAT=json`.
+pub struct JsonLine;
+
+/// How a span's fields are kept: `"name":value` pairs, comma-separated, ready to be copied.
+pub struct JsonFields;
+
+impl<'w> FormatFields<'w> for JsonFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = Fields::new(&mut writer, false);
+        fields.record(&mut visitor);
+        visitor.result
+    }
+
+    /// Fields recorded on a span after it was created join the ones it has (the default would
+    /// separate them with a space).
+    fn add_fields(
+        &self,
+        current: &'w mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        if !current.fields.is_empty() {
+            current.fields.push(',');
+        }
+        self.format_fields(current.as_writer(), fields)
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for JsonLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        writer.write_str("{\"timestamp\":\"")?;
+        SystemTime.format_time(&mut writer)?;
+        write!(writer, "\",\"level\":\"{}\"", event.metadata().level())?;
+        let mut fields = Fields::new(&mut writer, true);
+        event.record(&mut fields);
+        fields.result?;
+        writer.write_str(",\"target\":")?;
+        string(&mut writer, event.metadata().target())?;
+        if let Some(span) = ctx.lookup_current() {
+            writer.write_str(",\"span\":{")?;
+            let extensions = span.extensions();
+            if let Some(fields) = extensions.get::<FormattedFields<N>>()
+                && !fields.fields.is_empty()
+            {
+                writer.write_str(&fields.fields)?;
+                writer.write_char(',')?;
+            }
+            writer.write_str("\"name\":")?;
+            string(&mut writer, span.name())?;
+            writer.write_char('}')?;
+        }
+        writer.write_str("}\n")
+    }
+}
+
+/// Writes fields as `"name":value` pairs, each preceded by a comma when `leading` (inside an
+/// object already begun), else separated by commas.
+struct Fields<'a, 'w> {
+    writer: &'a mut Writer<'w>,
+    leading: bool,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl<'a, 'w> Fields<'a, 'w> {
+    fn new(writer: &'a mut Writer<'w>, leading: bool) -> Self {
+        Fields {
+            writer,
+            leading,
+            first: true,
+            result: Ok(()),
+        }
+    }
+
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'w>) -> fmt::Result) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = (|| {
+            if self.leading || !self.first {
+                self.writer.write_char(',')?;
+            }
+            self.first = false;
+            string(self.writer, field.name())?;
+            self.writer.write_char(':')?;
+            value(self.writer)
+        })();
+    }
+}
+
+impl Visit for Fields<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.field(field, |w| string(w, value));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.field(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.field(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.field(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        // JSON has no NaN or infinity (serde_json writes null for them too).
+        self.field(field, |w| match value.is_finite() {
+            true => write!(w, "{value}"),
+            false => w.write_str("null"),
+        });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.field(field, |w| {
+            w.write_char('"')?;
+            write!(Escaped(w), "{value:?}")?;
+            w.write_char('"')
+        });
+    }
+}
+
+/// `text` as a JSON string.
+fn string(w: &mut Writer<'_>, text: &str) -> fmt::Result {
+    w.write_char('"')?;
+    Escaped(w).write_str(text)?;
+    w.write_char('"')
+}
+
+/// Writes what it is given escaped for the inside of a JSON string (RFC 8259: `"`, `\` and
+/// the control characters).
+struct Escaped<'a, 'w>(&'a mut Writer<'w>);
+
+impl fmt::Write for Escaped<'_, '_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let mut rest = text;
+        while let Some(at) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
+            self.0.write_str(&rest[..at])?;
+            let c = rest.as_bytes()[at];
+            match c {
+                b'"' => self.0.write_str("\\\"")?,
+                b'\\' => self.0.write_str("\\\\")?,
+                b'\n' => self.0.write_str("\\n")?,
+                b'\r' => self.0.write_str("\\r")?,
+                b'\t' => self.0.write_str("\\t")?,
+                c => write!(self.0, "\\u{c:04x}")?,
+            }
+            rest = &rest[at + 1..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::fmt::MakeWriter;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Lines {
+        type Writer = Lines;
+        fn make_writer(&'a self) -> Lines {
+            self.clone()
+        }
+    }
+
+    fn logged(f: impl FnOnce()) -> Vec<serde_json::Value> {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(lines.clone())
+            .fmt_fields(JsonFields)
+            .event_format(JsonLine)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect()
+    }
+
+    #[test]
+    fn an_event_is_one_json_object_with_its_fields_its_target_and_its_span() {
+        let lines = logged(|| {
+            let span = tracing::info_span!("request", request_id = "r-1", method = "GET");
+            let _entered = span.enter();
+            tracing::info!(
+                status = 200u16,
+                latency_ms = 1.5,
+                retries = 0u32,
+                ok = true,
+                delta = -3i64,
+                route = %"/products/{id}",
+                "request"
+            );
+        });
+        let [line] = lines.as_slice() else {
+            panic!("one line: {lines:?}")
+        };
+        assert_eq!(line["level"], "INFO");
+        assert_eq!(line["message"], "request");
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["latency_ms"], 1.5);
+        assert_eq!(line["retries"], 0);
+        assert_eq!(line["ok"], true);
+        assert_eq!(line["delta"], -3);
+        assert_eq!(line["route"], "/products/{id}");
+        assert_eq!(line["target"], module_path!());
+        assert_eq!(
+            line["span"],
+            serde_json::json!({"request_id": "r-1", "method": "GET", "name": "request"})
+        );
+        let timestamp = line["timestamp"].as_str().unwrap_or_default();
+        assert!(
+            timestamp.ends_with('Z') && timestamp.len() > 20,
+            "{timestamp}"
+        );
+    }
+
+    #[test]
+    fn strings_are_escaped_and_an_event_outside_a_span_has_none() {
+        let nasty = "quote \" backslash \\ newline \n tab \t bell \u{7} é";
+        let lines = logged(|| tracing::warn!(value = nasty, "{}", nasty));
+        assert_eq!(lines[0]["value"], nasty);
+        assert_eq!(lines[0]["message"], nasty);
+        assert_eq!(lines[0]["level"], "WARN");
+        assert!(lines[0].get("span").is_none());
+    }
+
+    #[test]
+    fn a_span_without_fields_and_a_number_json_cannot_hold() {
+        let lines = logged(|| {
+            let _entered = tracing::info_span!("job").entered();
+            tracing::info!(ratio = f64::NAN, "x");
+        });
+        assert_eq!(lines[0]["span"], serde_json::json!({"name": "job"}));
+        assert!(lines[0]["ratio"].is_null());
+    }
+}
