@@ -162,7 +162,11 @@ struct Escaped<'a, 'w>(&'a mut Writer<'w>);
 impl fmt::Write for Escaped<'_, '_> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
         let mut rest = text;
-        while let Some(at) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
+        // Every byte that needs escaping is ASCII, so `at` is always a character boundary.
+        while let Some(at) = rest
+            .bytes()
+            .position(|b| b == b'"' || b == b'\\' || b < b' ')
+        {
             self.0.write_str(&rest[..at])?;
             let c = rest.as_bytes()[at];
             match c {

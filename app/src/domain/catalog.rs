@@ -3,8 +3,8 @@
 use chrono::{DateTime, Utc};
 use entity::{product, warehouse};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, NotSet, QueryFilter,
-    QueryOrder, QuerySelect, QueryTrait, Set,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, NotSet,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set,
 };
 
 use super::DomainError;
@@ -115,8 +115,7 @@ pub async fn get_product(db: &impl ConnectionTrait, id: Id) -> Result<product::M
             .build(backend)
     };
     let statement = GET.statement(backend, find, [id.get().into(), 1u64.into()]);
-    product::Entity::find()
-        .from_raw_sql(statement)
+    product::Model::find_by_statement(statement)
         .one(db)
         .await?
         .ok_or_else(|| DomainError::NotFound(format!("product {id} not found")))

@@ -251,8 +251,7 @@ async fn record(
         quantity.get().into(),
         at.into(),
     ];
-    movement::Entity::find()
-        .from_raw_sql(RECORD.statement(backend, insert, values))
+    movement::Model::find_by_statement(RECORD.statement(backend, insert, values))
         .one(db)
         .await?
         .ok_or_else(|| DbErr::RecordNotInserted)
