@@ -7,55 +7,52 @@
 /// Why the settings could not be read. `Display` is one line, fit for a start-up failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A variable holds a value outside what is allowed. `value` is safe to show: it is either
-    /// not secret or already redacted.
-    #[error("invalid {variable}={value:?}: {expected}")]
+    /// A variable holds a value outside what is allowed: `invalid NAME="value": expected …`.
+    /// The value is `None` when it is not shown because it is (or may contain) a secret; when
+    /// shown, it is either not secret or already redacted.
+    #[error("invalid {variable}{}: {expected}", shown(value))]
     Invalid {
+        /// The variable at fault.
         variable: &'static str,
-        value: String,
+        /// Its value, when safe to show.
+        value: Option<String>,
+        /// What is allowed.
         expected: String,
     },
-    /// A variable holds a bad value that is not shown because it is (or may contain) a secret.
-    #[error("invalid {variable} (value not shown, it may contain a password): {expected}")]
-    Withheld {
-        variable: &'static str,
-        expected: String,
-    },
-    /// The `.env` file exists but could not be read or parsed. Its content is never shown.
-    #[error("could not read .env: {0}")]
-    DotEnv(String),
-    /// The environment could not be read (for example a variable this crate reads is not UTF-8).
-    #[error("could not read the environment: {0}")]
-    Environment(String),
+    /// `.env` or the environment could not be read (for example a variable this crate reads is
+    /// not UTF-8): what, and why. The content of `.env` is never shown.
+    #[error("could not read {0}")]
+    Unreadable(String),
+}
+
+/// `="value"`, or why the value is not shown.
+fn shown(value: &Option<String>) -> String {
+    match value {
+        Some(value) => format!("={value:?}"),
+        None => " (value not shown, it may contain a password)".to_owned(),
+    }
 }
 
 impl ConfigError {
     /// The variable at fault, when there is one.
     pub fn variable(&self) -> Option<&'static str> {
         match self {
-            ConfigError::Invalid { variable, .. } | ConfigError::Withheld { variable, .. } => {
-                Some(variable)
-            }
-            ConfigError::DotEnv(_) | ConfigError::Environment(_) => None,
+            ConfigError::Invalid { variable, .. } => Some(variable),
+            ConfigError::Unreadable(_) => None,
         }
     }
 
+    /// A value that is safe to show is not allowed.
     pub(crate) fn invalid(
         variable: &'static str,
         value: impl Into<String>,
         expected: impl Into<String>,
     ) -> Self {
+        let (value, expected) = (Some(value.into()), expected.into());
         ConfigError::Invalid {
             variable,
-            value: value.into(),
-            expected: expected.into(),
-        }
-    }
-
-    pub(crate) fn withheld(variable: &'static str, expected: impl Into<String>) -> Self {
-        ConfigError::Withheld {
-            variable,
-            expected: expected.into(),
+            value,
+            expected,
         }
     }
 }
@@ -78,7 +75,11 @@ mod tests {
 
     #[test]
     fn a_withheld_value_names_the_variable_but_not_the_value() {
-        let err = ConfigError::withheld("DATABASE_URL", "invalid port number");
+        let err = ConfigError::Invalid {
+            variable: "DATABASE_URL",
+            value: None,
+            expected: "invalid port number".to_owned(),
+        };
         assert_eq!(
             err.to_string(),
             "invalid DATABASE_URL (value not shown, it may contain a password): invalid port number"

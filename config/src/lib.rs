@@ -164,8 +164,8 @@ fn process_vars() -> Result<Vec<(String, String)>, ConfigError> {
     });
     ours.map(|(name, value)| match value.into_string() {
         Ok(value) => Ok((name, value)),
-        Err(_) => Err(ConfigError::Environment(format!(
-            "{name} is not valid UTF-8"
+        Err(_) => Err(ConfigError::Unreadable(format!(
+            "the environment: {name} is not valid UTF-8"
         ))),
     })
     .collect()
@@ -174,17 +174,16 @@ fn process_vars() -> Result<Vec<(String, String)>, ConfigError> {
 /// Loads `./.env` into the process environment without overriding variables already set. A
 /// missing file is fine. Parse errors do not quote the line: it may hold a password.
 fn load_dotenv() -> Result<(), ConfigError> {
-    match dotenvy::from_path(".env") {
-        Ok(()) => Ok(()),
-        Err(err) if err.not_found() => Ok(()),
-        Err(dotenvy::Error::Io(err)) => Err(ConfigError::DotEnv(err.to_string())),
-        Err(dotenvy::Error::LineParse(..)) => Err(ConfigError::DotEnv(
-            "a line is not in NAME=value form (not shown, it may contain a password)".to_owned(),
-        )),
-        Err(_) => Err(ConfigError::DotEnv(
-            "a substituted variable could not be read".to_owned(),
-        )),
-    }
+    let why = match dotenvy::from_path(".env") {
+        Ok(()) => return Ok(()),
+        Err(err) if err.not_found() => return Ok(()),
+        Err(dotenvy::Error::Io(err)) => err.to_string(),
+        Err(dotenvy::Error::LineParse(..)) => {
+            "a line is not in NAME=value form (not shown, it may contain a password)".to_owned()
+        }
+        Err(_) => "a substituted variable could not be read".to_owned(),
+    };
+    Err(ConfigError::Unreadable(format!(".env: {why}")))
 }
 
 #[cfg(test)]

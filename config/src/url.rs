@@ -78,7 +78,11 @@ impl DatabaseUrl {
     /// [`DatabaseUrl::parse`] for another variable.
     pub(crate) fn parse_as(variable: &'static str, raw: &str) -> Result<DatabaseUrl, ConfigError> {
         let raw = raw.trim();
-        let withheld = |why: String| ConfigError::withheld(variable, why);
+        let withheld = |expected: String| ConfigError::Invalid {
+            variable,
+            value: None,
+            expected,
+        };
         let (scheme, rest) = raw
             .split_once(':')
             .ok_or_else(|| withheld(EXPECTED_URL.into()))?;

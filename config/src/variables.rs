@@ -232,8 +232,8 @@ impl Env {
         let ours = vars
             .into_iter()
             .filter(|(name, _)| VARIABLES.iter().any(|var| var.name == name));
-        let vars =
-            envy::from_iter(ours).map_err(|err| ConfigError::Environment(err.to_string()))?;
+        let vars = envy::from_iter(ours)
+            .map_err(|err| ConfigError::Unreadable(format!("the environment: {err}")))?;
         Ok(Env {
             vars,
             defaults: Defaults::default(),
