@@ -76,7 +76,7 @@ const LIBPQ_VARIABLES: &str = "PGHOST PGHOSTADDR PGPORT PGUSER PGPASSWORD PGDATA
 /// [`ConfigError`] when `.env` cannot be read or `DB_POOLER` is invalid.
 pub fn pooler_from_env() -> Result<Pooler, ConfigError> {
     load_dotenv()?;
-    Env::from_vars(process_vars()?)?.word(&variables::DB_POOLER)
+    Env::new(process_vars()?, Defaults::default()).word(&variables::DB_POOLER)
 }
 
 impl Settings {
@@ -130,8 +130,7 @@ impl Settings {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let mut env = Env::from_vars(vars)?;
-        env.defaults = *defaults;
+        let mut env = Env::new(vars, *defaults);
         env.url = Some(env.url(&variables::DATABASE_URL)?);
         Ok(Settings {
             database: DatabaseSettings::read(&env)?.checked(&env)?,
@@ -152,23 +151,17 @@ impl Settings {
     }
 }
 
-/// The process environment's variables of ours. Unrelated variables that are not UTF-8 are
-/// skipped (`std::env::vars` would panic on them); one of ours that is not UTF-8 is an error
-/// naming it, without its value.
+/// The process environment's variables of ours (others, which may not be UTF-8, are never
+/// read); one of ours that is not UTF-8 is an error naming it, without its value.
 fn process_vars() -> Result<Vec<(String, String)>, ConfigError> {
-    let ours = std::env::vars_os().filter_map(|(name, value)| {
-        let name = name
-            .to_str()
-            .filter(|n| VARIABLES.iter().any(|var| var.name == *n))?;
-        Some((name.to_owned(), value))
-    });
-    ours.map(|(name, value)| match value.into_string() {
-        Ok(value) => Ok((name, value)),
-        Err(_) => Err(ConfigError::Unreadable(format!(
+    let read = |name: &'static str| match std::env::var(name) {
+        Ok(value) => Some(Ok((name.to_owned(), value))),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => Some(Err(ConfigError::Unreadable(format!(
             "the environment: {name} is not valid UTF-8"
-        ))),
-    })
-    .collect()
+        )))),
+    };
+    VARIABLES.iter().filter_map(|var| read(var.name)).collect()
 }
 
 /// Loads `./.env` into the process environment without overriding variables already set. A

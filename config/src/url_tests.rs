@@ -32,8 +32,7 @@ fn parse_error(raw: &str) -> String {
 }
 
 fn assembled(pairs: Vars) -> Result<Option<DatabaseUrl>, ConfigError> {
-    let env = Env::from_vars(vars(pairs)).unwrap_or_else(|err| panic!("{pairs:?}: {err}"));
-    assemble(&env)
+    assemble(&Env::new(vars(pairs), crate::Defaults::default()))
 }
 
 fn assembled_ok(pairs: Vars) -> DatabaseUrl {

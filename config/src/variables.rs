@@ -214,9 +214,8 @@ settings! {
     }
 }
 
-/// The variables of [`VARIABLES`] that are set, read by `envy` (which keys them in lower case),
-/// with the service's [`Defaults`] and, once read, the database URL whose query parameters
-/// stand in for unset variables.
+/// The variables as given (the last of repeated names wins), with the service's [`Defaults`]
+/// and, once read, the database URL whose query parameters stand in for unset variables.
 pub(crate) struct Env {
     vars: BTreeMap<String, String>,
     pub(crate) defaults: Defaults,
@@ -224,26 +223,19 @@ pub(crate) struct Env {
 }
 
 impl Env {
-    /// Keeps only our variables (names are case-sensitive; the last of repeated names wins).
-    pub(crate) fn from_vars<I>(vars: I) -> Result<Env, ConfigError>
-    where
-        I: IntoIterator<Item = (String, String)>,
-    {
-        let ours = vars
-            .into_iter()
-            .filter(|(name, _)| VARIABLES.iter().any(|var| var.name == name));
-        let vars = envy::from_iter(ours)
-            .map_err(|err| ConfigError::Unreadable(format!("the environment: {err}")))?;
-        Ok(Env {
+    /// Names are case-sensitive; unrelated variables are never looked at.
+    pub(crate) fn new(vars: impl IntoIterator<Item = (String, String)>, defaults: Defaults) -> Env {
+        let vars = vars.into_iter().collect();
+        Env {
             vars,
-            defaults: Defaults::default(),
+            defaults,
             url: None,
-        })
+        }
     }
 
     /// The value exactly as given (a password's spaces matter), `None` when unset or empty.
     pub(crate) fn raw(&self, var: &Var) -> Option<&str> {
-        let value = self.vars.get(&var.name.to_ascii_lowercase())?;
+        let value = self.vars.get(var.name)?;
         Some(value.as_str()).filter(|v| !v.is_empty())
     }
 

@@ -5,7 +5,7 @@ use crate::test_support::{Vars, error, settings, vars};
 use crate::{IsolationLevel, SslMode};
 
 fn env(pairs: Vars) -> Env {
-    Env::from_vars(vars(pairs)).unwrap_or_else(|err| panic!("{pairs:?} should be read: {err}"))
+    Env::new(vars(pairs), Defaults::default())
 }
 
 fn message<T: std::fmt::Debug>(result: Result<T, ConfigError>) -> String {
