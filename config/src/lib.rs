@@ -76,7 +76,7 @@ const LIBPQ_VARIABLES: &str = "PGHOST PGHOSTADDR PGPORT PGUSER PGPASSWORD PGDATA
 /// [`ConfigError`] when `.env` cannot be read or `DB_POOLER` is invalid.
 pub fn pooler_from_env() -> Result<Pooler, ConfigError> {
     load_dotenv()?;
-    Env::new(process_vars()?, Defaults::default()).word(&variables::DB_POOLER)
+    Env::new(process_vars()?, Defaults::default()).parse(&variables::DB_POOLER)
 }
 
 impl Settings {

@@ -321,7 +321,7 @@ pub(crate) fn assemble(env: &Env) -> Result<Option<DatabaseUrl>, ConfigError> {
             "expected a host name, an IP address or the path of a socket directory",
         )
     };
-    let port: u16 = env.number(&var::DB_PORT)?;
+    let port: u16 = env.parse(&var::DB_PORT)?;
     let encode = |v: &str| utf8_percent_encode(v, COMPONENT).to_string();
     let mut url = Url::parse("postgres://localhost").map_err(|_| bad_host())?;
     if host.starts_with('/') {
