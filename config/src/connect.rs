@@ -20,12 +20,13 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use sea_orm::sqlx::{self, Connection as _};
 
+use crate::database::PoolMode;
 #[cfg(feature = "postgres")]
 use crate::database::Pooler;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 use crate::database::SslMode;
-use crate::database::{DatabaseSettings, PoolMode};
 use crate::url::Target;
+use crate::variables::DatabaseSettings;
 
 /// Given a pooled connection's age, whether it must be closed instead of handed out.
 pub type Evict = std::sync::Arc<dyn Fn(Duration) -> bool + Send + Sync>;

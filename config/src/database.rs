@@ -7,8 +7,7 @@ use strum::{Display, EnumString};
 
 use crate::error::ConfigError;
 use crate::url::DatabaseUrl;
-pub use crate::variables::DatabaseSettings;
-use crate::variables::{self as var, Env};
+use crate::variables::{self as var, DatabaseSettings, Env};
 
 /// The most connections a pool may open (`DB_POOL_SIZE + DB_MAX_OVERFLOW`).
 pub const MAX_CONNECTIONS: u32 = 10_000;
@@ -99,6 +98,17 @@ pub enum SslMode {
         serialize = "verify_identity"
     )]
     VerifyFull,
+}
+
+/// `LOG_FORMAT`: how log lines are written (the log filter itself is `RUST_LOG`, read by the
+/// subscriber).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString)]
+#[strum(serialize_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
 }
 
 impl DatabaseSettings {

@@ -12,20 +12,18 @@ mod database;
 mod error;
 #[cfg(test)]
 mod reference_doc;
-mod server;
 #[cfg(test)]
 mod test_support;
 mod url;
 mod variables;
 
 pub use database::{
-    Backend, DatabaseSettings, IsolationLevel, MAX_CONNECTIONS, PoolMode, Pooler,
-    SQLITE_MAX_CONNECTIONS, SslMode,
+    Backend, IsolationLevel, LogFormat, MAX_CONNECTIONS, PoolMode, Pooler, SQLITE_MAX_CONNECTIONS,
+    SslMode,
 };
 pub use error::ConfigError;
-pub use server::{LogFormat, LogSettings, ServerSettings};
 pub use url::DatabaseUrl;
-pub use variables::{env_example, reference_table};
+pub use variables::{DatabaseSettings, LogSettings, ServerSettings, env_example, reference_table};
 
 use variables::{Env, VARIABLES};
 
@@ -115,10 +113,9 @@ impl Settings {
     /// # Errors
     /// [`ConfigError`] for the first invalid variable, in the order of `docs/configuration.md`'s
     /// table.
-    pub fn from_vars<I>(vars: I) -> Result<Settings, ConfigError>
-    where
-        I: IntoIterator<Item = (String, String)>,
-    {
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
         Settings::from_vars_with(vars, &Defaults::default())
     }
 
@@ -126,10 +123,10 @@ impl Settings {
     ///
     /// # Errors
     /// [`ConfigError`] for the first invalid variable.
-    pub fn from_vars_with<I>(vars: I, defaults: &Defaults) -> Result<Settings, ConfigError>
-    where
-        I: IntoIterator<Item = (String, String)>,
-    {
+    pub fn from_vars_with(
+        vars: impl IntoIterator<Item = (String, String)>,
+        defaults: &Defaults,
+    ) -> Result<Settings, ConfigError> {
         let mut env = Env::new(vars, *defaults);
         env.url = Some(env.url(&variables::DATABASE_URL)?);
         Ok(Settings {
@@ -144,10 +141,8 @@ impl Settings {
     /// the parts of the effective PostgreSQL or MariaDB URL as the driver will use them (empty
     /// for SQLite); unset optional values are empty. For `app check-config`.
     pub fn report(&self) -> String {
-        VARIABLES
-            .iter()
-            .map(|var| format!("{}={}\n", var.name, (var.shown)(self)))
-            .collect()
+        let line = |var: &variables::Var| format!("{}={}\n", var.name, (var.shown)(self));
+        VARIABLES.iter().map(line).collect()
     }
 }
 
@@ -418,5 +413,96 @@ LOG_FORMAT=pretty
                 .join("\n")
         };
         assert_eq!(workers(from_example.report()), workers(defaults.report()));
+    }
+
+    #[test]
+    fn an_empty_environment_gives_the_documented_defaults() {
+        let all = settings(&[]);
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(all.server.host, "127.0.0.1");
+        assert_eq!(all.server.port, 8080);
+        assert_eq!(all.server.workers, cpus.clamp(1, 1024));
+        assert_eq!(all.server.body_limit, 65_536);
+        assert_eq!(
+            all.server.shutdown_timeout,
+            std::time::Duration::from_secs(30)
+        );
+        assert_eq!(all.log.format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn every_server_and_log_variable_is_read() {
+        let all = settings(&[
+            ("APP_HOST", "0.0.0.0"),
+            ("APP_PORT", "0"),
+            ("APP_WORKERS", "3"),
+            ("APP_BODY_LIMIT", "1073741824"),
+            ("APP_SHUTDOWN_TIMEOUT", "5"),
+            ("LOG_FORMAT", "JSON"),
+        ]);
+        assert_eq!(all.server.host, "0.0.0.0");
+        assert_eq!(all.server.port, 0, "0 asks the OS for a free port");
+        assert_eq!(all.server.workers, 3);
+        assert_eq!(all.server.body_limit, 1 << 30);
+        assert_eq!(
+            all.server.shutdown_timeout,
+            std::time::Duration::from_secs(5)
+        );
+        assert_eq!(all.log.format, LogFormat::Json);
+        assert_eq!(LogFormat::Json.to_string(), "json");
+    }
+
+    #[test]
+    fn each_bad_value_is_named_shown_and_explained() {
+        let cases = [
+            (
+                "APP_HOST",
+                "local host",
+                "expected a host name or an IP address",
+                "a space",
+            ),
+            (
+                "APP_PORT",
+                "65536",
+                "from 0 to 65535",
+                "beyond the port range",
+            ),
+            ("APP_PORT", "http", "from 0 to 65535", "a service name"),
+            ("APP_WORKERS", "0", "from 1 to 1024", "no worker"),
+            ("APP_WORKERS", "1025", "from 1 to 1024", "too many"),
+            (
+                "APP_BODY_LIMIT",
+                "0",
+                "from 1 to 1073741824",
+                "no body at all",
+            ),
+            (
+                "APP_BODY_LIMIT",
+                "1073741825",
+                "from 1 to 1073741824",
+                "over 1 GiB",
+            ),
+            ("APP_BODY_LIMIT", "64k", "from 1 to 1073741824", "units"),
+            (
+                "APP_SHUTDOWN_TIMEOUT",
+                "0",
+                "from 1 to 86400",
+                "no grace period",
+            ),
+            (
+                "LOG_FORMAT",
+                "xml",
+                "expected one of pretty, json",
+                "unknown format",
+            ),
+        ];
+        for (variable, value, expected, reason) in cases {
+            let shown = error(&[(variable, value)]).to_string();
+            assert!(
+                shown.starts_with(&format!("invalid {variable}={value:?}: ")),
+                "{reason}: {shown}"
+            );
+            assert!(shown.contains(expected), "{reason}: {shown}");
+        }
     }
 }
