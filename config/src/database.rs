@@ -1,12 +1,11 @@
-//! `DatabaseSettings`: every `DB_*` variable (and `DATABASE_URL`) parsed and checked, with the
-//! small enums they use and the rules that tie variables together (a URL parameter kept when
-//! its variable is unset, `DB_STATEMENT_CACHE` deferring to `DB_POOLER`, the per-backend
-//! checks). Turning them into the driver's pool lives in `connect.rs`.
+//! The small enums the settings use, and `DatabaseSettings`' rules: its pool bounds, its replica
+//! and the checks that tie variables together (a URL parameter kept when its variable is unset,
+//! `DB_STATEMENT_CACHE` deferring to `DB_POOLER`, the per-backend checks). Turning the settings
+//! into the driver's pool lives in `connect.rs`.
 
-use strum::{Display, EnumString};
+use strum::{Display, EnumProperty, EnumString};
 
 use crate::error::ConfigError;
-use crate::url::DatabaseUrl;
 use crate::variables::{self as var, DatabaseSettings, Env};
 
 /// The most connections a pool may open (`DB_POOL_SIZE + DB_MAX_OVERFLOW`).
@@ -20,9 +19,11 @@ pub const SQLITE_MAX_CONNECTIONS: u32 = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Display)]
 #[strum(serialize_all = "lowercase")]
 pub enum Backend {
+    /// PostgreSQL.
     Postgres,
     /// MySQL's protocol: MariaDB is what is supported and tested (versions: docs/requirements.md).
     Mysql,
+    /// SQLite.
     Sqlite,
 }
 
@@ -53,20 +54,19 @@ pub enum Pooler {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString)]
 #[strum(serialize_all = "snake_case")]
 pub enum IsolationLevel {
+    /// `read committed`.
     ReadCommitted,
+    /// `repeatable read`.
     RepeatableRead,
+    /// `serializable`.
     Serializable,
 }
 
 impl IsolationLevel {
     /// The SQL spelling, as in `SET TRANSACTION ISOLATION LEVEL repeatable read` or Postgres's
     /// `default_transaction_isolation`.
-    pub fn as_sql(&self) -> &'static str {
-        match self {
-            IsolationLevel::ReadCommitted => "read committed",
-            IsolationLevel::RepeatableRead => "repeatable read",
-            IsolationLevel::Serializable => "serializable",
-        }
+    pub fn as_sql(&self) -> String {
+        self.to_sea_orm().to_string().to_lowercase()
     }
 
     /// The same level as SeaORM names it, for `begin_with_config`.
@@ -81,21 +81,44 @@ impl IsolationLevel {
 
 /// `DB_SSL_MODE`: whether and how the connection uses TLS (libpq's `sslmode`, without `allow`;
 /// MySQL's `ssl-mode` spellings `disabled`, `preferred`, `required`, `verify_identity` are
-/// accepted as their twins).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString)]
+/// accepted as their twins). `Display` is libpq's name, the property `mysql` MySQL's: the
+/// names the drivers parse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString, EnumProperty)]
 pub enum SslMode {
-    #[strum(to_string = "disable", serialize = "disabled")]
+    /// Never TLS.
+    #[strum(
+        to_string = "disable",
+        serialize = "disabled",
+        props(mysql = "disabled")
+    )]
     Disable,
-    #[strum(to_string = "prefer", serialize = "preferred")]
+    /// TLS when the server offers it.
+    #[strum(
+        to_string = "prefer",
+        serialize = "preferred",
+        props(mysql = "preferred")
+    )]
     Prefer,
-    #[strum(to_string = "require", serialize = "required")]
+    /// Always TLS, the certificate not checked.
+    #[strum(
+        to_string = "require",
+        serialize = "required",
+        props(mysql = "required")
+    )]
     Require,
-    #[strum(to_string = "verify-ca", serialize = "verify_ca")]
+    /// Always TLS, the certificate signed by a trusted CA.
+    #[strum(
+        to_string = "verify-ca",
+        serialize = "verify_ca",
+        props(mysql = "verify_ca")
+    )]
     VerifyCa,
+    /// As `VerifyCa`, and the host name matches the certificate.
     #[strum(
         to_string = "verify-full",
         serialize = "verify_full",
-        serialize = "verify_identity"
+        serialize = "verify_identity",
+        props(mysql = "verify_identity")
     )]
     VerifyFull,
 }
@@ -151,57 +174,36 @@ impl DatabaseSettings {
         })
     }
 
-    /// The rules that tie variables together, after each was read on its own.
+    /// The rules that tie variables together, after each was read on its own: the first one
+    /// broken is the error, naming the variable to change.
     pub(crate) fn checked(mut self, env: &Env) -> Result<Self, ConfigError> {
-        let (size, overflow) = (self.pool_size, self.max_overflow);
+        let (size, overflow, cache) = (self.pool_size, self.max_overflow, self.statement_cache);
+        let pooled = self.pooler == Pooler::Transaction;
+        let invalid = |variable, value: &dyn ToString, why: &str| {
+            Err(ConfigError::invalid(variable, value.to_string(), why))
+        };
         if size + overflow > MAX_CONNECTIONS {
-            let expected = format!(
+            let why = format!(
                 "DB_POOL_SIZE + DB_MAX_OVERFLOW = {} exceeds {MAX_CONNECTIONS} connections; \
                  expected a whole number from 0 to {}",
                 size + overflow,
                 MAX_CONNECTIONS - size
             );
-            return Err(ConfigError::invalid(
-                "DB_MAX_OVERFLOW",
-                overflow.to_string(),
-                expected,
-            ));
+            return invalid("DB_MAX_OVERFLOW", &overflow, &why);
         }
-        let pooled = self.pooler == Pooler::Transaction;
-        // Behind a transaction-mode pooler no statement is prepared by name (it would outlive
-        // its transaction on a server connection other clients get next).
-        if pooled && env.given(&var::DB_STATEMENT_CACHE).is_some() && self.statement_cache != 0 {
-            let expected = "must be 0 (or unset) with DB_POOLER=transaction: a named prepared statement \
-                 outlives its transaction and collides on the pooler's shared server connections";
-            let cache = self.statement_cache.to_string();
-            return Err(ConfigError::invalid("DB_STATEMENT_CACHE", cache, expected));
+        if pooled && env.given(&var::DB_STATEMENT_CACHE).is_some() && cache != 0 {
+            return invalid("DB_STATEMENT_CACHE", &cache, CACHE_BEHIND_A_POOLER);
         }
         if pooled && self.backend() != Backend::Postgres {
-            let expected =
-                "a transaction-mode pooler needs a PostgreSQL DATABASE_URL (set DB_POOLER=none)";
-            return Err(ConfigError::invalid("DB_POOLER", "transaction", expected));
+            return invalid("DB_POOLER", &"transaction", POOLER_NEEDS_POSTGRES);
         }
         if pooled && self.auto_migrate {
-            let expected = "migrations cannot run through a transaction-mode pooler (DB_POOLER=transaction); \
-                 set DB_AUTO_MIGRATE=false and migrate with the direct database URL";
-            return Err(ConfigError::invalid("DB_AUTO_MIGRATE", "true", expected));
+            return invalid("DB_AUTO_MIGRATE", &true, NO_MIGRATIONS_BEHIND_A_POOLER);
         }
-        let replica = self.replica_url.as_ref().map(DatabaseUrl::backend);
-        if replica.is_some_and(|replica| {
-            replica != Backend::Postgres || self.backend() != Backend::Postgres
-        }) {
-            let shown = self
-                .replica_url
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default();
-            let expected =
-                "a read replica needs PostgreSQL URLs for both the primary and the replica";
-            return Err(ConfigError::invalid(
-                "DATABASE_REPLICA_URL",
-                shown,
-                expected,
-            ));
+        if let Some(replica) = &self.replica_url
+            && (replica.backend() != Backend::Postgres || self.backend() != Backend::Postgres)
+        {
+            return invalid("DATABASE_REPLICA_URL", replica, REPLICA_NEEDS_POSTGRES);
         }
         if pooled {
             self.statement_cache = 0;
@@ -209,6 +211,17 @@ impl DatabaseSettings {
         Ok(self)
     }
 }
+
+/// Behind a transaction-mode pooler no statement is prepared by name (it would outlive its
+/// transaction on a server connection other clients get next).
+const CACHE_BEHIND_A_POOLER: &str = "must be 0 (or unset) with DB_POOLER=transaction: a named \
+    prepared statement outlives its transaction and collides on the pooler's shared server connections";
+const POOLER_NEEDS_POSTGRES: &str =
+    "a transaction-mode pooler needs a PostgreSQL DATABASE_URL (set DB_POOLER=none)";
+const NO_MIGRATIONS_BEHIND_A_POOLER: &str = "migrations cannot run through a transaction-mode \
+    pooler (DB_POOLER=transaction); set DB_AUTO_MIGRATE=false and migrate with the direct database URL";
+const REPLICA_NEEDS_POSTGRES: &str =
+    "a read replica needs PostgreSQL URLs for both the primary and the replica";
 
 #[cfg(test)]
 mod tests {
