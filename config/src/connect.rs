@@ -142,7 +142,7 @@ impl DatabaseSettings {
                 })
             });
         // An in-memory database vanishes with its last connection: never expire it.
-        let pool = match self.url.is_in_memory() {
+        let pool = match self.url.in_memory {
             true => pool.idle_timeout(None).max_lifetime(None),
             false => pool,
         };

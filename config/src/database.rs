@@ -156,7 +156,7 @@ impl DatabaseSettings {
         let configured = self.pool_size.saturating_add(self.max_overflow).max(1);
         match self.backend() {
             Backend::Postgres | Backend::Mysql => configured,
-            Backend::Sqlite if self.url.is_in_memory() => 1,
+            Backend::Sqlite if self.url.in_memory => 1,
             Backend::Sqlite => configured.min(SQLITE_MAX_CONNECTIONS),
         }
     }
