@@ -9,24 +9,11 @@ use std::time::Duration;
 
 use log::LevelFilter;
 use sea_orm::DatabaseConnection;
-#[cfg(feature = "mysql")]
-use sea_orm::sqlx::Executor as _;
-#[cfg(feature = "mysql")]
-use sea_orm::sqlx::mysql::{MySqlConnectOptions, MySqlSslMode};
 use sea_orm::sqlx::pool::PoolOptions;
-#[cfg(feature = "postgres")]
-use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
-#[cfg(feature = "sqlite")]
-use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use sea_orm::sqlx::{self, Connection as _};
 
-use crate::database::PoolMode;
-#[cfg(feature = "postgres")]
-use crate::database::Pooler;
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-use crate::database::SslMode;
 use crate::url::Target;
-use crate::variables::DatabaseSettings;
+use crate::{DatabaseSettings, PoolMode};
 
 /// Given a pooled connection's age, whether it must be closed instead of handed out.
 pub type Evict = std::sync::Arc<dyn Fn(Duration) -> bool + Send + Sync>;
@@ -87,65 +74,55 @@ impl DatabaseSettings {
         match &self.url.target {
             #[cfg(feature = "postgres")]
             Target::Postgres(pg) => {
-                let pool = self.pool_options_evicting(evict);
-                open::<sqlx::Postgres>(pool, self.postgres_options(pg.clone()), lazy).await
+                let pool = self.pool_options::<sqlx::Postgres>(evict);
+                open(pool, self.postgres_options(pg.clone()), lazy).await
             }
             #[cfg(feature = "mysql")]
             Target::Mysql(my) => {
                 let session = self.mysql_session_sql();
                 let pool =
-                    self.pool_options::<sqlx::MySql>()
+                    self.pool_options::<sqlx::MySql>(None)
                         .after_connect(move |connection, _| {
                             let session = sqlx::AssertSqlSafe(session.clone());
-                            Box::pin(async move { connection.execute(session).await.map(drop) })
+                            Box::pin(async move {
+                                sqlx::Executor::execute(connection, session).await.map(drop)
+                            })
                         });
                 open(pool, self.mysql_options(my.clone()), lazy).await
             }
             #[cfg(feature = "sqlite")]
             Target::Sqlite(sqlite) => {
-                open::<sqlx::Sqlite>(
-                    self.pool_options(),
-                    self.sqlite_options(sqlite.clone()),
-                    lazy,
-                )
-                .await
+                let pool = self.pool_options::<sqlx::Sqlite>(None);
+                open(pool, self.sqlite_options(sqlite.clone()), lazy).await
             }
         }
     }
 
-    /// Pool bounds and timeouts, the pre-ping, and serverless mode's closing on release.
-    pub(crate) fn pool_options<DB: sqlx::Database>(&self) -> PoolOptions<DB> {
-        self.pool_options_evicting(None)
-    }
-
-    fn pool_options_evicting<DB: sqlx::Database>(&self, evict: Option<Evict>) -> PoolOptions<DB> {
+    /// Pool bounds and timeouts, the pre-ping (and `evict`), and serverless mode's closing on
+    /// release.
+    pub(crate) fn pool_options<DB: sqlx::Database>(&self, evict: Option<Evict>) -> PoolOptions<DB> {
         let ping = self.pool_pre_ping;
+        // An in-memory database vanishes with its last connection: never expire it.
+        let expire = |after: Duration| Some(after).filter(|_| !self.url.in_memory);
         let pool = PoolOptions::<DB>::new()
             .max_connections(self.max_connections())
             .min_connections(self.min_connections())
             .acquire_timeout(self.pool_timeout)
-            .max_lifetime(self.pool_recycle)
-            .idle_timeout(self.idle_timeout)
+            .max_lifetime(expire(self.pool_recycle))
+            .idle_timeout(expire(self.idle_timeout))
             .test_before_acquire(false)
             // Ping only connections idle for a second or more: one released a moment ago is
             // almost certainly alive, and pinging it would add a round trip to every checkout.
             .before_acquire(move |connection, meta| {
                 let evicted = evict.as_ref().is_some_and(|evict| evict(meta.age));
+                let ping = !evicted && needs_ping(ping, meta.idle_for);
                 Box::pin(async move {
-                    if evicted {
-                        return Ok(false);
-                    }
-                    if needs_ping(ping, meta.idle_for) {
+                    if ping {
                         connection.ping().await?;
                     }
-                    Ok(true)
+                    Ok(!evicted)
                 })
             });
-        // An in-memory database vanishes with its last connection: never expire it.
-        let pool = match self.url.in_memory {
-            true => pool.idle_timeout(None).max_lifetime(None),
-            false => pool,
-        };
         match self.pool_mode {
             // Close every connection when it is released, so none sits idle between requests.
             PoolMode::Serverless => pool.after_release(|_, _| Box::pin(async { Ok(false) })),
@@ -155,18 +132,10 @@ impl DatabaseSettings {
 
     /// Statement logging: every statement at INFO with `DB_ECHO`, slow ones at WARN.
     fn logged<O: sqlx::ConnectOptions>(&self, options: O) -> O {
-        let slow = if self.slow_statement.is_zero() {
-            LevelFilter::Off
-        } else {
-            LevelFilter::Warn
-        };
-        let echo = if self.echo {
-            LevelFilter::Info
-        } else {
-            LevelFilter::Off
-        };
+        let level = |on: bool, level| if on { level } else { LevelFilter::Off };
+        let slow = level(!self.slow_statement.is_zero(), LevelFilter::Warn);
         options
-            .log_statements(echo)
+            .log_statements(level(self.echo, LevelFilter::Info))
             .log_slow_statements(slow, self.slow_statement)
     }
 
@@ -174,43 +143,45 @@ impl DatabaseSettings {
     /// session settings as startup parameters (no round trip), or none of those behind a
     /// transaction-mode pooler, which refuses them (the layer sets them in each transaction).
     #[cfg(feature = "postgres")]
-    pub(crate) fn postgres_options(&self, pg: PgConnectOptions) -> PgConnectOptions {
-        let mut pg = self
+    pub(crate) fn postgres_options(
+        &self,
+        pg: sqlx::postgres::PgConnectOptions,
+    ) -> sqlx::postgres::PgConnectOptions {
+        let pg = self
             .logged(pg)
             .application_name(&self.application_name)
             .statement_cache_capacity(self.statement_cache)
-            .ssl_mode(match self.ssl_mode {
-                SslMode::Disable => PgSslMode::Disable,
-                SslMode::Prefer => PgSslMode::Prefer,
-                SslMode::Require => PgSslMode::Require,
-                SslMode::VerifyCa => PgSslMode::VerifyCa,
-                SslMode::VerifyFull => PgSslMode::VerifyFull,
-            });
-        if let Some(path) = &self.ssl_root_cert {
-            pg = pg.ssl_root_cert(path);
-        }
-        if self.pooler == Pooler::Transaction {
+            // `SslMode` displays as libpq's `sslmode`: this parse cannot fail.
+            .ssl_mode(self.ssl_mode.to_string().parse().unwrap_or_default());
+        let pg = match &self.ssl_root_cert {
+            Some(path) => pg.ssl_root_cert(path),
+            None => pg,
+        };
+        if self.pooler == crate::Pooler::Transaction {
             // PgBouncer refuses `options` and sqlx's `extra_float_digits` unless told to ignore them.
             return pg.extra_float_digits(None);
         }
-        let mut parameters = vec![
-            ("jit", if self.jit { "on" } else { "off" }.to_owned()),
+        let millis = |timeout: Option<Duration>| Some(timeout?.as_millis().to_string());
+        let parameters = [
+            ("statement_timeout", millis(self.statement_timeout)),
+            ("jit", Some(if self.jit { "on" } else { "off" }.to_owned())),
             (
                 "default_transaction_isolation",
-                self.isolation_level.as_sql().to_owned(),
+                Some(self.isolation_level.as_sql()),
+            ),
+            // The server's own end to a transaction whose client is gone (a partition), so that
+            // its row locks do not outlive it by more than this.
+            (
+                "idle_in_transaction_session_timeout",
+                millis(self.idle_in_transaction_timeout),
             ),
         ];
-        if let Some(timeout) = self.statement_timeout {
-            parameters.insert(0, ("statement_timeout", timeout.as_millis().to_string()));
-        }
-        // The server's own end to a transaction whose client is gone (a partition), so that
-        // its row locks do not outlive it by more than this.
-        if let Some(timeout) = self.idle_in_transaction_timeout {
-            let millis = timeout.as_millis().to_string();
-            parameters.push(("idle_in_transaction_session_timeout", millis));
-        }
         // `options` appends to what the URL's `options=` already holds.
-        pg.options(parameters)
+        pg.options(
+            parameters
+                .into_iter()
+                .filter_map(|(name, value)| Some((name, value?))),
+        )
     }
 
     /// What every MariaDB connection is told when it opens (sqlx's `after_connect`: one round
@@ -218,30 +189,27 @@ impl DatabaseSettings {
     /// the statement timeout as `max_statement_time` (seconds). MariaDB has no startup
     /// parameters, and sqlx 0.9 sends no connection attributes, so there is no application name.
     pub fn mysql_session_sql(&self) -> String {
-        let isolation = self.isolation_level.as_sql().to_ascii_uppercase();
+        let isolation = self.isolation_level.to_sea_orm();
         let mut sql = format!("SET SESSION TRANSACTION ISOLATION LEVEL {isolation}");
         if let Some(timeout) = self.statement_timeout {
-            sql.push_str(&format!(
-                "; SET SESSION max_statement_time = {}",
-                timeout.as_secs_f64()
-            ));
+            let seconds = timeout.as_secs_f64();
+            sql.push_str(&format!("; SET SESSION max_statement_time = {seconds}"));
         }
         sql
     }
 
     /// The URL's options with TLS, statement cache and statement logging.
     #[cfg(feature = "mysql")]
-    pub(crate) fn mysql_options(&self, my: MySqlConnectOptions) -> MySqlConnectOptions {
+    pub(crate) fn mysql_options(
+        &self,
+        my: sqlx::mysql::MySqlConnectOptions,
+    ) -> sqlx::mysql::MySqlConnectOptions {
+        // `SslMode`'s property `mysql` is MySQL's `ssl-mode`: this parse cannot fail.
+        let mode = strum::EnumProperty::get_str(&self.ssl_mode, "mysql").unwrap_or_default();
         let my = self
             .logged(my)
             .statement_cache_capacity(self.statement_cache)
-            .ssl_mode(match self.ssl_mode {
-                SslMode::Disable => MySqlSslMode::Disabled,
-                SslMode::Prefer => MySqlSslMode::Preferred,
-                SslMode::Require => MySqlSslMode::Required,
-                SslMode::VerifyCa => MySqlSslMode::VerifyCa,
-                SslMode::VerifyFull => MySqlSslMode::VerifyIdentity,
-            });
+            .ssl_mode(mode.parse().unwrap_or_default());
         match &self.ssl_root_cert {
             Some(path) => my.ssl_ca(path),
             None => my,
@@ -251,15 +219,20 @@ impl DatabaseSettings {
     /// WAL lets readers run while one connection writes; the busy timeout makes a writer wait
     /// for the lock instead of failing at once; foreign keys are off in SQLite unless asked for.
     #[cfg(feature = "sqlite")]
-    pub(crate) fn sqlite_options(&self, sqlite: SqliteConnectOptions) -> SqliteConnectOptions {
+    pub(crate) fn sqlite_options(
+        &self,
+        sqlite: sqlx::sqlite::SqliteConnectOptions,
+    ) -> sqlx::sqlite::SqliteConnectOptions {
         self.logged(sqlite)
-            .journal_mode(SqliteJournalMode::Wal)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
             .foreign_keys(true)
     }
 }
 #[cfg(all(test, feature = "postgres", feature = "mysql", feature = "sqlite"))]
 mod tests {
+    use sea_orm::sqlx::mysql::{MySqlConnectOptions, MySqlSslMode};
+    use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
     use sea_orm::sqlx::{MySql, Postgres};
 
     use super::*;
@@ -268,7 +241,7 @@ mod tests {
     const POSTGRES: &str = "postgres://app:s3cret@db:5432/inv";
 
     fn pool(pairs: &[(&str, &str)]) -> PoolOptions<Postgres> {
-        settings(pairs).database.pool_options()
+        settings(pairs).database.pool_options(None)
     }
 
     /// The driver's options for these settings, as `connect` builds them.
@@ -438,7 +411,7 @@ mod tests {
         );
         let pool: PoolOptions<MySql> = settings(&[("DATABASE_URL", "mysql://db/inv")])
             .database
-            .pool_options();
+            .pool_options(None);
         assert_eq!(pool.get_max_connections(), 30);
     }
 
