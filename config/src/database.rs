@@ -180,7 +180,11 @@ impl DatabaseSettings {
         let (size, overflow, cache) = (self.pool_size, self.max_overflow, self.statement_cache);
         let pooled = self.pooler == Pooler::Transaction;
         let invalid = |variable, value: &dyn ToString, why: &str| {
-            Err(ConfigError::invalid(variable, value.to_string(), why))
+            Err(ConfigError::Invalid(
+                variable,
+                Some(value.to_string()),
+                why.to_owned(),
+            ))
         };
         if size + overflow > MAX_CONNECTIONS {
             let why = format!(

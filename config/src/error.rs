@@ -7,18 +7,12 @@
 /// Why the settings could not be read. `Display` is one line, fit for a start-up failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A variable holds a value outside what is allowed: `invalid NAME="value": expected …`.
-    /// The value is `None` when it is not shown because it is (or may contain) a secret; when
-    /// shown, it is either not secret or already redacted.
-    #[error("invalid {variable}{}: {expected}", shown(value))]
-    Invalid {
-        /// The variable at fault.
-        variable: &'static str,
-        /// Its value, when safe to show.
-        value: Option<String>,
-        /// What is allowed.
-        expected: String,
-    },
+    /// A variable holds a value outside what is allowed: `invalid NAME="value": expected …`. The
+    /// fields are the variable, its value and what is allowed; the value is `None` when it is
+    /// not shown because it is (or may contain) a secret, and when shown it is either not secret
+    /// or already redacted.
+    #[error("invalid {0}{shown}: {2}", shown = shown(.1))]
+    Invalid(&'static str, Option<String>, String),
     /// `.env` or the environment could not be read (for example a variable this crate reads is
     /// not UTF-8): what, and why. The content of `.env` is never shown.
     #[error("could not read {0}")]
@@ -37,22 +31,8 @@ impl ConfigError {
     /// The variable at fault, when there is one.
     pub fn variable(&self) -> Option<&'static str> {
         match self {
-            ConfigError::Invalid { variable, .. } => Some(variable),
+            ConfigError::Invalid(variable, ..) => Some(variable),
             ConfigError::Unreadable(_) => None,
-        }
-    }
-
-    /// A value that is safe to show is not allowed.
-    pub(crate) fn invalid(
-        variable: &'static str,
-        value: impl Into<String>,
-        expected: impl Into<String>,
-    ) -> Self {
-        let (value, expected) = (Some(value.into()), expected.into());
-        ConfigError::Invalid {
-            variable,
-            value,
-            expected,
         }
     }
 }
@@ -63,7 +43,11 @@ mod tests {
 
     #[test]
     fn an_invalid_value_is_quoted_and_named_on_one_line() {
-        let err = ConfigError::invalid("DB_POOL_SIZE", "a\nb", "expected a whole number");
+        let err = ConfigError::Invalid(
+            "DB_POOL_SIZE",
+            Some("a\nb".to_owned()),
+            "expected a whole number".to_owned(),
+        );
         let shown = err.to_string();
         assert_eq!(
             shown,
@@ -75,11 +59,7 @@ mod tests {
 
     #[test]
     fn a_withheld_value_names_the_variable_but_not_the_value() {
-        let err = ConfigError::Invalid {
-            variable: "DATABASE_URL",
-            value: None,
-            expected: "invalid port number".to_owned(),
-        };
+        let err = ConfigError::Invalid("DATABASE_URL", None, "invalid port number".to_owned());
         assert_eq!(
             err.to_string(),
             "invalid DATABASE_URL (value not shown, it may contain a password): invalid port number"

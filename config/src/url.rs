@@ -92,11 +92,7 @@ impl DatabaseUrl {
     /// [`DatabaseUrl::parse`] for another variable.
     pub(crate) fn parse_as(variable: &'static str, raw: &str) -> Result<DatabaseUrl, ConfigError> {
         let raw = raw.trim();
-        let invalid = |value: Option<String>, expected: String| ConfigError::Invalid {
-            variable,
-            value,
-            expected,
-        };
+        let invalid = |value, expected| ConfigError::Invalid(variable, value, expected);
         let Some((scheme, rest)) = raw.split_once(':') else {
             return Err(invalid(None, EXPECTED_URL.into()));
         };
@@ -286,7 +282,7 @@ pub(crate) fn assemble(env: &Env) -> Result<Option<DatabaseUrl>, ConfigError> {
     };
     let bad_host = || {
         let why = "expected a host name, an IP address or the path of a socket directory";
-        ConfigError::invalid("DB_HOST", host, why)
+        ConfigError::Invalid("DB_HOST", Some(host.to_owned()), why.to_owned())
     };
     let port: u16 = env.parse(&var::DB_PORT)?;
     let encode = |text: &str| utf8_percent_encode(text, COMPONENT).to_string();

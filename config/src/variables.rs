@@ -259,7 +259,7 @@ impl Env {
             Text(_) | Checked(..) => Some(value.clone()),
         };
         let parsed = checked.and_then(|checked| checked.parse().ok());
-        parsed.ok_or_else(|| ConfigError::invalid(var.name, value, expected(var.allowed)))
+        parsed.ok_or_else(|| ConfigError::Invalid(var.name, Some(value), expected(var.allowed)))
     }
 
     /// A duration in its variable's [`unit`].
