@@ -14,6 +14,12 @@ use sea_orm::sqlx::{self, Connection as _};
 
 use crate::url::Target;
 use crate::{DatabaseSettings, PoolMode};
+#[cfg(feature = "postgres")]
+use sqlx::postgres::PgConnectOptions as PgOptions;
+#[cfg(feature = "sqlite")]
+use sqlx::sqlite::{SqliteConnectOptions as SqliteOptions, SqliteJournalMode};
+#[cfg(feature = "mysql")]
+use sqlx::{Executor as _, mysql::MySqlConnectOptions as MySqlOptions, mysql::MySqlSslMode};
 
 /// Given a pooled connection's age, whether it must be closed instead of handed out.
 pub type Evict = std::sync::Arc<dyn Fn(Duration) -> bool + Send + Sync>;
@@ -80,14 +86,11 @@ impl DatabaseSettings {
             #[cfg(feature = "mysql")]
             Target::Mysql(my) => {
                 let session = self.mysql_session_sql();
-                let pool =
-                    self.pool_options::<sqlx::MySql>(None)
-                        .after_connect(move |connection, _| {
-                            let session = sqlx::AssertSqlSafe(session.clone());
-                            Box::pin(async move {
-                                sqlx::Executor::execute(connection, session).await.map(drop)
-                            })
-                        });
+                let pool: PoolOptions<sqlx::MySql> = self.pool_options(None);
+                let pool = pool.after_connect(move |connection, _| {
+                    let session = sqlx::AssertSqlSafe(session.clone());
+                    Box::pin(async move { connection.execute(session).await.map(drop) })
+                });
                 open(pool, self.mysql_options(my.clone()), lazy).await
             }
             #[cfg(feature = "sqlite")]
@@ -143,10 +146,7 @@ impl DatabaseSettings {
     /// session settings as startup parameters (no round trip), or none of those behind a
     /// transaction-mode pooler, which refuses them (the layer sets them in each transaction).
     #[cfg(feature = "postgres")]
-    pub(crate) fn postgres_options(
-        &self,
-        pg: sqlx::postgres::PgConnectOptions,
-    ) -> sqlx::postgres::PgConnectOptions {
+    pub(crate) fn postgres_options(&self, pg: PgOptions) -> PgOptions {
         let pg = self
             .logged(pg)
             .application_name(&self.application_name)
@@ -161,27 +161,22 @@ impl DatabaseSettings {
             // PgBouncer refuses `options` and sqlx's `extra_float_digits` unless told to ignore them.
             return pg.extra_float_digits(None);
         }
-        let millis = |timeout: Option<Duration>| Some(timeout?.as_millis().to_string());
-        let parameters = [
-            ("statement_timeout", millis(self.statement_timeout)),
-            ("jit", Some(if self.jit { "on" } else { "off" }.to_owned())),
-            (
-                "default_transaction_isolation",
-                Some(self.isolation_level.as_sql()),
-            ),
-            // The server's own end to a transaction whose client is gone (a partition), so that
-            // its row locks do not outlive it by more than this.
-            (
-                "idle_in_transaction_session_timeout",
-                millis(self.idle_in_transaction_timeout),
-            ),
-        ];
+        let millis =
+            |name, timeout: Option<Duration>| Some((name, timeout?.as_millis().to_string()));
+        let jit = ("jit", if self.jit { "on" } else { "off" }.to_owned());
+        let isolation = (
+            "default_transaction_isolation",
+            self.isolation_level.as_sql(),
+        );
+        let timeout = millis("statement_timeout", self.statement_timeout);
+        // The server's own end to a transaction whose client is gone (a partition), so that its
+        // row locks do not outlive it by more than this.
+        let idle = millis(
+            "idle_in_transaction_session_timeout",
+            self.idle_in_transaction_timeout,
+        );
         // `options` appends to what the URL's `options=` already holds.
-        pg.options(
-            parameters
-                .into_iter()
-                .filter_map(|(name, value)| Some((name, value?))),
-        )
+        pg.options(timeout.into_iter().chain([jit, isolation]).chain(idle))
     }
 
     /// What every MariaDB connection is told when it opens (sqlx's `after_connect`: one round
@@ -200,16 +195,18 @@ impl DatabaseSettings {
 
     /// The URL's options with TLS, statement cache and statement logging.
     #[cfg(feature = "mysql")]
-    pub(crate) fn mysql_options(
-        &self,
-        my: sqlx::mysql::MySqlConnectOptions,
-    ) -> sqlx::mysql::MySqlConnectOptions {
-        // `SslMode`'s property `mysql` is MySQL's `ssl-mode`: this parse cannot fail.
-        let mode = strum::EnumProperty::get_str(&self.ssl_mode, "mysql").unwrap_or_default();
+    pub(crate) fn mysql_options(&self, my: MySqlOptions) -> MySqlOptions {
+        use crate::SslMode::*;
         let my = self
             .logged(my)
             .statement_cache_capacity(self.statement_cache)
-            .ssl_mode(mode.parse().unwrap_or_default());
+            .ssl_mode(match self.ssl_mode {
+                Disable => MySqlSslMode::Disabled,
+                Prefer => MySqlSslMode::Preferred,
+                Require => MySqlSslMode::Required,
+                VerifyCa => MySqlSslMode::VerifyCa,
+                VerifyFull => MySqlSslMode::VerifyIdentity,
+            });
         match &self.ssl_root_cert {
             Some(path) => my.ssl_ca(path),
             None => my,
@@ -219,12 +216,9 @@ impl DatabaseSettings {
     /// WAL lets readers run while one connection writes; the busy timeout makes a writer wait
     /// for the lock instead of failing at once; foreign keys are off in SQLite unless asked for.
     #[cfg(feature = "sqlite")]
-    pub(crate) fn sqlite_options(
-        &self,
-        sqlite: sqlx::sqlite::SqliteConnectOptions,
-    ) -> sqlx::sqlite::SqliteConnectOptions {
+    pub(crate) fn sqlite_options(&self, sqlite: SqliteOptions) -> SqliteOptions {
         self.logged(sqlite)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
             .foreign_keys(true)
     }

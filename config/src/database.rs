@@ -3,7 +3,7 @@
 //! `DB_STATEMENT_CACHE` deferring to `DB_POOLER`, the per-backend checks). Turning the settings
 //! into the driver's pool lives in `connect.rs`.
 
-use strum::{Display, EnumProperty, EnumString};
+use strum::{Display, EnumString};
 
 use crate::error::ConfigError;
 use crate::variables::{self as var, DatabaseSettings, Env};
@@ -81,44 +81,26 @@ impl IsolationLevel {
 
 /// `DB_SSL_MODE`: whether and how the connection uses TLS (libpq's `sslmode`, without `allow`;
 /// MySQL's `ssl-mode` spellings `disabled`, `preferred`, `required`, `verify_identity` are
-/// accepted as their twins). `Display` is libpq's name, the property `mysql` MySQL's: the
-/// names the drivers parse.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString, EnumProperty)]
+/// accepted as their twins).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString)]
 pub enum SslMode {
     /// Never TLS.
-    #[strum(
-        to_string = "disable",
-        serialize = "disabled",
-        props(mysql = "disabled")
-    )]
+    #[strum(to_string = "disable", serialize = "disabled")]
     Disable,
     /// TLS when the server offers it.
-    #[strum(
-        to_string = "prefer",
-        serialize = "preferred",
-        props(mysql = "preferred")
-    )]
+    #[strum(to_string = "prefer", serialize = "preferred")]
     Prefer,
     /// Always TLS, the certificate not checked.
-    #[strum(
-        to_string = "require",
-        serialize = "required",
-        props(mysql = "required")
-    )]
+    #[strum(to_string = "require", serialize = "required")]
     Require,
     /// Always TLS, the certificate signed by a trusted CA.
-    #[strum(
-        to_string = "verify-ca",
-        serialize = "verify_ca",
-        props(mysql = "verify_ca")
-    )]
+    #[strum(to_string = "verify-ca", serialize = "verify_ca")]
     VerifyCa,
     /// As `VerifyCa`, and the host name matches the certificate.
     #[strum(
         to_string = "verify-full",
         serialize = "verify_full",
-        serialize = "verify_identity",
-        props(mysql = "verify_identity")
+        serialize = "verify_identity"
     )]
     VerifyFull,
 }
@@ -164,14 +146,10 @@ impl DatabaseSettings {
     /// The same settings pointed at `DATABASE_REPLICA_URL`, for the replica's pool; `None` when
     /// no replica is configured.
     pub fn for_replica(&self) -> Option<DatabaseSettings> {
-        let url = self.replica_url.clone()?;
-        let (replica_url, auto_migrate) = (None, false);
-        Some(DatabaseSettings {
-            url,
-            replica_url,
-            auto_migrate,
-            ..self.clone()
-        })
+        let mut replica = self.clone();
+        replica.url = replica.replica_url.take()?;
+        replica.auto_migrate = false;
+        Some(replica)
     }
 
     /// The rules that tie variables together, after each was read on its own: the first one
@@ -180,11 +158,8 @@ impl DatabaseSettings {
         let (size, overflow, cache) = (self.pool_size, self.max_overflow, self.statement_cache);
         let pooled = self.pooler == Pooler::Transaction;
         let invalid = |variable, value: &dyn ToString, why: &str| {
-            Err(ConfigError::Invalid(
-                variable,
-                Some(value.to_string()),
-                why.to_owned(),
-            ))
+            let (value, why) = (Some(value.to_string()), why.to_owned());
+            Err(ConfigError::Invalid(variable, value, why))
         };
         if size + overflow > MAX_CONNECTIONS {
             let why = format!(
