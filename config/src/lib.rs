@@ -17,10 +17,7 @@ mod test_support;
 mod url;
 mod variables;
 
-pub use database::{
-    Backend, IsolationLevel, LogFormat, MAX_CONNECTIONS, PoolMode, Pooler, SQLITE_MAX_CONNECTIONS,
-    SslMode,
-};
+pub use database::*;
 pub use error::ConfigError;
 pub use url::DatabaseUrl;
 pub use variables::{DatabaseSettings, LogSettings, ServerSettings, env_example, reference_table};

@@ -61,20 +61,16 @@ pub(crate) struct ServerParts {
 /// socket directory; a database left out is the user's name.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 macro_rules! server_parts {
-    ($options:expr) => {
+    ($options:expr) => {{
+        let (host, user) = ($options.get_host(), $options.get_username().to_owned());
+        let socket = $options.get_socket().map(|path| path.display().to_string());
         ServerParts {
-            host: $options.get_socket().map_or_else(
-                || $options.get_host().to_owned(),
-                |p| p.display().to_string(),
-            ),
+            host: socket.unwrap_or_else(|| host.to_owned()),
             port: $options.get_port(),
-            user: $options.get_username().to_owned(),
-            database: $options
-                .get_database()
-                .unwrap_or($options.get_username())
-                .to_owned(),
+            database: $options.get_database().unwrap_or(&user).to_owned(),
+            user,
         }
-    };
+    }};
 }
 
 impl DatabaseUrl {
@@ -124,9 +120,8 @@ impl DatabaseUrl {
         let refused =
             |err: sea_orm::sqlx::Error| invalid(Some(shown.clone()), driver_refused(backend, &err));
         // An SQLite URL's file: `sqlite://<file>?…`, `sqlite:<file>` or `sqlite::memory:`.
-        let file = normalised
-            .trim_start_matches("sqlite:")
-            .trim_start_matches("//");
+        let file = normalised.trim_start_matches("sqlite:");
+        let file = file.trim_start_matches("//");
         let file = file.split('?').next().unwrap_or_default();
         let in_memory = backend == Backend::Sqlite
             && (file == ":memory:" || normalised.contains("mode=memory"));

@@ -7,15 +7,11 @@
 //! `cargo run -p app --example config_reference`). Adding a variable is one row here.
 //! The rules that tie variables together are [`DatabaseSettings::checked`].
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use crate::url::{DatabaseUrl, ServerParts, assemble};
-use crate::{
-    ConfigError, Defaults, IsolationLevel, LogFormat, PoolMode, Pooler, Settings, SslMode,
-};
+use crate::{ConfigError, Defaults, IsolationLevel, LogFormat, PoolMode, Pooler, SslMode};
 
 /// What a variable is when unset.
 #[derive(Clone, Copy)]
@@ -54,7 +50,7 @@ pub(crate) struct Var {
     /// URL's `sslmode=require` is never downgraded to the default `prefer`).
     pub(crate) in_url: &'static [&'static str],
     /// The effective value as `check-config` prints it (a password as `***`).
-    pub(crate) shown: fn(&Settings) -> String,
+    pub(crate) shown: fn(&crate::Settings) -> String,
     pub(crate) meaning: &'static str,
 }
 
@@ -114,17 +110,12 @@ macro_rules! show {
 use Allowed::{Bool, Checked, Range, Text, Words};
 use Fallback::{Computed, Service, Unset, Value};
 
-const DAY_SECS: u64 = 86_400;
-const DAY_MS: u64 = 86_400_000;
 /// The spellings of a boolean: `true` at even places, `false` at odd ones.
 const BOOLS: [&str; 8] = ["true", "false", "1", "0", "yes", "no", "on", "off"];
 
 /// A duration's unit is its variable's: milliseconds for a name ending in `_MS`, else seconds.
 fn unit(var: &Var) -> Duration {
-    match var.name.ends_with("_MS") {
-        true => Duration::from_millis(1),
-        false => Duration::from_secs(1),
-    }
+    Duration::from_millis(if var.name.ends_with("_MS") { 1 } else { 1000 })
 }
 /// What Postgres accepts without truncating (63 bytes) and what can go in a startup packet and
 /// a log line unescaped (printable ASCII).
@@ -139,7 +130,7 @@ fn cpus(_: &Env) -> String {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     cpus.clamp(1, 1024).to_string()
 }
-fn part(s: &Settings, get: fn(ServerParts) -> String) -> String {
+fn part(s: &crate::Settings, get: fn(ServerParts) -> String) -> String {
     s.database.url.server_parts().map(get).unwrap_or_default()
 }
 
@@ -154,21 +145,21 @@ settings! {
         DB_NAME [|s| part(s, |p| p.database)] = Value("postgres"), Text("any text"), "database of the assembled URL";
         DB_POOL_SIZE pool_size: u32 as parse = Value("10"), Range(1, 10_000, ""), "connections the pool keeps open (its minimum)";
         DB_MAX_OVERFLOW max_overflow: u32 as parse = Value("20"), Range(0, 9_999, ", and `DB_POOL_SIZE + DB_MAX_OVERFLOW` at most 10000"), "extra connections opened in a burst; the pool's maximum is the sum";
-        DB_POOL_TIMEOUT pool_timeout: Duration as duration = Value("30"), Range(1, DAY_SECS, ""), "seconds a request waits for a connection before 503 `pool_timeout`; with `DB_POOLER=transaction` this includes the wait in the pooler's queue at `BEGIN`";
-        DB_POOL_RECYCLE pool_recycle: Duration as duration = Value("3600"), Range(1, DAY_SECS, ""), "seconds a connection may live before it is replaced";
+        DB_POOL_TIMEOUT pool_timeout: Duration as duration = Value("30"), Range(1, 86_400, ""), "seconds a request waits for a connection before 503 `pool_timeout`; with `DB_POOLER=transaction` this includes the wait in the pooler's queue at `BEGIN`";
+        DB_POOL_RECYCLE pool_recycle: Duration as duration = Value("3600"), Range(1, 86_400, ""), "seconds a connection may live before it is replaced";
         DB_POOL_PRE_PING pool_pre_ping: bool as parse = Value("true"), Bool, "check a connection that sat idle for a second or more before handing it out";
-        DB_IDLE_TIMEOUT idle_timeout: Duration as duration = Value("600"), Range(1, DAY_SECS, ""), "seconds an idle connection above the pool size is kept";
-        DB_CONNECT_TIMEOUT connect_timeout: Duration as duration = Value("10"), Range(1, DAY_SECS, ""), "seconds for one connection attempt; also the service's bound on `BEGIN` (except behind a transaction-mode pooler, where `BEGIN` waits for a server connection within `DB_POOL_TIMEOUT`), `COMMIT` and `ROLLBACK` (and, added to the statement timeout, on a statement) before it closes the connection";
+        DB_IDLE_TIMEOUT idle_timeout: Duration as duration = Value("600"), Range(1, 86_400, ""), "seconds an idle connection above the pool size is kept";
+        DB_CONNECT_TIMEOUT connect_timeout: Duration as duration = Value("10"), Range(1, 86_400, ""), "seconds for one connection attempt; also the service's bound on `BEGIN` (except behind a transaction-mode pooler, where `BEGIN` waits for a server connection within `DB_POOL_TIMEOUT`), `COMMIT` and `ROLLBACK` (and, added to the statement timeout, on a statement) before it closes the connection";
         DB_POOL_MODE pool_mode: PoolMode as parse = Value("queue"), Words(&["queue", "serverless"]), "`serverless` keeps no connection between requests (short-lived runtimes)";
         DB_ISOLATION_LEVEL isolation_level: IsolationLevel as parse = Value("repeatable_read"), Words(&["read_committed", "repeatable_read", "serializable"]), "isolation of every transaction unless its route says otherwise";
         DB_APPLICATION_NAME application_name: String as parse, url "application_name" = Service(|d| d.application_name), Checked("1 to 63 printable ASCII characters", fits_a_startup_packet), "PostgreSQL `application_name`, seen in `pg_stat_activity`; the availability probe uses it with `-probe` appended";
-        DB_STATEMENT_TIMEOUT_MS statement_timeout: Option<Duration> as optional = Value("0"), Range(0, DAY_MS, ""), "PostgreSQL `statement_timeout` in milliseconds; 0 is no limit; plus `DB_CONNECT_TIMEOUT`, the service's own bound on a statement's reply";
+        DB_STATEMENT_TIMEOUT_MS statement_timeout: Option<Duration> as optional = Value("0"), Range(0, 86_400_000, ""), "PostgreSQL `statement_timeout` in milliseconds; 0 is no limit; plus `DB_CONNECT_TIMEOUT`, the service's own bound on a statement's reply";
         DB_JIT jit: bool as parse = Value("false"), Bool, "PostgreSQL `jit` (off by default: short OLTP queries only pay for compiling)";
         DB_STATEMENT_CACHE statement_cache: usize as parse, url "statement-cache-capacity" = Value("100"), Range(0, 10_000, ""), "prepared statements cached per connection; must be 0 (its default there) with `DB_POOLER=transaction`";
         DB_SSL_MODE ssl_mode: SslMode as parse, url "sslmode" "ssl-mode" = Value("prefer"), Words(&["disable", "prefer", "require", "verify-ca", "verify-full", "disabled", "preferred", "required", "verify-identity"]), "TLS to the database, as libpq's `sslmode` (see [TLS](#tls)); the last four are MariaDB's spellings of the same modes (`verify-identity` is `verify-full`)";
         DB_SSL_ROOT_CERT ssl_root_cert: Option<PathBuf> as path, url "sslrootcert" "ssl-root-cert" "ssl-ca" = Unset, Text("a file path"), "the CA certificate(s) (PEM) that `verify-ca` and `verify-full` trust";
         DB_ECHO echo: bool as parse = Value("false"), Bool, "log every SQL statement at INFO";
-        DB_SLOW_STATEMENT_MS slow_statement: Duration as duration = Value("1000"), Range(0, DAY_MS, ""), "log statements slower than this at WARN; 0 turns it off";
+        DB_SLOW_STATEMENT_MS slow_statement: Duration as duration = Value("1000"), Range(0, 86_400_000, ""), "log statements slower than this at WARN; 0 turns it off";
         DB_CONNECT_RETRIES connect_retries: u32 as parse = Value("5"), Range(1, 1_000, ""), "connection attempts at start-up, the first included";
         DB_CONNECT_RETRY_DELAY_MS connect_retry_delay: Duration as duration = Value("2000"), Range(0, 600_000, ""), "pause between two start-up attempts";
         DB_AUTO_MIGRATE auto_migrate: bool as parse = Computed("`true` with the embedded SQLite default, else `false`", "true", embedded), Bool, "apply pending migrations at start-up";
@@ -176,9 +167,9 @@ settings! {
         DB_POOLER pooler: Pooler as parse = Value("none"), Words(&["none", "transaction"]), "`transaction`: PostgreSQL is reached through a transaction-mode pooler ([scale-out](scale-out.md))";
         DATABASE_REPLICA_URL replica_url: Option<DatabaseUrl> as replica = Unset, Text("a `postgres://` URL, same forms as `DATABASE_URL`"), "a streaming replica for `GET`/`HEAD` transactions; needs a PostgreSQL primary";
         DB_REPLICA_MAX_WAIT_MS replica_max_wait: Duration as duration = Value("100"), Range(0, 60_000, ""), "how long a read carrying a consistency token waits for the replica before it runs on the primary";
-        DB_IDEMPOTENCY_TTL idempotency_ttl: Duration as duration = Value("86400"), Range(1, 30 * DAY_SECS, ""), "seconds an `Idempotency-Key` and its stored response are kept";
-        DB_LEAK_DETECTION_MS leak_detection: Option<Duration> as optional = Value("10000"), Range(0, DAY_MS, ""), "log a transaction still open after this many milliseconds at WARN; 0 turns it off";
-        DB_IDLE_IN_TRANSACTION_TIMEOUT_MS idle_in_transaction_timeout: Option<Duration> as optional = Value("30000"), Range(0, DAY_MS, ""), "PostgreSQL `idle_in_transaction_session_timeout`, a startup parameter of every direct connection: the server ends a transaction its client abandoned (a partition) after this many milliseconds, releasing its locks; 0 turns it off (behind `DB_POOLER=transaction` use `ALTER ROLE … SET` or PgBouncer's `idle_transaction_timeout`)";
+        DB_IDEMPOTENCY_TTL idempotency_ttl: Duration as duration = Value("86400"), Range(1, 2_592_000, ""), "seconds an `Idempotency-Key` and its stored response are kept";
+        DB_LEAK_DETECTION_MS leak_detection: Option<Duration> as optional = Value("10000"), Range(0, 86_400_000, ""), "log a transaction still open after this many milliseconds at WARN; 0 turns it off";
+        DB_IDLE_IN_TRANSACTION_TIMEOUT_MS idle_in_transaction_timeout: Option<Duration> as optional = Value("30000"), Range(0, 86_400_000, ""), "PostgreSQL `idle_in_transaction_session_timeout`, a startup parameter of every direct connection: the server ends a transaction its client abandoned (a partition) after this many milliseconds, releasing its locks; 0 turns it off (behind `DB_POOLER=transaction` use `ALTER ROLE … SET` or PgBouncer's `idle_transaction_timeout`)";
         DB_FAILOVER_RETRY_MS failover_retry: Duration as duration = Value("5000"), Range(0, 600_000, ""), "how long a request whose PostgreSQL primary was lost before `COMMIT` is re-run while a new primary takes over, before 503 `database_unavailable`";
     }
     /// The HTTP server's settings.
@@ -187,7 +178,7 @@ settings! {
         APP_PORT port: u16 as parse = Value("8080"), Range(0, 65_535, ""), "HTTP port; 0 picks a free one (logged in the `listening` line)";
         APP_WORKERS workers: usize as parse = Computed("number of CPUs", "", cpus), Range(1, 1_024, ""), "actix-web worker threads; the pool is shared by all of them";
         APP_BODY_LIMIT body_limit: usize as parse = Value("65536"), Range(1, 1 << 30, ""), "largest request body in bytes (413 above it)";
-        APP_SHUTDOWN_TIMEOUT shutdown_timeout: Duration as duration = Value("30"), Range(1, DAY_SECS, ""), "seconds in-flight requests get to finish after SIGTERM or Ctrl-C";
+        APP_SHUTDOWN_TIMEOUT shutdown_timeout: Duration as duration = Value("30"), Range(1, 86_400, ""), "seconds in-flight requests get to finish after SIGTERM or Ctrl-C";
     }
     /// How the service logs.
     LogSettings in log {
@@ -198,7 +189,7 @@ settings! {
 /// The variables as given (the last of repeated names wins), with the service's [`Defaults`]
 /// and, once read, the database URL whose query parameters stand in for unset variables.
 pub(crate) struct Env {
-    vars: BTreeMap<String, String>,
+    vars: std::collections::BTreeMap<String, String>,
     pub(crate) defaults: Defaults,
     pub(crate) url: Option<DatabaseUrl>,
 }
@@ -216,8 +207,7 @@ impl Env {
 
     /// The value exactly as given (a password's spaces matter), `None` when unset or empty.
     pub(crate) fn raw(&self, var: &Var) -> Option<&str> {
-        let value = self.vars.get(var.name)?;
-        Some(value.as_str()).filter(|v| !v.is_empty())
+        Some(self.vars.get(var.name)?.as_str()).filter(|v| !v.is_empty())
     }
 
     /// The value trimmed, `None` when unset or blank.
@@ -234,31 +224,24 @@ impl Env {
             Computed(_, _, compute) => Some(compute(self)),
             Unset => None,
         };
-        self.given(var)
-            .map(str::to_owned)
-            .or_else(in_url)
-            .or_else(fallback)
+        let given = self.given(var).map(str::to_owned);
+        given.or_else(in_url).or_else(fallback)
     }
 
     /// The value checked as declared (a whole number within the range, a boolean, one of the
     /// words, text that passes the check), then parsed as `T`.
-    pub(crate) fn parse<T: FromStr>(&self, var: &Var) -> Result<T, ConfigError> {
+    pub(crate) fn parse<T: std::str::FromStr>(&self, var: &Var) -> Result<T, ConfigError> {
         let value = self.value(var).unwrap_or_default();
-        let checked = match var.allowed {
-            Range(min, max, _) => value
-                .parse()
-                .ok()
-                .filter(|n: &u64| (min..=max).contains(n))
-                .map(|n| n.to_string()),
-            Bool => BOOLS
-                .iter()
-                .position(|b| b.eq_ignore_ascii_case(&value))
-                .map(|i| (i % 2 == 0).to_string()),
-            Words(_) => Some(value.trim().to_ascii_lowercase().replace(['-', ' '], "_")),
+        let in_range = |min, max| value.parse().is_ok_and(|n: u64| (min..=max).contains(&n));
+        let truth = BOOLS.iter().position(|b| b.eq_ignore_ascii_case(&value));
+        let text = match var.allowed {
+            Range(min, max, _) if !in_range(min, max) => None,
             Checked(_, ok) if self.given(var).is_some() && !ok(&value) => None,
-            Text(_) | Checked(..) => Some(value.clone()),
+            Bool => truth.map(|i| (i % 2 == 0).to_string()),
+            Words(_) => Some(value.trim().to_ascii_lowercase().replace(['-', ' '], "_")),
+            _ => Some(value.clone()),
         };
-        let parsed = checked.and_then(|checked| checked.parse().ok());
+        let parsed = text.and_then(|text| text.parse().ok());
         parsed.ok_or_else(|| ConfigError::Invalid(var.name, Some(value), expected(var.allowed)))
     }
 
@@ -286,10 +269,8 @@ impl Env {
     }
 
     pub(crate) fn replica(&self, var: &Var) -> Result<Option<DatabaseUrl>, ConfigError> {
-        let given = self.given(var);
-        given
-            .map(|url| DatabaseUrl::parse_as(var.name, url))
-            .transpose()
+        let parse = |url| DatabaseUrl::parse_as(var.name, url);
+        self.given(var).map(parse).transpose()
     }
 }
 
@@ -325,15 +306,12 @@ fn allowed_of(var: &Var) -> String {
 
 /// The variable table of `docs/configuration.md`.
 pub fn reference_table(defaults: &Defaults) -> String {
-    let mut table = "| variable | default | allowed | meaning |\n|---|---|---|---|\n".to_owned();
-    for var in VARIABLES {
-        let (default, allowed) = (default_of(var, defaults).0, allowed_of(var));
-        let (name, meaning) = (var.name, var.meaning);
-        table.push_str(&format!(
-            "| `{name}` | {default} | {allowed} | {meaning} |\n"
-        ));
-    }
-    table
+    let row = |v: &Var| {
+        let (default, allowed) = (default_of(v, defaults).0, allowed_of(v));
+        format!("| `{}` | {default} | {allowed} | {} |\n", v.name, v.meaning)
+    };
+    let rows: String = VARIABLES.iter().map(row).collect();
+    format!("| variable | default | allowed | meaning |\n|---|---|---|---|\n{rows}")
 }
 
 /// The whole `.env.example`: every variable commented out at its default, with its meaning.
@@ -356,8 +334,7 @@ pub fn env_example(defaults: &Defaults) -> String {
                 text.push_str(&line);
                 line = String::from("\n#  ");
             }
-            line.push(' ');
-            line.push_str(word);
+            line = format!("{line} {word}");
         }
         let value = default_of(var, defaults).1;
         text.push_str(&format!("{line}\n# {}={value}\n", var.name));
