@@ -31,15 +31,18 @@ const PRE_PING_IDLE: Duration = Duration::from_secs(1);
 #[cfg(feature = "sqlite")]
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The database of a driver's connect options.
+type Db<O> = <<O as sqlx::ConnectOptions>::Connection as sqlx::Connection>::Database;
+
 /// The pool, handed to SeaORM as it is; connected now (one connection opened, so that a server
 /// that does not answer fails here) or on first use.
-async fn open<DB: sqlx::Database>(
-    pool: PoolOptions<DB>,
-    options: <DB::Connection as sqlx::Connection>::Options,
+async fn open<O: sqlx::ConnectOptions>(
+    pool: PoolOptions<Db<O>>,
+    options: O,
     lazy: bool,
 ) -> Result<DatabaseConnection, sqlx::Error>
 where
-    DatabaseConnection: From<sqlx::Pool<DB>>,
+    DatabaseConnection: From<sqlx::Pool<Db<O>>>,
 {
     Ok(DatabaseConnection::from(match lazy {
         true => pool.connect_lazy_with(options),
@@ -79,31 +82,25 @@ impl DatabaseSettings {
     ) -> Result<DatabaseConnection, sqlx::Error> {
         match &self.url.target {
             #[cfg(feature = "postgres")]
-            Target::Postgres(pg) => {
-                let pool = self.pool_options::<sqlx::Postgres>(evict);
-                open(pool, self.postgres_options(pg.clone()), lazy).await
-            }
+            Target::Postgres(pg) => open(self.pool(evict), self.postgres_options(pg), lazy).await,
             #[cfg(feature = "mysql")]
             Target::Mysql(my) => {
                 let session = self.mysql_session_sql();
-                let pool: PoolOptions<sqlx::MySql> = self.pool_options(None);
+                let pool: PoolOptions<sqlx::MySql> = self.pool(None);
                 let pool = pool.after_connect(move |connection, _| {
                     let session = sqlx::AssertSqlSafe(session.clone());
                     Box::pin(async move { connection.execute(session).await.map(drop) })
                 });
-                open(pool, self.mysql_options(my.clone()), lazy).await
+                open(pool, self.mysql_options(my), lazy).await
             }
             #[cfg(feature = "sqlite")]
-            Target::Sqlite(sqlite) => {
-                let pool = self.pool_options::<sqlx::Sqlite>(None);
-                open(pool, self.sqlite_options(sqlite.clone()), lazy).await
-            }
+            Target::Sqlite(lite) => open(self.pool(None), self.sqlite_options(lite), lazy).await,
         }
     }
 
     /// Pool bounds and timeouts, the pre-ping (and `evict`), and serverless mode's closing on
     /// release.
-    pub(crate) fn pool_options<DB: sqlx::Database>(&self, evict: Option<Evict>) -> PoolOptions<DB> {
+    pub(crate) fn pool<DB: sqlx::Database>(&self, evict: Option<Evict>) -> PoolOptions<DB> {
         let ping = self.pool_pre_ping;
         // An in-memory database vanishes with its last connection: never expire it.
         let expire = |after: Duration| Some(after).filter(|_| !self.url.in_memory);
@@ -146,35 +143,29 @@ impl DatabaseSettings {
     /// session settings as startup parameters (no round trip), or none of those behind a
     /// transaction-mode pooler, which refuses them (the layer sets them in each transaction).
     #[cfg(feature = "postgres")]
-    pub(crate) fn postgres_options(&self, pg: PgOptions) -> PgOptions {
-        let pg = self
-            .logged(pg)
+    pub(crate) fn postgres_options(&self, pg: &PgOptions) -> PgOptions {
+        let mut pg = self
+            .logged(pg.clone())
             .application_name(&self.application_name)
             .statement_cache_capacity(self.statement_cache)
             // `SslMode` displays as libpq's `sslmode`: this parse cannot fail.
             .ssl_mode(self.ssl_mode.to_string().parse().unwrap_or_default());
-        let pg = match &self.ssl_root_cert {
-            Some(path) => pg.ssl_root_cert(path),
-            None => pg,
-        };
+        if let Some(path) = &self.ssl_root_cert {
+            pg = pg.ssl_root_cert(path);
+        }
         if self.pooler == crate::Pooler::Transaction {
             // PgBouncer refuses `options` and sqlx's `extra_float_digits` unless told to ignore them.
             return pg.extra_float_digits(None);
         }
-        let millis =
-            |name, timeout: Option<Duration>| Some((name, timeout?.as_millis().to_string()));
+        let millis = |name, ms: Option<Duration>| Some((name, ms?.as_millis().to_string()));
         let jit = ("jit", if self.jit { "on" } else { "off" }.to_owned());
-        let isolation = (
-            "default_transaction_isolation",
-            self.isolation_level.as_sql(),
-        );
+        let level = self.isolation_level.as_sql();
+        let isolation = ("default_transaction_isolation", level);
         let timeout = millis("statement_timeout", self.statement_timeout);
         // The server's own end to a transaction whose client is gone (a partition), so that its
         // row locks do not outlive it by more than this.
-        let idle = millis(
-            "idle_in_transaction_session_timeout",
-            self.idle_in_transaction_timeout,
-        );
+        let idle = self.idle_in_transaction_timeout;
+        let idle = millis("idle_in_transaction_session_timeout", idle);
         // `options` appends to what the URL's `options=` already holds.
         pg.options(timeout.into_iter().chain([jit, isolation]).chain(idle))
     }
@@ -195,10 +186,10 @@ impl DatabaseSettings {
 
     /// The URL's options with TLS, statement cache and statement logging.
     #[cfg(feature = "mysql")]
-    pub(crate) fn mysql_options(&self, my: MySqlOptions) -> MySqlOptions {
+    pub(crate) fn mysql_options(&self, my: &MySqlOptions) -> MySqlOptions {
         use crate::SslMode::*;
-        let my = self
-            .logged(my)
+        let mut my = self
+            .logged(my.clone())
             .statement_cache_capacity(self.statement_cache)
             .ssl_mode(match self.ssl_mode {
                 Disable => MySqlSslMode::Disabled,
@@ -207,17 +198,17 @@ impl DatabaseSettings {
                 VerifyCa => MySqlSslMode::VerifyCa,
                 VerifyFull => MySqlSslMode::VerifyIdentity,
             });
-        match &self.ssl_root_cert {
-            Some(path) => my.ssl_ca(path),
-            None => my,
+        if let Some(path) = &self.ssl_root_cert {
+            my = my.ssl_ca(path);
         }
+        my
     }
 
     /// WAL lets readers run while one connection writes; the busy timeout makes a writer wait
     /// for the lock instead of failing at once; foreign keys are off in SQLite unless asked for.
     #[cfg(feature = "sqlite")]
-    pub(crate) fn sqlite_options(&self, sqlite: SqliteOptions) -> SqliteOptions {
-        self.logged(sqlite)
+    pub(crate) fn sqlite_options(&self, sqlite: &SqliteOptions) -> SqliteOptions {
+        self.logged(sqlite.clone())
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
             .foreign_keys(true)
@@ -235,14 +226,14 @@ mod tests {
     const POSTGRES: &str = "postgres://app:s3cret@db:5432/inv";
 
     fn pool(pairs: &[(&str, &str)]) -> PoolOptions<Postgres> {
-        settings(pairs).database.pool_options(None)
+        settings(pairs).database.pool(None)
     }
 
     /// The driver's options for these settings, as `connect` builds them.
     fn pg(pairs: &[(&str, &str)]) -> PgConnectOptions {
         let db = settings(pairs).database;
         match &db.url.target {
-            Target::Postgres(pg) => db.postgres_options(pg.clone()),
+            Target::Postgres(pg) => db.postgres_options(pg),
             _ => panic!("{pairs:?} is not a PostgreSQL URL"),
         }
     }
@@ -250,7 +241,7 @@ mod tests {
     fn mysql(pairs: &[(&str, &str)]) -> MySqlConnectOptions {
         let db = settings(pairs).database;
         match &db.url.target {
-            Target::Mysql(my) => db.mysql_options(my.clone()),
+            Target::Mysql(my) => db.mysql_options(my),
             _ => panic!("{pairs:?} is not a MariaDB URL"),
         }
     }
@@ -405,7 +396,7 @@ mod tests {
         );
         let pool: PoolOptions<MySql> = settings(&[("DATABASE_URL", "mysql://db/inv")])
             .database
-            .pool_options(None);
+            .pool(None);
         assert_eq!(pool.get_max_connections(), 30);
     }
 
@@ -447,7 +438,7 @@ mod tests {
         let Target::Sqlite(sqlite) = &db.url.target else {
             panic!("the default is an SQLite file")
         };
-        let sqlite = format!("{:?}", db.sqlite_options(sqlite.clone()));
+        let sqlite = format!("{:?}", db.sqlite_options(sqlite));
         assert!(
             sqlite.contains(r#""journal_mode": Some("WAL")"#),
             "{sqlite}"
