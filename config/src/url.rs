@@ -89,9 +89,8 @@ impl DatabaseUrl {
     pub(crate) fn parse_as(variable: &'static str, raw: &str) -> Result<DatabaseUrl, ConfigError> {
         let raw = raw.trim();
         let invalid = |value, expected| ConfigError::Invalid(variable, value, expected);
-        let Some((scheme, rest)) = raw.split_once(':') else {
-            return Err(invalid(None, EXPECTED_URL.into()));
-        };
+        // Without a `:` there is no scheme: refused below as an unknown one, and never shown.
+        let (scheme, rest) = raw.split_once(':').unwrap_or(("", raw));
         let scheme = scheme.to_ascii_lowercase();
         let (backend, normalised) = match scheme.split('+').next().unwrap_or_default() {
             "postgres" | "postgresql" => (Backend::Postgres, format!("postgres:{rest}")),
@@ -108,6 +107,8 @@ impl DatabaseUrl {
             },
         };
         let (shown, has_password) = match redact(&normalised) {
+            // SQLite's URL is shown as it is (sqlx reads its file name textually).
+            Ok((_, had)) if backend == Backend::Sqlite => (normalised.clone(), had),
             Ok(redacted) => redacted,
             Err(err) if backend == Backend::Sqlite => {
                 let why = format!(
@@ -245,28 +246,21 @@ fn driver_refused(backend: Backend, err: &sea_orm::sqlx::Error) -> String {
 }
 
 /// The URL with a password (user-info or `password=`) replaced by `***`, and whether it had one.
-/// An SQLite URL is kept as it is.
 fn redact(raw: &str) -> Result<(String, bool), url::ParseError> {
     let mut url = Url::parse(raw)?;
-    let in_query = url.query_pairs().any(|(key, _)| key == "password");
+    let mut pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    let in_query = pairs.iter().any(|(key, _)| key == "password");
     let in_user_info = url.password().is_some();
     if in_user_info && url.set_password(Some("***")).is_err() {
         return Err(url::ParseError::EmptyHost);
     }
     if in_query {
-        let hidden = |(key, value): (String, String)| match key == "password" {
-            true => (key, "***".to_owned()),
-            false => (key, value),
-        };
-        let pairs: Vec<_> = url.query_pairs().into_owned().map(hidden).collect();
+        for (_, value) in pairs.iter_mut().filter(|(key, _)| key == "password") {
+            *value = "***".to_owned();
+        }
         url.query_pairs_mut().clear().extend_pairs(pairs);
     }
-    let shown = if raw.starts_with("sqlite:") {
-        raw.to_owned()
-    } else {
-        url.into()
-    };
-    Ok((shown, in_user_info || in_query))
+    Ok((url.into(), in_user_info || in_query))
 }
 
 /// The PostgreSQL URL of `DB_HOST`, `DB_PORT`, `DB_USER`, `DB_PASSWORD` and `DB_NAME` (the
@@ -283,23 +277,18 @@ pub(crate) fn assemble(env: &Env) -> Result<Option<DatabaseUrl>, ConfigError> {
     let encode = |text: &str| utf8_percent_encode(text, COMPONENT).to_string();
     let part = |var| encode(&env.value(var).unwrap_or_default());
     let (user, name) = (part(&var::DB_USER), part(&var::DB_NAME));
-    let mut url = Url::parse(&format!("postgres://{user}@localhost:{port}/{name}"))
-        .map_err(|_| bad_host())?;
+    let password = env.raw(&var::DB_PASSWORD).map(encode);
+    let password = password.map(|p| format!(":{p}")).unwrap_or_default();
+    let url = format!("postgres://{user}{password}@localhost:{port}/{name}");
+    let mut url = Url::parse(&url).map_err(|_| bad_host())?;
     if host.starts_with('/') {
         url.query_pairs_mut().append_pair("host", host);
     } else {
-        let bracketed = match host.contains(':') && !host.starts_with('[') {
-            true => format!("[{host}]"),
-            false => host.to_owned(),
-        };
-        url.set_host(Some(&bracketed)).map_err(|_| bad_host())?;
-        if url.host_str().is_none_or(str::is_empty) {
-            return Err(bad_host());
-        }
-    }
-    if let Some(password) = env.raw(&var::DB_PASSWORD) {
-        let password = encode(password);
-        url.set_password(Some(&password)).map_err(|()| bad_host())?;
+        // An IPv6 address goes in brackets.
+        let v6 = host.contains(':') && !host.starts_with('[');
+        let (open, close) = if v6 { ("[", "]") } else { ("", "") };
+        let host = format!("{open}{host}{close}");
+        url.set_host(Some(&host)).map_err(|_| bad_host())?;
     }
     DatabaseUrl::parse_as("DB_HOST", url.as_str()).map(Some)
 }
