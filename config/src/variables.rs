@@ -14,7 +14,6 @@ use crate::url::{DatabaseUrl, ServerParts, assemble};
 use crate::{ConfigError, Defaults, IsolationLevel, LogFormat, PoolMode, Pooler, SslMode};
 
 /// What a variable is when unset.
-#[derive(Clone, Copy)]
 pub(crate) enum Fallback {
     /// This value, parsed like a given one.
     Value(&'static str),
@@ -28,7 +27,6 @@ pub(crate) enum Fallback {
 }
 
 /// What a variable accepts, checked by [`Env::parse`].
-#[derive(Clone, Copy)]
 pub(crate) enum Allowed {
     /// Whole numbers from the first to the second, and what else the text says.
     Range(u64, u64, &'static str),
@@ -94,13 +92,10 @@ macro_rules! show {
         show!(duration, $value.unwrap_or_default(), $var)
     };
     (path, $value:expr, $var:expr) => {
-        $value
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default()
+        $value.iter().map(|p| p.display().to_string()).collect()
     };
     (replica, $value:expr, $var:expr) => {
-        $value.as_ref().map(ToString::to_string).unwrap_or_default()
+        $value.iter().map(ToString::to_string).collect()
     };
     ($read:ident, $value:expr, $var:expr) => {
         $value.to_string()
@@ -218,8 +213,8 @@ impl Env {
     /// The value given, else the URL's parameter standing in for it, else the default.
     pub(crate) fn value(&self, var: &Var) -> Option<String> {
         let in_url = || self.url.as_ref()?.query_param(var.in_url);
-        let fallback = || match var.fallback {
-            Value(value) => Some(value.to_owned()),
+        let fallback = || match &var.fallback {
+            Value(value) => Some(value.to_string()),
             Service(get) => Some(get(&self.defaults).to_owned()),
             Computed(_, _, compute) => Some(compute(self)),
             Unset => None,
@@ -234,15 +229,15 @@ impl Env {
         let value = self.value(var).unwrap_or_default();
         let in_range = |min, max| value.parse().is_ok_and(|n: u64| (min..=max).contains(&n));
         let truth = BOOLS.iter().position(|b| b.eq_ignore_ascii_case(&value));
-        let text = match var.allowed {
-            Range(min, max, _) if !in_range(min, max) => None,
+        let text = match &var.allowed {
+            Range(min, max, _) if !in_range(*min, *max) => None,
             Checked(_, ok) if self.given(var).is_some() && !ok(&value) => None,
             Bool => truth.map(|i| (i % 2 == 0).to_string()),
             Words(_) => Some(value.trim().to_ascii_lowercase().replace(['-', ' '], "_")),
             _ => Some(value.clone()),
         };
         let parsed = text.and_then(|text| text.parse().ok());
-        parsed.ok_or_else(|| ConfigError::Invalid(var.name, Some(value), expected(var.allowed)))
+        parsed.ok_or_else(|| ConfigError::Invalid(var.name, Some(value), expected(&var.allowed)))
     }
 
     /// A duration in its variable's [`unit`].
@@ -275,7 +270,7 @@ impl Env {
 }
 
 /// What the error says a variable accepts.
-fn expected(allowed: Allowed) -> String {
+fn expected(allowed: &Allowed) -> String {
     match allowed {
         Range(min, max, _) => format!("expected a whole number from {min} to {max}"),
         Bool => format!("expected one of {}", BOOLS.join(", ")),
@@ -286,21 +281,21 @@ fn expected(allowed: Allowed) -> String {
 
 /// The `default` cell of the table, and the value `.env.example` shows.
 fn default_of(var: &Var, defaults: &Defaults) -> (String, &'static str) {
-    match var.fallback {
-        Value(value) => (format!("`{value}`"), value),
+    match &var.fallback {
+        Value(value) => (format!("`{value}`"), *value),
         Unset => ("unset".to_owned(), ""),
         Service(get) => (format!("`{}`", get(defaults)), get(defaults)),
-        Computed(text, example, _) => (text.to_owned(), example),
+        Computed(text, example, _) => (text.to_string(), *example),
     }
 }
 
 /// The `allowed` cell of the table.
 fn allowed_of(var: &Var) -> String {
-    match var.allowed {
+    match &var.allowed {
         Range(min, max, more) => format!("`{min}` to `{max}`{more}"),
         Bool => "`true`, `false`".to_owned(),
         Words(words) => format!("`{}`", words.join("`, `")),
-        Text(text) | Checked(text, _) => text.to_owned(),
+        Text(text) | Checked(text, _) => text.to_string(),
     }
 }
 
