@@ -86,7 +86,7 @@ macro_rules! settings {
 /// nothing for an unset path or URL.
 macro_rules! show {
     (duration, $value:expr, $var:expr) => {
-        ($value.as_millis() / unit($var).as_millis()).to_string()
+        ($value.as_millis() / u128::from(unit($var))).to_string()
     };
     (optional, $value:expr, $var:expr) => {
         show!(duration, $value.unwrap_or_default(), $var)
@@ -108,9 +108,10 @@ use Fallback::{Computed, Service, Unset, Value};
 /// The spellings of a boolean: `true` at even places, `false` at odd ones.
 const BOOLS: [&str; 8] = ["true", "false", "1", "0", "yes", "no", "on", "off"];
 
-/// A duration's unit is its variable's: milliseconds for a name ending in `_MS`, else seconds.
-fn unit(var: &Var) -> Duration {
-    Duration::from_millis(if var.name.ends_with("_MS") { 1 } else { 1000 })
+/// The milliseconds in a unit of a duration variable: its unit is in its name, milliseconds for
+/// a name ending in `_MS`, else seconds.
+fn unit(var: &Var) -> u64 {
+    if var.name.ends_with("_MS") { 1 } else { 1000 }
 }
 /// What Postgres accepts without truncating (63 bytes) and what can go in a startup packet and
 /// a log line unescaped (printable ASCII).
@@ -242,7 +243,7 @@ impl Env {
 
     /// A duration in its variable's [`unit`].
     pub(crate) fn duration(&self, var: &Var) -> Result<Duration, ConfigError> {
-        Ok(unit(var) * self.parse::<u32>(var)?)
+        Ok(Duration::from_millis(self.parse::<u64>(var)? * unit(var)))
     }
 
     /// A duration where 0 means off.
