@@ -9,23 +9,17 @@ use std::time::Duration;
 
 use log::LevelFilter;
 use sea_orm::DatabaseConnection;
-#[cfg(feature = "mysql")]
-use sea_orm::sqlx::Executor as _;
-#[cfg(feature = "mysql")]
-use sea_orm::sqlx::mysql::{MySqlConnectOptions, MySqlSslMode};
 use sea_orm::sqlx::pool::PoolOptions;
-#[cfg(feature = "postgres")]
-use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
-#[cfg(feature = "sqlite")]
-use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use sea_orm::sqlx::{self, Connection as _};
 
-#[cfg(feature = "postgres")]
-use crate::database::Pooler;
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-use crate::database::SslMode;
-use crate::database::{DatabaseSettings, PoolMode};
 use crate::url::Target;
+use crate::{DatabaseSettings, PoolMode};
+#[cfg(feature = "postgres")]
+use sqlx::postgres::PgConnectOptions as PgOptions;
+#[cfg(feature = "sqlite")]
+use sqlx::sqlite::{SqliteConnectOptions as SqliteOptions, SqliteJournalMode};
+#[cfg(feature = "mysql")]
+use sqlx::{Executor as _, mysql::MySqlConnectOptions as MySqlOptions, mysql::MySqlSslMode};
 
 /// Given a pooled connection's age, whether it must be closed instead of handed out.
 pub type Evict = std::sync::Arc<dyn Fn(Duration) -> bool + Send + Sync>;
@@ -37,15 +31,18 @@ const PRE_PING_IDLE: Duration = Duration::from_secs(1);
 #[cfg(feature = "sqlite")]
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The database of a driver's connect options.
+type Db<O> = <<O as sqlx::ConnectOptions>::Connection as sqlx::Connection>::Database;
+
 /// The pool, handed to SeaORM as it is; connected now (one connection opened, so that a server
 /// that does not answer fails here) or on first use.
-async fn open<DB: sqlx::Database>(
-    pool: PoolOptions<DB>,
-    options: <DB::Connection as sqlx::Connection>::Options,
+async fn open<O: sqlx::ConnectOptions>(
+    pool: PoolOptions<Db<O>>,
+    options: O,
     lazy: bool,
 ) -> Result<DatabaseConnection, sqlx::Error>
 where
-    DatabaseConnection: From<sqlx::Pool<DB>>,
+    DatabaseConnection: From<sqlx::Pool<Db<O>>>,
 {
     Ok(DatabaseConnection::from(match lazy {
         true => pool.connect_lazy_with(options),
@@ -85,66 +82,47 @@ impl DatabaseSettings {
     ) -> Result<DatabaseConnection, sqlx::Error> {
         match &self.url.target {
             #[cfg(feature = "postgres")]
-            Target::Postgres(pg) => {
-                let pool = self.pool_options_evicting(evict);
-                open::<sqlx::Postgres>(pool, self.postgres_options(pg.clone()), lazy).await
-            }
+            Target::Postgres(pg) => open(self.pool(evict), self.postgres_options(pg), lazy).await,
             #[cfg(feature = "mysql")]
             Target::Mysql(my) => {
                 let session = self.mysql_session_sql();
-                let pool =
-                    self.pool_options::<sqlx::MySql>()
-                        .after_connect(move |connection, _| {
-                            let session = sqlx::AssertSqlSafe(session.clone());
-                            Box::pin(async move { connection.execute(session).await.map(drop) })
-                        });
-                open(pool, self.mysql_options(my.clone()), lazy).await
+                let pool: PoolOptions<sqlx::MySql> = self.pool(None);
+                let pool = pool.after_connect(move |connection, _| {
+                    let session = sqlx::AssertSqlSafe(session.clone());
+                    Box::pin(async move { connection.execute(session).await.map(drop) })
+                });
+                open(pool, self.mysql_options(my), lazy).await
             }
             #[cfg(feature = "sqlite")]
-            Target::Sqlite(sqlite) => {
-                open::<sqlx::Sqlite>(
-                    self.pool_options(),
-                    self.sqlite_options(sqlite.clone()),
-                    lazy,
-                )
-                .await
-            }
+            Target::Sqlite(lite) => open(self.pool(None), self.sqlite_options(lite), lazy).await,
         }
     }
 
-    /// Pool bounds and timeouts, the pre-ping, and serverless mode's closing on release.
-    pub(crate) fn pool_options<DB: sqlx::Database>(&self) -> PoolOptions<DB> {
-        self.pool_options_evicting(None)
-    }
-
-    fn pool_options_evicting<DB: sqlx::Database>(&self, evict: Option<Evict>) -> PoolOptions<DB> {
+    /// Pool bounds and timeouts, the pre-ping (and `evict`), and serverless mode's closing on
+    /// release.
+    pub(crate) fn pool<DB: sqlx::Database>(&self, evict: Option<Evict>) -> PoolOptions<DB> {
         let ping = self.pool_pre_ping;
+        // An in-memory database vanishes with its last connection: never expire it.
+        let expire = |after: Duration| Some(after).filter(|_| !self.url.in_memory);
         let pool = PoolOptions::<DB>::new()
             .max_connections(self.max_connections())
             .min_connections(self.min_connections())
             .acquire_timeout(self.pool_timeout)
-            .max_lifetime(self.pool_recycle)
-            .idle_timeout(self.idle_timeout)
+            .max_lifetime(expire(self.pool_recycle))
+            .idle_timeout(expire(self.idle_timeout))
             .test_before_acquire(false)
             // Ping only connections idle for a second or more: one released a moment ago is
             // almost certainly alive, and pinging it would add a round trip to every checkout.
             .before_acquire(move |connection, meta| {
                 let evicted = evict.as_ref().is_some_and(|evict| evict(meta.age));
+                let ping = !evicted && needs_ping(ping, meta.idle_for);
                 Box::pin(async move {
-                    if evicted {
-                        return Ok(false);
-                    }
-                    if needs_ping(ping, meta.idle_for) {
+                    if ping {
                         connection.ping().await?;
                     }
-                    Ok(true)
+                    Ok(!evicted)
                 })
             });
-        // An in-memory database vanishes with its last connection: never expire it.
-        let pool = match self.url.is_in_memory() {
-            true => pool.idle_timeout(None).max_lifetime(None),
-            false => pool,
-        };
         match self.pool_mode {
             // Close every connection when it is released, so none sits idle between requests.
             PoolMode::Serverless => pool.after_release(|_, _| Box::pin(async { Ok(false) })),
@@ -154,18 +132,10 @@ impl DatabaseSettings {
 
     /// Statement logging: every statement at INFO with `DB_ECHO`, slow ones at WARN.
     fn logged<O: sqlx::ConnectOptions>(&self, options: O) -> O {
-        let slow = if self.slow_statement.is_zero() {
-            LevelFilter::Off
-        } else {
-            LevelFilter::Warn
-        };
-        let echo = if self.echo {
-            LevelFilter::Info
-        } else {
-            LevelFilter::Off
-        };
+        let level = |on: bool, level| if on { level } else { LevelFilter::Off };
+        let slow = level(!self.slow_statement.is_zero(), LevelFilter::Warn);
         options
-            .log_statements(echo)
+            .log_statements(level(self.echo, LevelFilter::Info))
             .log_slow_statements(slow, self.slow_statement)
     }
 
@@ -173,43 +143,31 @@ impl DatabaseSettings {
     /// session settings as startup parameters (no round trip), or none of those behind a
     /// transaction-mode pooler, which refuses them (the layer sets them in each transaction).
     #[cfg(feature = "postgres")]
-    pub(crate) fn postgres_options(&self, pg: PgConnectOptions) -> PgConnectOptions {
+    pub(crate) fn postgres_options(&self, pg: &PgOptions) -> PgOptions {
         let mut pg = self
-            .logged(pg)
+            .logged(pg.clone())
             .application_name(&self.application_name)
             .statement_cache_capacity(self.statement_cache)
-            .ssl_mode(match self.ssl_mode {
-                SslMode::Disable => PgSslMode::Disable,
-                SslMode::Prefer => PgSslMode::Prefer,
-                SslMode::Require => PgSslMode::Require,
-                SslMode::VerifyCa => PgSslMode::VerifyCa,
-                SslMode::VerifyFull => PgSslMode::VerifyFull,
-            });
+            // `SslMode` displays as libpq's `sslmode`: this parse cannot fail.
+            .ssl_mode(self.ssl_mode.to_string().parse().unwrap_or_default());
         if let Some(path) = &self.ssl_root_cert {
             pg = pg.ssl_root_cert(path);
         }
-        if self.pooler == Pooler::Transaction {
+        if self.pooler == crate::Pooler::Transaction {
             // PgBouncer refuses `options` and sqlx's `extra_float_digits` unless told to ignore them.
             return pg.extra_float_digits(None);
         }
-        let mut parameters = vec![
-            ("jit", if self.jit { "on" } else { "off" }.to_owned()),
-            (
-                "default_transaction_isolation",
-                self.isolation_level.as_sql().to_owned(),
-            ),
-        ];
-        if let Some(timeout) = self.statement_timeout {
-            parameters.insert(0, ("statement_timeout", timeout.as_millis().to_string()));
-        }
-        // The server's own end to a transaction whose client is gone (a partition), so that
-        // its row locks do not outlive it by more than this.
-        if let Some(timeout) = self.idle_in_transaction_timeout {
-            let millis = timeout.as_millis().to_string();
-            parameters.push(("idle_in_transaction_session_timeout", millis));
-        }
+        let millis = |name, ms: Option<Duration>| Some((name, ms?.as_millis().to_string()));
+        let jit = ("jit", if self.jit { "on" } else { "off" }.to_owned());
+        let level = self.isolation_level.as_sql();
+        let isolation = ("default_transaction_isolation", level);
+        let timeout = millis("statement_timeout", self.statement_timeout);
+        // The server's own end to a transaction whose client is gone (a partition), so that its
+        // row locks do not outlive it by more than this.
+        let idle = self.idle_in_transaction_timeout;
+        let idle = millis("idle_in_transaction_session_timeout", idle);
         // `options` appends to what the URL's `options=` already holds.
-        pg.options(parameters)
+        pg.options(timeout.into_iter().chain([jit, isolation]).chain(idle))
     }
 
     /// What every MariaDB connection is told when it opens (sqlx's `after_connect`: one round
@@ -217,41 +175,40 @@ impl DatabaseSettings {
     /// the statement timeout as `max_statement_time` (seconds). MariaDB has no startup
     /// parameters, and sqlx 0.9 sends no connection attributes, so there is no application name.
     pub fn mysql_session_sql(&self) -> String {
-        let isolation = self.isolation_level.as_sql().to_ascii_uppercase();
+        let isolation = self.isolation_level.to_sea_orm();
         let mut sql = format!("SET SESSION TRANSACTION ISOLATION LEVEL {isolation}");
         if let Some(timeout) = self.statement_timeout {
-            sql.push_str(&format!(
-                "; SET SESSION max_statement_time = {}",
-                timeout.as_secs_f64()
-            ));
+            let seconds = timeout.as_secs_f64();
+            sql.push_str(&format!("; SET SESSION max_statement_time = {seconds}"));
         }
         sql
     }
 
     /// The URL's options with TLS, statement cache and statement logging.
     #[cfg(feature = "mysql")]
-    pub(crate) fn mysql_options(&self, my: MySqlConnectOptions) -> MySqlConnectOptions {
-        let my = self
-            .logged(my)
+    pub(crate) fn mysql_options(&self, my: &MySqlOptions) -> MySqlOptions {
+        use crate::SslMode::*;
+        let mut my = self
+            .logged(my.clone())
             .statement_cache_capacity(self.statement_cache)
             .ssl_mode(match self.ssl_mode {
-                SslMode::Disable => MySqlSslMode::Disabled,
-                SslMode::Prefer => MySqlSslMode::Preferred,
-                SslMode::Require => MySqlSslMode::Required,
-                SslMode::VerifyCa => MySqlSslMode::VerifyCa,
-                SslMode::VerifyFull => MySqlSslMode::VerifyIdentity,
+                Disable => MySqlSslMode::Disabled,
+                Prefer => MySqlSslMode::Preferred,
+                Require => MySqlSslMode::Required,
+                VerifyCa => MySqlSslMode::VerifyCa,
+                VerifyFull => MySqlSslMode::VerifyIdentity,
             });
-        match &self.ssl_root_cert {
-            Some(path) => my.ssl_ca(path),
-            None => my,
+        if let Some(path) = &self.ssl_root_cert {
+            my = my.ssl_ca(path);
         }
+        my
     }
 
     /// WAL lets readers run while one connection writes; the busy timeout makes a writer wait
     /// for the lock instead of failing at once; foreign keys are off in SQLite unless asked for.
     #[cfg(feature = "sqlite")]
-    pub(crate) fn sqlite_options(&self, sqlite: SqliteConnectOptions) -> SqliteConnectOptions {
-        self.logged(sqlite)
+    pub(crate) fn sqlite_options(&self, sqlite: &SqliteOptions) -> SqliteOptions {
+        self.logged(sqlite.clone())
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
             .foreign_keys(true)
@@ -259,6 +216,8 @@ impl DatabaseSettings {
 }
 #[cfg(all(test, feature = "postgres", feature = "mysql", feature = "sqlite"))]
 mod tests {
+    use sea_orm::sqlx::mysql::{MySqlConnectOptions, MySqlSslMode};
+    use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
     use sea_orm::sqlx::{MySql, Postgres};
 
     use super::*;
@@ -267,14 +226,14 @@ mod tests {
     const POSTGRES: &str = "postgres://app:s3cret@db:5432/inv";
 
     fn pool(pairs: &[(&str, &str)]) -> PoolOptions<Postgres> {
-        settings(pairs).database.pool_options()
+        settings(pairs).database.pool(None)
     }
 
     /// The driver's options for these settings, as `connect` builds them.
     fn pg(pairs: &[(&str, &str)]) -> PgConnectOptions {
         let db = settings(pairs).database;
         match &db.url.target {
-            Target::Postgres(pg) => db.postgres_options(pg.clone()),
+            Target::Postgres(pg) => db.postgres_options(pg),
             _ => panic!("{pairs:?} is not a PostgreSQL URL"),
         }
     }
@@ -282,7 +241,7 @@ mod tests {
     fn mysql(pairs: &[(&str, &str)]) -> MySqlConnectOptions {
         let db = settings(pairs).database;
         match &db.url.target {
-            Target::Mysql(my) => db.mysql_options(my.clone()),
+            Target::Mysql(my) => db.mysql_options(my),
             _ => panic!("{pairs:?} is not a MariaDB URL"),
         }
     }
@@ -437,7 +396,7 @@ mod tests {
         );
         let pool: PoolOptions<MySql> = settings(&[("DATABASE_URL", "mysql://db/inv")])
             .database
-            .pool_options();
+            .pool(None);
         assert_eq!(pool.get_max_connections(), 30);
     }
 
@@ -479,7 +438,7 @@ mod tests {
         let Target::Sqlite(sqlite) = &db.url.target else {
             panic!("the default is an SQLite file")
         };
-        let sqlite = format!("{:?}", db.sqlite_options(sqlite.clone()));
+        let sqlite = format!("{:?}", db.sqlite_options(sqlite));
         assert!(
             sqlite.contains(r#""journal_mode": Some("WAL")"#),
             "{sqlite}"

@@ -1,14 +1,12 @@
-//! `DatabaseSettings`: every `DB_*` variable (and `DATABASE_URL`) parsed and checked, with the
-//! small enums they use and the rules that tie variables together (a URL parameter kept when
-//! its variable is unset, `DB_STATEMENT_CACHE` deferring to `DB_POOLER`, the per-backend
-//! checks). Turning them into the driver's pool lives in `connect.rs`.
+//! The small enums the settings use, and `DatabaseSettings`' rules: its pool bounds, its replica
+//! and the checks that tie variables together (a URL parameter kept when its variable is unset,
+//! `DB_STATEMENT_CACHE` deferring to `DB_POOLER`, the per-backend checks). Turning the settings
+//! into the driver's pool lives in `connect.rs`.
 
 use strum::{Display, EnumString};
 
 use crate::error::ConfigError;
-use crate::url::DatabaseUrl;
-pub use crate::variables::DatabaseSettings;
-use crate::variables::{self as var, Env};
+use crate::variables::{self as var, DatabaseSettings, Env};
 
 /// The most connections a pool may open (`DB_POOL_SIZE + DB_MAX_OVERFLOW`).
 pub const MAX_CONNECTIONS: u32 = 10_000;
@@ -21,9 +19,11 @@ pub const SQLITE_MAX_CONNECTIONS: u32 = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Display)]
 #[strum(serialize_all = "lowercase")]
 pub enum Backend {
+    /// PostgreSQL.
     Postgres,
     /// MySQL's protocol: MariaDB is what is supported and tested (versions: docs/requirements.md).
     Mysql,
+    /// SQLite.
     Sqlite,
 }
 
@@ -54,20 +54,19 @@ pub enum Pooler {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString)]
 #[strum(serialize_all = "snake_case")]
 pub enum IsolationLevel {
+    /// `read committed`.
     ReadCommitted,
+    /// `repeatable read`.
     RepeatableRead,
+    /// `serializable`.
     Serializable,
 }
 
 impl IsolationLevel {
     /// The SQL spelling, as in `SET TRANSACTION ISOLATION LEVEL repeatable read` or Postgres's
     /// `default_transaction_isolation`.
-    pub fn as_sql(&self) -> &'static str {
-        match self {
-            IsolationLevel::ReadCommitted => "read committed",
-            IsolationLevel::RepeatableRead => "repeatable read",
-            IsolationLevel::Serializable => "serializable",
-        }
+    pub fn as_sql(&self) -> String {
+        self.to_sea_orm().to_string().to_lowercase()
     }
 
     /// The same level as SeaORM names it, for `begin_with_config`.
@@ -85,20 +84,36 @@ impl IsolationLevel {
 /// accepted as their twins).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString)]
 pub enum SslMode {
+    /// Never TLS.
     #[strum(to_string = "disable", serialize = "disabled")]
     Disable,
+    /// TLS when the server offers it.
     #[strum(to_string = "prefer", serialize = "preferred")]
     Prefer,
+    /// Always TLS, the certificate not checked.
     #[strum(to_string = "require", serialize = "required")]
     Require,
+    /// Always TLS, the certificate signed by a trusted CA.
     #[strum(to_string = "verify-ca", serialize = "verify_ca")]
     VerifyCa,
+    /// As `VerifyCa`, and the host name matches the certificate.
     #[strum(
         to_string = "verify-full",
         serialize = "verify_full",
         serialize = "verify_identity"
     )]
     VerifyFull,
+}
+
+/// `LOG_FORMAT`: how log lines are written (the log filter itself is `RUST_LOG`, read by the
+/// subscriber).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Display, EnumString)]
+#[strum(serialize_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
 }
 
 impl DatabaseSettings {
@@ -123,7 +138,7 @@ impl DatabaseSettings {
         let configured = self.pool_size.saturating_add(self.max_overflow).max(1);
         match self.backend() {
             Backend::Postgres | Backend::Mysql => configured,
-            Backend::Sqlite if self.url.is_in_memory() => 1,
+            Backend::Sqlite if self.url.in_memory => 1,
             Backend::Sqlite => configured.min(SQLITE_MAX_CONNECTIONS),
         }
     }
@@ -131,67 +146,43 @@ impl DatabaseSettings {
     /// The same settings pointed at `DATABASE_REPLICA_URL`, for the replica's pool; `None` when
     /// no replica is configured.
     pub fn for_replica(&self) -> Option<DatabaseSettings> {
-        let url = self.replica_url.clone()?;
-        let (replica_url, auto_migrate) = (None, false);
-        Some(DatabaseSettings {
-            url,
-            replica_url,
-            auto_migrate,
-            ..self.clone()
-        })
+        let mut replica = self.clone();
+        replica.url = replica.replica_url.take()?;
+        replica.auto_migrate = false;
+        Some(replica)
     }
 
-    /// The rules that tie variables together, after each was read on its own.
+    /// The rules that tie variables together, after each was read on its own: the first one
+    /// broken is the error, naming the variable to change.
     pub(crate) fn checked(mut self, env: &Env) -> Result<Self, ConfigError> {
-        let (size, overflow) = (self.pool_size, self.max_overflow);
+        let (size, overflow, cache) = (self.pool_size, self.max_overflow, self.statement_cache);
+        let pooled = self.pooler == Pooler::Transaction;
+        let invalid = |variable, value: &dyn ToString, why: &str| {
+            let (value, why) = (Some(value.to_string()), why.to_owned());
+            Err(ConfigError::Invalid(variable, value, why))
+        };
         if size + overflow > MAX_CONNECTIONS {
-            let expected = format!(
+            let why = format!(
                 "DB_POOL_SIZE + DB_MAX_OVERFLOW = {} exceeds {MAX_CONNECTIONS} connections; \
                  expected a whole number from 0 to {}",
                 size + overflow,
                 MAX_CONNECTIONS - size
             );
-            return Err(ConfigError::invalid(
-                "DB_MAX_OVERFLOW",
-                overflow.to_string(),
-                expected,
-            ));
+            return invalid("DB_MAX_OVERFLOW", &overflow, &why);
         }
-        let pooled = self.pooler == Pooler::Transaction;
-        // Behind a transaction-mode pooler no statement is prepared by name (it would outlive
-        // its transaction on a server connection other clients get next).
-        if pooled && env.given(&var::DB_STATEMENT_CACHE).is_some() && self.statement_cache != 0 {
-            let expected = "must be 0 (or unset) with DB_POOLER=transaction: a named prepared statement \
-                 outlives its transaction and collides on the pooler's shared server connections";
-            let cache = self.statement_cache.to_string();
-            return Err(ConfigError::invalid("DB_STATEMENT_CACHE", cache, expected));
+        if pooled && env.given(&var::DB_STATEMENT_CACHE).is_some() && cache != 0 {
+            return invalid("DB_STATEMENT_CACHE", &cache, CACHE_BEHIND_A_POOLER);
         }
         if pooled && self.backend() != Backend::Postgres {
-            let expected =
-                "a transaction-mode pooler needs a PostgreSQL DATABASE_URL (set DB_POOLER=none)";
-            return Err(ConfigError::invalid("DB_POOLER", "transaction", expected));
+            return invalid("DB_POOLER", &"transaction", POOLER_NEEDS_POSTGRES);
         }
         if pooled && self.auto_migrate {
-            let expected = "migrations cannot run through a transaction-mode pooler (DB_POOLER=transaction); \
-                 set DB_AUTO_MIGRATE=false and migrate with the direct database URL";
-            return Err(ConfigError::invalid("DB_AUTO_MIGRATE", "true", expected));
+            return invalid("DB_AUTO_MIGRATE", &true, NO_MIGRATIONS_BEHIND_A_POOLER);
         }
-        let replica = self.replica_url.as_ref().map(DatabaseUrl::backend);
-        if replica.is_some_and(|replica| {
-            replica != Backend::Postgres || self.backend() != Backend::Postgres
-        }) {
-            let shown = self
-                .replica_url
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default();
-            let expected =
-                "a read replica needs PostgreSQL URLs for both the primary and the replica";
-            return Err(ConfigError::invalid(
-                "DATABASE_REPLICA_URL",
-                shown,
-                expected,
-            ));
+        if let Some(replica) = &self.replica_url
+            && (replica.backend() != Backend::Postgres || self.backend() != Backend::Postgres)
+        {
+            return invalid("DATABASE_REPLICA_URL", replica, REPLICA_NEEDS_POSTGRES);
         }
         if pooled {
             self.statement_cache = 0;
@@ -199,6 +190,17 @@ impl DatabaseSettings {
         Ok(self)
     }
 }
+
+/// Behind a transaction-mode pooler no statement is prepared by name (it would outlive its
+/// transaction on a server connection other clients get next).
+const CACHE_BEHIND_A_POOLER: &str = "must be 0 (or unset) with DB_POOLER=transaction: a named \
+    prepared statement outlives its transaction and collides on the pooler's shared server connections";
+const POOLER_NEEDS_POSTGRES: &str =
+    "a transaction-mode pooler needs a PostgreSQL DATABASE_URL (set DB_POOLER=none)";
+const NO_MIGRATIONS_BEHIND_A_POOLER: &str = "migrations cannot run through a transaction-mode \
+    pooler (DB_POOLER=transaction); set DB_AUTO_MIGRATE=false and migrate with the direct database URL";
+const REPLICA_NEEDS_POSTGRES: &str =
+    "a read replica needs PostgreSQL URLs for both the primary and the replica";
 
 #[cfg(test)]
 mod tests {

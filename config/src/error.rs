@@ -7,55 +7,32 @@
 /// Why the settings could not be read. `Display` is one line, fit for a start-up failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A variable holds a value outside what is allowed. `value` is safe to show: it is either
-    /// not secret or already redacted.
-    #[error("invalid {variable}={value:?}: {expected}")]
-    Invalid {
-        variable: &'static str,
-        value: String,
-        expected: String,
-    },
-    /// A variable holds a bad value that is not shown because it is (or may contain) a secret.
-    #[error("invalid {variable} (value not shown, it may contain a password): {expected}")]
-    Withheld {
-        variable: &'static str,
-        expected: String,
-    },
-    /// The `.env` file exists but could not be read or parsed. Its content is never shown.
-    #[error("could not read .env: {0}")]
-    DotEnv(String),
-    /// The environment could not be read (for example a variable this crate reads is not UTF-8).
-    #[error("could not read the environment: {0}")]
-    Environment(String),
+    /// A variable holds a value outside what is allowed: `invalid NAME="value": expected …`. The
+    /// fields are the variable, its value and what is allowed; the value is `None` when it is
+    /// not shown because it is (or may contain) a secret, and when shown it is either not secret
+    /// or already redacted.
+    #[error("invalid {0}{shown}: {2}", shown = shown(.1))]
+    Invalid(&'static str, Option<String>, String),
+    /// `.env` or the environment could not be read (for example a variable this crate reads is
+    /// not UTF-8): what, and why. The content of `.env` is never shown.
+    #[error("could not read {0}")]
+    Unreadable(String),
+}
+
+/// `="value"`, or why the value is not shown.
+fn shown(value: &Option<String>) -> String {
+    match value {
+        Some(value) => format!("={value:?}"),
+        None => " (value not shown, it may contain a password)".to_owned(),
+    }
 }
 
 impl ConfigError {
     /// The variable at fault, when there is one.
     pub fn variable(&self) -> Option<&'static str> {
         match self {
-            ConfigError::Invalid { variable, .. } | ConfigError::Withheld { variable, .. } => {
-                Some(variable)
-            }
-            ConfigError::DotEnv(_) | ConfigError::Environment(_) => None,
-        }
-    }
-
-    pub(crate) fn invalid(
-        variable: &'static str,
-        value: impl Into<String>,
-        expected: impl Into<String>,
-    ) -> Self {
-        ConfigError::Invalid {
-            variable,
-            value: value.into(),
-            expected: expected.into(),
-        }
-    }
-
-    pub(crate) fn withheld(variable: &'static str, expected: impl Into<String>) -> Self {
-        ConfigError::Withheld {
-            variable,
-            expected: expected.into(),
+            ConfigError::Invalid(variable, ..) => Some(variable),
+            ConfigError::Unreadable(_) => None,
         }
     }
 }
@@ -66,7 +43,11 @@ mod tests {
 
     #[test]
     fn an_invalid_value_is_quoted_and_named_on_one_line() {
-        let err = ConfigError::invalid("DB_POOL_SIZE", "a\nb", "expected a whole number");
+        let err = ConfigError::Invalid(
+            "DB_POOL_SIZE",
+            Some("a\nb".to_owned()),
+            "expected a whole number".to_owned(),
+        );
         let shown = err.to_string();
         assert_eq!(
             shown,
@@ -78,7 +59,7 @@ mod tests {
 
     #[test]
     fn a_withheld_value_names_the_variable_but_not_the_value() {
-        let err = ConfigError::withheld("DATABASE_URL", "invalid port number");
+        let err = ConfigError::Invalid("DATABASE_URL", None, "invalid port number".to_owned());
         assert_eq!(
             err.to_string(),
             "invalid DATABASE_URL (value not shown, it may contain a password): invalid port number"

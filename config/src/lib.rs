@@ -12,20 +12,15 @@ mod database;
 mod error;
 #[cfg(test)]
 mod reference_doc;
-mod server;
 #[cfg(test)]
 mod test_support;
 mod url;
 mod variables;
 
-pub use database::{
-    Backend, DatabaseSettings, IsolationLevel, MAX_CONNECTIONS, PoolMode, Pooler,
-    SQLITE_MAX_CONNECTIONS, SslMode,
-};
+pub use database::*;
 pub use error::ConfigError;
-pub use server::{LogFormat, LogSettings, ServerSettings};
 pub use url::DatabaseUrl;
-pub use variables::{env_example, reference_table};
+pub use variables::{DatabaseSettings, LogSettings, ServerSettings, env_example, reference_table};
 
 use variables::{Env, VARIABLES};
 
@@ -76,7 +71,7 @@ const LIBPQ_VARIABLES: &str = "PGHOST PGHOSTADDR PGPORT PGUSER PGPASSWORD PGDATA
 /// [`ConfigError`] when `.env` cannot be read or `DB_POOLER` is invalid.
 pub fn pooler_from_env() -> Result<Pooler, ConfigError> {
     load_dotenv()?;
-    Env::from_vars(process_vars()?)?.word(&variables::DB_POOLER)
+    Env::new(process_vars()?, Defaults::default()).parse(&variables::DB_POOLER)
 }
 
 impl Settings {
@@ -115,10 +110,9 @@ impl Settings {
     /// # Errors
     /// [`ConfigError`] for the first invalid variable, in the order of `docs/configuration.md`'s
     /// table.
-    pub fn from_vars<I>(vars: I) -> Result<Settings, ConfigError>
-    where
-        I: IntoIterator<Item = (String, String)>,
-    {
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
         Settings::from_vars_with(vars, &Defaults::default())
     }
 
@@ -126,12 +120,11 @@ impl Settings {
     ///
     /// # Errors
     /// [`ConfigError`] for the first invalid variable.
-    pub fn from_vars_with<I>(vars: I, defaults: &Defaults) -> Result<Settings, ConfigError>
-    where
-        I: IntoIterator<Item = (String, String)>,
-    {
-        let mut env = Env::from_vars(vars)?;
-        env.defaults = *defaults;
+    pub fn from_vars_with(
+        vars: impl IntoIterator<Item = (String, String)>,
+        defaults: &Defaults,
+    ) -> Result<Settings, ConfigError> {
+        let mut env = Env::new(vars, *defaults);
         env.url = Some(env.url(&variables::DATABASE_URL)?);
         Ok(Settings {
             database: DatabaseSettings::read(&env)?.checked(&env)?,
@@ -145,46 +138,37 @@ impl Settings {
     /// the parts of the effective PostgreSQL or MariaDB URL as the driver will use them (empty
     /// for SQLite); unset optional values are empty. For `app check-config`.
     pub fn report(&self) -> String {
-        VARIABLES
-            .iter()
-            .map(|var| format!("{}={}\n", var.name, (var.shown)(self)))
-            .collect()
+        let line = |var: &variables::Var| format!("{}={}\n", var.name, (var.shown)(self));
+        VARIABLES.iter().map(line).collect()
     }
 }
 
-/// The process environment's variables of ours. Unrelated variables that are not UTF-8 are
-/// skipped (`std::env::vars` would panic on them); one of ours that is not UTF-8 is an error
-/// naming it, without its value.
+/// The process environment's variables of ours (others, which may not be UTF-8, are never
+/// read); one of ours that is not UTF-8 is an error naming it, without its value.
 fn process_vars() -> Result<Vec<(String, String)>, ConfigError> {
-    let ours = std::env::vars_os().filter_map(|(name, value)| {
-        let name = name
-            .to_str()
-            .filter(|n| VARIABLES.iter().any(|var| var.name == *n))?;
-        Some((name.to_owned(), value))
-    });
-    ours.map(|(name, value)| match value.into_string() {
-        Ok(value) => Ok((name, value)),
-        Err(_) => Err(ConfigError::Environment(format!(
-            "{name} is not valid UTF-8"
-        ))),
-    })
-    .collect()
+    let read = |name: &'static str| match std::env::var(name) {
+        Ok(value) => Some(Ok((name.to_owned(), value))),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => Some(Err(ConfigError::Unreadable(format!(
+            "the environment: {name} is not valid UTF-8"
+        )))),
+    };
+    VARIABLES.iter().filter_map(|var| read(var.name)).collect()
 }
 
 /// Loads `./.env` into the process environment without overriding variables already set. A
 /// missing file is fine. Parse errors do not quote the line: it may hold a password.
 fn load_dotenv() -> Result<(), ConfigError> {
-    match dotenvy::from_path(".env") {
-        Ok(()) => Ok(()),
-        Err(err) if err.not_found() => Ok(()),
-        Err(dotenvy::Error::Io(err)) => Err(ConfigError::DotEnv(err.to_string())),
-        Err(dotenvy::Error::LineParse(..)) => Err(ConfigError::DotEnv(
-            "a line is not in NAME=value form (not shown, it may contain a password)".to_owned(),
-        )),
-        Err(_) => Err(ConfigError::DotEnv(
-            "a substituted variable could not be read".to_owned(),
-        )),
-    }
+    let why = match dotenvy::from_path(".env") {
+        Ok(()) => return Ok(()),
+        Err(err) if err.not_found() => return Ok(()),
+        Err(dotenvy::Error::Io(err)) => err.to_string(),
+        Err(dotenvy::Error::LineParse(..)) => {
+            "a line is not in NAME=value form (not shown, it may contain a password)".to_owned()
+        }
+        Err(_) => "a substituted variable could not be read".to_owned(),
+    };
+    Err(ConfigError::Unreadable(format!(".env: {why}")))
 }
 
 #[cfg(test)]
@@ -426,5 +410,96 @@ LOG_FORMAT=pretty
                 .join("\n")
         };
         assert_eq!(workers(from_example.report()), workers(defaults.report()));
+    }
+
+    #[test]
+    fn an_empty_environment_gives_the_documented_defaults() {
+        let all = settings(&[]);
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(all.server.host, "127.0.0.1");
+        assert_eq!(all.server.port, 8080);
+        assert_eq!(all.server.workers, cpus.clamp(1, 1024));
+        assert_eq!(all.server.body_limit, 65_536);
+        assert_eq!(
+            all.server.shutdown_timeout,
+            std::time::Duration::from_secs(30)
+        );
+        assert_eq!(all.log.format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn every_server_and_log_variable_is_read() {
+        let all = settings(&[
+            ("APP_HOST", "0.0.0.0"),
+            ("APP_PORT", "0"),
+            ("APP_WORKERS", "3"),
+            ("APP_BODY_LIMIT", "1073741824"),
+            ("APP_SHUTDOWN_TIMEOUT", "5"),
+            ("LOG_FORMAT", "JSON"),
+        ]);
+        assert_eq!(all.server.host, "0.0.0.0");
+        assert_eq!(all.server.port, 0, "0 asks the OS for a free port");
+        assert_eq!(all.server.workers, 3);
+        assert_eq!(all.server.body_limit, 1 << 30);
+        assert_eq!(
+            all.server.shutdown_timeout,
+            std::time::Duration::from_secs(5)
+        );
+        assert_eq!(all.log.format, LogFormat::Json);
+        assert_eq!(LogFormat::Json.to_string(), "json");
+    }
+
+    #[test]
+    fn each_bad_value_is_named_shown_and_explained() {
+        let cases = [
+            (
+                "APP_HOST",
+                "local host",
+                "expected a host name or an IP address",
+                "a space",
+            ),
+            (
+                "APP_PORT",
+                "65536",
+                "from 0 to 65535",
+                "beyond the port range",
+            ),
+            ("APP_PORT", "http", "from 0 to 65535", "a service name"),
+            ("APP_WORKERS", "0", "from 1 to 1024", "no worker"),
+            ("APP_WORKERS", "1025", "from 1 to 1024", "too many"),
+            (
+                "APP_BODY_LIMIT",
+                "0",
+                "from 1 to 1073741824",
+                "no body at all",
+            ),
+            (
+                "APP_BODY_LIMIT",
+                "1073741825",
+                "from 1 to 1073741824",
+                "over 1 GiB",
+            ),
+            ("APP_BODY_LIMIT", "64k", "from 1 to 1073741824", "units"),
+            (
+                "APP_SHUTDOWN_TIMEOUT",
+                "0",
+                "from 1 to 86400",
+                "no grace period",
+            ),
+            (
+                "LOG_FORMAT",
+                "xml",
+                "expected one of pretty, json",
+                "unknown format",
+            ),
+        ];
+        for (variable, value, expected, reason) in cases {
+            let shown = error(&[(variable, value)]).to_string();
+            assert!(
+                shown.starts_with(&format!("invalid {variable}={value:?}: ")),
+                "{reason}: {shown}"
+            );
+            assert!(shown.contains(expected), "{reason}: {shown}");
+        }
     }
 }

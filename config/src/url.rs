@@ -8,12 +8,6 @@
 use std::fmt;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-#[cfg(feature = "mysql")]
-use sea_orm::sqlx::mysql::MySqlConnectOptions;
-#[cfg(feature = "postgres")]
-use sea_orm::sqlx::postgres::PgConnectOptions;
-#[cfg(feature = "sqlite")]
-use sea_orm::sqlx::sqlite::SqliteConnectOptions;
 use url::Url;
 
 use crate::database::Backend;
@@ -39,7 +33,7 @@ pub struct DatabaseUrl {
     pub(crate) target: Target,
     backend: Backend,
     /// An SQLite database that lives in memory: it disappears with its last connection.
-    in_memory: bool,
+    pub(crate) in_memory: bool,
     shown: String,
     has_password: bool,
 }
@@ -48,11 +42,11 @@ pub struct DatabaseUrl {
 #[derive(Clone)]
 pub(crate) enum Target {
     #[cfg(feature = "postgres")]
-    Postgres(PgConnectOptions),
+    Postgres(sea_orm::sqlx::postgres::PgConnectOptions),
     #[cfg(feature = "mysql")]
-    Mysql(MySqlConnectOptions),
+    Mysql(sea_orm::sqlx::mysql::MySqlConnectOptions),
     #[cfg(feature = "sqlite")]
-    Sqlite(SqliteConnectOptions),
+    Sqlite(sea_orm::sqlx::sqlite::SqliteConnectOptions),
 }
 
 /// Host, port, user and database of a server URL as the driver will use them.
@@ -61,6 +55,22 @@ pub(crate) struct ServerParts {
     pub port: u16,
     pub user: String,
     pub database: String,
+}
+
+/// The [`ServerParts`] of PostgreSQL's or MariaDB's options (same getters): the host, or the
+/// socket directory; a database left out is the user's name.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+macro_rules! server_parts {
+    ($options:expr) => {{
+        let (host, user) = ($options.get_host(), $options.get_username().to_owned());
+        let socket = $options.get_socket().map(|path| path.display().to_string());
+        ServerParts {
+            host: socket.unwrap_or_else(|| host.to_owned()),
+            port: $options.get_port(),
+            database: $options.get_database().unwrap_or(&user).to_owned(),
+            user,
+        }
+    }};
 }
 
 impl DatabaseUrl {
@@ -78,10 +88,9 @@ impl DatabaseUrl {
     /// [`DatabaseUrl::parse`] for another variable.
     pub(crate) fn parse_as(variable: &'static str, raw: &str) -> Result<DatabaseUrl, ConfigError> {
         let raw = raw.trim();
-        let withheld = |why: String| ConfigError::withheld(variable, why);
-        let (scheme, rest) = raw
-            .split_once(':')
-            .ok_or_else(|| withheld(EXPECTED_URL.into()))?;
+        let invalid = |value, expected| ConfigError::Invalid(variable, value, expected);
+        // Without a `:` there is no scheme: refused below as an unknown one, and never shown.
+        let (scheme, rest) = raw.split_once(':').unwrap_or(("", raw));
         let scheme = scheme.to_ascii_lowercase();
         let (backend, normalised) = match scheme.split('+').next().unwrap_or_default() {
             "postgres" | "postgresql" => (Backend::Postgres, format!("postgres:{rest}")),
@@ -92,38 +101,38 @@ impl DatabaseUrl {
             _ => match redact(raw) {
                 Ok((shown, _)) if raw.contains("://") => {
                     let why = format!("the scheme is not supported; {EXPECTED_URL}");
-                    return Err(ConfigError::invalid(variable, shown, why));
+                    return Err(invalid(Some(shown), why));
                 }
-                _ => return Err(withheld(EXPECTED_URL.into())),
+                _ => return Err(invalid(None, EXPECTED_URL.into())),
             },
         };
-        let (shown, has_password) = match (redact(&normalised), backend) {
-            (Ok(redacted), _) => redacted,
-            (Err(err), Backend::Sqlite) => {
+        let (shown, has_password) = match redact(&normalised) {
+            // SQLite's URL is shown as it is (sqlx reads its file name textually).
+            Ok((_, had)) if backend == Backend::Sqlite => (normalised.clone(), had),
+            Ok(redacted) => redacted,
+            Err(err) if backend == Backend::Sqlite => {
                 let why = format!(
                     "not a valid URL ({err}); percent-encode special characters in the file name"
                 );
-                return Err(ConfigError::invalid(variable, normalised, why));
+                return Err(invalid(Some(normalised), why));
             }
-            (Err(err), _) => return Err(withheld(format!("{err}; {EXPECTED_URL}"))),
+            Err(err) => return Err(invalid(None, format!("{err}; {EXPECTED_URL}"))),
         };
-        let refused = |err: sea_orm::sqlx::Error| {
-            ConfigError::invalid(variable, shown.clone(), driver_refused(backend, &err))
-        };
+        let refused =
+            |err: sea_orm::sqlx::Error| invalid(Some(shown.clone()), driver_refused(backend, &err));
         // An SQLite URL's file: `sqlite://<file>?…`, `sqlite:<file>` or `sqlite::memory:`.
-        let file = normalised
-            .trim_start_matches("sqlite:")
-            .trim_start_matches("//");
+        let file = normalised.trim_start_matches("sqlite:");
+        let file = file.trim_start_matches("//");
         let file = file.split('?').next().unwrap_or_default();
         let in_memory = backend == Backend::Sqlite
             && (file == ":memory:" || normalised.contains("mode=memory"));
         let target = match backend {
             #[cfg(feature = "postgres")]
             Backend::Postgres => {
-                let pg: PgConnectOptions = normalised.parse().map_err(refused)?;
+                let pg: sea_orm::sqlx::postgres::PgConnectOptions =
+                    normalised.parse().map_err(refused)?;
                 // A URL without a user means `postgres`, not `PGUSER` nor the OS user's name.
-                let url = Url::parse(&normalised).ok();
-                let named = url.is_some_and(|u| {
+                let named = Url::parse(&normalised).is_ok_and(|u| {
                     !u.username().is_empty() || u.query_pairs().any(|(k, _)| k == "user")
                 });
                 Target::Postgres(if named { pg } else { pg.username("postgres") })
@@ -131,20 +140,18 @@ impl DatabaseUrl {
             #[cfg(feature = "mysql")]
             Backend::Mysql => Target::Mysql(normalised.parse().map_err(refused)?),
             #[cfg(feature = "sqlite")]
-            Backend::Sqlite => {
-                if file.is_empty() && !in_memory {
-                    let why =
-                        "no database file; expected sqlite://<file>?mode=rwc or sqlite::memory:";
-                    return Err(ConfigError::invalid(variable, normalised, why));
-                }
-                Target::Sqlite(normalised.parse().map_err(refused)?)
+            Backend::Sqlite if file.is_empty() && !in_memory => {
+                let why = "no database file; expected sqlite://<file>?mode=rwc or sqlite::memory:";
+                return Err(invalid(Some(normalised), why.into()));
             }
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite => Target::Sqlite(normalised.parse().map_err(refused)?),
             #[allow(unreachable_patterns)]
             left_out => {
                 let why = format!(
                     "this build leaves out {left_out}: it needs sea-orm-actix-tx's `{left_out}` feature"
                 );
-                return Err(ConfigError::invalid(variable, format!("{scheme}:…"), why));
+                return Err(invalid(Some(format!("{scheme}:…")), why));
             }
         };
         Ok(DatabaseUrl {
@@ -166,59 +173,27 @@ impl DatabaseUrl {
         self.has_password
     }
 
-    /// True for an SQLite database that lives in memory: it disappears with its last connection.
-    pub(crate) fn is_in_memory(&self) -> bool {
-        self.in_memory
-    }
-
     /// The last value of one of the named query parameters.
     pub(crate) fn query_param(&self, names: &[&str]) -> Option<String> {
         let url = Url::parse(&self.shown).ok()?;
-        let found = url
-            .query_pairs()
-            .filter(|(key, _)| names.contains(&key.as_ref()))
-            .last();
-        found.map(|(_, value)| value.into_owned())
+        url.query_pairs()
+            .into_owned()
+            .filter(|(key, _)| names.contains(&key.as_str()))
+            .last()
+            .map(|(_, value)| value)
     }
 
-    /// Host (or socket directory), port, user and database as the driver will use them; a
-    /// database left out is the user's name. `None` for SQLite.
-    #[cfg(any(feature = "postgres", feature = "mysql"))]
+    /// Host (or socket directory), port, user and database as the driver will use them; `None`
+    /// for SQLite.
     pub(crate) fn server_parts(&self) -> Option<ServerParts> {
-        let (host, socket, port, user, database) = match &self.target {
+        match &self.target {
             #[cfg(feature = "postgres")]
-            Target::Postgres(o) => (
-                o.get_host(),
-                o.get_socket(),
-                o.get_port(),
-                o.get_username(),
-                o.get_database(),
-            ),
+            Target::Postgres(options) => Some(server_parts!(options)),
             #[cfg(feature = "mysql")]
-            Target::Mysql(o) => (
-                o.get_host(),
-                o.get_socket(),
-                o.get_port(),
-                o.get_username(),
-                o.get_database(),
-            ),
+            Target::Mysql(options) => Some(server_parts!(options)),
             #[allow(unreachable_patterns)]
-            _ => return None,
-        };
-        let host = socket.map_or_else(|| host.to_owned(), |path| path.display().to_string());
-        let (user, database) = (user.to_owned(), database.unwrap_or(user).to_owned());
-        Some(ServerParts {
-            host,
-            port,
-            user,
-            database,
-        })
-    }
-
-    /// No server without a server backend.
-    #[cfg(not(any(feature = "postgres", feature = "mysql")))]
-    pub(crate) fn server_parts(&self) -> Option<ServerParts> {
-        None
+            _ => None,
+        }
     }
 
     /// Which database this is, for a person and never with a password: `database "inv" on
@@ -257,51 +232,35 @@ impl fmt::Debug for DatabaseUrl {
 /// Why the driver refused a URL, with what it accepts where its own message does not say.
 fn driver_refused(backend: Backend, err: &sea_orm::sqlx::Error) -> String {
     let why = err.to_string().replace("error with configuration: ", "");
-    let accepted = match backend {
-        Backend::Mysql => {
+    let accepted = match (why.contains("ssl_mode"), backend) {
+        (true, Backend::Mysql) => {
             "ssl-mode is one of DISABLED, PREFERRED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY"
         }
-        _ => "sslmode is one of disable, prefer, require, verify-ca, verify-full",
+        (true, _) => "sslmode is one of disable, prefer, require, verify-ca, verify-full",
+        _ if why.contains("invalid digit") => {
+            "statement-cache-capacity and port must be whole numbers"
+        }
+        _ => return why,
     };
-    if why.contains("ssl_mode") {
-        format!("{why}; {accepted}")
-    } else if why.contains("invalid digit") {
-        format!("{why}; statement-cache-capacity and port must be whole numbers")
-    } else {
-        why
-    }
+    format!("{why}; {accepted}")
 }
 
 /// The URL with a password (user-info or `password=`) replaced by `***`, and whether it had one.
 fn redact(raw: &str) -> Result<(String, bool), url::ParseError> {
     let mut url = Url::parse(raw)?;
-    let mut had = url.password().is_some();
-    if had && url.set_password(Some("***")).is_err() {
+    let mut pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    let in_query = pairs.iter().any(|(key, _)| key == "password");
+    let in_user_info = url.password().is_some();
+    if in_user_info && url.set_password(Some("***")).is_err() {
         return Err(url::ParseError::EmptyHost);
     }
-    if url.query_pairs().any(|(key, _)| key == "password") {
-        had = true;
-        let kept: Vec<(String, String)> = url
-            .query_pairs()
-            .into_owned()
-            .map(|(key, value)| {
-                if key == "password" {
-                    (key, "***".into())
-                } else {
-                    (key, value)
-                }
-            })
-            .collect();
-        url.query_pairs_mut().clear().extend_pairs(kept);
+    if in_query {
+        for (_, value) in pairs.iter_mut().filter(|(key, _)| key == "password") {
+            *value = "***".to_owned();
+        }
+        url.query_pairs_mut().clear().extend_pairs(pairs);
     }
-    Ok((
-        if raw.starts_with("sqlite:") {
-            raw.to_owned()
-        } else {
-            url.into()
-        },
-        had,
-    ))
+    Ok((url.into(), in_user_info || in_query))
 }
 
 /// The PostgreSQL URL of `DB_HOST`, `DB_PORT`, `DB_USER`, `DB_PASSWORD` and `DB_NAME` (the
@@ -311,38 +270,25 @@ pub(crate) fn assemble(env: &Env) -> Result<Option<DatabaseUrl>, ConfigError> {
         return Ok(None);
     };
     let bad_host = || {
-        ConfigError::invalid(
-            "DB_HOST",
-            host,
-            "expected a host name, an IP address or the path of a socket directory",
-        )
+        let why = "expected a host name, an IP address or the path of a socket directory";
+        ConfigError::Invalid("DB_HOST", Some(host.to_owned()), why.to_owned())
     };
-    let port: u16 = env.number(&var::DB_PORT)?;
-    let encode = |v: &str| utf8_percent_encode(v, COMPONENT).to_string();
-    let mut url = Url::parse("postgres://localhost").map_err(|_| bad_host())?;
+    let port: u16 = env.parse(&var::DB_PORT)?;
+    let encode = |text: &str| utf8_percent_encode(text, COMPONENT).to_string();
+    let part = |var| encode(&env.value(var).unwrap_or_default());
+    let (user, name) = (part(&var::DB_USER), part(&var::DB_NAME));
+    let password = env.raw(&var::DB_PASSWORD).map(encode);
+    let password = password.map(|p| format!(":{p}")).unwrap_or_default();
+    let url = format!("postgres://{user}{password}@localhost:{port}/{name}");
+    let mut url = Url::parse(&url).map_err(|_| bad_host())?;
     if host.starts_with('/') {
         url.query_pairs_mut().append_pair("host", host);
     } else {
-        let bracketed = if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]")
-        } else {
-            host.to_owned()
-        };
-        url.set_host(Some(&bracketed)).map_err(|_| bad_host())?;
-        if url.host_str().is_none_or(str::is_empty) {
-            return Err(bad_host());
-        }
-    }
-    url.set_port(Some(port)).map_err(|()| bad_host())?;
-    url.set_username(&encode(&env.value(&var::DB_USER).unwrap_or_default()))
-        .map_err(|()| bad_host())?;
-    url.set_path(&format!(
-        "/{}",
-        encode(&env.value(&var::DB_NAME).unwrap_or_default())
-    ));
-    if let Some(password) = env.raw(&var::DB_PASSWORD) {
-        url.set_password(Some(&encode(password)))
-            .map_err(|()| bad_host())?;
+        // An IPv6 address goes in brackets.
+        let v6 = host.contains(':') && !host.starts_with('[');
+        let (open, close) = if v6 { ("[", "]") } else { ("", "") };
+        let host = format!("{open}{host}{close}");
+        url.set_host(Some(&host)).map_err(|_| bad_host())?;
     }
     DatabaseUrl::parse_as("DB_HOST", url.as_str()).map(Some)
 }

@@ -32,8 +32,7 @@ fn parse_error(raw: &str) -> String {
 }
 
 fn assembled(pairs: Vars) -> Result<Option<DatabaseUrl>, ConfigError> {
-    let env = Env::from_vars(vars(pairs)).unwrap_or_else(|err| panic!("{pairs:?}: {err}"));
-    assemble(&env)
+    assemble(&Env::new(vars(pairs), crate::Defaults::default()))
 }
 
 fn assembled_ok(pairs: Vars) -> DatabaseUrl {
@@ -412,11 +411,11 @@ fn a_server_url_without_a_database_uses_the_users_name_as_the_driver_does() {
 
 #[test]
 fn in_memory_sqlite_is_recognised() {
-    assert!(parsed("sqlite::memory:").is_in_memory());
-    assert!(parsed("sqlite://?mode=memory").is_in_memory());
-    assert!(parsed("sqlite://file.db?mode=memory&cache=shared").is_in_memory());
-    assert!(!parsed("sqlite://inventory.db?mode=rwc").is_in_memory());
-    assert!(!parsed("postgres://db/inv").is_in_memory());
+    assert!(parsed("sqlite::memory:").in_memory);
+    assert!(parsed("sqlite://?mode=memory").in_memory);
+    assert!(parsed("sqlite://file.db?mode=memory&cache=shared").in_memory);
+    assert!(!parsed("sqlite://inventory.db?mode=rwc").in_memory);
+    assert!(!parsed("postgres://db/inv").in_memory);
 }
 
 #[test]

@@ -5,7 +5,7 @@ use crate::test_support::{Vars, error, settings, vars};
 use crate::{IsolationLevel, SslMode};
 
 fn env(pairs: Vars) -> Env {
-    Env::from_vars(vars(pairs)).unwrap_or_else(|err| panic!("{pairs:?} should be read: {err}"))
+    Env::new(vars(pairs), Defaults::default())
 }
 
 fn message<T: std::fmt::Debug>(result: Result<T, ConfigError>) -> String {
@@ -41,7 +41,7 @@ fn unrelated_and_lower_case_variables_are_ignored_and_the_last_repeat_wins() {
         ("DB_POOL_SIZE", "8"),
     ]);
     assert_eq!(env.given(&DB_POOL_SIZE), Some("8"));
-    assert_eq!(env.number::<u32>(&DB_POOL_SIZE).ok(), Some(8));
+    assert_eq!(env.parse::<u32>(&DB_POOL_SIZE).ok(), Some(8));
     assert_eq!(
         settings(&[
             ("db_pool_size", "abc"),
@@ -70,8 +70,12 @@ fn blank_values_count_as_unset() {
     assert_eq!(env(&[("DB_HOST", "  ")]).given(&DB_HOST), None);
     for blank in ["", "   "] {
         let env = env(&[("DB_POOL_SIZE", blank), ("DB_POOL_PRE_PING", blank)]);
-        assert_eq!(env.number::<u32>(&DB_POOL_SIZE).ok(), Some(10), "{blank:?}");
-        assert_eq!(env.flag(&DB_POOL_PRE_PING).ok(), Some(true), "{blank:?}");
+        assert_eq!(env.parse::<u32>(&DB_POOL_SIZE).ok(), Some(10), "{blank:?}");
+        assert_eq!(
+            env.parse::<bool>(&DB_POOL_PRE_PING).ok(),
+            Some(true),
+            "{blank:?}"
+        );
     }
 }
 
@@ -90,7 +94,7 @@ fn numbers_outside_their_range_name_the_variable_and_the_range() {
             format!("invalid DB_CONNECT_RETRIES={value:?}: expected a whole number from 1 to 1000");
         let env = env(&[("DB_CONNECT_RETRIES", value)]);
         assert_eq!(
-            message(env.number::<u32>(&DB_CONNECT_RETRIES)),
+            message(env.parse::<u32>(&DB_CONNECT_RETRIES)),
             expected,
             "{reason}"
         );
@@ -99,7 +103,7 @@ fn numbers_outside_their_range_name_the_variable_and_the_range() {
         assert_eq!(err.variable(), Some("DB_CONNECT_RETRIES"), "{reason}");
     }
     let env = env(&[("DB_CONNECT_RETRIES", " 1000 ")]);
-    assert_eq!(env.number::<u32>(&DB_CONNECT_RETRIES).ok(), Some(1000));
+    assert_eq!(env.parse::<u32>(&DB_CONNECT_RETRIES).ok(), Some(1000));
 }
 
 #[test]
@@ -111,19 +115,16 @@ fn durations_are_read_in_their_unit_and_an_optional_zero_is_off() {
         ("DB_LEAK_DETECTION_MS", "1500"),
     ]);
     assert_eq!(
-        env.seconds(&DB_POOL_TIMEOUT).ok(),
+        env.duration(&DB_POOL_TIMEOUT).ok(),
         Some(Duration::from_secs(7))
     );
     assert_eq!(
-        env.millis(&DB_CONNECT_RETRY_DELAY_MS).ok(),
+        env.duration(&DB_CONNECT_RETRY_DELAY_MS).ok(),
         Some(Duration::from_millis(250))
     );
+    assert_eq!(env.optional(&DB_STATEMENT_TIMEOUT_MS).ok(), Some(None));
     assert_eq!(
-        env.optional_millis(&DB_STATEMENT_TIMEOUT_MS).ok(),
-        Some(None)
-    );
-    assert_eq!(
-        env.optional_millis(&DB_LEAK_DETECTION_MS).ok(),
+        env.optional(&DB_LEAK_DETECTION_MS).ok(),
         Some(Some(Duration::from_millis(1500)))
     );
 }
@@ -142,7 +143,7 @@ fn booleans_accept_the_usual_spellings_in_any_case() {
         ("off", false),
     ] {
         assert_eq!(
-            env(&[("DB_ECHO", value)]).flag(&DB_ECHO).ok(),
+            env(&[("DB_ECHO", value)]).parse::<bool>(&DB_ECHO).ok(),
             Some(expected),
             "{value}"
         );
@@ -152,10 +153,10 @@ fn booleans_accept_the_usual_spellings_in_any_case() {
             "{value}"
         );
     }
-    assert_eq!(env(&[]).flag(&DB_POOL_PRE_PING).ok(), Some(true));
-    assert_eq!(env(&[]).flag(&DB_ECHO).ok(), Some(false));
+    assert_eq!(env(&[]).parse::<bool>(&DB_POOL_PRE_PING).ok(), Some(true));
+    assert_eq!(env(&[]).parse::<bool>(&DB_ECHO).ok(), Some(false));
     assert_eq!(
-        message(env(&[("DB_ECHO", "maybe")]).flag(&DB_ECHO)),
+        message(env(&[("DB_ECHO", "maybe")]).parse::<bool>(&DB_ECHO)),
         r#"invalid DB_ECHO="maybe": expected one of true, false, 1, 0, yes, no, on, off"#
     );
 }
@@ -164,7 +165,7 @@ fn booleans_accept_the_usual_spellings_in_any_case() {
 fn words_ignore_case_and_separator_style() {
     let level = |value: &str| {
         env(&[("DB_ISOLATION_LEVEL", value)])
-            .word::<IsolationLevel>(&DB_ISOLATION_LEVEL)
+            .parse::<IsolationLevel>(&DB_ISOLATION_LEVEL)
             .ok()
     };
     assert_eq!(level("READ-COMMITTED"), Some(IsolationLevel::ReadCommitted));
@@ -173,20 +174,17 @@ fn words_ignore_case_and_separator_style() {
     assert_eq!(level(""), Some(IsolationLevel::RepeatableRead));
     let ssl = |value: &str| {
         env(&[("DB_SSL_MODE", value)])
-            .word::<SslMode>(&DB_SSL_MODE)
+            .parse::<SslMode>(&DB_SSL_MODE)
             .ok()
     };
     assert_eq!(ssl("verify_ca"), Some(SslMode::VerifyCa));
     assert_eq!(ssl("VERIFY-CA"), Some(SslMode::VerifyCa));
     assert_eq!(ssl("verify-identity"), Some(SslMode::VerifyFull));
-    assert_eq!(
-        parse_word::<SslMode>("Verify Full"),
-        Some(SslMode::VerifyFull)
-    );
-    assert_eq!(parse_word::<SslMode>("chaos"), None);
+    assert_eq!(ssl("Verify Full"), Some(SslMode::VerifyFull));
+    assert_eq!(ssl("chaos"), None);
     assert_eq!(
         message(
-            env(&[("DB_ISOLATION_LEVEL", "chaos")]).word::<IsolationLevel>(&DB_ISOLATION_LEVEL)
+            env(&[("DB_ISOLATION_LEVEL", "chaos")]).parse::<IsolationLevel>(&DB_ISOLATION_LEVEL)
         ),
         r#"invalid DB_ISOLATION_LEVEL="chaos": expected one of read_committed, repeatable_read, serializable"#
     );
