@@ -71,7 +71,7 @@ const LIBPQ_VARIABLES: &str = "PGHOST PGHOSTADDR PGPORT PGUSER PGPASSWORD PGDATA
 /// [`ConfigError`] when `.env` cannot be read or `DB_POOLER` is invalid.
 pub fn pooler_from_env() -> Result<Pooler, ConfigError> {
     load_dotenv()?;
-    Env::new(process_vars()?, Defaults::default()).parse(&variables::DB_POOLER)
+    Env::new(process_vars()?, Defaults::default())?.parse(&variables::DB_POOLER)
 }
 
 impl Settings {
@@ -124,7 +124,7 @@ impl Settings {
         vars: impl IntoIterator<Item = (String, String)>,
         defaults: &Defaults,
     ) -> Result<Settings, ConfigError> {
-        let mut env = Env::new(vars, *defaults);
+        let mut env = Env::new(vars, *defaults)?;
         env.url = Some(env.url(&variables::DATABASE_URL)?);
         Ok(Settings {
             database: DatabaseSettings::read(&env)?.checked(&env)?,

@@ -32,7 +32,7 @@ fn parse_error(raw: &str) -> String {
 }
 
 fn assembled(pairs: Vars) -> Result<Option<DatabaseUrl>, ConfigError> {
-    assemble(&Env::new(vars(pairs), crate::Defaults::default()))
+    assemble(&Env::new(vars(pairs), crate::Defaults::default()).expect("readable"))
 }
 
 fn assembled_ok(pairs: Vars) -> DatabaseUrl {

@@ -182,8 +182,9 @@ settings! {
     }
 }
 
-/// The variables as given (the last of repeated names wins), with the service's [`Defaults`]
-/// and, once read, the database URL whose query parameters stand in for unset variables.
+/// The variables of [`VARIABLES`] that are set, read by `envy` (which keys them in lower case;
+/// the last of repeated names wins), with the service's [`Defaults`] and, once read, the
+/// database URL whose query parameters stand in for unset variables.
 pub(crate) struct Env {
     vars: std::collections::BTreeMap<String, String>,
     pub(crate) defaults: Defaults,
@@ -191,19 +192,27 @@ pub(crate) struct Env {
 }
 
 impl Env {
-    /// Names are case-sensitive; unrelated variables are never looked at.
-    pub(crate) fn new(vars: impl IntoIterator<Item = (String, String)>, defaults: Defaults) -> Env {
-        let vars = vars.into_iter().collect();
-        Env {
+    /// Keeps only our variables (names are case-sensitive), read by `envy`.
+    pub(crate) fn new(
+        vars: impl IntoIterator<Item = (String, String)>,
+        defaults: Defaults,
+    ) -> Result<Env, ConfigError> {
+        let ours = vars
+            .into_iter()
+            .filter(|(name, _)| VARIABLES.iter().any(|var| var.name == name));
+        let vars = envy::from_iter(ours)
+            .map_err(|err| ConfigError::Unreadable(format!("the environment: {err}")))?;
+        Ok(Env {
             vars,
             defaults,
             url: None,
-        }
+        })
     }
 
     /// The value exactly as given (a password's spaces matter), `None` when unset or empty.
     pub(crate) fn raw(&self, var: &Var) -> Option<&str> {
-        Some(self.vars.get(var.name)?.as_str()).filter(|v| !v.is_empty())
+        let value = self.vars.get(&var.name.to_ascii_lowercase())?;
+        Some(value.as_str()).filter(|v| !v.is_empty())
     }
 
     /// The value trimmed, `None` when unset or blank.

@@ -5,7 +5,7 @@ use crate::test_support::{Vars, error, settings, vars};
 use crate::{IsolationLevel, SslMode};
 
 fn env(pairs: Vars) -> Env {
-    Env::new(vars(pairs), Defaults::default())
+    Env::new(vars(pairs), Defaults::default()).expect("readable")
 }
 
 fn message<T: std::fmt::Debug>(result: Result<T, ConfigError>) -> String {
