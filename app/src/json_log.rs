@@ -5,8 +5,18 @@
 //! of the dozens of pieces of a line as UTF-8): the request log line is written on every
 //! request, and this costs about a third of what that did (bench/NOTES.md, issue 23). A span's
 //! fields are rendered once, when it is created, and copied into each line logged inside it.
+//!
+//! The request's span is not made the current span while the request runs ([`InRequest`]):
+//! sqlx wraps every statement's future in the current span, and entering and leaving it on each
+//! poll cost more than the rest of the logging (bench/NOTES.md). Instead its id is kept in a
+//! thread-local while the request's future is polled, and a line logged with no span current
+//! is written with that one: the same object as if it were current.
 
+use std::cell::Cell;
 use std::fmt::{self, Write as _};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -15,6 +25,38 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
+
+thread_local! {
+    /// The span of the request being polled on this thread ([`InRequest`]), as its id's number.
+    static REQUEST: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// A request's future, polled with its span as the span of the lines logged without one.
+/// Holding the span keeps it open, so its fields can be read.
+pub struct InRequest<F> {
+    span: tracing::Span,
+    inner: Pin<Box<F>>,
+}
+
+impl<F: Future> InRequest<F> {
+    pub fn new(span: tracing::Span, inner: F) -> InRequest<F> {
+        InRequest {
+            span,
+            inner: Box::pin(inner),
+        }
+    }
+}
+
+impl<F: Future> Future for InRequest<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let outer = REQUEST.replace(self.span.id().map(|id| id.into_u64()));
+        let polled = self.inner.as_mut().poll(cx);
+        REQUEST.set(outer);
+        polled
+    }
+}
 
 /// The event format of `LOG_FORMAT=json`.
 pub struct JsonLine;
@@ -62,7 +104,12 @@ where
         fields.result?;
         writer.write_str(",\"target\":")?;
         string(&mut writer, event.metadata().target())?;
-        if let Some(span) = ctx.lookup_current() {
+        let request = || {
+            REQUEST
+                .get()
+                .and_then(|id| ctx.span(&tracing::Id::from_u64(id)))
+        };
+        if let Some(span) = ctx.lookup_current().or_else(request) {
             writer.write_str(",\"span\":{")?;
             let extensions = span.extensions();
             if let Some(fields) = extensions.get::<FormattedFields<N>>()
@@ -271,6 +318,31 @@ mod tests {
         assert_eq!(lines[0]["message"], nasty);
         assert_eq!(lines[0]["level"], "WARN");
         assert!(lines[0].get("span").is_none());
+    }
+
+    #[test]
+    fn a_line_logged_in_a_request_polled_in_its_span_carries_the_span_and_one_outside_does_not() {
+        let lines = logged(|| {
+            let span = tracing::info_span!("request", request_id = "r-2");
+            let request = InRequest::new(span, async { tracing::info!("inside") });
+            futures_executor_block_on(request);
+            tracing::info!("outside");
+        });
+        assert_eq!(lines[0]["message"], "inside");
+        assert_eq!(
+            lines[0]["span"],
+            serde_json::json!({"request_id": "r-2", "name": "request"})
+        );
+        assert_eq!(lines[1]["message"], "outside");
+        assert!(lines[1].get("span").is_none(), "{}", lines[1]);
+    }
+
+    /// Polls `future` to its end on this thread.
+    fn futures_executor_block_on<F: Future>(future: F) -> F::Output {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(future)
     }
 
     #[test]

@@ -164,6 +164,7 @@ fn server(
     layer_options: LayerOptions,
 ) -> Result<Server, StartupError> {
     let database = &settings.database;
+    let log_format = settings.log.format;
     let mut registry = Registry::default();
     // No `idempotency_scope`: the inventory has no authentication, so every `Idempotency-Key`
     // is in the one default scope.
@@ -190,7 +191,10 @@ fn server(
     let server = HttpServer::new(move || {
         let layer = layer.clone();
         App::new()
-            .wrap(RequestTelemetry::new(http_metrics.clone()))
+            .wrap(RequestTelemetry::new(
+                http_metrics.clone(),
+                log_format,
+            ))
             .app_data(shared.clone())
             .app_data(pool.clone())
             .app_data(registry.clone())

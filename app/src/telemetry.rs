@@ -17,7 +17,9 @@ use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
-use sea_orm_actix_tx::{TxOutcome, TxReport};
+use sea_orm_actix_tx::{RequestSpan, TxOutcome, TxReport};
+
+use crate::json_log::InRequest;
 
 use crate::metrics::{HttpMetrics, method_label};
 
@@ -97,11 +99,13 @@ fn request_id(req: &ServiceRequest) -> String {
 #[derive(Clone)]
 pub struct RequestTelemetry {
     metrics: HttpMetrics,
+    format: LogFormat,
 }
 
 impl RequestTelemetry {
-    pub fn new(metrics: HttpMetrics) -> RequestTelemetry {
-        RequestTelemetry { metrics }
+    /// `format` is the service's `LOG_FORMAT`: how the request's span is kept while it runs.
+    pub fn new(metrics: HttpMetrics, format: LogFormat) -> RequestTelemetry {
+        RequestTelemetry { metrics, format }
     }
 }
 
@@ -120,6 +124,7 @@ where
         ready(Ok(RequestTelemetryService {
             service: Rc::new(service),
             metrics: self.metrics.clone(),
+            format: self.format,
         }))
     }
 }
@@ -127,6 +132,7 @@ where
 pub struct RequestTelemetryService<S> {
     service: Rc<S>,
     metrics: HttpMetrics,
+    format: LogFormat,
 }
 
 impl<S, B> Service<ServiceRequest> for RequestTelemetryService<S>
@@ -147,44 +153,48 @@ where
         let metrics = self.metrics.clone();
         let span = tracing::info_span!("request", request_id = %id, method, path = %req.path());
         req.extensions_mut().insert(RequestId(id.clone()));
+        req.extensions_mut().insert(RequestSpan(span.clone()));
         let service = Rc::clone(&self.service);
-        Box::pin(
-            async move {
-                let result = service.call(req).await;
-                let elapsed = started.elapsed();
-                let mut res = match result {
-                    Ok(res) => res,
-                    Err(e) => {
-                        tracing::error!(request_id = %id, error = %e, "request failed in middleware");
-                        return Err(e);
-                    }
-                };
-                let status = res.status().as_u16();
-                let route = res
-                    .request()
-                    .match_pattern()
-                    .unwrap_or_else(|| "unmatched".to_owned());
-                let report = res.request().extensions().get::<TxReport>().copied();
-                let (outcome, retries) =
-                    report.map_or((TxOutcome::None, 0), |r| (r.outcome, r.retries));
-                if let Ok(value) = HeaderValue::from_str(&id) {
-                    res.headers_mut().insert(REQUEST_ID, value);
+        let request = async move {
+            let result = service.call(req).await;
+            let elapsed = started.elapsed();
+            let mut res = match result {
+                Ok(res) => res,
+                Err(e) => {
+                    tracing::error!(request_id = %id, error = %e, "request failed in middleware");
+                    return Err(e);
                 }
-                metrics.observe_request(method, &route, status, elapsed);
-                tracing::info!(
-                    request_id = %id,
-                    method,
-                    route = %route,
-                    status,
-                    latency_ms = elapsed.as_secs_f64() * 1000.0,
-                    tx = outcome.as_str(),
-                    retries,
-                    "request"
-                );
-                Ok(res)
+            };
+            let status = res.status().as_u16();
+            let route = res
+                .request()
+                .match_pattern()
+                .unwrap_or_else(|| "unmatched".to_owned());
+            let report = res.request().extensions().get::<TxReport>().copied();
+            let (outcome, retries) =
+                report.map_or((TxOutcome::None, 0), |r| (r.outcome, r.retries));
+            if let Ok(value) = HeaderValue::from_str(&id) {
+                res.headers_mut().insert(REQUEST_ID, value);
             }
-            .instrument(span),
-        )
+            metrics.observe_request(method, &route, status, elapsed);
+            tracing::info!(
+                request_id = %id,
+                method,
+                route = %route,
+                status,
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                tx = outcome.as_str(),
+                retries,
+                "request"
+            );
+            Ok(res)
+        };
+        // The JSON format keeps the span out of the current span stack (json_log.rs); the
+        // pretty one shows the spans it is in.
+        match self.format {
+            LogFormat::Json => Box::pin(InRequest::new(span, request)),
+            LogFormat::Pretty => Box::pin(request.instrument(span)),
+        }
     }
 }
 

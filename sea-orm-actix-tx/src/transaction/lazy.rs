@@ -153,6 +153,8 @@ pub(super) struct Slot {
     checkout_deadline: Option<tokio::time::Instant>,
     /// What the transaction is for (the route pattern), for the leak warning.
     label: String,
+    /// The span of the leak warning; `None`: the one current when the transaction begins.
+    span: Option<tracing::Span>,
     /// Warn when the transaction is still open after this long (`DB_LEAK_DETECTION_MS`).
     leak_warning: Option<Duration>,
     /// The pending leak warning, cancelled when the transaction ends.
@@ -252,6 +254,7 @@ impl Slot {
             named_statements: config.session.named_statements(),
             checkout_deadline: None,
             label: String::new(),
+            span: None,
             leak_warning: config.leak_warning,
             leak_watch: StdMutex::new(None),
             hooks: StdMutex::new(Vec::new()),
@@ -281,6 +284,13 @@ impl Slot {
         self
     }
 
+    /// Logs the leak warning in `span` (the request's, [`super::RequestSpan`]) instead of the
+    /// span current when the transaction begins.
+    pub(super) fn in_span(mut self, span: tracing::Span) -> Slot {
+        self.span = Some(span);
+        self
+    }
+
     /// Runs the on-commit hooks registered during this attempt, each once.
     pub(super) fn run_on_commit_hooks(&self) {
         let hooks = std::mem::take(&mut *self.hooks.lock().unwrap_or_else(|p| p.into_inner()));
@@ -307,7 +317,7 @@ impl Slot {
                     "a transaction is still open after DB_LEAK_DETECTION_MS"
                 );
             }
-            .instrument(tracing::Span::current()),
+            .instrument(self.span.clone().unwrap_or_else(tracing::Span::current)),
         );
         *self.leak_watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(warning.abort_handle());
     }

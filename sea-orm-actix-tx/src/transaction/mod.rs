@@ -342,6 +342,15 @@ impl TxOutcome {
     }
 }
 
+/// The request's span, put in the request's extensions by a service whose request span is not
+/// the current span while its handlers run (one that keeps the request's log context some
+/// cheaper way: every statement sqlx runs enters and leaves the current span). What the layer
+/// logs from tasks of its own for a request (the warning of a transaction open past
+/// `DB_LEAK_DETECTION_MS`) is logged in it; without it, in the span current when the
+/// transaction began.
+#[derive(Clone, Debug)]
+pub struct RequestSpan(pub tracing::Span);
+
 /// Left in the request's extensions by [`Transactional`] for the request logger.
 #[derive(Clone, Copy, Debug)]
 pub struct TxReport {
@@ -766,6 +775,10 @@ where
         )
         .checkout_until(self.deadline)
         .labelled(self.route.clone());
+        let slot = match self.http.extensions().get::<RequestSpan>() {
+            Some(RequestSpan(span)) => slot.in_span(span.clone()),
+            None => slot,
+        };
         match read {
             Some(read) => slot.reading(read.clone()),
             None => slot,
