@@ -191,10 +191,7 @@ fn server(
     let server = HttpServer::new(move || {
         let layer = layer.clone();
         App::new()
-            .wrap(RequestTelemetry::new(
-                http_metrics.clone(),
-                log_format,
-            ))
+            .wrap(RequestTelemetry::new(http_metrics.clone(), log_format))
             .app_data(shared.clone())
             .app_data(pool.clone())
             .app_data(registry.clone())
