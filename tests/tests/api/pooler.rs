@@ -73,6 +73,48 @@ async fn the_api_works_behind_pgbouncer_as_debian_ships_it() {
     app.assert_invariant().await;
 }
 
+/// The queries PgBouncer has passed on for `database` so far (`SHOW STATS`, `total_query_count`):
+/// each request-reply cycle on a server connection.
+fn queries_of(database: &str) -> u64 {
+    let rows = pgbouncer::shared().show("STATS");
+    let row = rows
+        .iter()
+        .find(|row| row.split('|').next() == Some(database))
+        .unwrap_or_else(|| panic!("no STATS row for {database}: {rows:?}"));
+    row.split('|')
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("total_query_count in {row}"))
+}
+
+/// A transfer's round trips, as PgBouncer counts them: the `BEGIN` message (which also reads
+/// what a lost `COMMIT` reply needs), each of its four statements (unnamed behind the pooler:
+/// a prepare and an execute), `COMMIT`, and the pool's release `Sync`. Nothing more: the layer
+/// asks nothing of its own before `COMMIT` (docs/benchmarks.md, the control sends the same).
+#[tokio::test]
+async fn behind_pgbouncer_a_transfer_costs_its_begin_its_statements_its_commit_and_nothing_else() {
+    let app = TestApp::builder().pooled().spawn().await;
+    let (a, b, p) = (
+        app.warehouse("A").await,
+        app.warehouse("B").await,
+        app.product("SKU-1").await,
+    );
+    app.receive(a, p, 10).await;
+    let transfer =
+        json!({"from_warehouse_id": a, "to_warehouse_id": b, "product_id": p, "quantity": 1});
+    // The first transfer creates the destination's stock row; the one measured finds both.
+    assert_eq!(app.post("/transfers", &transfer).await.status(), 201);
+    let database = app.database_name();
+    let before = queries_of(&database);
+    assert_eq!(app.post("/transfers", &transfer).await.status(), 201);
+    let after = queries_of(&database);
+    assert_eq!(
+        after - before,
+        1 + 4 * 2 + 1 + 1,
+        "BEGIN, four statements prepared and executed, COMMIT, the release Sync"
+    );
+}
+
 /// PgBouncer has [`pgbouncer::SERVER_POOL_SIZE`] (3) server connections for the database; the
 /// app's own pool has one connection per request of the burst, so every request gets a client
 /// connection at once and the wait is PgBouncer's queue, at `BEGIN`. Each transaction holds
