@@ -128,14 +128,7 @@ async fn in_the_failover_window_a_commit_known_not_to_have_committed_is_re_run()
     let product = app.product("P1").await;
     let receipt = json!({"warehouse_id": warehouse, "product_id": product, "quantity": 5});
     // A session the server ends opens the failover window (and is re-run).
-    let request = app.send_json("/test/slow-write", json!({}));
-    let ender = async {
-        app.wait_until("the write's backend is ended", || async {
-            crate::primary_lost::end_sleeping_backend(&app, name).await > 0
-        })
-        .await;
-    };
-    let (opened, ()) = tokio::join!(request, ender);
+    let opened = crate::primary_lost::slow_write_whose_session_ends(&app, name).await;
     assert_eq!(opened.status(), 201);
     let before = metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await;
     proxy.cut_next_commit(Cut::BeforeForwarding);

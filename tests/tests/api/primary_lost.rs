@@ -110,6 +110,20 @@ pub(crate) async fn end_sleeping_backend(app: &TestApp, name: &str) -> i64 {
     .await
 }
 
+/// `POST /test/slow-write` on the service called `name`, its backend ended by the server while
+/// the write sleeps in its statement; the answer.
+pub(crate) async fn slow_write_whose_session_ends(app: &TestApp, name: &str) -> reqwest::Response {
+    let request = app.send_json("/test/slow-write", json!({}));
+    let ender = async {
+        app.wait_until("the write's backend is ended", || async {
+            end_sleeping_backend(app, name).await > 0
+        })
+        .await;
+    };
+    let (res, ()) = tokio::join!(request, ender);
+    res
+}
+
 /// The answer to a write whose first attempt lost its primary: 201 from the re-run, the
 /// warehouse `code` committed once (the lost attempt left nothing), one more re-run counted
 /// since `reruns_before`, and `DB_TX_MAX_RETRIES`' budget untouched.
@@ -141,14 +155,7 @@ async fn a_write_whose_primary_ended_its_session_is_re_run_and_answered_once() {
     let name = "primary-lost-once";
     let app = app(name, "5000").await;
     let before = metric(&app, "db_requests_rerun_total{reason=\"primary_lost\"}").await;
-    let request = app.send_json("/test/slow-write", json!({}));
-    let ender = async {
-        app.wait_until("the write's backend is ended", || async {
-            end_sleeping_backend(&app, name).await > 0
-        })
-        .await;
-    };
-    let (res, ()) = tokio::join!(request, ender);
+    let res = slow_write_whose_session_ends(&app, name).await;
     assert_re_run_once(&app, res, "PL-1", before).await;
 }
 
@@ -314,14 +321,7 @@ async fn connections_opened_before_a_primary_lost_are_not_reused_and_the_loss_is
     .await;
     let before = backends(&app, name).await;
     assert_eq!(metric(&app, FAILOVERS).await, 0.0);
-    let request = app.send_json("/test/slow-write", json!({}));
-    let ender = async {
-        app.wait_until("the write's backend is ended", || async {
-            end_sleeping_backend(&app, name).await > 0
-        })
-        .await;
-    };
-    let (res, ()) = tokio::join!(request, ender);
+    let res = slow_write_whose_session_ends(&app, name).await;
     assert_eq!(res.status(), 201, "re-run after the primary lost");
     // Each checkout closes the idle connection it would have handed out if that was opened
     // before the loss: a few requests go through them all.
