@@ -81,6 +81,7 @@ impl Failover {
     }
 
     /// Counts into `metrics` from now on (the layer's, registered after the pool was made).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn attach(&self, metrics: Metrics) {
         let _ = self.inner.metrics.set(metrics);
     }

@@ -447,7 +447,6 @@ impl Slot {
     /// behind a transaction-mode pooler, like a checkout ([`Bounds::pooled_begin`]): past it,
     /// a pool timeout.
     async fn begin_once(&self, db: &DatabaseConnection) -> Result<Open, DbErr> {
-        let bound = self.bounds.control;
         let begun: Result<Open, sqlx::Error> = match &self.begin {
             #[cfg(feature = "postgres")]
             Begin::Postgres(sql) => {
@@ -468,6 +467,7 @@ impl Slot {
             Begin::Mysql(sql) => {
                 let conn = db.get_mysql_connection_pool().acquire().await;
                 let conn = conn.map_err(acquire_err)?;
+                let bound = self.bounds.control;
                 TxConn::begin(conn, sql.sql(), bound).await.map(Open::Mysql)
             }
             Begin::Orm(options) => {

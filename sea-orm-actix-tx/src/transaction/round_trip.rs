@@ -66,6 +66,7 @@ impl Bounds {
 
     /// The bound of `BEGIN`, and whether passing it is a wait for a connection (a pool
     /// timeout) rather than a server that stopped answering.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(super) fn begin(&self) -> (Duration, bool) {
         match self.pooled_begin {
             Some(queue) => (queue, true),
