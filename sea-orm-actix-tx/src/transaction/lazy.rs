@@ -706,13 +706,16 @@ impl Slot {
         let checks = self.read_write
             && !self.on_replica()
             && self.failover.as_ref().is_some_and(Failover::in_window);
+        if !checks {
+            return Ok(());
+        }
         #[cfg(feature = "postgres")]
         let read_only = (self.begun.lock().unwrap_or_else(|p| p.into_inner()))
             .as_ref()
             .is_some_and(|begun| begun.read_only);
         #[cfg(not(feature = "postgres"))]
         let read_only = false;
-        if !checks || !read_only {
+        if !read_only {
             return Ok(());
         }
         let failure = DbFailure {

@@ -169,13 +169,7 @@ where
             Ok(conn) => within(Some(bound), sqlx::raw_sql(begin).fetch_all(conn)).await,
             Err(e) => Err(e),
         };
-        match tx.settle(result) {
-            Ok(rows) => Ok((tx, rows)),
-            Err(e) => {
-                tx.close();
-                Err(e)
-            }
-        }
+        tx.begun(result)
     }
 
     async fn send_begin(
@@ -193,8 +187,14 @@ where
             }
             Err(e) => Err(e),
         };
+        self.begun(result).map(|(tx, ())| tx)
+    }
+
+    /// The transaction a `BEGIN` round trip opened, with what it returned; or its failure, the
+    /// connection closed (nothing ran on it, and it is most likely dead).
+    fn begun<T>(mut self, result: Result<T, sqlx::Error>) -> Result<(TxConn<DB>, T), sqlx::Error> {
         match self.settle(result) {
-            Ok(()) => Ok(self),
+            Ok(value) => Ok((self, value)),
             Err(e) => {
                 self.close();
                 Err(e)
@@ -240,24 +240,22 @@ where
     }
 
     async fn end(&mut self, end: End, bound: Duration) -> Result<(), sqlx::Error> {
-        // Begun through sqlx's transaction manager, or by a message of its own (depth 0).
         let result = match self.conn() {
-            Ok(conn) => match (end, DB::TransactionManager::get_transaction_depth(conn) > 0) {
-                (End::Commit, true) => {
-                    within(Some(bound), DB::TransactionManager::commit(conn)).await
-                }
-                (End::Rollback, true) => {
-                    within(Some(bound), DB::TransactionManager::rollback(conn)).await
-                }
-                (End::Commit, false) => within(Some(bound), sqlx::raw_sql("COMMIT").execute(conn))
-                    .await
-                    .map(drop),
-                (End::Rollback, false) => {
-                    within(Some(bound), sqlx::raw_sql("ROLLBACK").execute(conn))
-                        .await
-                        .map(drop)
-                }
+            // Begun through sqlx's transaction manager, which counts it open.
+            Ok(conn) if DB::TransactionManager::get_transaction_depth(conn) > 0 => match end {
+                End::Commit => within(Some(bound), DB::TransactionManager::commit(conn)).await,
+                End::Rollback => within(Some(bound), DB::TransactionManager::rollback(conn)).await,
             },
+            // Begun by a message of its own ([`TxConn::begin_reading`]).
+            Ok(conn) => {
+                let sql = match end {
+                    End::Commit => "COMMIT",
+                    End::Rollback => "ROLLBACK",
+                };
+                within(Some(bound), sqlx::raw_sql(sql).execute(conn))
+                    .await
+                    .map(drop)
+            }
             Err(e) => Err(e),
         };
         self.settle(result)?;
