@@ -344,7 +344,8 @@ impl Slot {
         let mut state = self.state.lock().await;
         if matches!(*state, State::Idle) {
             let started = Instant::now();
-            let begun = self.begin_routed().await;
+            // On the heap: every statement's future may begin, and is moved whole when boxed.
+            let begun = Box::pin(self.begin_routed()).await;
             if let Some(m) = &self.metrics {
                 m.observe_acquire(started.elapsed());
             }
@@ -450,7 +451,7 @@ impl Slot {
         let begun: Result<Open, sqlx::Error> = match &self.begin {
             #[cfg(feature = "postgres")]
             Begin::Postgres(sql) => {
-                let conn = db.get_postgres_connection_pool().acquire().await;
+                let conn = round_trip::checkout(db.get_postgres_connection_pool()).await;
                 let conn = conn.map_err(acquire_err)?;
                 let (bound, queued) = self.bounds.begin();
                 let begun = match self.read_write {
@@ -465,7 +466,7 @@ impl Slot {
             }
             #[cfg(feature = "mysql")]
             Begin::Mysql(sql) => {
-                let conn = db.get_mysql_connection_pool().acquire().await;
+                let conn = round_trip::checkout(db.get_mysql_connection_pool()).await;
                 let conn = conn.map_err(acquire_err)?;
                 let bound = self.bounds.control;
                 TxConn::begin(conn, sql.sql(), bound).await.map(Open::Mysql)

@@ -25,6 +25,15 @@ use sqlx_core::transaction::TransactionManager;
 #[cfg(feature = "postgres")]
 use super::abandoned::Mark;
 
+/// A connection from `pool`. sqlx's `acquire` future holds the whole of opening a connection
+/// (about 8.6 KB): kept on the heap, it is not moved with every statement's future that may
+/// begin the transaction (bench/NOTES.md, issue 23).
+pub(crate) async fn checkout<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> Result<PoolConnection<DB>, sqlx::Error> {
+    Box::pin(pool.acquire()).await
+}
+
 /// How long one round trip on a transaction's connection may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {

@@ -20,7 +20,7 @@ impl SideConn {
         pool: &sqlx::Pool<Postgres>,
         sql: impl sqlx::SqlSafeStr,
     ) -> Result<Vec<PgRow>, sqlx::Error> {
-        let mut side = SideConn(Some(pool.acquire().await?));
+        let mut side = SideConn(Some(super::round_trip::checkout(pool).await?));
         let rows = match side.0.as_deref_mut() {
             Some(conn) => sqlx::raw_sql(sql).fetch_all(conn).await,
             None => Err(sqlx::Error::PoolClosed),
