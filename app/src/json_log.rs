@@ -22,7 +22,6 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -97,7 +96,7 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         writer.write_str("{\"timestamp\":\"")?;
-        SystemTime.format_time(&mut writer)?;
+        timestamp(&mut writer, std::time::SystemTime::now())?;
         write!(writer, "\",\"level\":\"{}\"", event.metadata().level())?;
         let mut fields = Fields::new(&mut writer, true);
         event.record(&mut fields);
@@ -167,11 +166,11 @@ impl Visit for Fields<'_, '_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, |w| write!(w, "{value}"));
+        self.field(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, |w| write!(w, "{value}"));
+        self.field(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -179,9 +178,10 @@ impl Visit for Fields<'_, '_> {
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        // JSON has no NaN or infinity (serde_json writes null for them too).
+        // JSON has no NaN or infinity (serde_json writes null for them too). A finite one is
+        // written as serde_json writes it (by `ryu`: `1.0`, `0.523417`, `1e-7`).
         self.field(field, |w| match value.is_finite() {
-            true => write!(w, "{value}"),
+            true => w.write_str(ryu::Buffer::new().format_finite(value)),
             false => w.write_str("null"),
         });
     }
@@ -193,6 +193,53 @@ impl Visit for Fields<'_, '_> {
             w.write_char('"')
         });
     }
+}
+
+thread_local! {
+    /// The second of the last line written on this thread, and its date and time of day.
+    static SECOND: std::cell::RefCell<(u64, String)> = const {
+        std::cell::RefCell::new((u64::MAX, String::new()))
+    };
+}
+
+/// `now` in RFC 3339, UTC, with microseconds (`2026-12-04T21:29:00.123456Z`, as
+/// tracing-subscriber's `SystemTime` writes it). The date and time of day are formatted once per
+/// second per thread: at a line per request, formatting them each time cost more than the rest
+/// of the timestamp (bench/NOTES.md, issue 23).
+fn timestamp(w: &mut Writer<'_>, now: std::time::SystemTime) -> fmt::Result {
+    let since_epoch = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    SECOND.with_borrow_mut(|(second, text)| {
+        if *second != secs {
+            *second = secs;
+            *text = date_and_time(secs);
+        }
+        w.write_str(text)
+    })?;
+    let mut buffer = itoa::Buffer::new();
+    let micros = buffer.format(since_epoch.subsec_micros());
+    w.write_char('.')?;
+    w.write_str(&"000000"[micros.len()..])?;
+    w.write_str(micros)?;
+    w.write_char('Z')
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of a time in seconds since the Unix epoch (UTC; the civil calendar from
+/// days, as in Howard Hinnant's `civil_from_days`).
+fn date_and_time(secs: u64) -> String {
+    let (days, of_day) = (secs / 86_400, secs % 86_400);
+    let z = days + 719_468;
+    let (era, of_era) = (z / 146_097, z % 146_097);
+    let year_of_era = (of_era - of_era / 1_460 + of_era / 36_524 - of_era / 146_096) / 365;
+    let day_of_year = of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let m = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * m + 2) / 5 + 1;
+    let month = if m < 10 { m + 3 } else { m - 9 };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    let (hour, minute, second) = (of_day / 3_600, of_day / 60 % 60, of_day % 60);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}")
 }
 
 /// `text` as a JSON string.
@@ -270,6 +317,42 @@ mod tests {
         text.lines()
             .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
             .collect()
+    }
+
+    #[test]
+    fn the_timestamp_is_what_tracing_subscriber_writes() {
+        use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+        let ours = |secs: u64, micros: u32| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::new(secs, micros * 1_000);
+            let mut text = String::new();
+            timestamp(&mut Writer::new(&mut text), at).unwrap();
+            text
+        };
+        assert_eq!(ours(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(ours(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
+        assert_eq!(ours(1_796_420_940, 123_456), "2026-12-04T21:49:00.123456Z");
+        assert_eq!(ours(4_107_542_399, 999_999), "2100-02-28T23:59:59.999999Z");
+        // Against tracing-subscriber's own, now: the same to the second as one of the two
+        // moments read around it.
+        let second = |at: std::time::SystemTime| {
+            let secs = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            ours(secs, 0)[..19].to_owned()
+        };
+        let before = std::time::SystemTime::now();
+        let mut theirs = String::new();
+        SystemTime
+            .format_time(&mut Writer::new(&mut theirs))
+            .unwrap();
+        let after = std::time::SystemTime::now();
+        assert_eq!(
+            theirs.len(),
+            "1970-01-01T00:00:00.000000Z".len(),
+            "{theirs}"
+        );
+        assert!(
+            [second(before), second(after)].contains(&theirs[..19].to_owned()),
+            "{theirs}"
+        );
     }
 
     #[test]

@@ -151,7 +151,12 @@ where
         let id = request_id(&req);
         let method = method_label(req.method());
         let metrics = self.metrics.clone();
-        let span = tracing::info_span!("request", request_id = %id, method, path = %req.path());
+        let span = tracing::info_span!(
+            "request",
+            request_id = id.as_str(),
+            method,
+            path = req.path()
+        );
         req.extensions_mut().insert(RequestId(id.clone()));
         req.extensions_mut().insert(RequestSpan(span.clone()));
         let service = Rc::clone(&self.service);
@@ -178,9 +183,9 @@ where
             }
             metrics.observe_request(method, &route, status, elapsed);
             tracing::info!(
-                request_id = %id,
+                request_id = id.as_str(),
                 method,
-                route = %route,
+                route = route.as_str(),
                 status,
                 latency_ms = elapsed.as_secs_f64() * 1000.0,
                 tx = outcome.as_str(),
