@@ -6,16 +6,20 @@
 //! request, and this costs about a third of what that did (bench/NOTES.md, issue 23). A span's
 //! fields are rendered once, when it is created, and copied into each line logged inside it.
 //!
-//! The request's span is not made the current span while the request runs ([`InRequest`]):
-//! sqlx wraps every statement's future in the current span, and entering and leaving it on each
-//! poll cost more than the rest of the logging (bench/NOTES.md). Instead its id is kept in a
-//! thread-local while the request's future is polled, and a line logged with no span current
-//! is written with that one: the same object as if it were current.
+//! A request has no tracing span in this format ([`InRequest`]): sqlx wraps every statement's
+//! future in the current span, and entering and leaving the request's on each poll cost more
+//! than the rest of the logging; making the span and rendering its fields cost about as much
+//! as the request line itself (bench/NOTES.md, issue 23). Instead the request's fields are
+//! rendered once, kept in a thread-local while the request's future is polled, and a line
+//! logged with no span current is written with them: the same object as if the request's span
+//! were current. What the layer logs for the request from a task of its own (the leak warning)
+//! is logged in a span made then ([`sea_orm_actix_tx::RequestSpan`]), with the same fields.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use tracing::field::{Field, Visit};
@@ -26,21 +30,22 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFi
 use tracing_subscriber::registry::LookupSpan;
 
 thread_local! {
-    /// The span of the request being polled on this thread ([`InRequest`]), as its id's number.
-    static REQUEST: Cell<Option<u64>> = const { Cell::new(None) };
+    /// The fields of the request being polled on this thread ([`InRequest`]), rendered as its
+    /// span's would be.
+    static REQUEST: RefCell<Option<Rc<str>>> = const { RefCell::new(None) };
 }
 
-/// A request's future, polled with its span as the span of the lines logged without one.
-/// Holding the span keeps it open, so its fields can be read.
+/// A request's future, polled with its fields ([`request_fields`]) as the span of the lines
+/// logged without one.
 pub struct InRequest<F> {
-    span: tracing::Span,
+    fields: Rc<str>,
     inner: Pin<Box<F>>,
 }
 
 impl<F: Future> InRequest<F> {
-    pub fn new(span: tracing::Span, inner: F) -> InRequest<F> {
+    pub fn new(fields: Rc<str>, inner: F) -> InRequest<F> {
         InRequest {
-            span,
+            fields,
             inner: Box::pin(inner),
         }
     }
@@ -50,11 +55,34 @@ impl<F: Future> Future for InRequest<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let outer = REQUEST.replace(self.span.id().map(|id| id.into_u64()));
+        let outer = REQUEST.replace(Some(Rc::clone(&self.fields)));
         let polled = self.inner.as_mut().poll(cx);
         REQUEST.set(outer);
         polled
     }
+}
+
+/// The request's fields as the `"span"` object of a line holds them: what
+/// `info_span!("request", request_id, method, path)` shows.
+pub fn request_fields(request_id: &str, method: &str, path: &str) -> Rc<str> {
+    let mut text = String::with_capacity(80 + request_id.len() + path.len());
+    let mut w = Writer::new(&mut text);
+    let rendered = (|| {
+        for (name, value) in [
+            ("request_id", request_id),
+            ("method", method),
+            ("path", path),
+        ] {
+            string(&mut w, name)?;
+            w.write_char(':')?;
+            string(&mut w, value)?;
+            w.write_char(',')?;
+        }
+        w.write_str("\"name\":\"request\"")
+    })();
+    // Writing into a `String` cannot fail.
+    debug_assert!(rendered.is_ok());
+    text.into()
 }
 
 /// The event format of `LOG_FORMAT=json`.
@@ -103,12 +131,7 @@ where
         fields.result?;
         writer.write_str(",\"target\":")?;
         string(&mut writer, event.metadata().target())?;
-        let request = || {
-            REQUEST
-                .get()
-                .and_then(|id| ctx.span(&tracing::Id::from_u64(id)))
-        };
-        if let Some(span) = ctx.lookup_current().or_else(request) {
+        if let Some(span) = ctx.lookup_current() {
             writer.write_str(",\"span\":{")?;
             let extensions = span.extensions();
             if let Some(fields) = extensions.get::<FormattedFields<N>>()
@@ -120,6 +143,15 @@ where
             writer.write_str("\"name\":")?;
             string(&mut writer, span.name())?;
             writer.write_char('}')?;
+        } else {
+            REQUEST.with_borrow(|request| match request {
+                Some(fields) => {
+                    writer.write_str(",\"span\":{")?;
+                    writer.write_str(fields)?;
+                    writer.write_char('}')
+                }
+                None => Ok(()),
+            })?;
         }
         writer.write_str("}\n")
     }
@@ -406,18 +438,31 @@ mod tests {
     #[test]
     fn a_line_logged_in_a_request_polled_in_its_span_carries_the_span_and_one_outside_does_not() {
         let lines = logged(|| {
-            let span = tracing::info_span!("request", request_id = "r-2");
-            let request = InRequest::new(span, async { tracing::info!("inside") });
+            let fields = request_fields("r-\"2", "GET", "/products/1");
+            let request = InRequest::new(fields, async { tracing::info!("inside") });
             futures_executor_block_on(request);
             tracing::info!("outside");
         });
         assert_eq!(lines[0]["message"], "inside");
         assert_eq!(
             lines[0]["span"],
-            serde_json::json!({"request_id": "r-2", "name": "request"})
+            serde_json::json!({"request_id": "r-\"2", "method": "GET", "path": "/products/1", "name": "request"})
         );
         assert_eq!(lines[1]["message"], "outside");
         assert!(lines[1].get("span").is_none(), "{}", lines[1]);
+        let in_a_span = logged(|| {
+            let span = tracing::info_span!(
+                "request",
+                request_id = "r-\"2",
+                method = "GET",
+                path = "/products/1"
+            );
+            span.in_scope(|| tracing::info!("inside"));
+        });
+        assert_eq!(
+            lines[0]["span"], in_a_span[0]["span"],
+            "the same as the span's"
+        );
     }
 
     /// Polls `future` to its end on this thread.

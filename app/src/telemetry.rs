@@ -135,6 +135,39 @@ pub struct RequestTelemetryService<S> {
     format: LogFormat,
 }
 
+/// What the lines logged while a request runs carry of it.
+enum LogContext {
+    /// `LOG_FORMAT=json`: the request's fields, rendered once (json_log.rs). No span is made per
+    /// request; one with the same fields is made only if the layer logs for the request from a
+    /// task of its own ([`RequestSpan`]).
+    Fields(Rc<str>),
+    /// `LOG_FORMAT=pretty`: the span the request runs in.
+    Span(tracing::Span),
+}
+
+impl<S> RequestTelemetryService<S> {
+    /// The request's log context, and the [`RequestSpan`] the layer logs its own lines in.
+    fn context(&self, req: &ServiceRequest, id: &str, method: &'static str) -> LogContext {
+        match self.format {
+            LogFormat::Json => {
+                let (request_id, path) = (id.to_owned(), req.path().to_owned());
+                let fields = crate::json_log::request_fields(id, method, &path);
+                req.extensions_mut().insert(RequestSpan::new(move || {
+                    let (request_id, path) = (request_id.as_str(), path.as_str());
+                    tracing::info_span!("request", request_id, method, path)
+                }));
+                LogContext::Fields(fields)
+            }
+            LogFormat::Pretty => {
+                let path = req.path();
+                let span = tracing::info_span!("request", request_id = id, method, path);
+                req.extensions_mut().insert(RequestSpan::of(span.clone()));
+                LogContext::Span(span)
+            }
+        }
+    }
+}
+
 impl<S, B> Service<ServiceRequest> for RequestTelemetryService<S>
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
@@ -151,14 +184,8 @@ where
         let id = request_id(&req);
         let method = method_label(req.method());
         let metrics = self.metrics.clone();
-        let span = tracing::info_span!(
-            "request",
-            request_id = id.as_str(),
-            method,
-            path = req.path()
-        );
         req.extensions_mut().insert(RequestId(id.clone()));
-        req.extensions_mut().insert(RequestSpan(span.clone()));
+        let context = self.context(&req, &id, method);
         let service = Rc::clone(&self.service);
         let request = async move {
             let result = service.call(req).await;
@@ -194,11 +221,9 @@ where
             );
             Ok(res)
         };
-        // The JSON format keeps the span out of the current span stack (json_log.rs); the
-        // pretty one shows the spans it is in.
-        match self.format {
-            LogFormat::Json => Box::pin(InRequest::new(span, request)),
-            LogFormat::Pretty => Box::pin(request.instrument(span)),
+        match context {
+            LogContext::Fields(fields) => Box::pin(InRequest::new(fields, request)),
+            LogContext::Span(span) => Box::pin(request.instrument(span)),
         }
     }
 }

@@ -53,7 +53,6 @@ use sea_orm::{
 };
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
-use tracing::Instrument as _;
 
 /// Work a handler registers to run only after its transaction committed.
 type OnCommit = Box<dyn FnOnce() + Send>;
@@ -154,7 +153,7 @@ pub(super) struct Slot {
     /// What the transaction is for (the route pattern), for the leak warning.
     label: String,
     /// The span of the leak warning; `None`: the one current when the transaction begins.
-    span: Option<tracing::Span>,
+    span: Option<super::RequestSpan>,
     /// Warn when the transaction is still open after this long (`DB_LEAK_DETECTION_MS`).
     leak_warning: Option<Duration>,
     /// The pending leak warning, cancelled when the transaction ends.
@@ -286,7 +285,7 @@ impl Slot {
 
     /// Logs the leak warning in `span` (the request's, [`super::RequestSpan`]) instead of the
     /// span current when the transaction begins.
-    pub(super) fn in_span(mut self, span: tracing::Span) -> Slot {
+    pub(super) fn in_span(mut self, span: super::RequestSpan) -> Slot {
         self.span = Some(span);
         self
     }
@@ -308,17 +307,20 @@ impl Slot {
             return;
         };
         let route = self.label.clone();
-        let warning = tokio::spawn(
-            async move {
-                tokio::time::sleep(after).await;
+        let span = self.span.clone();
+        let current = span.is_none().then(tracing::Span::current);
+        let warning = tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let span =
+                span.map_or_else(|| current.unwrap_or_else(tracing::Span::none), |s| s.span());
+            span.in_scope(|| {
                 tracing::warn!(
                     route = %route,
                     open_ms = after.as_millis() as u64,
                     "a transaction is still open after DB_LEAK_DETECTION_MS"
-                );
-            }
-            .instrument(self.span.clone().unwrap_or_else(tracing::Span::current)),
-        );
+                )
+            });
+        });
         *self.leak_watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(warning.abort_handle());
     }
 
@@ -984,7 +986,11 @@ impl ConnectionTrait for Tx {
 /// The statements of [`ConnectionTrait`], for [`Tx`] (`scope` `None`) and for a savepoint's
 /// handle ([`TxSavepoint`], `scope` its id: it fails once the savepoint has ended).
 impl Slot {
-    async fn execute_raw(&self, scope: Option<u64>, stmt: Statement) -> Result<ExecResult, DbErr> {
+    async fn execute_raw(
+        &self,
+        scope: Option<u64>,
+        stmt: Statement,
+    ) -> Result<ExecResult, DbErr> {
         let mut open = self.open_in(scope).await?;
         let result = on_open!(
             &mut *open,

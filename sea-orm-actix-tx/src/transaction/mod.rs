@@ -347,9 +347,33 @@ impl TxOutcome {
 /// cheaper way: every statement sqlx runs enters and leaves the current span). What the layer
 /// logs from tasks of its own for a request (the warning of a transaction open past
 /// `DB_LEAK_DETECTION_MS`) is logged in it; without it, in the span current when the
-/// transaction began.
-#[derive(Clone, Debug)]
-pub struct RequestSpan(pub tracing::Span);
+/// transaction began. The span may be made only when the layer logs ([`RequestSpan::new`]): a
+/// service that keeps no span per request pays for one only then.
+#[derive(Clone)]
+pub struct RequestSpan(Arc<dyn Fn() -> tracing::Span + Send + Sync>);
+
+impl RequestSpan {
+    /// A span made by `make` each time the layer logs for the request.
+    pub fn new(make: impl Fn() -> tracing::Span + Send + Sync + 'static) -> RequestSpan {
+        RequestSpan(Arc::new(make))
+    }
+
+    /// An existing span.
+    pub fn of(span: tracing::Span) -> RequestSpan {
+        RequestSpan::new(move || span.clone())
+    }
+
+    /// The span to log in.
+    pub fn span(&self) -> tracing::Span {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for RequestSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RequestSpan").finish_non_exhaustive()
+    }
+}
 
 /// Left in the request's extensions by [`Transactional`] for the request logger.
 #[derive(Clone, Copy, Debug)]
@@ -776,7 +800,7 @@ where
         .checkout_until(self.deadline)
         .labelled(self.route.clone());
         let slot = match self.http.extensions().get::<RequestSpan>() {
-            Some(RequestSpan(span)) => slot.in_span(span.clone()),
+            Some(span) => slot.in_span(span.clone()),
             None => slot,
         };
         match read {
