@@ -500,12 +500,14 @@ impl Slot {
 
     /// A statement bound as SeaORM binds it: by name and cached on the connection where
     /// session state is kept, unnamed behind a transaction-mode pooler ([`Session`](super::Session)).
-    fn bind<'q, DB>(&self, stmt: &'q Statement) -> sqlx::query::Query<'q, DB, SqlxValues>
+    /// Its values are taken out of `stmt`, not copied.
+    fn bind<'q, DB>(&self, stmt: &'q mut Statement) -> sqlx::query::Query<'q, DB, SqlxValues>
     where
         DB: sqlx::Database + sqlx::database::HasStatementCache,
         SqlxValues: sqlx::IntoArguments<DB>,
     {
-        let values = stmt.values.clone().unwrap_or(Values(Vec::new()));
+        let values = stmt.values.take().unwrap_or(Values(Vec::new()));
+        let stmt: &'q Statement = stmt;
         sqlx::query_with(sqlx::AssertSqlSafe(stmt.sql.as_str()), SqlxValues(values))
             .persistent(self.named_statements)
     }
@@ -989,13 +991,13 @@ impl Slot {
     async fn execute_raw(
         &self,
         scope: Option<u64>,
-        stmt: Statement,
+        mut stmt: Statement,
     ) -> Result<ExecResult, DbErr> {
         let mut open = self.open_in(scope).await?;
         let result = on_open!(
             &mut *open,
             self.bounds.statement,
-            |conn| self.bind(&stmt).execute(conn),
+            |conn| self.bind(&mut stmt).execute(conn),
             |done| done.map(ExecResult::from).map_err(exec_err),
             |tx| tx.execute_raw(stmt).await
         );
@@ -1017,13 +1019,13 @@ impl Slot {
     async fn query_one_raw(
         &self,
         scope: Option<u64>,
-        stmt: Statement,
+        mut stmt: Statement,
     ) -> Result<Option<QueryResult>, DbErr> {
         let mut open = self.open_in(scope).await?;
         let result = on_open!(
             &mut *open,
             self.bounds.statement,
-            |conn| self.bind(&stmt).fetch_optional(conn),
+            |conn| self.bind(&mut stmt).fetch_optional(conn),
             |done| done
                 .map(|row| row.map(QueryResult::from))
                 .map_err(query_err),
@@ -1035,13 +1037,13 @@ impl Slot {
     async fn query_all_raw(
         &self,
         scope: Option<u64>,
-        stmt: Statement,
+        mut stmt: Statement,
     ) -> Result<Vec<QueryResult>, DbErr> {
         let mut open = self.open_in(scope).await?;
         let result = on_open!(
             &mut *open,
             self.bounds.statement,
-            |conn| self.bind(&stmt).fetch_all(conn),
+            |conn| self.bind(&mut stmt).fetch_all(conn),
             |done| done
                 .map(|rows| rows.into_iter().map(QueryResult::from).collect())
                 .map_err(query_err),

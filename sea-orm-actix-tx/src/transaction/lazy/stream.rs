@@ -52,7 +52,7 @@ impl Slot {
 fn sqlx_rows<'a, DB>(
     slot: &'a Slot,
     held: &'a mut TxConn<DB>,
-    stmt: Statement,
+    mut stmt: Statement,
     bound: Option<Duration>,
 ) -> impl Stream<Item = Result<QueryResult, DbErr>> + Send + 'a
 where
@@ -66,7 +66,7 @@ where
         match held.conn() {
             Err(e) => yield Err(slot.record(query_err(e))),
             Ok(conn) => {
-                let mut rows = slot.bind::<DB>(&stmt).fetch(conn);
+                let mut rows = slot.bind::<DB>(&mut stmt).fetch(conn);
                 loop {
                     match round_trip::within(bound, rows.try_next()).await {
                         Ok(Some(row)) => yield Ok(QueryResult::from(row)),
