@@ -62,10 +62,11 @@ impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
 /// another shape, as [`parse`] does.
 pub fn parse_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     // The common case first: an object that parses as `T` is valid JSON throughout (`T` denies
-    // unknown fields, so no part of it went unread). Only a body that fails is parsed again as a
-    // generic value, to tell its syntax error (400) from its shape error (422).
+    // unknown fields, so no part of it went unread), and needs no path kept to name a faulty
+    // field. Only a body that fails is parsed again as a generic value, to tell its syntax error
+    // (400) from its shape error (422), and then as `T` with the path.
     let object = body.trim_ascii_start().starts_with(b"{");
-    if object && let Ok(value) = parse_shape(body) {
+    if object && let Ok(value) = serde_json::from_slice(body) {
         return Ok(value);
     }
     if !check_syntax(body)?.is_object() {
