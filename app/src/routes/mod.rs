@@ -50,35 +50,43 @@ pub fn configure(cfg: &mut web::ServiceConfig, layer: &Layer) {
         .transactional()
         .isolation(IsolationLevel::ReadCommitted);
 
+    // Grouped by first segment: actix tries a request's path against each route in turn, the
+    // ones with a `{param}` by a regex, and a scope's prefix by comparing text; a request pays
+    // for the routes of its own prefix only (bench/NOTES.md, issue 23).
     cfg.service(resource("/health/live", READ).route(read().to(health::live)))
         .service(resource("/health/ready", READ).route(read().to(health::ready)))
         .service(resource("/metrics", READ).route(read().to(health::metrics)))
         .service(resource("/openapi.json", READ).route(read().to(openapi::document)))
         .service(
-            resource("/warehouses", READ_WRITE)
-                .route(read().to(catalog::list_warehouses).wrap(tx.clone()))
-                .route(web::post().to(catalog::create_warehouse).wrap(tx.clone())),
+            web::scope("/warehouses")
+                .service(
+                    resource("", READ_WRITE)
+                        .route(read().to(catalog::list_warehouses).wrap(tx.clone()))
+                        .route(web::post().to(catalog::create_warehouse).wrap(tx.clone())),
+                )
+                .service(
+                    resource("/{id}", READ)
+                        .route(read().to(catalog::get_warehouse).wrap(tx.clone())),
+                )
+                .service(
+                    resource("/{id}/stock", READ)
+                        .route(read().to(movements::warehouse_stock).wrap(tx.clone())),
+                ),
         )
         .service(
-            resource("/warehouses/{id}", READ)
-                .route(read().to(catalog::get_warehouse).wrap(tx.clone())),
-        )
-        .service(
-            resource("/warehouses/{id}/stock", READ)
-                .route(read().to(movements::warehouse_stock).wrap(tx.clone())),
-        )
-        .service(
-            resource("/products", READ_WRITE)
-                .route(read().to(catalog::list_products).wrap(tx.clone()))
-                .route(web::post().to(catalog::create_product).wrap(tx.clone())),
-        )
-        .service(
-            resource("/products/{id}", READ)
-                .route(read().to(catalog::get_product).wrap(tx.clone())),
-        )
-        .service(
-            resource("/products/{id}/stock", READ)
-                .route(read().to(movements::product_stock).wrap(tx.clone())),
+            web::scope("/products")
+                .service(
+                    resource("", READ_WRITE)
+                        .route(read().to(catalog::list_products).wrap(tx.clone()))
+                        .route(web::post().to(catalog::create_product).wrap(tx.clone())),
+                )
+                .service(
+                    resource("/{id}", READ).route(read().to(catalog::get_product).wrap(tx.clone())),
+                )
+                .service(
+                    resource("/{id}/stock", READ)
+                        .route(read().to(movements::product_stock).wrap(tx.clone())),
+                ),
         )
         .service(
             resource("/receipts", WRITE)
@@ -95,7 +103,6 @@ pub fn configure(cfg: &mut web::ServiceConfig, layer: &Layer) {
         .service(resource("/movements", READ).route(read().to(movements::list).wrap(tx.clone())));
 }
 
-/// `?limit=&after=` of every list, kept as text so that errors name the parameter.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
