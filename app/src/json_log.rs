@@ -66,16 +66,16 @@ impl<F: Future> Future for InRequest<F> {
 /// `info_span!("request", request_id, method, path)` shows.
 pub fn request_fields(request_id: &str, method: &str, path: &str) -> Rc<str> {
     let mut text = String::with_capacity(80 + request_id.len() + path.len());
-    let mut w = Writer::new(&mut text);
+    let w = &mut text;
     let rendered = (|| {
         for (name, value) in [
             ("request_id", request_id),
             ("method", method),
             ("path", path),
         ] {
-            string(&mut w, name)?;
+            string(w, name)?;
             w.write_char(':')?;
-            string(&mut w, value)?;
+            string(w, value)?;
             w.write_char(',')?;
         }
         w.write_str("\"name\":\"request\"")
@@ -84,6 +84,9 @@ pub fn request_fields(request_id: &str, method: &str, path: &str) -> Rc<str> {
     debug_assert!(rendered.is_ok());
     text.into()
 }
+
+/// Room for a request line without growing.
+const LINE_CAPACITY: usize = 512;
 
 /// The event format of `LOG_FORMAT=json`.
 pub struct JsonLine;
@@ -120,17 +123,23 @@ where
     fn format_event(
         &self,
         ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
+        mut out: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        writer.write_str("{\"timestamp\":\"")?;
-        timestamp(&mut writer, std::time::SystemTime::now())?;
-        write!(writer, "\",\"level\":\"{}\"", event.metadata().level())?;
-        let mut fields = Fields::new(&mut writer, true);
+        // The line is put together in a `String` of its own and handed over in one piece: the
+        // subscriber's `Writer` costs a dynamic call per piece, and a line has dozens.
+        let mut line = String::with_capacity(LINE_CAPACITY);
+        let writer = &mut line;
+        writer.push_str("{\"timestamp\":\"");
+        timestamp(writer, std::time::SystemTime::now())?;
+        writer.push_str("\",\"level\":\"");
+        writer.push_str(event.metadata().level().as_str());
+        writer.push('"');
+        let mut fields = Fields::new(writer, true);
         event.record(&mut fields);
         fields.result?;
         writer.write_str(",\"target\":")?;
-        string(&mut writer, event.metadata().target())?;
+        string(writer, event.metadata().target())?;
         if let Some(span) = ctx.lookup_current() {
             writer.write_str(",\"span\":{")?;
             let extensions = span.extensions();
@@ -141,7 +150,7 @@ where
                 writer.write_char(',')?;
             }
             writer.write_str("\"name\":")?;
-            string(&mut writer, span.name())?;
+            string(writer, span.name())?;
             writer.write_char('}')?;
         } else {
             REQUEST.with_borrow(|request| match request {
@@ -153,21 +162,22 @@ where
                 None => Ok(()),
             })?;
         }
-        writer.write_str("}\n")
+        writer.write_str("}\n")?;
+        out.write_str(&line)
     }
 }
 
 /// Writes fields as `"name":value` pairs, each preceded by a comma when `leading` (inside an
 /// object already begun), else separated by commas.
-struct Fields<'a, 'w> {
-    writer: &'a mut Writer<'w>,
+struct Fields<'a, W> {
+    writer: &'a mut W,
     leading: bool,
     first: bool,
     result: fmt::Result,
 }
 
-impl<'a, 'w> Fields<'a, 'w> {
-    fn new(writer: &'a mut Writer<'w>, leading: bool) -> Self {
+impl<'a, W: fmt::Write> Fields<'a, W> {
+    fn new(writer: &'a mut W, leading: bool) -> Self {
         Fields {
             writer,
             leading,
@@ -176,7 +186,7 @@ impl<'a, 'w> Fields<'a, 'w> {
         }
     }
 
-    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'w>) -> fmt::Result) {
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
         if self.result.is_err() {
             return;
         }
@@ -192,7 +202,7 @@ impl<'a, 'w> Fields<'a, 'w> {
     }
 }
 
-impl Visit for Fields<'_, '_> {
+impl<W: fmt::Write> Visit for Fields<'_, W> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.field(field, |w| string(w, value));
     }
@@ -238,7 +248,7 @@ thread_local! {
 /// tracing-subscriber's `SystemTime` writes it). The date and time of day are formatted once per
 /// second per thread: at a line per request, formatting them each time cost more than the rest
 /// of the timestamp (bench/NOTES.md, issue 23).
-fn timestamp(w: &mut Writer<'_>, now: std::time::SystemTime) -> fmt::Result {
+fn timestamp(w: &mut impl fmt::Write, now: std::time::SystemTime) -> fmt::Result {
     let since_epoch = now
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -275,7 +285,7 @@ fn date_and_time(secs: u64) -> String {
 }
 
 /// `text` as a JSON string.
-fn string(w: &mut Writer<'_>, text: &str) -> fmt::Result {
+fn string(w: &mut impl fmt::Write, text: &str) -> fmt::Result {
     w.write_char('"')?;
     Escaped(w).write_str(text)?;
     w.write_char('"')
@@ -283,9 +293,9 @@ fn string(w: &mut Writer<'_>, text: &str) -> fmt::Result {
 
 /// Writes what it is given escaped for the inside of a JSON string (RFC 8259: `"`, `\` and
 /// the control characters).
-struct Escaped<'a, 'w>(&'a mut Writer<'w>);
+struct Escaped<'a, W>(&'a mut W);
 
-impl fmt::Write for Escaped<'_, '_> {
+impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
         let mut rest = text;
         // Every byte that needs escaping is ASCII, so `at` is always a character boundary.
