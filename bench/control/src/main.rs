@@ -293,7 +293,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
-            .route("/products/{id}", web::get().to(get_product))
+            // Grouped by first segment as the app's routes are (app/src/routes/mod.rs): actix
+            // matches a `{param}` by a regex over what the scope leaves of the path.
+            .service(web::scope("/products").route("/{id}", web::get().to(get_product)))
             .route("/transfers", web::post().to(post_transfer))
             .route("/health/ready", web::get().to(HttpResponse::Ok))
     })
