@@ -132,7 +132,7 @@ impl Fatal {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
-    let (settings, filter) = match Settings::load_with(&crate::DEFAULTS)
+    let (settings, filter) = match Settings::load(&crate::DEFAULTS)
         .map_err(|e| e.to_string())
         .and_then(|s| {
             let filter = telemetry::log_filter().map_err(|e| e.to_string())?;

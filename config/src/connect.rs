@@ -57,25 +57,18 @@ fn needs_ping(pre_ping: bool, idle_for: Duration) -> bool {
 
 impl DatabaseSettings {
     /// The pool of these settings, as SeaORM's connection: connected now (one connection opened
-    /// to check the server answers), or `lazy`ly on first use.
+    /// to check the server answers), or `lazy`ly on first use. When given, `evict` is asked
+    /// before a PostgreSQL connection is handed out: given the connection's age, `true` closes it
+    /// and takes another (the layer's failover epoch: connections opened before the primary was
+    /// lost are not reused).
     ///
     /// `DB_CONNECT_TIMEOUT` is not applied here: sqlx 0.9 has no connect timeout of its own, so
     /// the caller bounds each start-up attempt with [`DatabaseSettings::connect_timeout`].
     ///
     /// # Errors
     /// The driver's error when `lazy` is false and the first connection fails.
-    pub async fn connect(&self, lazy: bool) -> Result<DatabaseConnection, sqlx::Error> {
-        self.connect_evicting(lazy, None).await
-    }
-
-    /// [`connect`](Self::connect), with `evict` asked before a PostgreSQL connection is handed
-    /// out: given the connection's age, `true` closes it and takes another (the layer's
-    /// failover epoch: connections opened before the primary was lost are not reused).
-    ///
-    /// # Errors
-    /// As [`connect`](Self::connect).
     #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
-    pub async fn connect_evicting(
+    pub async fn connect(
         &self,
         lazy: bool,
         evict: Option<Evict>,

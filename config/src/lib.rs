@@ -78,21 +78,13 @@ impl Settings {
     /// Reads `./.env` if present into the process environment (as `dotenvy` does: variables
     /// already set win), removes libpq's `PG*` variables from it (docs/configuration.md: the
     /// driver would otherwise fill unset parts of the URL from them, behind the settings'
-    /// back), then reads the settings. Call it at start-up, before other threads read or write
-    /// the environment.
-    ///
-    /// # Errors
-    /// [`ConfigError`] when `.env` exists but cannot be read, or a variable is invalid.
-    pub fn load() -> Result<Settings, ConfigError> {
-        Settings::load_with(&Defaults::default())
-    }
-
-    /// [`Settings::load`] with the service's own [`Defaults`].
+    /// back), then reads the settings with the service's own [`Defaults`]. Call it at start-up,
+    /// before other threads read or write the environment.
     ///
     /// # Errors
     /// [`ConfigError`] when `.env` exists but cannot be read, or a variable is invalid.
     #[allow(unsafe_code)] // the workspace denies unsafe code; this is its one exception
-    pub fn load_with(defaults: &Defaults) -> Result<Settings, ConfigError> {
+    pub fn load(defaults: &Defaults) -> Result<Settings, ConfigError> {
         load_dotenv()?;
         for name in LIBPQ_VARIABLES.split_whitespace() {
             // SAFETY: called at start-up before the process starts other threads (this
@@ -100,27 +92,17 @@ impl Settings {
             // way), so no other thread reads the environment meanwhile.
             unsafe { std::env::remove_var(name) };
         }
-        Settings::from_vars_with(process_vars()?, defaults)
+        Settings::from_vars(process_vars()?, defaults)
     }
 
-    /// Reads the settings from explicit `(name, value)` pairs; what tests use. Unrelated
-    /// variables are ignored, an empty value counts as unset, and of a repeated name the last
-    /// wins.
+    /// Reads the settings from explicit `(name, value)` pairs, with the service's own
+    /// [`Defaults`]; what tests use. Unrelated variables are ignored, an empty value counts as
+    /// unset, and of a repeated name the last wins.
     ///
     /// # Errors
     /// [`ConfigError`] for the first invalid variable, in the order of `docs/configuration.md`'s
     /// table.
     pub fn from_vars(
-        vars: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Settings, ConfigError> {
-        Settings::from_vars_with(vars, &Defaults::default())
-    }
-
-    /// [`Settings::from_vars`] with the service's own [`Defaults`].
-    ///
-    /// # Errors
-    /// [`ConfigError`] for the first invalid variable.
-    pub fn from_vars_with(
         vars: impl IntoIterator<Item = (String, String)>,
         defaults: &Defaults,
     ) -> Result<Settings, ConfigError> {
@@ -347,17 +329,21 @@ LOG_FORMAT=pretty
             .filter_map(|line| line.split_once('='))
             .map(|(name, value)| (name.to_owned(), value.to_owned()))
             .collect();
-        let again = Settings::from_vars(pairs).unwrap_or_else(|e| panic!("{e}"));
+        let again =
+            Settings::from_vars(pairs, &Defaults::default()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(again.report(), original.report());
     }
 
     #[test]
     fn unrelated_variables_are_ignored() {
-        let all = Settings::from_vars(vars(&[
-            ("HOME", "/root"),
-            ("PGPASSWORD", "whatever"),
-            ("DB_POOL", "not ours"),
-        ]));
+        let all = Settings::from_vars(
+            vars(&[
+                ("HOME", "/root"),
+                ("PGPASSWORD", "whatever"),
+                ("DB_POOL", "not ours"),
+            ]),
+            &Defaults::default(),
+        );
         assert!(all.is_ok());
     }
 
@@ -401,7 +387,8 @@ LOG_FORMAT=pretty
             })
             .map(|(name, value)| (name.to_owned(), value.to_owned()))
             .collect();
-        let from_example = Settings::from_vars(uncommented).unwrap_or_else(|e| panic!("{e}"));
+        let from_example = Settings::from_vars(uncommented, &Defaults::default())
+            .unwrap_or_else(|e| panic!("{e}"));
         let defaults = settings(&[]);
         let workers = |r: String| {
             r.lines()

@@ -67,7 +67,7 @@ fn companions(name: &str) -> &'static [(&'static str, &'static str)] {
 fn load(name: &str, value: &str) -> Result<Settings, String> {
     let mut pairs = vars(companions(name));
     pairs.push((name.to_owned(), value.to_owned()));
-    Settings::from_vars_with(pairs, &crate::test_support::DEFAULTS).map_err(|err| err.to_string())
+    Settings::from_vars(pairs, &crate::test_support::DEFAULTS).map_err(|err| err.to_string())
 }
 
 #[test]

@@ -17,12 +17,12 @@ pub(crate) fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 pub(crate) fn settings(pairs: &[(&str, &str)]) -> Settings {
-    Settings::from_vars_with(vars(pairs), &DEFAULTS)
+    Settings::from_vars(vars(pairs), &DEFAULTS)
         .unwrap_or_else(|err| panic!("{pairs:?} should load: {err}"))
 }
 
 pub(crate) fn error(pairs: &[(&str, &str)]) -> ConfigError {
-    match Settings::from_vars_with(vars(pairs), &DEFAULTS) {
+    match Settings::from_vars(vars(pairs), &DEFAULTS) {
         Ok(settings) => panic!("{pairs:?} should fail, got {settings:?}"),
         Err(err) => err,
     }

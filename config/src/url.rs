@@ -74,19 +74,15 @@ macro_rules! server_parts {
 }
 
 impl DatabaseUrl {
-    /// Parses a `DATABASE_URL`.
+    /// Parses a database URL given in `variable` (`DATABASE_URL`, the one assembled from
+    /// `DB_HOST`…, `DATABASE_REPLICA_URL`).
     ///
     /// # Errors
-    /// [`ConfigError`] naming `DATABASE_URL` when the value is not a URL, uses another scheme or
+    /// [`ConfigError`] naming the variable when the value is not a URL, uses another scheme or
     /// a backend this build leaves out, or the driver refuses it (a bad `sslmode`, a password
     /// that is not UTF-8, …). The message shows the URL with its password as `***`, or no value
     /// at all when it cannot be parsed far enough to strip the password.
-    pub fn parse(raw: &str) -> Result<DatabaseUrl, ConfigError> {
-        DatabaseUrl::parse_as("DATABASE_URL", raw)
-    }
-
-    /// [`DatabaseUrl::parse`] for another variable.
-    pub(crate) fn parse_as(variable: &'static str, raw: &str) -> Result<DatabaseUrl, ConfigError> {
+    pub(crate) fn parse(variable: &'static str, raw: &str) -> Result<DatabaseUrl, ConfigError> {
         let raw = raw.trim();
         let invalid = |value, expected| ConfigError::Invalid(variable, value, expected);
         // Without a `:` there is no scheme: refused below as an unknown one, and never shown.
@@ -290,7 +286,7 @@ pub(crate) fn assemble(env: &Env) -> Result<Option<DatabaseUrl>, ConfigError> {
         let host = format!("{open}{host}{close}");
         url.set_host(Some(&host)).map_err(|_| bad_host())?;
     }
-    DatabaseUrl::parse_as("DB_HOST", url.as_str()).map(Some)
+    DatabaseUrl::parse("DB_HOST", url.as_str()).map(Some)
 }
 
 #[cfg(all(test, feature = "postgres", feature = "mysql", feature = "sqlite"))]

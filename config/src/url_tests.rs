@@ -21,11 +21,12 @@ impl DatabaseUrl {
 const HOSTILE: &str = "p@ss:w/rd%";
 
 fn parsed(raw: &str) -> DatabaseUrl {
-    DatabaseUrl::parse(raw).unwrap_or_else(|err| panic!("{raw} should parse: {err}"))
+    DatabaseUrl::parse("DATABASE_URL", raw)
+        .unwrap_or_else(|err| panic!("{raw} should parse: {err}"))
 }
 
 fn parse_error(raw: &str) -> String {
-    match DatabaseUrl::parse(raw) {
+    match DatabaseUrl::parse("DATABASE_URL", raw) {
         Ok(url) => panic!("{raw} should fail, got {url}"),
         Err(err) => err.to_string(),
     }
@@ -119,8 +120,10 @@ fn every_mysql_and_mariadb_spelling_is_normalised_to_mysql() {
 
 #[test]
 fn a_mysql_url_takes_the_drivers_ssl_mode_spellings() {
-    assert!(DatabaseUrl::parse("mysql://u@db/inv?ssl-mode=REQUIRED").is_ok());
-    assert!(DatabaseUrl::parse("mysql://u@db/inv?ssl-mode=verify_identity").is_ok());
+    assert!(DatabaseUrl::parse("DATABASE_URL", "mysql://u@db/inv?ssl-mode=REQUIRED").is_ok());
+    assert!(
+        DatabaseUrl::parse("DATABASE_URL", "mysql://u@db/inv?ssl-mode=verify_identity").is_ok()
+    );
     // libpq's `require` is not one of MySQL's `ssl-mode` spellings. (The old parser's message
     // listed the accepted ones, VERIFY_IDENTITY among them; sqlx's names only the bad value.)
     let err = parse_error("mysql://u:s3cret@db/inv?ssl-mode=require");
@@ -187,7 +190,7 @@ fn bad_urls_are_rejected_naming_database_url() {
         ),
     ];
     for (raw, expected, reason) in cases {
-        let err = match DatabaseUrl::parse(raw) {
+        let err = match DatabaseUrl::parse("DATABASE_URL", raw) {
             Ok(url) => panic!("{raw} ({reason}) should fail, got {url}"),
             Err(err) => err,
         };
@@ -221,7 +224,7 @@ fn a_password_never_appears_in_an_error_about_the_url() {
         ("postgres://u:s3cret@/inv", "no host"),
     ];
     for (raw, reason) in cases {
-        match DatabaseUrl::parse(raw) {
+        match DatabaseUrl::parse("DATABASE_URL", raw) {
             Ok(url) => panic!("{raw} ({reason}) should fail, got {url}"),
             Err(err) => {
                 let shown = format!("{err} {err:?}");

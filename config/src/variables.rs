@@ -267,14 +267,14 @@ impl Env {
     /// `DATABASE_URL` as given, else assembled from `DB_HOST`…`DB_NAME`, else the service's.
     pub(crate) fn url(&self, var: &Var) -> Result<DatabaseUrl, ConfigError> {
         match (self.given(var), assemble(self)?) {
-            (Some(given), _) => DatabaseUrl::parse_as(var.name, given),
+            (Some(given), _) => DatabaseUrl::parse(var.name, given),
             (None, Some(assembled)) => Ok(assembled),
-            (None, None) => DatabaseUrl::parse_as(var.name, &self.value(var).unwrap_or_default()),
+            (None, None) => DatabaseUrl::parse(var.name, &self.value(var).unwrap_or_default()),
         }
     }
 
     pub(crate) fn replica(&self, var: &Var) -> Result<Option<DatabaseUrl>, ConfigError> {
-        let parse = |url| DatabaseUrl::parse_as(var.name, url);
+        let parse = |url| DatabaseUrl::parse(var.name, url);
         self.given(var).map(parse).transpose()
     }
 }

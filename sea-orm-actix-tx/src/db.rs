@@ -54,7 +54,7 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
     // PostgreSQL: connections opened before a primary lost are not handed out again.
     let failover = crate::failover::Failover::new(settings.failover_retry);
     for attempt in 1..=attempts {
-        let connecting = settings.connect_evicting(false, Some(failover.evict_hook()));
+        let connecting = settings.connect(false, Some(failover.evict_hook()));
         match tokio::time::timeout(settings.connect_timeout, connecting).await {
             Ok(Ok(db)) => {
                 tracing::info!(url = %settings.url, attempt, "connected to the database");
@@ -102,7 +102,7 @@ pub async fn connect_replica(
     let Some(replica) = settings.for_replica() else {
         return Ok(None);
     };
-    match replica.connect(true).await {
+    match replica.connect(true, None).await {
         Ok(db) => {
             tracing::info!(url = %replica.url, "read replica configured");
             Ok(Some(db))

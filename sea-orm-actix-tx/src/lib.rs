@@ -13,7 +13,8 @@
 //! use actix_web::{App, HttpResponse, web};
 //! use prometheus_client::registry::Registry;
 //! use sea_orm::ConnectionTrait;
-//! use sea_orm_actix_tx::{Error, Layer, Tx, db, settings::Settings};
+//! use sea_orm_actix_tx::settings::{Defaults, Settings};
+//! use sea_orm_actix_tx::{Error, Layer, Tx, db};
 //!
 //! async fn create(tx: Tx) -> Result<HttpResponse, Error> {
 //!     tx.execute_unprepared("INSERT INTO note (body) VALUES ('hello')").await?;
@@ -22,7 +23,8 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let settings = Settings::from_vars([("DATABASE_URL".into(), "sqlite::memory:".into())])?;
+//! let vars = [("DATABASE_URL".to_owned(), "sqlite::memory:".to_owned())];
+//! let settings = Settings::from_vars(vars, &Defaults::default())?;
 //! let pool = db::connect(&settings.database).await?;
 //! # pool.execute_unprepared("CREATE TABLE note (body text)").await?;
 //! let mut registry = Registry::default();

@@ -10,7 +10,7 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
     // Before the runtime starts its threads: loading removes libpq's PG* variables.
-    let settings = match Settings::load_with(&example_todo::DEFAULTS) {
+    let settings = match Settings::load(&example_todo::DEFAULTS) {
         Ok(settings) => settings,
         Err(e) => {
             tracing::error!("{e}");

@@ -137,8 +137,7 @@ async fn spawn_on(url: &str, database: Box<dyn std::any::Any>) -> TestApp {
         ("APP_WORKERS", "2"),
     ]
     .map(|(k, v)| (k.to_owned(), v.to_owned()));
-    let settings =
-        Settings::from_vars_with(vars, &example_todo::DEFAULTS).expect("valid test settings");
+    let settings = Settings::from_vars(vars, &example_todo::DEFAULTS).expect("valid test settings");
     let (server, port) = example_todo::start_with(&settings, test_routes)
         .await
         .expect("the service starts");

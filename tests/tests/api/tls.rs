@@ -23,7 +23,7 @@ async fn connection_is_encrypted(vars: &[(&str, &str)]) -> bool {
     ];
     pairs.extend(vars.iter().map(|(n, v)| (n.to_string(), v.to_string())));
     let settings =
-        config::Settings::from_vars_with(pairs, &app::DEFAULTS).unwrap_or_else(|e| panic!("{e}"));
+        config::Settings::from_vars(pairs, &app::DEFAULTS).unwrap_or_else(|e| panic!("{e}"));
     let db = sea_orm_actix_tx::db::connect(&settings.database)
         .await
         .unwrap_or_else(|e| panic!("{vars:?} should connect: {e}"));

@@ -298,7 +298,7 @@ pub fn test_settings(url: &str, overrides: &[(&str, &str)]) -> Settings {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
     );
-    Settings::from_vars_with(vars, &app::DEFAULTS).expect("test settings are valid")
+    Settings::from_vars(vars, &app::DEFAULTS).expect("test settings are valid")
 }
 
 /// The `host:port` of the run's shared PgBouncer, for a proxy in front of it.
