@@ -60,7 +60,9 @@ pub struct Metrics {
     pool_max: Gauge,
     pool_min: Gauge,
     acquire: Histogram,
-    transactions: Family<OutcomeLabel, Counter>,
+    /// `db_transactions_total` of each outcome (commit, rollback, unknown), looked up once: a
+    /// family's lookup hashes its labels, on every request.
+    transactions: [Counter; 3],
     retries: Counter,
     reruns: Family<ReasonLabel, Counter>,
     replays: Counter,
@@ -196,9 +198,11 @@ impl Metrics {
                 .get_or_create(&StateLabel { state })
                 .set(0);
         }
-        for outcome in ["commit", "rollback", "unknown"] {
-            let _ = transactions.get_or_create(&OutcomeLabel { outcome });
-        }
+        let transactions = ["commit", "rollback", "unknown"].map(|outcome| {
+            transactions
+                .get_or_create(&OutcomeLabel { outcome })
+                .clone()
+        });
         Metrics {
             pool_connections,
             pool_max: max,
@@ -261,15 +265,13 @@ impl Metrics {
 
     /// Counts one finished transaction by its outcome (`db_transactions_total`).
     pub fn count_transaction(&self, outcome: TxOutcome) {
-        let outcome = match outcome {
-            TxOutcome::Commit => "commit",
-            TxOutcome::Rollback => "rollback",
-            TxOutcome::Unknown => "unknown",
+        let counter = match outcome {
+            TxOutcome::Commit => &self.transactions[0],
+            TxOutcome::Rollback => &self.transactions[1],
+            TxOutcome::Unknown => &self.transactions[2],
             TxOutcome::None => return,
         };
-        self.transactions
-            .get_or_create(&OutcomeLabel { outcome })
-            .inc();
+        counter.inc();
     }
 
     /// Counts one re-run (`db_transaction_retries_total`).
