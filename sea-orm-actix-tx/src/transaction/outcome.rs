@@ -108,18 +108,20 @@ pub(super) struct BeginRead(pub Option<i64>);
 
 impl std::fmt::Display for BeginRead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Written piece by piece (no `write!`): a `READ WRITE` transaction's `BEGIN` is
+        // formatted for every one, its mark's key differing each time.
         f.write_str("; SELECT ")?;
         if let Some(key) = self.0 {
-            write!(f, "pg_try_advisory_xact_lock_shared({key}), ")?;
+            f.write_str("pg_try_advisory_xact_lock_shared(")?;
+            f.write_str(itoa::Buffer::new().format(key))?;
+            f.write_str("), ")?;
         }
         f.write_str(
             "CASE WHEN pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on' \
              THEN NULL ELSE pg_current_xact_id()::text END, ",
         )?;
-        write!(
-            f,
-            "{IDENTITY_SQL}, current_setting('transaction_read_only')"
-        )
+        f.write_str(IDENTITY_SQL)?;
+        f.write_str(", current_setting('transaction_read_only')")
     }
 }
 

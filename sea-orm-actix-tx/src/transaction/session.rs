@@ -208,7 +208,11 @@ impl BeginSql {
             BeginSql::Static(sql) => sql,
             BeginSql::Owned(sql) => sql.as_str(),
         };
-        BeginSql::Owned(format!("{begin}{more}"))
+        let mut sql = String::with_capacity(begin.len() + 320);
+        sql.push_str(begin);
+        // Writing into a `String` cannot fail.
+        let _ = std::fmt::Write::write_fmt(&mut sql, format_args!("{more}"));
+        BeginSql::Owned(sql)
     }
 
     /// The statement text, without copying a static one.
