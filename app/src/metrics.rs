@@ -74,7 +74,7 @@ impl HttpMetrics {
     pub fn observe_request(
         &self,
         method: &'static str,
-        route: &str,
+        route: String,
         status: u16,
         elapsed: Duration,
     ) {
@@ -89,10 +89,7 @@ impl HttpMetrics {
             })
             .inc();
         self.durations
-            .get_or_create(&RouteLabels {
-                method,
-                route: route.to_owned(),
-            })
+            .get_or_create(&RouteLabels { method, route })
             .observe(elapsed.as_secs_f64());
     }
 }

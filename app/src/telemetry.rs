@@ -208,7 +208,6 @@ where
             if let Ok(value) = HeaderValue::from_str(&id) {
                 res.headers_mut().insert(REQUEST_ID, value);
             }
-            metrics.observe_request(method, &route, status, elapsed);
             tracing::info!(
                 request_id = id.as_str(),
                 method,
@@ -219,6 +218,7 @@ where
                 retries,
                 "request"
             );
+            metrics.observe_request(method, route, status, elapsed);
             Ok(res)
         };
         match context {
