@@ -987,6 +987,8 @@ impl ConnectionTrait for Tx {
 
 /// The statements of [`ConnectionTrait`], for [`Tx`] (`scope` `None`) and for a savepoint's
 /// handle ([`TxSavepoint`], `scope` its id: it fails once the savepoint has ended).
+// A statement is `mut` for sqlx's arms, which take its values ([`Slot::bind`]).
+#[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(unused_mut))]
 impl Slot {
     async fn execute_raw(
         &self,
