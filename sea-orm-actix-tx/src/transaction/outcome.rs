@@ -103,43 +103,54 @@ pub(super) struct Begun {
 /// (NULL where none can be: a standby, a read-only transaction), the server's [`Identity`] and
 /// `transaction_read_only`. Same message, so no round trip of its own; the id is assigned at
 /// `BEGIN` instead of at the first write, which changes nothing for a transaction that writes
-/// (`docs/transactions.md`).
+/// (`docs/transactions.md`). The values come back as one text column, `|`-separated (NULL as
+/// nothing): a simple query's rows are described afresh each time, and each column costs the
+/// driver a name, a map entry and a value of its own (bench/NOTES.md, issue 23).
 pub(super) struct BeginRead(pub Option<i64>);
 
 impl std::fmt::Display for BeginRead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Written piece by piece (no `write!`): a `READ WRITE` transaction's `BEGIN` is
         // formatted for every one, its mark's key differing each time.
-        f.write_str("; SELECT ")?;
+        f.write_str("; SELECT format('")?;
         if let Some(key) = self.0 {
-            f.write_str("pg_try_advisory_xact_lock_shared(")?;
+            f.write_str("%s|%s|%s|%s|%s', pg_try_advisory_xact_lock_shared(")?;
             f.write_str(itoa::Buffer::new().format(key))?;
             f.write_str("), ")?;
+        } else {
+            f.write_str("%s|%s|%s|%s', ")?;
         }
         f.write_str(
             "CASE WHEN pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on' \
              THEN NULL ELSE pg_current_xact_id()::text END, ",
         )?;
         f.write_str(IDENTITY_SQL)?;
-        f.write_str(", current_setting('transaction_read_only')")
+        f.write_str(", current_setting('transaction_read_only'))")
     }
 }
 
-/// Reads the row of [`BeginRead`] (its last four columns).
+/// Reads the row of [`BeginRead`] (its last column).
 pub(super) fn begun(row: Option<&PgRow>) -> Result<Begun, sqlx::Error> {
     let row = row.ok_or(sqlx::Error::RowNotFound)?;
-    let at = row.len().saturating_sub(4);
-    let xid: Option<String> = row.try_get(at)?;
-    let started: Option<String> = row.try_get(at + 1)?;
-    let wal_file: Option<String> = row.try_get(at + 2)?;
-    let read_only: Option<String> = row.try_get(at + 3)?;
-    let before = xid.and_then(|t| t.parse().ok());
-    Ok(Begun {
-        before: before.map(|xid| BeforeCommit {
+    let text: String = row.try_get(row.len().saturating_sub(1))?;
+    begun_from(&text).ok_or_else(|| {
+        sqlx::Error::Protocol(format!(
+            "the BEGIN message's row is not what it asked for: {text:?}"
+        ))
+    })
+}
+
+/// [`begun`] of the column's text: its last four `|`-separated values (an empty one is NULL).
+fn begun_from(text: &str) -> Option<Begun> {
+    let mut values = text.rsplit('|').map(|v| Some(v).filter(|v| !v.is_empty()));
+    let (read_only, wal_file) = (values.next()?, values.next()?);
+    let (started, xid) = (values.next()?, values.next()?);
+    Some(Begun {
+        before: xid.and_then(|t| t.parse().ok()).map(|xid| BeforeCommit {
             xid,
-            identity: Identity::parse(started, wal_file.as_deref()),
+            identity: Identity::parse(started.map(str::to_owned), wal_file),
         }),
-        read_only: read_only.as_deref() == Some("on"),
+        read_only: read_only == Some("on"),
     })
 }
 
@@ -267,19 +278,65 @@ mod tests {
     fn a_read_write_begin_reads_its_id_and_identity_in_the_same_message() {
         let marked = BeginRead(Some(42)).to_string();
         assert!(
-            marked.starts_with("; SELECT pg_try_advisory_xact_lock_shared(42), CASE WHEN"),
+            marked.starts_with(
+                "; SELECT format('%s|%s|%s|%s|%s', pg_try_advisory_xact_lock_shared(42), CASE WHEN"
+            ),
             "{marked}"
         );
         let unmarked = BeginRead(None).to_string();
-        assert!(unmarked.starts_with("; SELECT CASE WHEN"), "{unmarked}");
+        assert!(
+            unmarked.starts_with("; SELECT format('%s|%s|%s|%s', CASE WHEN"),
+            "{unmarked}"
+        );
         for sql in [&marked, &unmarked] {
             assert!(sql.contains("ELSE pg_current_xact_id()::text END"), "{sql}");
             assert!(sql.contains(IDENTITY_SQL), "{sql}");
             assert!(
-                sql.ends_with("current_setting('transaction_read_only')"),
-                "the four columns `begun` reads are the last: {sql}"
+                sql.ends_with(", current_setting('transaction_read_only'))"),
+                "the four values `begun` reads are the last: {sql}"
             );
             assert_eq!(sql.matches(';').count(), 1, "one statement: {sql}");
+        }
+    }
+
+    #[test]
+    fn the_begin_message_s_row_is_read_from_its_last_four_values() {
+        let identity = Identity {
+            started: "2026-12-04 21:13:37.5+00".to_owned(),
+            timeline: 1,
+        };
+        let primary = "t|731|2026-12-04 21:13:37.5+00|000000010000000000000002|off";
+        assert_eq!(
+            begun_from(primary),
+            Some(Begun {
+                before: Some(BeforeCommit {
+                    xid: 731,
+                    identity: Some(identity.clone()),
+                }),
+                read_only: false,
+            })
+        );
+        let unmarked = "731|2026-12-04 21:13:37.5+00|000000010000000000000002|off";
+        assert_eq!(begun_from(unmarked), begun_from(primary));
+        // A standby: no id, no WAL file, read-only.
+        let standby = "t||2026-12-04 21:13:37.5+00||on";
+        assert_eq!(
+            begun_from(standby),
+            Some(Begun {
+                before: None,
+                read_only: true,
+            })
+        );
+        // An id without a usable identity is kept, its identity unknown.
+        assert_eq!(
+            begun_from("731|2026-12-04 21:13:37.5+00||off").and_then(|b| b.before),
+            Some(BeforeCommit {
+                xid: 731,
+                identity: None,
+            })
+        );
+        for short in ["", "off", "000000010000000000000002|off", "x|y|off"] {
+            assert_eq!(begun_from(short), None, "{short:?}");
         }
     }
 
