@@ -12,7 +12,7 @@
 //! Which backend: sqlx 0.9 keeps the backend's process id (its `BackendKeyData`) to itself and
 //! gives a pooled connection no identity that a pid learned once could be kept under. So every
 //! `READ WRITE` transaction marks itself, in the message of its `BEGIN` (no round trip of its
-//! own): `SELECT pg_try_advisory_xact_lock_shared(key), …` (`outcome::BeginRead`), a transaction-scoped shared
+//! own): `SELECT format('%s|…', pg_try_advisory_xact_lock_shared(key), …)` (`outcome::BeginRead`), a transaction-scoped shared
 //! advisory lock on a key of its own ([`Mark`]: 31 random bits of the process, 32 of a counter).
 //! A shared advisory lock blocks no other shared one and nothing else but an exclusive advisory
 //! lock on the same key; the `try` form never waits. The server releases it when the
