@@ -268,20 +268,22 @@ fn timestamp(w: &mut impl fmt::Write, now: std::time::SystemTime) -> fmt::Result
     w.write_char('Z')
 }
 
-/// `YYYY-MM-DDTHH:MM:SS` of a time in seconds since the Unix epoch (UTC; the civil calendar from
-/// days, as in Howard Hinnant's `civil_from_days`).
+/// `YYYY-MM-DDTHH:MM:SS` of a time in seconds since the Unix epoch, in UTC.
 fn date_and_time(secs: u64) -> String {
-    let (days, of_day) = (secs / 86_400, secs % 86_400);
-    let z = days + 719_468;
-    let (era, of_era) = (z / 146_097, z % 146_097);
-    let year_of_era = (of_era - of_era / 1_460 + of_era / 36_524 - of_era / 146_096) / 365;
-    let day_of_year = of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let m = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * m + 2) / 5 + 1;
-    let month = if m < 10 { m + 3 } else { m - 9 };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    let (hour, minute, second) = (of_day / 3_600, of_day / 60 % 60, of_day % 60);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}")
+    use chrono::{Datelike, Timelike};
+    let at = i64::try_from(secs)
+        .ok()
+        .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
+        .unwrap_or_default();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        at.year(),
+        at.month(),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
+    )
 }
 
 /// `text` as a JSON string.
