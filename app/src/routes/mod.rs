@@ -16,7 +16,7 @@ pub mod movements;
 pub mod openapi;
 mod schemas;
 
-use actix_web::{Resource, Route, guard, web};
+use actix_web::{Resource, Route, Scope, guard, web};
 use sea_orm::IsolationLevel;
 
 use sea_orm_actix_tx::Layer;
@@ -44,6 +44,15 @@ fn resource(path: &str, allow: &'static str) -> Resource {
     web::resource(path).default_service(web::to(move || async move { method_not_allowed(allow) }))
 }
 
+/// A collection in a scope of its own: `[list, create, one, stock]` at `prefix`,
+/// `prefix/{id}` and `prefix/{id}/stock`.
+fn collection(prefix: &str, [list, create, one, stock]: [Route; 4]) -> Scope {
+    web::scope(prefix)
+        .service(resource("", READ_WRITE).route(list).route(create))
+        .service(resource("/{id}", READ).route(one))
+        .service(resource("/{id}/stock", READ).route(stock))
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig, layer: &Layer) {
     let tx = layer.transactional();
     let stock_tx = layer
@@ -57,37 +66,26 @@ pub fn configure(cfg: &mut web::ServiceConfig, layer: &Layer) {
         .service(resource("/health/ready", READ).route(read().to(health::ready)))
         .service(resource("/metrics", READ).route(read().to(health::metrics)))
         .service(resource("/openapi.json", READ).route(read().to(openapi::document)))
-        .service(
-            web::scope("/warehouses")
-                .service(
-                    resource("", READ_WRITE)
-                        .route(read().to(catalog::list_warehouses).wrap(tx.clone()))
-                        .route(web::post().to(catalog::create_warehouse).wrap(tx.clone())),
-                )
-                .service(
-                    resource("/{id}", READ)
-                        .route(read().to(catalog::get_warehouse).wrap(tx.clone())),
-                )
-                .service(
-                    resource("/{id}/stock", READ)
-                        .route(read().to(movements::warehouse_stock).wrap(tx.clone())),
-                ),
-        )
-        .service(
-            web::scope("/products")
-                .service(
-                    resource("", READ_WRITE)
-                        .route(read().to(catalog::list_products).wrap(tx.clone()))
-                        .route(web::post().to(catalog::create_product).wrap(tx.clone())),
-                )
-                .service(
-                    resource("/{id}", READ).route(read().to(catalog::get_product).wrap(tx.clone())),
-                )
-                .service(
-                    resource("/{id}/stock", READ)
-                        .route(read().to(movements::product_stock).wrap(tx.clone())),
-                ),
-        )
+        .service(collection(
+            "/warehouses",
+            [
+                read().to(catalog::list_warehouses),
+                web::post().to(catalog::create_warehouse),
+                read().to(catalog::get_warehouse),
+                read().to(movements::warehouse_stock),
+            ]
+            .map(|route| route.wrap(tx.clone())),
+        ))
+        .service(collection(
+            "/products",
+            [
+                read().to(catalog::list_products),
+                web::post().to(catalog::create_product),
+                read().to(catalog::get_product),
+                read().to(movements::product_stock),
+            ]
+            .map(|route| route.wrap(tx.clone())),
+        ))
         .service(
             resource("/receipts", WRITE)
                 .route(web::post().to(movements::receive).wrap(stock_tx.clone())),

@@ -204,14 +204,15 @@ impl BeginSql {
     /// The same `BEGIN` followed, in the same message, by `more` (`; …`).
     #[cfg(feature = "postgres")]
     pub(super) fn followed_by(self, more: impl std::fmt::Display) -> BeginSql {
-        let begin = match &self {
-            BeginSql::Static(sql) => sql,
-            BeginSql::Owned(sql) => sql.as_str(),
+        use std::fmt::Write as _;
+        let mut sql = match self {
+            BeginSql::Static(sql) => sql.to_owned(),
+            BeginSql::Owned(sql) => sql,
         };
-        let mut sql = String::with_capacity(begin.len() + 320);
-        sql.push_str(begin);
+        // Room for `outcome::BeginRead`'s `SELECT` (formatted for every transaction) at once.
+        sql.reserve(320);
         // Writing into a `String` cannot fail.
-        let _ = std::fmt::Write::write_fmt(&mut sql, format_args!("{more}"));
+        let _ = write!(sql, "{more}");
         BeginSql::Owned(sql)
     }
 
