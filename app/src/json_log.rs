@@ -297,14 +297,25 @@ fn string(w: &mut impl fmt::Write, text: &str) -> fmt::Result {
 /// the control characters).
 struct Escaped<'a, W>(&'a mut W);
 
+/// The bytes a JSON string escapes, `"`, `\` and the control characters, looked up rather than
+/// compared: the scan runs over every byte of a line.
+const ESCAPED: [bool; 256] = {
+    let mut escaped = [false; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        escaped[byte] = true;
+        byte += 1;
+    }
+    escaped[b'"' as usize] = true;
+    escaped[b'\\' as usize] = true;
+    escaped
+};
+
 impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
         let mut rest = text;
         // Every byte that needs escaping is ASCII, so `at` is always a character boundary.
-        while let Some(at) = rest
-            .bytes()
-            .position(|b| b == b'"' || b == b'\\' || b < b' ')
-        {
+        while let Some(at) = rest.bytes().position(|b| ESCAPED[usize::from(b)]) {
             self.0.write_str(&rest[..at])?;
             let c = rest.as_bytes()[at];
             match c {

@@ -288,11 +288,16 @@ impl Admission {
     }
 
     /// Waits for a turn until `deadline`: the request's one `DB_POOL_TIMEOUT`, which the pool
-    /// checkout that follows spends the rest of.
+    /// checkout that follows spends the rest of. A free turn is taken without a timer: tokio's
+    /// semaphore hands a released permit to the first waiter, so a permit is free only when
+    /// nobody waits, and taking it does not jump the queue.
     pub async fn enter_until(
         &self,
         deadline: tokio::time::Instant,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+            return Ok(permit);
+        }
         match tokio::time::timeout_at(deadline, Arc::clone(&self.permits).acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) | Err(_) => Err(Error::PoolTimeout),
