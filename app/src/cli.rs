@@ -164,12 +164,17 @@ pub fn main() -> ExitCode {
     if let Err(e) = telemetry::init(format, filter, std::io::stdout) {
         eprintln!("logging: {e}");
     }
-    let result = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // actix's `System` on a current-thread runtime, as `#[actix_web::main]` builds it. Its HTTP
+    // workers are actix arbiters, which run request tasks in a `LocalSet`: the wake-ups a worker
+    // gets from another thread's reactor (the pool's first connections are opened on this one)
+    // coalesce there. Under a plain Tokio runtime actix-server gives each worker a Tokio local
+    // runtime instead, where each such wake-up is a write to the worker's eventfd: W2 made 3
+    // more system calls per request that way (bench/NOTES.md, *Third pass*).
+    let result = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(async move {
+        Ok(runtime) => actix_web::rt::System::with_tokio_rt(move || runtime).block_on(async move {
             match command {
                 Command::Serve => serve(settings).await,
                 Command::Migrate { action } => {

@@ -17,14 +17,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    // actix's `System` (as `#[actix_web::main]` builds it): the HTTP workers run their requests
+    // in a `LocalSet`, where wake-ups from the thread that opened the pool's first connections
+    // coalesce (docs/adopting.md).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let served = runtime.block_on(async {
+    let served = actix_web::rt::System::with_tokio_rt(move || runtime).block_on(async {
         let (server, port) = example_todo::start(&settings).await?;
         tracing::info!(port, "listening");
         Ok::<_, Box<dyn std::error::Error>>(server.await?)
