@@ -19,7 +19,7 @@ mod schemas;
 use actix_web::{Resource, Route, Scope, guard, web};
 use sea_orm::IsolationLevel;
 
-use sea_orm_actix_tx::Layer;
+use sea_orm_actix_tx::{Layer, Transactional};
 
 use crate::problem::method_not_allowed;
 
@@ -45,8 +45,9 @@ fn resource(path: &str, allow: &'static str) -> Resource {
 }
 
 /// A collection in a scope of its own: `[list, create, one, stock]` at `prefix`,
-/// `prefix/{id}` and `prefix/{id}/stock`.
-fn collection(prefix: &str, [list, create, one, stock]: [Route; 4]) -> Scope {
+/// `prefix/{id}` and `prefix/{id}/stock`, each in a transaction of `tx`.
+fn collection(prefix: &str, tx: &Transactional, routes: [Route; 4]) -> Scope {
+    let [list, create, one, stock] = routes.map(|route| route.wrap(tx.clone()));
     web::scope(prefix)
         .service(resource("", READ_WRITE).route(list).route(create))
         .service(resource("/{id}", READ).route(one))
@@ -68,23 +69,23 @@ pub fn configure(cfg: &mut web::ServiceConfig, layer: &Layer) {
         .service(resource("/openapi.json", READ).route(read().to(openapi::document)))
         .service(collection(
             "/warehouses",
+            &tx,
             [
                 read().to(catalog::list_warehouses),
                 web::post().to(catalog::create_warehouse),
                 read().to(catalog::get_warehouse),
                 read().to(movements::warehouse_stock),
-            ]
-            .map(|route| route.wrap(tx.clone())),
+            ],
         ))
         .service(collection(
             "/products",
+            &tx,
             [
                 read().to(catalog::list_products),
                 web::post().to(catalog::create_product),
                 read().to(catalog::get_product),
                 read().to(movements::product_stock),
-            ]
-            .map(|route| route.wrap(tx.clone())),
+            ],
         ))
         .service(
             resource("/receipts", WRITE)
