@@ -60,9 +60,9 @@ pub struct Metrics {
     pool_max: Gauge,
     pool_min: Gauge,
     acquire: Histogram,
-    /// `db_transactions_total` of each outcome (commit, rollback, unknown), looked up once: a
-    /// family's lookup hashes its labels, on every request.
-    transactions: [Counter; 3],
+    /// `db_transactions_total` of each outcome, looked up once: a family's lookup hashes its
+    /// labels, on every request.
+    transactions: Outcomes,
     retries: Counter,
     reruns: Family<ReasonLabel, Counter>,
     replays: Counter,
@@ -75,6 +75,14 @@ pub struct Metrics {
     replica_lag: Gauge<f64, AtomicU64>,
     replica_pool_connections: Family<StateLabel, Gauge>,
     replica_pool_max: Gauge,
+}
+
+/// The series of `db_transactions_total`, one per outcome.
+#[derive(Clone)]
+struct Outcomes {
+    commit: Counter,
+    rollback: Counter,
+    unknown: Counter,
 }
 
 impl Metrics {
@@ -198,11 +206,16 @@ impl Metrics {
                 .get_or_create(&StateLabel { state })
                 .set(0);
         }
-        let transactions = ["commit", "rollback", "unknown"].map(|outcome| {
+        let outcome = |outcome| {
             transactions
                 .get_or_create(&OutcomeLabel { outcome })
                 .clone()
-        });
+        };
+        let transactions = Outcomes {
+            commit: outcome("commit"),
+            rollback: outcome("rollback"),
+            unknown: outcome("unknown"),
+        };
         Metrics {
             pool_connections,
             pool_max: max,
@@ -266,9 +279,9 @@ impl Metrics {
     /// Counts one finished transaction by its outcome (`db_transactions_total`).
     pub fn count_transaction(&self, outcome: TxOutcome) {
         let counter = match outcome {
-            TxOutcome::Commit => &self.transactions[0],
-            TxOutcome::Rollback => &self.transactions[1],
-            TxOutcome::Unknown => &self.transactions[2],
+            TxOutcome::Commit => &self.transactions.commit,
+            TxOutcome::Rollback => &self.transactions.rollback,
+            TxOutcome::Unknown => &self.transactions.unknown,
             TxOutcome::None => return,
         };
         counter.inc();
