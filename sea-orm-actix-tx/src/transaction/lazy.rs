@@ -307,13 +307,13 @@ impl Slot {
             return;
         };
         let route = self.label.clone();
-        let span = self.span.clone();
-        let current = span.is_none().then(tracing::Span::current);
+        let span = self
+            .span
+            .clone()
+            .unwrap_or_else(|| super::RequestSpan::of(tracing::Span::current()));
         let warning = tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            let span =
-                span.map_or_else(|| current.unwrap_or_else(tracing::Span::none), |s| s.span());
-            span.in_scope(|| {
+            span.span().in_scope(|| {
                 tracing::warn!(
                     route = %route,
                     open_ms = after.as_millis() as u64,
