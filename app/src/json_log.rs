@@ -239,9 +239,7 @@ impl<W: fmt::Write> Visit for Fields<'_, W> {
 
 thread_local! {
     /// The second of the last line written on this thread, and its date and time of day.
-    static SECOND: std::cell::RefCell<(u64, String)> = const {
-        std::cell::RefCell::new((u64::MAX, String::new()))
-    };
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
 
 /// `now` in RFC 3339, UTC, with microseconds (`2026-12-04T21:29:00.123456Z`, as
@@ -270,20 +268,11 @@ fn timestamp(w: &mut impl fmt::Write, now: std::time::SystemTime) -> fmt::Result
 
 /// `YYYY-MM-DDTHH:MM:SS` of a time in seconds since the Unix epoch, in UTC.
 fn date_and_time(secs: u64) -> String {
-    use chrono::{Datelike, Timelike};
     let at = i64::try_from(secs)
         .ok()
         .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
         .unwrap_or_default();
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-        at.year(),
-        at.month(),
-        at.day(),
-        at.hour(),
-        at.minute(),
-        at.second()
-    )
+    at.format("%Y-%m-%dT%H:%M:%S").to_string()
 }
 
 /// `text` as a JSON string.
