@@ -27,11 +27,12 @@ use super::abandoned::Mark;
 
 /// A connection from `pool`. sqlx's `acquire` future holds the whole of opening a connection
 /// (about 8.6 KB): kept on the heap, it is not moved with every statement's future that may
-/// begin the transaction (bench/NOTES.md, issue 23).
+/// begin the transaction (bench/NOTES.md, issue 23). The heap is taken first and the future
+/// made in it, instead of made on the stack and copied there.
 pub(crate) async fn checkout<DB: sqlx::Database>(
     pool: &sqlx::Pool<DB>,
 ) -> Result<PoolConnection<DB>, sqlx::Error> {
-    Box::pin(pool.acquire()).await
+    Box::into_pin(Box::write(Box::new_uninit(), pool.acquire())).await
 }
 
 /// How long one round trip on a transaction's connection may take.
