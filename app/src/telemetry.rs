@@ -17,7 +17,7 @@ use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
-use sea_orm_actix_tx::{RequestSpan, TxOutcome, TxReport};
+use sea_orm_actix_tx::{TxOutcome, TxReport};
 
 use crate::json_log::InRequest;
 
@@ -78,21 +78,27 @@ where
     result.map_err(|e| e.to_string())
 }
 
-/// The request's id, in the request's extensions.
-#[derive(Clone, Debug)]
-pub struct RequestId(pub String);
-
 /// A client's id is kept when it is 1..=128 visible ASCII characters; otherwise a new one is made.
 fn request_id(req: &ServiceRequest) -> String {
-    req.headers()
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= MAX_REQUEST_ID_LEN
-                && v.bytes().all(|b| b.is_ascii_graphic())
-        })
-        .map_or_else(|| format!("{:032x}", fastrand::u128(..)), str::to_owned)
+    let given = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok());
+    let valid = |v: &&str| {
+        !v.is_empty() && v.len() <= MAX_REQUEST_ID_LEN && v.bytes().all(|b| b.is_ascii_graphic())
+    };
+    given
+        .filter(valid)
+        .map_or_else(new_request_id, str::to_owned)
+}
+
+/// 32 random lowercase hex digits (`format!("{:032x}")` of a random `u128`, by table).
+fn new_request_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u128(..);
+    let mut digits = [0u8; 32];
+    for (i, digit) in digits.iter_mut().rev().enumerate() {
+        *digit = HEX[(n >> (4 * i)) as usize & 0xf];
+    }
+    // Hex digits are ASCII: this never falls back.
+    std::str::from_utf8(&digits).unwrap_or("0").to_owned()
 }
 
 /// The request id, the request's log line and its HTTP metrics; wraps the whole app.
@@ -138,32 +144,26 @@ pub struct RequestTelemetryService<S> {
 /// What the lines logged while a request runs carry of it.
 enum LogContext {
     /// `LOG_FORMAT=json`: the request's fields, rendered once (json_log.rs). No span is made per
-    /// request; one with the same fields is made only if the layer logs for the request from a
-    /// task of its own ([`RequestSpan`]).
+    /// request.
     Fields(Rc<str>),
     /// `LOG_FORMAT=pretty`: the span the request runs in.
     Span(tracing::Span),
 }
 
 impl<S> RequestTelemetryService<S> {
-    /// The request's log context, and the [`RequestSpan`] the layer logs its own lines in.
+    /// The request's log context.
     fn context(&self, req: &ServiceRequest, id: &str, method: &'static str) -> LogContext {
+        let path = req.path();
         match self.format {
             LogFormat::Json => {
-                let (request_id, path) = (id.to_owned(), req.path().to_owned());
-                let fields = crate::json_log::request_fields(id, method, &path);
-                req.extensions_mut().insert(RequestSpan::new(move || {
-                    let (request_id, path) = (request_id.as_str(), path.as_str());
-                    tracing::info_span!("request", request_id, method, path)
-                }));
-                LogContext::Fields(fields)
+                LogContext::Fields(crate::json_log::request_fields(id, method, path))
             }
-            LogFormat::Pretty => {
-                let path = req.path();
-                let span = tracing::info_span!("request", request_id = id, method, path);
-                req.extensions_mut().insert(RequestSpan::of(span.clone()));
-                LogContext::Span(span)
-            }
+            LogFormat::Pretty => LogContext::Span(tracing::info_span!(
+                "request",
+                request_id = id,
+                method,
+                path
+            )),
         }
     }
 }
@@ -184,7 +184,6 @@ where
         let id = request_id(&req);
         let method = method_label(req.method());
         let metrics = self.metrics.clone();
-        req.extensions_mut().insert(RequestId(id.clone()));
         let context = self.context(&req, &id, method);
         let service = Rc::clone(&self.service);
         let request = async move {
@@ -231,6 +230,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_request_id_is_32_lowercase_hex_digits_of_a_random_number() {
+        let (a, b) = (new_request_id(), new_request_id());
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 32, "{id}");
+            let n = u128::from_str_radix(id, 16).expect("hex");
+            assert_eq!(&format!("{n:032x}"), id);
+        }
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn an_unset_or_empty_rust_log_is_the_default_filter() {

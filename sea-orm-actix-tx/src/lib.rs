@@ -75,9 +75,8 @@ pub use body::read_body;
 pub use config as settings;
 pub use error::{Error, PROBLEM_JSON, Problem, RETRY_AFTER_SECONDS, problem_response};
 pub use transaction::{
-    Admission, DbFailure, FailureKind, FailureMap, IdempotencyScope, RequestSpan, Transactional,
-    Tx, TxConfig, TxError, TxOutcome, TxPolicy, TxReport, TxSavepoint, TxStream, on_connect,
-    with_transaction,
+    Admission, DbFailure, FailureKind, FailureMap, IdempotencyScope, Transactional, Tx, TxConfig,
+    TxError, TxOutcome, TxPolicy, TxReport, TxSavepoint, TxStream, on_connect, with_transaction,
 };
 
 use availability::Availability;

@@ -31,7 +31,7 @@
 //!   COMMITTED or REPEATABLE READ without on-commit hooks is not waited for: its end is queued
 //!   and completed when the connection goes back to the pool (`Slot::end_changes_nothing`,
 //!   [`TxConn::end_unawaited`](round_trip::TxConn::end_unawaited)).
-//! * A transaction still open after `DB_LEAK_DETECTION_MS` is logged at WARN; the hooks of
+//! * When its `BEGIN` completed is kept for the leak warning (`leak.rs`); the hooks of
 //!   [`Tx::on_commit`] are kept here and run when the parent module says the attempt committed.
 
 use std::future::{Ready, ready};
@@ -150,14 +150,12 @@ pub(super) struct Slot {
     /// When the pool checkout must give up (the request's one `DB_POOL_TIMEOUT`); `None`: the
     /// pool's own acquire timeout.
     checkout_deadline: Option<tokio::time::Instant>,
-    /// What the transaction is for (the route pattern), for the leak warning.
+    /// What the transaction is for (the route pattern), for the warnings it logs.
     label: String,
-    /// The span of the leak warning; `None`: the one current when the transaction begins.
-    span: Option<super::RequestSpan>,
     /// Warn when the transaction is still open after this long (`DB_LEAK_DETECTION_MS`).
     leak_warning: Option<Duration>,
-    /// The pending leak warning, cancelled when the transaction ends.
-    leak_watch: StdMutex<Option<tokio::task::AbortHandle>>,
+    /// When its `BEGIN` completed, kept only when [`Slot::leak_warning`] is on (`leak.rs`).
+    opened_at: std::sync::OnceLock<Instant>,
     /// Work to run once this attempt has committed ([`Tx::on_commit`]).
     hooks: StdMutex<Vec<OnCommit>>,
     metrics: Option<Metrics>,
@@ -253,9 +251,8 @@ impl Slot {
             named_statements: config.session.named_statements(),
             checkout_deadline: None,
             label: String::new(),
-            span: None,
             leak_warning: config.leak_warning,
-            leak_watch: StdMutex::new(None),
+            opened_at: std::sync::OnceLock::new(),
             hooks: StdMutex::new(Vec::new()),
             metrics,
             availability: config.availability.clone(),
@@ -283,13 +280,6 @@ impl Slot {
         self
     }
 
-    /// Logs the leak warning in `span` (the request's, [`super::RequestSpan`]) instead of the
-    /// span current when the transaction begins.
-    pub(super) fn in_span(mut self, span: super::RequestSpan) -> Slot {
-        self.span = Some(span);
-        self
-    }
-
     /// Runs the on-commit hooks registered during this attempt, each once.
     pub(super) fn run_on_commit_hooks(&self) {
         let hooks = std::mem::take(&mut *self.hooks.lock().unwrap_or_else(|p| p.into_inner()));
@@ -300,28 +290,23 @@ impl Slot {
         }
     }
 
-    /// Logs at WARN, with the request's span (its request id), if the transaction is still open
-    /// after `DB_LEAK_DETECTION_MS`; [`Slot::finish`] cancels it.
-    fn watch_for_leak(&self) {
-        let Some(after) = self.leak_warning else {
-            return;
-        };
-        let route = self.label.clone();
-        let span = self
-            .span
-            .clone()
-            .unwrap_or_else(|| super::RequestSpan::of(tracing::Span::current()));
-        let warning = tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            span.span().in_scope(|| {
-                tracing::warn!(
-                    route = %route,
-                    open_ms = after.as_millis() as u64,
-                    "a transaction is still open after DB_LEAK_DETECTION_MS"
-                )
-            });
-        });
-        *self.leak_watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(warning.abort_handle());
+    /// `DB_LEAK_DETECTION_MS`: how long the transaction may stay open before it is logged
+    /// (`leak.rs`).
+    pub(super) fn leak_warning(&self) -> Option<Duration> {
+        self.leak_warning
+    }
+
+    /// When the transaction's `BEGIN` completed, when it has and the leak warning is on.
+    pub(super) fn opened_at(&self) -> Option<Instant> {
+        self.opened_at.get().copied()
+    }
+
+    /// Whether the transaction is open: begun, and not yet ending (a statement running on it
+    /// holds its state, so it counts as open).
+    pub(super) fn still_open(&self) -> bool {
+        self.state
+            .try_lock()
+            .map_or(true, |state| matches!(*state, State::Open(_)))
     }
 
     /// Gives up the pool checkout at `deadline` (503 `pool_timeout`).
@@ -359,7 +344,9 @@ impl Slot {
                         return Err(e);
                     }
                     *state = State::Open(open);
-                    self.watch_for_leak();
+                    if self.leak_warning.is_some() {
+                        let _first = self.opened_at.set(Instant::now());
+                    }
                 }
                 Err(e) => {
                     *state = State::Finished;
@@ -645,14 +632,6 @@ impl Slot {
 
     async fn end(&self, commit: bool) -> (TxOutcome, Option<DbFailure>) {
         let state = std::mem::replace(&mut *self.state.lock().await, State::Finished);
-        if let Some(watch) = self
-            .leak_watch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            watch.abort();
-        }
         let State::Open(mut open) = state else {
             return (TxOutcome::None, self.failure());
         };
@@ -741,9 +720,11 @@ impl Slot {
     /// final when they returned; and no on-commit hook waiting for a commit. Not at
     /// SERIALIZABLE: there a read-only transaction's `COMMIT` can fail with 40001, and what it
     /// read must then not be answered.
-    #[cfg(feature = "postgres")]
-    fn end_changes_nothing(&self) -> bool {
+    pub(super) fn end_changes_nothing(&self) -> bool {
         use IsolationLevel::{ReadCommitted, ReadUncommitted, RepeatableRead};
+        if self.db.get_database_backend() != DbBackend::Postgres {
+            return false;
+        }
         let level = matches!(
             self.isolation,
             Some(ReadUncommitted | ReadCommitted | RepeatableRead)

@@ -122,6 +122,7 @@ mod decision;
 mod failure;
 mod idempotency;
 mod lazy;
+mod leak;
 #[cfg(feature = "postgres")]
 mod outcome;
 mod peer;
@@ -347,39 +348,6 @@ impl TxOutcome {
     }
 }
 
-/// The request's span, put in the request's extensions by a service whose request span is not
-/// the current span while its handlers run (one that keeps the request's log context some
-/// cheaper way: every statement sqlx runs enters and leaves the current span). What the layer
-/// logs from tasks of its own for a request (the warning of a transaction open past
-/// `DB_LEAK_DETECTION_MS`) is logged in it; without it, in the span current when the
-/// transaction began. The span may be made only when the layer logs ([`RequestSpan::new`]): a
-/// service that keeps no span per request pays for one only then.
-#[derive(Clone)]
-pub struct RequestSpan(Arc<dyn Fn() -> tracing::Span + Send + Sync>);
-
-impl RequestSpan {
-    /// A span made by `make` each time the layer logs for the request.
-    pub fn new(make: impl Fn() -> tracing::Span + Send + Sync + 'static) -> RequestSpan {
-        RequestSpan(Arc::new(make))
-    }
-
-    /// An existing span.
-    pub fn of(span: tracing::Span) -> RequestSpan {
-        RequestSpan::new(move || span.clone())
-    }
-
-    /// The span to log in.
-    pub fn span(&self) -> tracing::Span {
-        (self.0)()
-    }
-}
-
-impl std::fmt::Debug for RequestSpan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("RequestSpan").finish_non_exhaustive()
-    }
-}
-
 /// Left in the request's extensions by [`Transactional`] for the request logger.
 #[derive(Clone, Copy, Debug)]
 pub struct TxReport {
@@ -478,7 +446,7 @@ where
     let mut attempt = 0;
     loop {
         let tx = Tx(Arc::new(Slot::new(db.clone(), config, policy, false, None)));
-        let result = job(&tx).await;
+        let result = leak::watched(&tx.0, "", job(&tx)).await;
         let (_, failure) = tx.0.finish(result.is_ok()).await;
         if failure.is_none() && result.is_ok() {
             tx.0.run_on_commit_hooks();
@@ -804,10 +772,6 @@ where
         )
         .checkout_until(self.deadline)
         .labelled(self.route.clone());
-        let slot = match self.http.extensions().get::<RequestSpan>() {
-            Some(span) => slot.in_span(span.clone()),
-            None => slot,
-        };
         match read {
             Some(read) => slot.reading(read.clone()),
             None => slot,
@@ -834,9 +798,8 @@ where
         self.http.extensions_mut().insert(Arc::clone(slot));
         let attempt =
             ServiceRequest::from_parts(self.http.clone(), Payload::from(self.body.clone()));
-        let result = AssertUnwindSafe(self.service.call(attempt))
-            .catch_unwind()
-            .await;
+        let handler = leak::watched(slot, &self.route, self.service.call(attempt));
+        let result = AssertUnwindSafe(handler).catch_unwind().await;
         self.http.extensions_mut().remove::<Arc<Slot>>();
         match result {
             Ok(Ok(res)) => {
@@ -891,7 +854,11 @@ where
             );
             self.shared.metrics.count_leak();
         }
-        let client_gone = is_ok(response) && !leaked && peer::client_gone(&self.http);
+        // A transaction whose end changes nothing (a read) is not worth a system call.
+        let client_gone = is_ok(response)
+            && !leaked
+            && !slot.end_changes_nothing()
+            && peer::client_gone(&self.http);
         if client_gone {
             tracing::warn!("the client went away before the commit; rolling back");
         }

@@ -3,7 +3,9 @@
 //! actix-web 4 keeps running a handler after its client has gone away, and nothing tells the
 //! handler. So that work nobody will hear about is not committed, the server keeps a duplicate
 //! of each connection's socket ([`on_connect`]) and the middleware peeks at it before `COMMIT`
-//! ([`client_gone`]). Peeking consumes nothing, so actix's own reading is undisturbed.
+//! ([`client_gone`]). Peeking consumes nothing, so actix's own reading is undisturbed. A
+//! transaction whose end changes nothing (a read whose `COMMIT` is not awaited,
+//! `Slot::end_changes_nothing`) is not checked: committing it or not is the same.
 //!
 //! A client that half-closes its side of the connection (shuts down writing) while it waits for
 //! the answer counts as gone; HTTP clients do not do that. A client that leaves after the check
