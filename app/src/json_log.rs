@@ -12,8 +12,8 @@
 //! as the request line itself (bench/NOTES.md, issue 23). Instead the request's fields are
 //! rendered once, kept in a thread-local while the request's future is polled, and a line
 //! logged with no span current is written with them: the same object as if the request's span
-//! were current. What the layer logs for the request from a task of its own (the leak warning)
-//! is logged in a span made then ([`sea_orm_actix_tx::RequestSpan`]), with the same fields.
+//! were current. The layer logs what it logs for a request (the leak warning among it) from the
+//! request's own future, so its lines carry the request's fields too.
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
@@ -300,11 +300,31 @@ const ESCAPED: [bool; 256] = {
     escaped
 };
 
+/// Where the first byte of `bytes` that [`ESCAPED`] marks is. Eight bytes at a time: a word
+/// with none of them is passed over in a few instructions, and the bytes of a line mostly need
+/// no escaping.
+fn first_escaped(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Whether some byte of `word` is below `n` (n ≤ 0x80): a byte at or above it never borrows.
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH != 0;
+    let marked = |word: u64| {
+        below(word, 0x20) || below(word ^ (ONES * 0x22), 1) || below(word ^ (ONES * 0x5c), 1)
+    };
+    let clean = bytes.chunks_exact(8).take_while(|chunk| {
+        // A chunk is eight bytes; were it not, 0 sends it to the byte-by-byte scan.
+        !marked(<[u8; 8]>::try_from(*chunk).map_or(0, u64::from_ne_bytes))
+    });
+    let at = clean.count() * 8;
+    let found = bytes[at..].iter().position(|&b| ESCAPED[usize::from(b)]);
+    found.map(|i| at + i)
+}
+
 impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
         let mut rest = text;
         // Every byte that needs escaping is ASCII, so `at` is always a character boundary.
-        while let Some(at) = rest.bytes().position(|b| ESCAPED[usize::from(b)]) {
+        while let Some(at) = first_escaped(rest.as_bytes()) {
             self.0.write_str(&rest[..at])?;
             let c = rest.as_bytes()[at];
             match c {
@@ -435,6 +455,19 @@ mod tests {
             timestamp.ends_with('Z') && timestamp.len() > 20,
             "{timestamp}"
         );
+    }
+
+    #[test]
+    fn every_escaped_byte_is_found_at_every_place_in_a_word() {
+        for byte in 0..=u8::MAX {
+            for at in 0..20 {
+                let mut bytes = vec![b'a'; 20];
+                bytes[at] = byte;
+                let expected = ESCAPED[usize::from(byte)].then_some(at);
+                assert_eq!(first_escaped(&bytes), expected, "byte {byte:#x} at {at}");
+            }
+        }
+        assert_eq!(first_escaped("é\u{7f}ü\"".as_bytes()), Some(5));
     }
 
     #[test]
