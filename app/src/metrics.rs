@@ -2,6 +2,7 @@
 //! class, and latency by route pattern, registered beside the database layer's in the one
 //! registry `/metrics` renders. Every series exists from start-up.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -32,10 +33,15 @@ fn latency_histogram() -> Histogram {
 pub const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// `http_requests_total`'s series by method (in the order of [`METHODS`], then `OTHER`) and
+/// status class, each looked up in its family once: a lookup hashes its labels.
+type RequestCounters = [[OnceLock<Counter>; STATUS_CLASSES.len()]; METHODS.len() + 1];
+
 /// Cheap to clone: every field shares its series.
 #[derive(Clone)]
 pub struct HttpMetrics {
     requests: Family<RequestLabels, Counter>,
+    counters: Arc<RequestCounters>,
     durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
 }
 
@@ -66,6 +72,9 @@ impl HttpMetrics {
         });
         HttpMetrics {
             requests,
+            counters: Arc::new(std::array::from_fn(|_| {
+                std::array::from_fn(|_| OnceLock::new())
+            })),
             durations,
         }
     }
@@ -78,16 +87,15 @@ impl HttpMetrics {
         status: u16,
         elapsed: Duration,
     ) {
-        let class = STATUS_CLASSES
-            .get(usize::from(status / 100).saturating_sub(1))
-            .copied()
-            .unwrap_or("5xx");
-        self.requests
-            .get_or_create(&RequestLabels {
-                method,
-                status: class,
-            })
-            .inc();
+        let class = usize::from(status / 100).saturating_sub(1).min(4);
+        let row = METHODS.iter().position(|m| *m == method);
+        let counter = self.counters[row.unwrap_or(METHODS.len())][class].get_or_init(|| {
+            let status = STATUS_CLASSES[class];
+            self.requests
+                .get_or_create(&RequestLabels { method, status })
+                .clone()
+        });
+        counter.inc();
         self.durations
             .get_or_create(&RouteLabels { method, route })
             .observe(elapsed.as_secs_f64());
@@ -101,4 +109,29 @@ pub fn method_label(method: &actix_web::http::Method) -> &'static str {
         .find(|m| **m == method.as_str())
         .copied()
         .unwrap_or("OTHER")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_request_counts_in_its_method_and_status_class_series() {
+        let mut registry = Registry::default();
+        let metrics = HttpMetrics::register(&mut registry);
+        let route = || "/products/{id}".to_owned();
+        for (method, status) in [("GET", 200), ("GET", 204), ("POST", 503), ("OTHER", 700)] {
+            metrics.observe_request(method, route(), status, Duration::from_millis(1));
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        for line in [
+            "http_requests_total{method=\"GET\",status=\"2xx\"} 2",
+            "http_requests_total{method=\"POST\",status=\"5xx\"} 1",
+            "http_requests_total{method=\"OTHER\",status=\"5xx\"} 1",
+            "http_requests_total{method=\"GET\",status=\"4xx\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+    }
 }
