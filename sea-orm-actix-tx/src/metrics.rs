@@ -71,10 +71,18 @@ pub struct Metrics {
     failovers: Counter,
     evicted: Counter,
     primary_unavailable: Counter<f64, AtomicU64>,
-    reads: Family<TargetLabel, Counter>,
+    /// `db_reads_total` of each target, looked up once like `transactions`.
+    reads: Reads,
     replica_lag: Gauge<f64, AtomicU64>,
     replica_pool_connections: Family<StateLabel, Gauge>,
     replica_pool_max: Gauge,
+}
+
+/// The series of `db_reads_total`, one per target.
+#[derive(Clone)]
+struct Reads {
+    replica: Counter,
+    primary: Counter,
 }
 
 /// The series of `db_transactions_total`, one per outcome.
@@ -197,9 +205,11 @@ impl Metrics {
             "Largest number of connections the replica's pool may open (0: no replica)",
             replica_pool_max.clone(),
         );
-        for target in ["replica", "primary"] {
-            let _ = reads.get_or_create(&TargetLabel { target });
-        }
+        let target = |target| reads.get_or_create(&TargetLabel { target }).clone();
+        let reads = Reads {
+            replica: target("replica"),
+            primary: target("primary"),
+        };
         for state in ["idle", "in_use"] {
             pool_connections.get_or_create(&StateLabel { state }).set(0);
             replica_pool_connections
@@ -239,7 +249,10 @@ impl Metrics {
 
     /// Counts one read-only transaction on `target` (`replica` or `primary`).
     pub fn count_read(&self, target: &'static str) {
-        self.reads.get_or_create(&TargetLabel { target }).inc();
+        match target {
+            "replica" => self.reads.replica.inc(),
+            _ => self.reads.primary.inc(),
+        };
     }
 
     /// The replica's pool and lag, as of now.
