@@ -6,7 +6,7 @@
 //! request, and this costs about a third of what that did (bench/NOTES.md, issue 23). A span's
 //! fields are rendered once, when it is created, and copied into each line logged inside it.
 //!
-//! A request has no tracing span in this format ([`InRequest`]): sqlx wraps every statement's
+//! A request has no tracing span in this format ([`in_request`]): sqlx wraps every statement's
 //! future in the current span, and entering and leaving the request's on each poll cost more
 //! than the rest of the logging; making the span and rendering its fields cost about as much
 //! as the request line itself (bench/NOTES.md, issue 23). Instead the request's fields are
@@ -17,10 +17,9 @@
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
-use std::future::Future;
-use std::pin::Pin;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -30,36 +29,23 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFi
 use tracing_subscriber::registry::LookupSpan;
 
 thread_local! {
-    /// The fields of the request being polled on this thread ([`InRequest`]), rendered as its
+    /// The fields of the request being polled on this thread ([`in_request`]), rendered as its
     /// span's would be.
     static REQUEST: RefCell<Option<Rc<str>>> = const { RefCell::new(None) };
 }
 
-/// A request's future, polled with its fields ([`request_fields`]) as the span of the lines
-/// logged without one.
-pub struct InRequest<F> {
-    fields: Rc<str>,
-    inner: Pin<Box<F>>,
-}
-
-impl<F: Future> InRequest<F> {
-    pub fn new(fields: Rc<str>, inner: F) -> InRequest<F> {
-        InRequest {
-            fields,
-            inner: Box::pin(inner),
-        }
-    }
-}
-
-impl<F: Future> Future for InRequest<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let outer = REQUEST.replace(Some(Rc::clone(&self.fields)));
-        let polled = self.inner.as_mut().poll(cx);
+/// Runs a request's future with its fields ([`request_fields`]) as the span of the lines
+/// logged without one: they are in the thread-local while it is polled. The future is pinned
+/// in this one's state, not boxed apart.
+pub async fn in_request<F: Future>(fields: Rc<str>, request: F) -> F::Output {
+    let mut request = pin!(request);
+    poll_fn(|cx| {
+        let outer = REQUEST.replace(Some(Rc::clone(&fields)));
+        let polled = request.as_mut().poll(cx);
         REQUEST.set(outer);
         polled
-    }
+    })
+    .await
 }
 
 /// The request's fields as the `"span"` object of a line holds them: what
@@ -87,6 +73,11 @@ pub fn request_fields(request_id: &str, method: &str, path: &str) -> Rc<str> {
 
 /// Room for a request line without growing.
 const LINE_CAPACITY: usize = 512;
+
+thread_local! {
+    /// The line being put together on this thread, kept between lines.
+    static LINE: RefCell<String> = RefCell::new(String::with_capacity(LINE_CAPACITY));
+}
 
 /// The event format of `LOG_FORMAT=json`.
 pub struct JsonLine;
@@ -126,45 +117,73 @@ where
         mut out: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        // The line is put together in a `String` of its own and handed over in one piece: the
-        // subscriber's `Writer` costs a dynamic call per piece, and a line has dozens.
-        let mut line = String::with_capacity(LINE_CAPACITY);
-        let writer = &mut line;
-        writer.push_str("{\"timestamp\":\"");
-        timestamp(writer, std::time::SystemTime::now())?;
-        writer.push_str("\",\"level\":\"");
-        writer.push_str(event.metadata().level().as_str());
-        writer.push('"');
-        let mut fields = Fields::new(writer, true);
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_str(",\"target\":")?;
-        string(writer, event.metadata().target())?;
-        if let Some(span) = ctx.lookup_current() {
-            writer.write_str(",\"span\":{")?;
-            let extensions = span.extensions();
-            if let Some(fields) = extensions.get::<FormattedFields<N>>()
-                && !fields.fields.is_empty()
-            {
-                writer.write_str(&fields.fields)?;
-                writer.write_char(',')?;
-            }
-            writer.write_str("\"name\":")?;
-            string(writer, span.name())?;
-            writer.write_char('}')?;
-        } else {
-            REQUEST.with_borrow(|request| match request {
-                Some(fields) => {
-                    writer.write_str(",\"span\":{")?;
-                    writer.write_str(fields)?;
-                    writer.write_char('}')
+        // The line is put together in a `String` of this thread's and handed over in one piece:
+        // the subscriber's `Writer` costs a dynamic call per piece, and a line has dozens.
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                write_line(ctx, event, &mut line)?;
+                let written = out.write_str(&line);
+                if line.capacity() > 64 * LINE_CAPACITY {
+                    // One huge line (a long statement logged by `DB_ECHO`) is not kept.
+                    *line = String::with_capacity(LINE_CAPACITY);
                 }
-                None => Ok(()),
-            })?;
-        }
-        writer.write_str("}\n")?;
-        out.write_str(&line)
+                written
+            }
+            // Written while this thread's line is (tracing drops an event logged from inside
+            // another's dispatch today, but a subscriber need not).
+            Err(_) => {
+                let mut line = String::with_capacity(LINE_CAPACITY);
+                write_line(ctx, event, &mut line)?;
+                out.write_str(&line)
+            }
+        })
     }
+}
+
+/// One line of `event`: its timestamp, level, fields, target and span.
+fn write_line<S, N>(
+    ctx: &FmtContext<'_, S, N>,
+    event: &Event<'_>,
+    writer: &mut String,
+) -> fmt::Result
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    writer.push_str("{\"timestamp\":\"");
+    timestamp(writer, std::time::SystemTime::now())?;
+    writer.push_str("\",\"level\":\"");
+    writer.push_str(event.metadata().level().as_str());
+    writer.push('"');
+    let mut fields = Fields::new(writer, true);
+    event.record(&mut fields);
+    fields.result?;
+    writer.write_str(",\"target\":")?;
+    string(writer, event.metadata().target())?;
+    if let Some(span) = ctx.lookup_current() {
+        writer.write_str(",\"span\":{")?;
+        let extensions = span.extensions();
+        if let Some(fields) = extensions.get::<FormattedFields<N>>()
+            && !fields.fields.is_empty()
+        {
+            writer.write_str(&fields.fields)?;
+            writer.write_char(',')?;
+        }
+        writer.write_str("\"name\":")?;
+        string(writer, span.name())?;
+        writer.write_char('}')?;
+    } else {
+        REQUEST.with_borrow(|request| match request {
+            Some(fields) => {
+                writer.write_str(",\"span\":{")?;
+                writer.write_str(fields)?;
+                writer.write_char('}')
+            }
+            None => Ok(()),
+        })?;
+    }
+    writer.write_str("}\n")
 }
 
 /// Writes fields as `"name":value` pairs, each preceded by a comma when `leading` (inside an
@@ -471,6 +490,25 @@ mod tests {
     }
 
     #[test]
+    fn a_value_whose_debug_logs_while_its_line_is_written_leaves_the_line_whole() {
+        struct Noisy;
+        impl fmt::Debug for Noisy {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                tracing::warn!("from inside Debug");
+                f.write_str("noisy")
+            }
+        }
+        let lines = logged(|| tracing::info!(value = ?Noisy, "outer"));
+        let messages: Vec<&str> = lines.iter().filter_map(|l| l["message"].as_str()).collect();
+        assert!(messages.contains(&"outer"), "{lines:?}");
+        let outer = lines
+            .iter()
+            .find(|l| l["message"] == "outer")
+            .expect("outer");
+        assert_eq!(outer["value"], "noisy");
+    }
+
+    #[test]
     fn strings_are_escaped_and_an_event_outside_a_span_has_none() {
         let nasty = "quote \" backslash \\ newline \n tab \t bell \u{7} é";
         let lines = logged(|| tracing::warn!(value = nasty, "{}", nasty));
@@ -484,7 +522,7 @@ mod tests {
     fn a_line_logged_in_a_request_polled_in_its_span_carries_the_span_and_one_outside_does_not() {
         let lines = logged(|| {
             let fields = request_fields("r-\"2", "GET", "/products/1");
-            let request = InRequest::new(fields, async { tracing::info!("inside") });
+            let request = in_request(fields, async { tracing::info!("inside") });
             futures_executor_block_on(request);
             tracing::info!("outside");
         });

@@ -19,7 +19,7 @@ use tracing_subscriber::fmt::MakeWriter;
 
 use sea_orm_actix_tx::{TxOutcome, TxReport};
 
-use crate::json_log::InRequest;
+use crate::json_log::in_request;
 
 use crate::metrics::{HttpMetrics, method_label};
 
@@ -221,7 +221,7 @@ where
             Ok(res)
         };
         match context {
-            LogContext::Fields(fields) => Box::pin(InRequest::new(fields, request)),
+            LogContext::Fields(fields) => Box::pin(in_request(fields, request)),
             LogContext::Span(span) => Box::pin(request.instrument(span)),
         }
     }
