@@ -204,9 +204,6 @@ where
             let report = res.request().extensions().get::<TxReport>().copied();
             let (outcome, retries) =
                 report.map_or((TxOutcome::None, 0), |r| (r.outcome, r.retries));
-            if let Ok(value) = HeaderValue::from_str(&id) {
-                res.headers_mut().insert(REQUEST_ID, value);
-            }
             tracing::info!(
                 request_id = id.as_str(),
                 method,
@@ -218,6 +215,11 @@ where
                 "request"
             );
             metrics.observe_request(method, route, status, elapsed);
+            // The id's own bytes, not a copy.
+            let id = actix_web::web::Bytes::from(id);
+            if let Ok(value) = HeaderValue::from_maybe_shared(id) {
+                res.headers_mut().insert(REQUEST_ID, value);
+            }
             Ok(res)
         };
         match context {
