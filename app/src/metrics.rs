@@ -79,17 +79,19 @@ impl HttpMetrics {
         }
     }
 
-    /// Records one finished request. `method` must be one of [`METHODS`] or `OTHER`.
+    /// Records one finished request.
     pub fn observe_request(
         &self,
-        method: &'static str,
+        label: MethodLabel,
         route: String,
         status: u16,
         elapsed: Duration,
     ) {
-        let class = usize::from(status / 100).saturating_sub(1).min(4);
-        let row = METHODS.iter().position(|m| *m == method);
-        let counter = self.counters[row.unwrap_or(METHODS.len())][class].get_or_init(|| {
+        let (class, method) = (
+            usize::from(status / 100).saturating_sub(1).min(4),
+            label.as_str(),
+        );
+        let counter = self.counters[label.0][class].get_or_init(|| {
             let status = STATUS_CLASSES[class];
             self.requests
                 .get_or_create(&RequestLabels { method, status })
@@ -102,13 +104,20 @@ impl HttpMetrics {
     }
 }
 
-/// A bounded label for a request method.
-pub fn method_label(method: &actix_web::http::Method) -> &'static str {
-    METHODS
-        .iter()
-        .find(|m| **m == method.as_str())
-        .copied()
-        .unwrap_or("OTHER")
+/// A request's method as a bounded label: one of [`METHODS`] (its place there), or `OTHER`.
+/// Found once per request, for the log line and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MethodLabel(usize);
+
+impl MethodLabel {
+    pub fn of(method: &actix_web::http::Method) -> MethodLabel {
+        let place = METHODS.iter().position(|m| *m == method.as_str());
+        MethodLabel(place.unwrap_or(METHODS.len()))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        METHODS.get(self.0).copied().unwrap_or("OTHER")
+    }
 }
 
 #[cfg(test)]
@@ -120,8 +129,11 @@ mod tests {
         let mut registry = Registry::default();
         let metrics = HttpMetrics::register(&mut registry);
         let route = || "/products/{id}".to_owned();
-        for (method, status) in [("GET", 200), ("GET", 204), ("POST", 503), ("OTHER", 700)] {
-            metrics.observe_request(method, route(), status, Duration::from_millis(1));
+        let (get, post) = (actix_web::http::Method::GET, actix_web::http::Method::POST);
+        let other = actix_web::http::Method::from_bytes(b"PURGE").expect("a method");
+        for (method, status) in [(&get, 200), (&get, 204), (&post, 503), (&other, 700)] {
+            let label = MethodLabel::of(method);
+            metrics.observe_request(label, route(), status, Duration::from_millis(1));
         }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");

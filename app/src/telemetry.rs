@@ -21,7 +21,7 @@ use sea_orm_actix_tx::{TxOutcome, TxReport};
 
 use crate::json_log::in_request;
 
-use crate::metrics::{HttpMetrics, method_label};
+use crate::metrics::{HttpMetrics, MethodLabel};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -182,7 +182,8 @@ where
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let started = Instant::now();
         let id = request_id(&req);
-        let method = method_label(req.method());
+        let label = MethodLabel::of(req.method());
+        let method = label.as_str();
         let metrics = self.metrics.clone();
         let context = self.context(&req, &id, method);
         let service = Rc::clone(&self.service);
@@ -214,7 +215,7 @@ where
                 retries,
                 "request"
             );
-            metrics.observe_request(method, route, status, elapsed);
+            metrics.observe_request(label, route, status, elapsed);
             // The id's own bytes, not a copy.
             let id = actix_web::web::Bytes::from(id);
             if let Ok(value) = HeaderValue::from_maybe_shared(id) {
