@@ -247,11 +247,11 @@ impl Metrics {
         }
     }
 
-    /// Counts one read-only transaction on `target` (`replica` or `primary`).
-    pub fn count_read(&self, target: &'static str) {
-        match target {
-            "replica" => self.reads.replica.inc(),
-            _ => self.reads.primary.inc(),
+    /// Counts one read-only transaction, on the replica or on the primary.
+    pub fn count_read(&self, on_replica: bool) {
+        match on_replica {
+            true => self.reads.replica.inc(),
+            false => self.reads.primary.inc(),
         };
     }
 

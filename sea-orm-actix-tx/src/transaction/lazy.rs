@@ -377,7 +377,7 @@ impl Slot {
                 {
                     Ok(open) => {
                         self.on_replica.store(true, Ordering::Release);
-                        self.count_read("replica");
+                        self.count_read(true);
                         return Ok(open);
                     }
                     Err(e) => {
@@ -386,7 +386,7 @@ impl Slot {
                     }
                 }
             }
-            self.count_read("primary");
+            self.count_read(false);
         }
         let begin = self.begin_now(&self.db);
         match &self.availability {
@@ -395,9 +395,9 @@ impl Slot {
         }
     }
 
-    fn count_read(&self, target: &'static str) {
+    fn count_read(&self, on_replica: bool) {
         if let Some(m) = &self.metrics {
-            m.count_read(target);
+            m.count_read(on_replica);
         }
     }
 
