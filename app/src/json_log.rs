@@ -119,24 +119,19 @@ where
     ) -> fmt::Result {
         // The line is put together in a `String` of this thread's and handed over in one piece:
         // the subscriber's `Writer` costs a dynamic call per piece, and a line has dozens.
-        LINE.with(|line| match line.try_borrow_mut() {
-            Ok(mut line) => {
-                line.clear();
-                write_line(ctx, event, &mut line)?;
-                let written = out.write_str(&line);
-                if line.capacity() > 64 * LINE_CAPACITY {
-                    // One huge line (a long statement logged by `DB_ECHO`) is not kept.
-                    *line = String::with_capacity(LINE_CAPACITY);
-                }
-                written
+        LINE.with(|kept| {
+            // A line written while this thread's is (tracing drops an event logged from inside
+            // another's dispatch today, but a subscriber need not) gets a `String` of its own.
+            let (mut kept, mut own) = (kept.try_borrow_mut().ok(), String::new());
+            let line = kept.as_deref_mut().unwrap_or(&mut own);
+            line.clear();
+            write_line(ctx, event, line)?;
+            let written = out.write_str(line);
+            if line.capacity() > 64 * LINE_CAPACITY {
+                // One huge line (a long statement logged by `DB_ECHO`) is not kept.
+                *line = String::with_capacity(LINE_CAPACITY);
             }
-            // Written while this thread's line is (tracing drops an event logged from inside
-            // another's dispatch today, but a subscriber need not).
-            Err(_) => {
-                let mut line = String::with_capacity(LINE_CAPACITY);
-                write_line(ctx, event, &mut line)?;
-                out.write_str(&line)
-            }
+            written
         })
     }
 }
