@@ -15,7 +15,7 @@ use migration::{Migrator, MigratorTrait};
 
 use sea_orm_actix_tx::{TxConfig, db};
 
-use crate::{Application, telemetry};
+use crate::{Application, log_writer, telemetry};
 
 /// Why `app migrate` refuses to run through a transaction-mode pooler (one line).
 pub const POOLER_MIGRATE: &str = "migrations cannot run through a transaction-mode pooler \
@@ -161,9 +161,17 @@ pub fn main() -> ExitCode {
         return ExitCode::from(USAGE);
     }
     let format = settings.log.format;
-    if let Err(e) = telemetry::init(format, filter, std::io::stdout) {
+    let log = log_writer::Batched::stdout(matches!(command, Command::Serve));
+    if let Err(e) = telemetry::init(format, filter, log.clone()) {
         eprintln!("logging: {e}");
     }
+    // The lines still buffered are written before a panic's message.
+    let on_panic = log.clone();
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        on_panic.flush();
+        report(info);
+    }));
     // actix's `System` on a current-thread runtime, as `#[actix_web::main]` builds it. Its HTTP
     // workers are actix arbiters, which run request tasks in a `LocalSet`: the wake-ups a worker
     // gets from another thread's reactor (the pool's first connections are opened on this one)
@@ -186,7 +194,7 @@ pub fn main() -> ExitCode {
         }),
         Err(e) => Err(Fatal::runtime(format!("cannot start the runtime: {e}"))),
     };
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(fatal) => {
             match format {
@@ -195,7 +203,9 @@ pub fn main() -> ExitCode {
             }
             ExitCode::from(fatal.code)
         }
-    }
+    };
+    log.flush();
+    code
 }
 
 async fn serve(settings: Settings) -> Result<(), Fatal> {

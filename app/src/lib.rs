@@ -8,6 +8,7 @@ pub mod cli;
 pub mod domain;
 pub mod json;
 pub mod json_log;
+pub mod log_writer;
 pub mod metrics;
 pub mod problem;
 pub mod routes;
