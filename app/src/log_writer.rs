@@ -252,7 +252,10 @@ mod tests {
         let line = "x".repeat(1000);
         let mut logged = 0;
         while written(&writes).is_empty() {
-            assert!(logged <= FLUSH_AT / 1000, "still buffered after {logged} lines");
+            assert!(
+                logged <= FLUSH_AT / 1000,
+                "still buffered after {logged} lines"
+            );
             log(&batched, Level::INFO, &line);
             logged += 1;
         }
