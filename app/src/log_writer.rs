@@ -4,7 +4,7 @@
 //! [`FLUSH_EVERY`], or that the thread logging writes out at once when it holds [`FLUSH_AT`]
 //! bytes. A WARN or ERROR line is written at once, after whatever was buffered before it, so
 //! that it is neither late nor lost. Lines keep their order. With a request line per request the
-//! `write` per line cost a read about 2.6 µs of system time, 4% of its CPU (bench/NOTES.md,
+//! `write` per line cost a read about 2.5 µs of system time, 4% of its CPU (bench/NOTES.md,
 //! issue 23); now it is one `write` per batch. The price: an INFO line reaches stdout up to
 //! [`FLUSH_EVERY`] late, and a process killed by SIGKILL loses the INFO lines of its last
 //! [`FLUSH_EVERY`]. The process flushes on its way out ([`Batched::flush`] in `cli::main`) and on a
@@ -106,7 +106,9 @@ impl<W: Write> Batched<W> {
             if buffer.is_empty() {
                 return;
             }
-            std::mem::replace(&mut *buffer, Vec::with_capacity(FLUSH_AT))
+            // Room for the next batch (none when each line is written at once).
+            let room = if self.direct { 0 } else { FLUSH_AT };
+            std::mem::replace(&mut *buffer, Vec::with_capacity(room))
         };
         // A log line that cannot be written has nowhere to be reported.
         let _ = out.write_all(&batch);
