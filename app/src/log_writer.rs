@@ -9,6 +9,10 @@
 //! [`FLUSH_EVERY`] late, and a process killed by SIGKILL loses the INFO lines of its last
 //! [`FLUSH_EVERY`]. The process flushes on its way out ([`Batched::flush`] in `cli::main`) and on a
 //! panic.
+//!
+//! Not tracing-appender's `non_blocking`: it hands each line to its writer thread as a message of
+//! its own (an allocation, and a wake-up of that thread, a system call, whenever it sleeps), has
+//! no notion of a line that must go out at once, and drops lines when its queue is full.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,10 +53,7 @@ impl Batched<io::Stdout> {
         let lines = Batched::new(io::stdout());
         match batches {
             true => lines.with_flusher(),
-            false => Batched {
-                direct: true,
-                ..lines
-            },
+            false => lines.unbatched(),
         }
     }
 }
@@ -89,11 +90,16 @@ impl<W: Write> Batched<W> {
                 eprintln!(
                     "logging: no thread to write log lines in batches ({e}); each is written at once"
                 );
-                Batched {
-                    direct: true,
-                    ..self
-                }
+                self.unbatched()
             }
+        }
+    }
+
+    /// Every line written when it is logged.
+    fn unbatched(self) -> Batched<W> {
+        Batched {
+            direct: true,
+            ..self
         }
     }
 
@@ -270,10 +276,7 @@ mod tests {
     #[test]
     fn without_its_thread_every_line_is_written_at_once() {
         let writes = Writes::default();
-        let batched = Batched {
-            direct: true,
-            ..Batched::new(writes.clone())
-        };
+        let batched = Batched::new(writes.clone()).unbatched();
         log(&batched, Level::INFO, "one");
         log(&batched, Level::INFO, "two");
         assert_eq!(written(&writes).len(), 2);
