@@ -85,7 +85,8 @@ def messages_per_request(trace, requests=3):
 
 def headline(points, meta):
     """CPU per request of the app and the control at each W1/W2 point, their ratio over all
-    rounds and in each round, the throughput ratio, and the messages per request."""
+    rounds and in each round, the throughput ratio, and the messages per request; with
+    BENCH_TELEMETRY=1, also the app's ratio to the control that logs and counts each request."""
     by = {(p.get("tool"), p["workload"], p["connections"]): p for p in points}
     trace = meta.get("sql_trace", {})
     rows = []
@@ -96,6 +97,8 @@ def headline(points, meta):
         if not ctl:
             continue
         app_cpu, ctl_cpu = p.get("cpu_us_per_request"), ctl.get("cpu_us_per_request")
+        logged = by.get(("control-telemetry", w, c)) if t == "app" else None
+        logged_cpu = (logged or {}).get("cpu_us_per_request")
         per_round = []
         for a, b in zip(p.get("rounds") or [p], ctl.get("rounds") or [ctl]):
             if a.get("cpu_us_per_request") and b.get("cpu_us_per_request"):
@@ -106,6 +109,8 @@ def headline(points, meta):
             "cpu_ratio": round(app_cpu / ctl_cpu, 3) if app_cpu and ctl_cpu else None,
             "cpu_ratio_per_round": per_round,
             "rps_ratio": round(p["rps"] / ctl["rps"], 3) if p.get("rps") and ctl.get("rps") else None,
+            "control_telemetry_cpu_us": logged_cpu,
+            "cpu_ratio_telemetry": round(app_cpu / logged_cpu, 3) if app_cpu and logged_cpu else None,
             # Through PgBouncer: its own count of queries per request (bench/run's pgb_queries).
             "app_messages": messages_per_request(trace.get(f"app_{w}")) if t == "app"
             else p.get("round_trips_per_request"),
@@ -201,6 +206,7 @@ def main():
         f"{', ' + str(meta['settings'].get('rounds')) + ' rounds (A/B/A/B) at W1 and W2' if meta['settings'].get('rounds', 1) > 1 else ''}.",
         "",
     ]
+    telemetry = any(r["cpu_ratio_telemetry"] for r in head)
     if head:
         lines += [
             "CPU time of the server process per request (µs), the app against the control, and the "
@@ -208,14 +214,17 @@ def main():
             "release `Sync`, one for both):",
             "",
             "| workload | connections | app CPU µs/req | control | app/control | per round | "
-            "throughput app/control | messages app | control |",
-            "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+            "throughput app/control | messages app | control |"
+            + (" control-telemetry CPU µs/req | app/control-telemetry |" if telemetry else ""),
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|" + ("---:|---:|" if telemetry else ""),
         ]
         for r in head:
             lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 r["workload"], r["connections"], fmt(r["app_cpu_us"], 0), fmt(r["control_cpu_us"], 0),
                 fmt(r["cpu_ratio"], 2), ", ".join(f"{x:.2f}" for x in r["cpu_ratio_per_round"]) or "–",
-                fmt(r["rps_ratio"], 2), fmt(r["app_messages"], 0), fmt(r["control_messages"], 0)))
+                fmt(r["rps_ratio"], 2), fmt(r["app_messages"], 0), fmt(r["control_messages"], 0))
+                + (" {} | {} |".format(fmt(r["control_telemetry_cpu_us"], 0), fmt(r["cpu_ratio_telemetry"], 2))
+                   if telemetry else ""))
         lines.append("")
     lines += [
         "| workload | connections | app req/s | p50 ms | p99 ms | non-2xx | 5xx | peak RSS MB "

@@ -8,7 +8,10 @@
 //! Environment: `DATABASE_URL` (required), `APP_PORT` (default 8080), `APP_WORKERS` (default
 //! 2), `DB_APPLICATION_NAME` (default `control`), `READ_ONLY_END=drop` (see [`State`]) and
 //! `DB_POOLER=transaction` (behind PgBouncer: no named prepared statements, no startup
-//! parameters, the isolation in every `BEGIN`).
+//! parameters, the isolation in every `BEGIN`). `TELEMETRY=on` adds what a service written by
+//! hand logs and counts per request (`telemetry.rs`); off by default, and then none of it runs.
+
+mod telemetry;
 
 use std::time::Duration;
 
@@ -290,20 +293,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let state = web::Data::new(state);
-    HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            // Grouped by first segment as the app's routes are (app/src/routes/mod.rs): actix
-            // matches a `{param}` by a regex over what the scope leaves of the path.
-            .service(web::scope("/products").route("/{id}", web::get().to(get_product)))
-            .route("/transfers", web::post().to(post_transfer))
-            .route("/health/ready", web::get().to(HttpResponse::Ok))
-    })
-    .workers(workers)
-    .bind(("127.0.0.1", port))?
-    .run()
-    .await?;
-    Ok(())
+    let server = if std::env::var("TELEMETRY").is_ok_and(|v| v == "on") {
+        let telemetry = telemetry::init();
+        HttpServer::new(move || {
+            App::new()
+                .wrap(actix_web::middleware::from_fn(telemetry::observe))
+                .app_data(state.clone())
+                .app_data(telemetry.clone())
+                .configure(routes)
+                .route("/metrics", web::get().to(telemetry::metrics))
+        })
+        .workers(workers)
+        .bind(("127.0.0.1", port))?
+        .run()
+        .await
+    } else {
+        HttpServer::new(move || App::new().app_data(state.clone()).configure(routes))
+            .workers(workers)
+            .bind(("127.0.0.1", port))?
+            .run()
+            .await
+    };
+    Ok(server?)
+}
+
+fn routes(cfg: &mut web::ServiceConfig) {
+    // Grouped by first segment as the app's routes are (app/src/routes/mod.rs): actix matches a
+    // `{param}` by a regex over what the scope leaves of the path.
+    cfg.service(web::scope("/products").route("/{id}", web::get().to(get_product)))
+        .route("/transfers", web::post().to(post_transfer))
+        .route("/health/ready", web::get().to(HttpResponse::Ok));
 }
 
 /// The app's pool: 10 kept open, 30 at most, 30 s to wait for one, and no ping on checkout (the
