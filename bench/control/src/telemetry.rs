@@ -1,10 +1,11 @@
 //! `TELEMETRY=on`: what a service written by hand adds to every request before it goes to
 //! production, with the components such a service reaches for, set up the way their docs
 //! show: one JSON log line per request (`tracing` with `tracing-subscriber`'s JSON format,
-//! filtered by `RUST_LOG` as the app is, to stdout, the subscriber's default writer), a latency histogram and a request counter (`prometheus-client`, the
-//! app's labels and buckets, served at `/metrics`) and an `X-Request-Id` on the response. The
-//! app has all of these by default; so the app against this control is what the layer itself
-//! costs, and the bare control against this one is what the telemetry costs (bench/NOTES.md).
+//! filtered by `RUST_LOG` as the app is, to stdout, the subscriber's default writer), a
+//! latency histogram and a request counter (`prometheus-client`, the app's labels and buckets,
+//! served at `/metrics`) and an `X-Request-Id` on the response. The app has all of these by
+//! default; so the app against this control is what the layer itself costs, and the bare
+//! control against this one is what the telemetry costs (bench/NOTES.md, *Sixth pass*).
 
 use std::time::Instant;
 
