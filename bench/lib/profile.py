@@ -4,10 +4,12 @@
     profile.py drive PORT WORKLOAD REQUESTS CLIENTS IDS_JSON
         REQUESTS requests of W1 (GET /products/{id}) or W2 (POST /transfers) from CLIENTS
         keep-alive connections, ids drawn from the seeder's ids.json; fails on a non-2xx.
-    profile.py table BY TOP NAME=FILE ...
-        Self instructions per request of each crate (BY=crate) or function (BY=function) in
-        callgrind's output FILEs (each measured over the REQUESTS given in the file's name as
-        `<...>.<requests>.out`), the first target against the others, largest differences first.
+    profile.py table EVENT BY TOP NAME=FILE ...
+        Self cost per request in EVENT (Ir: instructions; with callgrind's cache simulation also
+        I1mr, D1mr, D1mw: first-level cache misses) of each crate (BY=crate) or function
+        (BY=function) in callgrind's output FILEs (each measured over the REQUESTS given in the
+        file's name as `<...>.<requests>.out`), the first target against the others, largest
+        differences first.
 """
 import collections
 import http.client
@@ -65,8 +67,9 @@ def crate_of(function):
     return first or function[:40]
 
 
-def self_cost(path, requests, by):
-    out = subprocess.run(["callgrind_annotate", "--threshold=100", path],
+def self_cost(path, requests, event, by):
+    out = subprocess.run(["callgrind_annotate", "--threshold=100", f"--show={event}",
+                          f"--sort={event}", path],
                          capture_output=True, text=True, check=True).stdout
     cost = collections.Counter()
     for line in out.splitlines():
@@ -80,15 +83,15 @@ def self_cost(path, requests, by):
     return cost
 
 
-def table(by, top, targets):
+def table(event, by, top, targets):
     names = [t.split("=", 1)[0] for t in targets]
     costs = []
     for t in targets:
         path = t.split("=", 1)[1]
         requests = int(path.rsplit(".", 2)[-2])
-        costs.append(self_cost(path, requests, by))
+        costs.append(self_cost(path, requests, event, by))
     keys = sorted(set().union(*costs), key=lambda k: -max(abs(costs[0][k] - c[k]) for c in costs))
-    header = f"{by:<60}" + "".join(f"{n:>19}" for n in names)
+    header = f"{by + ' (' + event + ' per request)':<60}" + "".join(f"{n:>19}" for n in names)
     print(header + "".join(f"{names[0] + '-' + n:>26}" for n in names[1:]))
     for k in keys[:top]:
         row = f"{k[:59]:<60}" + "".join(f"{c[k]:>19,.0f}" for c in costs)
@@ -96,7 +99,7 @@ def table(by, top, targets):
     # memcpy and memset move with how the requests' bytes were split into reads (a `rep movsb`
     # or `rep stosb` counts one instruction per byte), so their sum is shown apart as well.
     copies = lambda c: sum(v for k, v in c.items() if re.match(r"__mem(cpy|move|set)", k))
-    for label, total in (("all (instructions per request)", lambda c: sum(c.values())),
+    for label, total in (("all", lambda c: sum(c.values())),
                          ("all but memcpy/memset", lambda c: sum(c.values()) - copies(c))):
         row = f"{label:<60}" + "".join(f"{total(c):>19,.0f}" for c in costs)
         print(row + "".join(f"{total(costs[0]) - total(c):>26,.0f}" for c in costs[1:]))
@@ -107,6 +110,6 @@ if __name__ == "__main__":
     if command == "drive":
         drive(int(args[0]), args[1], int(args[2]), int(args[3]), args[4])
     elif command == "table":
-        table(args[0], int(args[1]), args[2:])
+        table(args[0], args[1], int(args[2]), args[3:])
     else:
         sys.exit(__doc__)
