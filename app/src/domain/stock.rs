@@ -31,8 +31,8 @@ use entity::{movement, product, stock_level, warehouse};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
     ActiveEnum, ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr,
-    EntityTrait, FromQueryResult, Iterable, JoinType, NotSet, QueryFilter, QueryOrder, QuerySelect,
-    QueryTrait, RelationTrait, Set, Statement,
+    EntityTrait, FromQueryResult, Iterable, JoinType, NotSet, QueryFilter, QueryOrder, QueryResult,
+    QuerySelect, QueryTrait, RelationTrait, Set, Statement,
 };
 
 use super::DomainError;
@@ -251,10 +251,34 @@ async fn record(
         quantity.get().into(),
         at.into(),
     ];
-    movement::Model::find_by_statement(RECORD.statement(backend, insert, values))
-        .one(db)
-        .await?
-        .ok_or_else(|| DbErr::RecordNotInserted)
+    let row = db
+        .query_one_raw(RECORD.statement(backend, insert, values))
+        .await?;
+    row.as_ref()
+        .map(movement_at)
+        .transpose()?
+        .ok_or(DbErr::RecordNotInserted)
+}
+
+/// The row `record` returns, its columns read by place: `RETURNING` lists them in the entity's
+/// order, and a lookup by name hashes the name (seven per transfer; bench/NOTES.md, issue 23).
+/// Debug builds (the tests) check it against SeaORM's reading by name.
+fn movement_at(row: &QueryResult) -> Result<movement::Model, DbErr> {
+    let movement = movement::Model {
+        id: row.try_get_by_index(0)?,
+        kind: row.try_get_by_index(1)?,
+        product_id: row.try_get_by_index(2)?,
+        from_warehouse_id: row.try_get_by_index(3)?,
+        to_warehouse_id: row.try_get_by_index(4)?,
+        quantity: row.try_get_by_index(5)?,
+        created_at: row.try_get_by_index(6)?,
+    };
+    debug_assert_eq!(
+        movement::Model::from_query_result(row, "").ok().as_ref(),
+        Some(&movement),
+        "the columns are read in the statement's order"
+    );
+    Ok(movement)
 }
 
 /// Goods arrive in `warehouse`.
