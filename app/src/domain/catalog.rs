@@ -3,12 +3,12 @@
 use chrono::{DateTime, Utc};
 use entity::{product, warehouse};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, NotSet,
-    QueryFilter, QueryOrder, QueryResult, QuerySelect, QueryTrait, Set,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, NotSet, QueryFilter,
+    QueryOrder, QueryResult, QuerySelect, QueryTrait, Set,
 };
 
 use super::DomainError;
-use super::rendered::Rendered;
+use super::rendered::{Rendered, by_place};
 use super::values::{Id, Name, Page, Sku, WarehouseCode};
 use sea_orm_actix_tx::{DbFailure, FailureKind};
 
@@ -120,22 +120,16 @@ pub async fn get_product(db: &impl ConnectionTrait, id: Id) -> Result<product::M
     product.ok_or_else(|| DomainError::NotFound(format!("product {id} not found")))
 }
 
-/// A row of `get_product`'s statement, its columns read by place: it selects them in the
-/// entity's order, and a lookup by name hashes the name (four per read; bench/NOTES.md, issue
-/// 23). Debug builds (the tests) check it against SeaORM's reading by name.
+/// A row of `get_product`'s statement, its columns (the entity's, in order) read by place.
 fn product_at(row: &QueryResult) -> Result<product::Model, DbErr> {
-    let product = product::Model {
-        id: row.try_get_by_index(0)?,
-        sku: row.try_get_by_index(1)?,
-        name: row.try_get_by_index(2)?,
-        created_at: row.try_get_by_index(3)?,
-    };
-    debug_assert_eq!(
-        product::Model::from_query_result(row, "").ok().as_ref(),
-        Some(&product),
-        "the columns are read in the statement's order"
-    );
-    Ok(product)
+    by_place(row, |row| {
+        Ok(product::Model {
+            id: row.try_get_by_index(0)?,
+            sku: row.try_get_by_index(1)?,
+            name: row.try_get_by_index(2)?,
+            created_at: row.try_get_by_index(3)?,
+        })
+    })
 }
 
 pub async fn list_products(

@@ -37,7 +37,7 @@ use sea_orm::{
 
 use super::DomainError;
 use super::catalog::{Paged, get_product, get_warehouse, now};
-use super::rendered::Rendered;
+use super::rendered::{Rendered, by_place};
 use super::values::{Id, Page, Quantity};
 use sea_orm_actix_tx::{DbFailure, FailureKind};
 
@@ -260,25 +260,20 @@ async fn record(
         .ok_or(DbErr::RecordNotInserted)
 }
 
-/// The row `record` returns, its columns read by place: `RETURNING` lists them in the entity's
-/// order, and a lookup by name hashes the name (seven per transfer; bench/NOTES.md, issue 23).
-/// Debug builds (the tests) check it against SeaORM's reading by name.
+/// The row `record` returns, its columns (`RETURNING` lists the entity's, in order) read by
+/// place.
 fn movement_at(row: &QueryResult) -> Result<movement::Model, DbErr> {
-    let movement = movement::Model {
-        id: row.try_get_by_index(0)?,
-        kind: row.try_get_by_index(1)?,
-        product_id: row.try_get_by_index(2)?,
-        from_warehouse_id: row.try_get_by_index(3)?,
-        to_warehouse_id: row.try_get_by_index(4)?,
-        quantity: row.try_get_by_index(5)?,
-        created_at: row.try_get_by_index(6)?,
-    };
-    debug_assert_eq!(
-        movement::Model::from_query_result(row, "").ok().as_ref(),
-        Some(&movement),
-        "the columns are read in the statement's order"
-    );
-    Ok(movement)
+    by_place(row, |row| {
+        Ok(movement::Model {
+            id: row.try_get_by_index(0)?,
+            kind: row.try_get_by_index(1)?,
+            product_id: row.try_get_by_index(2)?,
+            from_warehouse_id: row.try_get_by_index(3)?,
+            to_warehouse_id: row.try_get_by_index(4)?,
+            quantity: row.try_get_by_index(5)?,
+            created_at: row.try_get_by_index(6)?,
+        })
+    })
 }
 
 /// Goods arrive in `warehouse`.
