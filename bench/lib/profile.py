@@ -90,7 +90,9 @@ def table(event, by, top, targets):
         path = t.split("=", 1)[1]
         requests = int(path.rsplit(".", 2)[-2])
         costs.append(self_cost(path, requests, event, by))
-    keys = sorted(set().union(*costs), key=lambda k: -max(abs(costs[0][k] - c[k]) for c in costs))
+    # Largest differences first; with one target, largest costs first.
+    spread = lambda k: max(abs(costs[0][k] - c[k]) for c in costs[1:]) if costs[1:] else costs[0][k]
+    keys = sorted(set().union(*costs), key=lambda k: -spread(k))
     header = f"{by + ' (' + event + ' per request)':<60}" + "".join(f"{n:>19}" for n in names)
     print(header + "".join(f"{names[0] + '-' + n:>26}" for n in names[1:]))
     for k in keys[:top]:
